@@ -1,0 +1,125 @@
+"""Hierarchical Sparse Attention operator (spec §4).
+
+``hsa_attention`` and ``select_chunks`` are the public API; ``reference.py`` holds the definition of the math.
+On CUDA tensors they dispatch to the fast paths (``triton_attention.hsa_attention_triton``,
+``triton_select.select_chunks_fast``), elsewhere to the reference. ``set_backend("reference")`` (or the
+environment variable ``HSA_BACKEND=reference``) forces the reference everywhere, e.g. to compare training runs.
+
+The Triton modules are imported lazily, on first use: ``triton.jit`` decides at import time whether kernels are
+compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set that variable first.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import hsa_attention_reference, select_chunks_reference
+
+__all__ = [
+    "hsa_attention",
+    "select_chunks",
+    "hsa_attention_reference",
+    "select_chunks_reference",
+    "hsa_attention_triton",
+    "select_chunks_fast",
+    "set_backend",
+    "get_backend",
+]
+
+_BACKENDS = ("auto", "triton", "reference")
+_backend = os.environ.get("HSA_BACKEND", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"HSA_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+
+def set_backend(name: str) -> None:
+    """``auto``: fast paths on CUDA, reference elsewhere; ``triton``: fast paths wherever they run (CUDA, or CPU
+    under ``TRITON_INTERPRET=1``); ``reference``: the PyTorch reference everywhere."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def __getattr__(name: str):
+    if name == "hsa_attention_triton":
+        from .triton_attention import hsa_attention_triton
+
+        return hsa_attention_triton
+    if name == "select_chunks_fast":
+        from .triton_select import select_chunks_fast
+
+        return select_chunks_fast
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _attention_kernel_fits(q: torch.Tensor, chunk_size: int) -> bool:
+    D = q.shape[-1]
+    return (
+        q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and 16 <= D <= 256
+        and D & (D - 1) == 0
+        and chunk_size >= 16
+        and chunk_size & (chunk_size - 1) == 0
+    )
+
+
+def _use_fast(t: torch.Tensor) -> bool:
+    if _backend == "reference":
+        return False
+    if _backend == "triton":
+        return True
+    return t.is_cuda and _triton_importable()
+
+
+def hsa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    indices: torch.Tensor,
+    chunk_size: int = 64,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """q: [B, T, Hq, D], k/v: [B, Tk, Hkv, D], weights/indices: [B, T, Hkv, K] → o: [B, T, Hq, D].
+
+    See ``reference.hsa_attention_reference`` for the exact definition. Shapes the kernel does not cover
+    (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference.
+    """
+    if _use_fast(q) and _attention_kernel_fits(q, chunk_size):
+        from .triton_attention import hsa_attention_triton
+
+        return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale)
+    return hsa_attention_reference(q, k, v, weights, indices, chunk_size, sm_scale)
+
+
+def select_chunks(
+    q_slc: torch.Tensor,
+    landmarks: torch.Tensor,
+    topk: int,
+    chunk_size: int = 64,
+    doc_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_slc: [B, T, H, Dr], landmarks: [B, C, H, Dr] → scores, indices: [B, T, H, topk].
+
+    See ``reference.select_chunks_reference`` for the exact definition and keyword options.
+    """
+    if _use_fast(q_slc):
+        from .triton_select import select_chunks_fast
+
+        return select_chunks_fast(q_slc, landmarks, topk, chunk_size, doc_ids, **kwargs)
+    return select_chunks_reference(q_slc, landmarks, topk, chunk_size, doc_ids, **kwargs)

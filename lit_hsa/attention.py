@@ -1,0 +1,137 @@
+"""Dense-key attention used by the SWA and full-attention blocks: RoPE, causal / sliding-window / document masks,
+and the backend that computes them (SDPA with an explicit mask on CPU, flex_attention with a block mask on CUDA)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; ``cos_sin(T, offset)`` → cos, sin: [T, D/2] in fp32."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [T, D/2]. Rotates the two halves of each head (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may see: causal, optionally within ``window`` tokens and the same document.
+
+    Built once per forward and shared by every layer with the same window. ``dense``: bool [B|1, 1, T, T] for SDPA
+    (True = attend); ``block``: a flex_attention BlockMask (CUDA).
+    """
+
+    window: int | None
+    dense: torch.Tensor | None = None
+    block: object | None = None
+
+
+def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:
+    """window None = full causal attention; doc_ids: [B, T] or None."""
+    if backend == "flex":
+        return AttentionMask(window, block=_flex_block_mask(T, window, doc_ids, device))
+    if window is None and doc_ids is None:
+        return AttentionMask(None)  # SDPA's is_causal path, no mask tensor needed
+    pos = torch.arange(T, device=device)
+    allowed = pos[:, None] >= pos[None, :]
+    if window is not None:
+        allowed = allowed & (pos[:, None] - pos[None, :] < window)
+    allowed = allowed[None, None]
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    return AttentionMask(window, dense=allowed)
+
+
+def _flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        if window is not None:
+            keep = keep & (q_idx - kv_idx < window)
+        if doc_ids is not None:
+            keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+        return keep
+
+    B = doc_ids.shape[0] if doc_ids is not None else None
+    return create_block_mask(mask_mod, B, None, T, T, device=device)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """q: [B, T, Hq, D], k/v: [B, T, Hkv, D] → [B, T, Hq, D] (GQA: Hq a multiple of Hkv)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if mask.block is not None:
+        out = _compiled_flex_attention()(q, k, v, block_mask=mask.block, enable_gqa=True)
+    elif mask.dense is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention with GQA, QK-RMSNorm and RoPE; the mask decides full vs sliding window.
+
+    ``bidirectional=True`` (the chunk encoder) attends to every position with no mask.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool = True,
+                 bias: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None) -> torch.Tensor:
+        """x: [B, T, d]; mask None = bidirectional."""
+        q, k, v = self.qkv(x, cos, sin)
+        if mask is None:
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(1, 2)
+        else:
+            out = attend(q, k, v, mask)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))

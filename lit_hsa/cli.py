@@ -1,0 +1,84 @@
+"""Command-line entry: ``python main.py {fit,validate} --config FILE [dotted.key=value ...]``.
+
+Configuration and data problems are reported as one line on stderr with exit code 2, before any training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config, padded_vocab, save_config
+
+COMMANDS = ("fit", "validate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--config", "-c", help="YAML config (configs/tiny.yaml); omitted keys keep their defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=30")
+    return parser.parse_intermixed_args(argv)
+
+
+def build_run(cfg: Config):
+    """Config → (LightningModule, DataModule, Trainer). Resolves the vocabulary from the tokenizer."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from data_modules.text import TextDataModule
+
+    from .module import HSALitModule
+
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    datamodule = TextDataModule(cfg.data)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = padded_vocab(datamodule.vocab_size)
+    elif cfg.model.vocab_size < datamodule.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({datamodule.vocab_size}); set it to null to follow the tokenizer"
+        )
+    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps)
+
+    t = cfg.trainer
+    logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
+    run_dir = Path(logger.log_dir)
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="step{step:06d}-val{val/loss:.3f}", auto_insert_metric_name=False,
+        monitor="val/loss", mode="min", save_top_k=1, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps,
+    )
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")], deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return module, datamodule, trainer
+
+
+def run(command: str, cfg: Config) -> None:
+    module, datamodule, trainer = build_run(cfg)
+    if command == "fit":
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    else:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_modules.sources import DataError
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run(args.command, cfg)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

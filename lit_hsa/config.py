@@ -1,0 +1,332 @@
+"""Configuration schemas, named model presets, and validation with clear messages.
+
+YAML files are merged onto these dataclasses with OmegaConf (``load_config``), so an unknown or mistyped key fails
+at start-up with the key's name. ``ModelConfig.from_name`` gives the named presets (litgpt style).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional
+
+ATTENTION_KINDS = ("hsa", "swa", "full")
+HSA_RESIDUALS = ("bypass", "standard")
+FUSIONS = ("softmax", "stick_breaking")
+LR_SCHEDULES = ("constant", "cosine")
+ATTN_BACKENDS = ("auto", "sdpa", "flex")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and switches of ``HSATransformer`` (spec §2).
+
+    Block layout: ``n_lower_layers`` SWA blocks, then (for ``attention: hsa``) the chunk memory is built once, then
+    ``n_groups`` × (one HSA block + ``swa_layers_per_group`` SWA blocks). The ``swa``/``full`` baselines keep the same
+    number of blocks but use sliding-window / full causal attention in every one and have no chunk memory.
+    """
+
+    name: str = "tiny"
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary, padded to a multiple of 64
+    d_model: int = 128
+    n_lower_layers: int = 2
+    n_groups: int = 1
+    swa_layers_per_group: int = 1
+    n_heads: int = 4
+    n_kv_heads: int = 2  # KV heads of the SWA / full attention layers (GQA)
+    head_dim: int = 32
+    swa_window: int = 64
+    rope_base: float = 10000.0
+    qk_norm: bool = True
+    attention: str = "hsa"  # hsa | swa | full
+    attn_backend: str = "auto"  # auto (flex_attention on CUDA, SDPA elsewhere) | sdpa | flex
+    # --- HSA ---
+    chunk_size: int = 32
+    hsa_topk: int = 4
+    hsa_heads: Optional[int] = None  # query heads of HSA layers; None: n_heads
+    hsa_kv_heads: int = 1
+    retrieval_dim: Optional[int] = None  # total over retrieval heads; None: d_model
+    shared_selection: bool = False  # one selection for all KV heads (paper's exact form) instead of one per KV head
+    fusion: str = "softmax"  # softmax (paper Eq. 2) | stick_breaking (RAMba / authors' code)
+    pos_decay: bool = False  # learned scalar × recency rank added to scores before fusion
+    gumbel_noise: bool = False  # Gumbel noise on scores for the top-k choice, training only
+    hsa_layer_swa: bool = False  # SWA sub-layer inside each HSA block (paper's form)
+    hsa_swa_window: Optional[int] = None  # window of that sub-layer; None: swa_window
+    hsa_residual: str = "bypass"  # bypass: h + FFN(norm(h + o)) | standard: h + o, then h + FFN(norm(h))
+    encoder_layers: int = 1  # bidirectional layers of the chunk encoder; 0: landmark = Linear(mean(norm(chunk)))
+    # --- FFN / MoE ---
+    ffn_hidden: int = 384  # dense SwiGLU width
+    moe: bool = True
+    n_experts: int = 4
+    experts_per_token: int = 2
+    expert_hidden: int = 128
+    n_shared_experts: int = 1
+    first_dense_layers: int = 1  # the first blocks keep a dense FFN (Ling-2.0)
+    router_bias_update_rate: float = 1e-3  # aux-loss-free balancing step (0 disables)
+    aux_loss_coef: float = 0.0  # optional small sequence-level balance loss
+    # --- misc ---
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    @property
+    def n_layers(self) -> int:
+        return self.n_lower_layers + self.n_groups * (1 + self.swa_layers_per_group)
+
+    @property
+    def hsa_q_heads(self) -> int:
+        return self.hsa_heads or self.n_heads
+
+    @property
+    def retrieval_heads(self) -> int:
+        return 1 if self.shared_selection else self.hsa_kv_heads
+
+    @property
+    def retrieval_head_dim(self) -> int:
+        return (self.retrieval_dim or self.d_model) // self.retrieval_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"model.name: unknown preset '{name}'{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def validate(self) -> None:
+        _choice("model.attention", self.attention, ATTENTION_KINDS)
+        _choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        _choice("model.hsa_residual", self.hsa_residual, HSA_RESIDUALS)
+        _choice("model.fusion", self.fusion, FUSIONS)
+        for key in ("d_model", "n_heads", "n_kv_heads", "head_dim", "swa_window", "chunk_size", "hsa_topk",
+                    "hsa_kv_heads", "ffn_hidden"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(f"model.vocab_size must be >= 1 or null, got {self.vocab_size}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+        if self.hsa_q_heads % self.hsa_kv_heads:
+            raise ConfigError(
+                f"model.hsa_heads ({self.hsa_q_heads}) must be a multiple of model.hsa_kv_heads ({self.hsa_kv_heads})"
+            )
+        if self.chunk_size & (self.chunk_size - 1):
+            raise ConfigError(f"model.chunk_size must be a power of two, got {self.chunk_size}")
+        if (self.retrieval_dim or self.d_model) % self.retrieval_heads:
+            raise ConfigError(
+                f"model.retrieval_dim ({self.retrieval_dim or self.d_model}) must divide into "
+                f"{self.retrieval_heads} retrieval heads"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.attention == "hsa" and self.n_groups < 1:
+            raise ConfigError("model.n_groups must be >= 1 when model.attention is 'hsa'")
+        if min(self.n_lower_layers, self.n_groups, self.swa_layers_per_group, self.encoder_layers) < 0:
+            raise ConfigError("model layer counts (n_lower_layers, n_groups, swa_layers_per_group, encoder_layers) must be >= 0")
+        if self.moe:
+            if self.n_experts < 1 or not 1 <= self.experts_per_token <= self.n_experts:
+                raise ConfigError(
+                    f"model.experts_per_token ({self.experts_per_token}) must be in [1, model.n_experts ({self.n_experts})]"
+                )
+            if self.expert_hidden < 1:
+                raise ConfigError(f"model.expert_hidden must be >= 1, got {self.expert_hidden}")
+
+
+# Named presets (spec §2). Parameter counts are asserted in tests/test_config.py on the meta device.
+PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the default run: ~1.3M parameters, every component present (MoE, chunk encoder, HSA, GQA).
+    "tiny": ModelConfig(),
+    # The authors' published 345M SWA+HSA shape (8 lower SWA blocks + 2 groups × (HSA + 4 SWA), head dim 64, chunk 64,
+    # top-k 32, SWA 512, HSA with 1 KV head) at width 640 so it lands at ~130M: one-GPU experiments.
+    "small": ModelConfig(
+        name="small", vocab_size=32000, d_model=640, n_lower_layers=8, n_groups=2, swa_layers_per_group=4,
+        n_heads=10, n_kv_heads=2, head_dim=64, swa_window=512, chunk_size=64, hsa_topk=32, hsa_kv_heads=1,
+        retrieval_dim=640, ffn_hidden=2560, moe=False, n_experts=0, experts_per_token=0, expert_hidden=0,
+        n_shared_experts=0, first_dense_layers=0,
+    ),
+    # Paper small-scale dense model: ~0.5B, SWA 4K in SWA blocks, HSA blocks with an SWA-512 sub-layer, top-k 64.
+    "dense-0.5b": ModelConfig(
+        name="dense-0.5b", vocab_size=32000, d_model=1024, n_lower_layers=14, n_groups=2, swa_layers_per_group=6,
+        n_heads=16, n_kv_heads=4, head_dim=64, swa_window=4096, chunk_size=64, hsa_topk=64, hsa_kv_heads=1,
+        retrieval_dim=1024, hsa_layer_swa=True, hsa_swa_window=512, ffn_hidden=4096, moe=False, n_experts=0,
+        experts_per_token=0, expert_hidden=0, n_shared_experts=0, first_dense_layers=0,
+    ),
+    # Paper's 8B-A1B MoE (Ling-2.0 style): 64 routed experts, 4 active + 1 shared, expert width half the dense width,
+    # dense first layer, HSA Hq:Hkv = 16:1. Widths are ours (the paper does not publish them), chosen so that
+    # total ≈ 7.7B and active ≈ 1.2B (embeddings included).
+    "moe-8b-a1b": ModelConfig(
+        name="moe-8b-a1b", vocab_size=157184, d_model=2048, n_lower_layers=12, n_groups=2, swa_layers_per_group=5,
+        n_heads=16, n_kv_heads=4, head_dim=128, swa_window=4096, chunk_size=64, hsa_topk=64, hsa_kv_heads=1,
+        retrieval_dim=2048, hsa_layer_swa=True, hsa_swa_window=512, ffn_hidden=1536, moe=True, n_experts=64,
+        experts_per_token=4, expert_hidden=768, n_shared_experts=1, first_dense_layers=1,
+    ),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it is packed."""
+
+    source: str = "stdlib"  # stdlib: the Python standard library's source files | files: `paths`
+    paths: list[str] = field(default_factory=list)  # files, directories or globs (source: files)
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    batch_size: int = 8
+    num_workers: int = 1
+    val_fraction: float = 0.02  # share of documents held out (deterministic, by path hash)
+    val_samples: int = 64  # packed validation sequences (split evenly over ranks)
+    document_masking: bool = False  # emit doc_ids so SWA and retrieval never cross document boundaries
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _choice("data.source", self.source, ("stdlib", "files"))
+        _choice("data.tokenizer", self.tokenizer, ("byte",))
+        for key in ("seq_len", "batch_size", "val_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.source == "files" and not self.paths:
+            raise ConfigError("data.paths is empty but data.source is 'files'")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0  # floor of the cosine schedule
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "constant"  # linear warm-up, then constant | cosine (to min_lr at trainer.max_steps)
+
+    def validate(self) -> None:
+        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    accelerator: str = "auto"
+    devices: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    val_check_interval: int = 100  # steps between validations
+    limit_val_batches: int = 8
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 100
+    root_dir: str = "runs"
+    run_name: str = "default"
+    seed: int = 1234
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+    def validate(self) -> None:
+        for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
+                    "checkpoint_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class Config:
+    """Everything one run needs; ``configs/*.yaml`` files are partial views of this."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ckpt_path: Optional[str] = None  # resume a run (model, optimizer, scheduler, data position)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.trainer.validate()
+        if self.model.attention == "hsa" and self.data.seq_len % self.model.chunk_size:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
+            )
+        if self.ckpt_path is not None and not Path(self.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path '{self.ckpt_path}' does not exist")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge a YAML file and ``dotted.key=value`` overrides onto the schema; validate; return a ``Config``.
+
+    The model preset is chosen first (``model.name`` from the overrides, else the file, else ``tiny``) and the
+    remaining ``model.*`` keys override it. Raises ``ConfigError`` with a one-line message naming the bad key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        file_cfg = OmegaConf.load(path) if path else OmegaConf.create({})
+    except Exception as e:  # yaml syntax errors come in many types; report the file and the parser's first line
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like dotted.key=value")
+    cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
+
+    preset = OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny"
+    schema = OmegaConf.structured(Config(model=ModelConfig.from_name(str(preset))))
+    try:
+        merged = OmegaConf.merge(schema, file_cfg, cli_cfg)
+        cfg: Config = OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        full_key = e.full_key or str(e.key)
+        raise ConfigError(f"unknown config key '{full_key}'{_suggest_key(full_key)}") from None
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad value for '{e.full_key}': {msg}") from None
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(OmegaConf.structured(cfg), str(path))
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{_suggest(value, allowed)}")
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _suggest_key(full_key: str) -> str:
+    """The closest valid key in the same section of the schema."""
+    parts = full_key.split(".")
+    section = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+    if len(parts) == 2 and parts[0] in section:
+        names = [f.name for f in fields(section[parts[0]])]
+        close = difflib.get_close_matches(parts[1], names, n=1)
+        return f" (did you mean '{parts[0]}.{close[0]}'?)" if close else ""
+    close = difflib.get_close_matches(parts[0], [f.name for f in fields(Config)], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    return int(math.ceil(n / multiple) * multiple)

@@ -1,0 +1,280 @@
+"""HSA-UltraLong Transformer (spec §2): SWA blocks below, a chunk memory built once in the middle, and groups of
+(retrieval + HSA block + SWA blocks) above. A plain ``nn.Module``: no Lightning here.
+
+    tokens → embed → n_lower × Block(SWA)
+           → ChunkMemory(h)                      landmarks [B, C, Hr, Dr], K/V [B, C·S, Hkv, D]  (shared by HSA blocks)
+           → n_groups × [HSABlock → swa_layers_per_group × Block(SWA)]
+           → RMSNorm → LM head
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.hsa import hsa_attention, select_chunks
+
+from .attention import AttentionMask, RMSNorm, Rotary, SelfAttention, build_mask
+from .config import ModelConfig
+from .moe import MoE, SwiGLU
+
+
+def make_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.moe and layer_idx >= cfg.first_dense_layers:
+        return MoE(cfg.d_model, cfg.n_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.n_shared_experts,
+                   cfg.router_bias_update_rate, cfg.aux_loss_coef)
+    return SwiGLU(cfg.d_model, cfg.ffn_hidden)
+
+
+@dataclass
+class Context:
+    """Per-forward state shared by all blocks: rotary tables, attention masks by window, document ids."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: dict
+    doc_ids: torch.Tensor | None
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: h += Attn(norm h) (SWA or full, RoPE); h += FFN(norm h)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, window: int | None):
+        super().__init__()
+        self.window = window
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = make_ffn(cfg, layer_idx)
+
+    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+        h = h + self.attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[self.window])
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional layer of the chunk encoder (RoPE inside the chunk, QKV bias, SwiGLU ≈ 8d/3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, bias=True,
+                                  eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.d_model, 64 * math.ceil(8 * cfg.d_model / 3 / 64))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, None)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class Memory:
+    """Chunk memory: landmarks [B, C, Hr, Dr]; k, v [B, C·S, Hkv, D] (token i of chunk c at row c·S + i)."""
+
+    landmarks: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class ChunkMemory(nn.Module):
+    """Cuts h into chunks of S tokens, encodes each with a learned [CLS] vector appended last (position S), and
+    projects the [CLS] output to a landmark and the token outputs to HSA keys/values (NoPE; RMSNorm on K)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.S = cfg.chunk_size
+        self.n_kv, self.hd = cfg.hsa_kv_heads, cfg.head_dim
+        self.n_r, self.dr = cfg.retrieval_heads, cfg.retrieval_head_dim
+        self.cls = nn.Parameter(torch.zeros(cfg.d_model))
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.landmark = nn.Linear(cfg.d_model, self.n_r * self.dr, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, h: torch.Tensor) -> Memory:
+        """h: [B, T, d]; only the C = T // S complete chunks are encoded (a partial chunk is never visible)."""
+        B, T, d = h.shape
+        C = T // self.S
+        x = h[:, : C * self.S].reshape(B * C, self.S, d)
+        if self.layers:
+            x = torch.cat([x, self.cls.to(x.dtype).expand(B * C, 1, d)], dim=1)
+            cos, sin = self.rotary.cos_sin(torch.arange(self.S + 1, device=h.device))
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            x = self.norm(x)
+            summary, tokens = x[:, self.S], x[:, : self.S]
+        else:
+            tokens = self.norm(x)
+            summary = tokens.mean(dim=1)
+        landmarks = self.landmark(summary).view(B, C, self.n_r, self.dr)
+        k = self.k_norm(self.k_proj(tokens).view(B, C * self.S, self.n_kv, self.hd))
+        v = self.v_proj(tokens).view(B, C * self.S, self.n_kv, self.hd)
+        return Memory(landmarks, k, v)
+
+
+def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """scores: [..., K] with −inf on empty slots, slots ordered most recent first → weights [..., K], 0 on empty.
+
+    softmax: w = softmax over the kept chunks (paper Eq. 2). stick_breaking: w_j = σ(s_j) Π_{l<j} σ(−s_l).
+    A row with no kept chunk gets all-zero weights (never NaN).
+    """
+    valid = torch.isfinite(scores)
+    s = torch.where(valid, scores, torch.zeros_like(scores)).float()
+    if kind == "softmax":
+        s = s - torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True).nan_to_num(0, 0, 0)
+        e = torch.where(valid, s.exp(), torch.zeros_like(s))
+        w = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+    else:
+        log_keep = torch.where(valid, F.logsigmoid(-s), torch.zeros_like(s))
+        log_before = torch.cumsum(log_keep, dim=-1) - log_keep  # Σ_{l<j} log σ(−s_l)
+        w = torch.where(valid, torch.exp(F.logsigmoid(s) + log_before), torch.zeros_like(s))
+    return w
+
+
+class Retrieval(nn.Module):
+    """q_slc = Linear(RMSNorm(h)) per retrieval head → top-k visible chunks and their fusion weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.retrieval_heads * cfg.retrieval_head_dim, bias=False)
+        self.pos_decay = nn.Parameter(torch.zeros(())) if cfg.pos_decay else None
+
+    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None):
+        """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""
+        cfg = self.cfg
+        B, T, _ = h.shape
+        q_slc = self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim)
+        scores, indices = select_chunks(q_slc, memory.landmarks, cfg.hsa_topk, cfg.chunk_size, doc_ids,
+                                        gumbel_noise=cfg.gumbel_noise and self.training)
+        if self.pos_decay is not None:
+            rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+            scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
+        weights = fusion_weights(scores, cfg.fusion)
+        if cfg.shared_selection and cfg.hsa_kv_heads > 1:
+            weights = weights.expand(B, T, cfg.hsa_kv_heads, -1)
+            indices = indices.expand(B, T, cfg.hsa_kv_heads, -1)
+        return weights, indices
+
+
+class HSABlock(nn.Module):
+    """[h += SWA(norm h)] ; retrieval ; o = HSA(norm h) ; bypass: h + FFN(norm(h + o)) | standard: h += o; h += FFN."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        self.swa_window = (cfg.hsa_swa_window or cfg.swa_window) if cfg.hsa_layer_swa else None
+        if cfg.hsa_layer_swa:
+            self.swa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
+        self.retrieval = Retrieval(cfg)
+        self.hsa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.hsa_q_heads * cfg.head_dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.o_proj = nn.Linear(cfg.hsa_q_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = make_ffn(cfg, layer_idx)
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # for retrieval statistics
+
+    def forward(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = h.shape
+        if cfg.hsa_layer_swa:
+            h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
+        weights, indices = self.retrieval(h, memory, ctx.doc_ids)
+        self.last_selection = (weights.detach(), indices.detach())
+        q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
+        o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
+        o = self.o_proj(o.reshape(B, T, -1))
+        if cfg.hsa_residual == "bypass":
+            return h + self.ffn(self.ffn_norm(h + o))
+        h = h + o
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class HSATransformer(nn.Module):
+    """input_ids: [B, T] (int64), doc_ids: [B, T] or None → logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (the CLI fills it from the tokenizer)")
+        self.cfg = cfg
+        window = None if cfg.attention == "full" else cfg.swa_window
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.lower = nn.ModuleList(Block(cfg, i, window) for i in range(cfg.n_lower_layers))
+        self.memory = ChunkMemory(cfg) if cfg.attention == "hsa" else None
+        upper, idx = [], cfg.n_lower_layers
+        for _ in range(cfg.n_groups):
+            upper.append(HSABlock(cfg, idx) if cfg.attention == "hsa" else Block(cfg, idx, window))
+            upper.extend(Block(cfg, idx + 1 + j, window) for j in range(cfg.swa_layers_per_group))
+            idx += 1 + cfg.swa_layers_per_group
+        self.upper = nn.ModuleList(upper)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, MoE):
+            for w in (module.w_gate, module.w_up, module.w_down):
+                nn.init.normal_(w, 0.0, std)
+        elif isinstance(module, ChunkMemory):
+            nn.init.normal_(module.cls, 0.0, std)
+
+    def blocks(self) -> list[nn.Module]:
+        return [*self.lower, *self.upper]
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def hsa_blocks(self) -> list[HSABlock]:
+        return [m for m in self.upper if isinstance(m, HSABlock)]
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def make_context(self, T: int, device, doc_ids: torch.Tensor | None) -> Context:
+        cfg = self.cfg
+        backend = cfg.attn_backend
+        if backend == "auto":
+            backend = "flex" if torch.device(device).type == "cuda" else "sdpa"
+        windows = {None if cfg.attention == "full" else cfg.swa_window}
+        if cfg.attention == "hsa" and cfg.hsa_layer_swa:
+            windows.add(cfg.hsa_swa_window or cfg.swa_window)
+        masks = {w: build_mask(T, w, doc_ids, device, backend) for w in windows}
+        cos, sin = self.rotary.cos_sin(torch.arange(T, device=device))
+        return Context(cos, sin, masks, doc_ids)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T = input_ids.shape
+        ctx = self.make_context(T, input_ids.device, doc_ids)
+        h = self.embed(input_ids)
+        for block in self.lower:
+            h = block(h, ctx)
+        memory = self.memory(h) if self.memory is not None else None
+        for block in self.upper:
+            h = block(h, ctx, memory) if isinstance(block, HSABlock) else block(h, ctx)
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active per token): routed experts count k/E of their parameters; tied embeddings once."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = sum(m.routed_parameters() * (m.n_experts - m.top_k) / m.n_experts for m in self.moe_layers())
+        return total, int(total - inactive)

@@ -1,0 +1,109 @@
+"""``HSALitModule``: the LightningModule around ``HSATransformer`` — loss, metrics, optimizer, LR schedule,
+MoE balancing updates and their logging."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .config import ModelConfig, OptimConfig
+from .model import HSATransformer
+from .moe import expert_load_stats
+
+IGNORE_INDEX = -100
+
+
+def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier of ``cfg.lr``: linear warm-up, then constant or cosine down to ``cfg.min_lr`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class HSALitModule(L.LightningModule):
+    """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional}``."""
+
+    def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000):
+        super().__init__()
+        model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+        optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        # Plain dicts in the checkpoint so it loads without pickled classes.
+        self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps})
+        self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
+        self.model = HSATransformer(model_cfg)
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, doc_ids)
+
+    def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"], batch.get("doc_ids"))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return loss, logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._lm_loss(batch)
+        aux = self.model.aux_loss().to(loss.device)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/ppl", loss.detach().exp(), batch_size=bs)
+        if self.model.moe_layers():
+            self.log("train/moe_aux_loss", aux, batch_size=bs)
+        return loss + aux
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, logits = self._lm_loss(batch)
+        n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+        self.val_loss.update(loss, weight=n_tokens)
+        self.val_ppl.update(logits.float(), batch["labels"])
+        self.log("val/loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/ppl", self.val_ppl, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called once per optimizer step, after gradient accumulation and before clipping: the pre-clip norm.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        self._update_moe_balance()
+
+    @torch.no_grad()
+    def _update_moe_balance(self) -> None:
+        """Aux-loss-free balancing: expert load summed over the step's micro-batches and all ranks moves the bias."""
+        worst = 0.0
+        for i, moe in enumerate(self.model.moe_layers()):
+            load = moe.load_accum.clone()
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(load)
+            moe.update_bias(load)
+            moe.load_accum.zero_()
+            stats = expert_load_stats(load)
+            worst = max(worst, stats["max_violation"])
+            self.log(f"moe/layer{i}_max_violation", stats["max_violation"])
+            self.log(f"moe/layer{i}_bias_spread", float(moe.expert_bias.max() - moe.expert_bias.min()))
+        if self.model.moe_layers():
+            self.log("moe/max_violation", worst)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            # Weight decay on matrices only: norms, biases, the [CLS] vector and scalars are left alone.
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = all(p.is_cuda for p in self.parameters())
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg, self.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,107 @@
+"""Mixture-of-Experts feed-forward (Ling-2.0 / DeepSeek-V3 style): routed SwiGLU experts + shared expert,
+auxiliary-loss-free load balancing with a per-expert selection bias, optional small balance loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLU(nn.Module):
+    """x: [..., d] → [..., d] with hidden width ``hidden``."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=bias)
+        self.w_up = nn.Linear(d_model, hidden, bias=bias)
+        self.w_down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class MoE(nn.Module):
+    """Routed experts with top-k sigmoid routing + shared expert(s).
+
+    Selection uses ``sigmoid(router(x)) + expert_bias``; the gates use the un-biased scores of the chosen experts,
+    renormalised to sum to 1. ``expert_bias`` is moved towards balance after each optimizer step by
+    ``update_bias(load)`` with the expert load summed over micro-batches and ranks (``load_accum``).
+    Tokens are sorted by expert and each expert runs once on its contiguous slice (no Python loop over tokens).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, experts_per_token: int, expert_hidden: int,
+                 n_shared_experts: int = 1, bias_update_rate: float = 1e-3, aux_loss_coef: float = 0.0):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, experts_per_token
+        self.bias_update_rate, self.aux_loss_coef = bias_update_rate, aux_loss_coef
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        # Expert weights stacked as [E, in, out] so one expert is one contiguous slice.
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, expert_hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, expert_hidden, d_model))
+        self.shared = SwiGLU(d_model, expert_hidden * n_shared_experts) if n_shared_experts > 0 else None
+        self.register_buffer("expert_bias", torch.zeros(n_experts))
+        # Tokens routed to each expert since the last bias update (summed over micro-batches; reduced over ranks).
+        self.register_buffer("load_accum", torch.zeros(n_experts), persistent=False)
+        self.aux_loss = torch.zeros(())
+
+    def routed_parameters(self) -> int:
+        return self.w_gate.numel() + self.w_up.numel() + self.w_down.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, d] → [B, T, d]."""
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        n_tokens = xf.shape[0]
+        scores = torch.sigmoid(self.router(xf).float())  # [N, E]
+        chosen = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices  # bias steers selection only
+        gates = scores.gather(1, chosen)
+        gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+
+        flat_expert = chosen.flatten()  # [N*k]
+        order = flat_expert.argsort(stable=True)
+        token_of = order // self.top_k
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        out_sorted = self._run_experts(xf[token_of], counts)
+        out_sorted = out_sorted * gates.flatten()[order, None].to(out_sorted.dtype)
+        y = torch.zeros_like(xf).index_add_(0, token_of, out_sorted)
+
+        if self.training:
+            self.load_accum += counts.to(self.load_accum.dtype)
+        if self.aux_loss_coef > 0 and self.training:
+            # Switch-style balance loss: E · Σ_e (share of assignments to e) · (mean normalised router prob of e).
+            frac = counts.float() / (n_tokens * self.top_k)
+            prob = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=0)
+            self.aux_loss = self.aux_loss_coef * self.n_experts * (frac * prob).sum()
+        else:
+            self.aux_loss = xf.new_zeros((), dtype=torch.float32)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        return y.view(shape)
+
+    def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x_sorted: [N*k, d] grouped by expert; counts: [E] → [N*k, d]."""
+        outs = []
+        for e, xe in enumerate(torch.split(x_sorted, counts.tolist())):
+            if xe.shape[0] == 0:
+                continue
+            h = F.silu(xe @ self.w_gate[e].to(xe.dtype)) * (xe @ self.w_up[e].to(xe.dtype))
+            outs.append(h @ self.w_down[e].to(xe.dtype))
+        return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+        if self.bias_update_rate > 0 and load.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load.float().mean() - load.float())
+
+
+def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
+    """Summary of one layer's expert load (tokens per expert): max violation = (max − mean) / mean."""
+    load = load.float()
+    mean = load.mean().clamp_min(1e-9)
+    return {
+        "max_violation": float((load.max() - mean) / mean),
+        "min_share": float(load.min() / load.sum().clamp_min(1e-9)),
+        "max_share": float(load.max() / load.sum().clamp_min(1e-9)),
+    }

@@ -1,0 +1,72 @@
+"""What a user sees: `main.py fit` end to end on tiny settings, resume, validate, and one-line config errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_hsa.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["data.seq_len=64", "data.batch_size=2", "data.val_samples=2", "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=2"]
+
+
+def fit(tmp_path, name, *extra):
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"trainer.run_name={name}", *FAST, *extra]
+    assert main(args) == 0
+    return sorted((tmp_path / name).glob("version_*"))[-1]
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_fit_leaves_events_checkpoint_and_config(tmp_path):
+    run = fit(tmp_path, "e2e", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "hsa_topk: 4" in (run / "config.yaml").read_text()
+    losses = scalars(run, "train/loss")
+    assert len(losses) == 4 and all(v > 0 for v in losses.values())
+    for tag in ("val/loss", "val/ppl", "train/grad_norm", "moe/max_violation", "lr-AdamW/pg1"):
+        assert scalars(run, tag), tag
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    # Constant LR: a cosine schedule depends on max_steps, which differs between the interrupted and full runs.
+    common = ["trainer.val_check_interval=100", "data.num_workers=2", "trainer.checkpoint_every_n_steps=3",
+              "optim.schedule=constant"]
+    straight = fit(tmp_path, "straight", "trainer.max_steps=7", *common)
+    first = fit(tmp_path, "first", "trainer.max_steps=3", *common)
+    resumed = fit(tmp_path, "resumed", "trainer.max_steps=7", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+                  *common)
+    expected, got = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
+    assert sorted(got) == [s for s in sorted(expected) if s >= 3]  # resumed run logs steps 3..6 only
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_validate_from_checkpoint(tmp_path):
+    run = fit(tmp_path, "v", "trainer.max_steps=2")
+    args = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *FAST]
+    assert main(args) == 0
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [("model.no_such_key=1", "no_such_key"), ("data.source=files", "data.paths"),
+     ("data.paths=[missing.txt]", "missing.txt")],
+)
+def test_bad_config_exits_nonzero_with_one_line(override, needle):
+    extra = ["data.source=files"] if override.startswith("data.paths") else []
+    proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override, *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr

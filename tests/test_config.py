@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from lit_hsa.config import PRESETS, ConfigError, ModelConfig, load_config
+from lit_hsa.model import HSATransformer
+
+
+def meta_param_counts(name: str) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = HSATransformer(ModelConfig.from_name(name, vocab_size=ModelConfig.from_name(name).vocab_size or 320))
+    return model.num_parameters()
+
+
+def test_dense_05b_size():
+    total, active = meta_param_counts("dense-0.5b")
+    assert 0.45e9 <= total <= 0.6e9 and active == total
+
+
+def test_moe_8b_a1b_size():
+    total, active = meta_param_counts("moe-8b-a1b")
+    assert 7e9 <= total <= 9e9
+    assert 0.8e9 <= active <= 1.3e9
+
+
+def test_small_and_tiny_sizes():
+    assert 100e6 <= meta_param_counts("small")[0] <= 150e6
+    assert meta_param_counts("tiny")[0] < 5e6
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate(name):
+    ModelConfig.from_name(name).validate()
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: small\n  hsa_topk: 16\ntrainer:\n  max_steps: 5\n")
+    cfg = load_config(str(path), ["trainer.max_steps=7", "model.fusion=stick_breaking"])
+    assert cfg.model.d_model == PRESETS["small"].d_model  # preset chosen by the file
+    assert cfg.model.hsa_topk == 16 and cfg.model.fusion == "stick_breaking" and cfg.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.no_such_key=1"], "unknown config key 'model.no_such_key'"),
+        (["model.swa_windw=3"], "did you mean 'model.swa_window'"),
+        (["trainer.max_steps=abc"], "trainer.max_steps"),
+        (["model.attention=hsb"], "model.attention"),
+        (["model.n_heads=3"], "model.n_heads"),
+        (["data.seq_len=100"], "data.seq_len (100) must be a multiple of model.chunk_size"),
+        (["model.name=huge"], "unknown preset 'huge'"),
+        (["ckpt_path=missing.ckpt"], "ckpt_path 'missing.ckpt' does not exist"),
+        (["trainer.max_steps"], "dotted.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)

@@ -1,83 +1,169 @@
-"""Packing documents into fixed-length training windows, sharded over ranks and dataloader workers, resumable."""
+"""Documents → fixed-length training windows: a weighted mixture of sources, sharded over ranks and dataloader
+workers, seeded shuffling, batched tokenization, optional chunk alignment, resumable."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .sources import DataError
+from .sources import DataError, decode_record, is_validation, raw_records
+
+IGNORE_INDEX = -100
+TOKENIZE_BATCH = 32  # documents per encode_batch call: lets a Rust tokenizer use its threads
 
 
-def pack_windows(docs: Iterator[np.ndarray], seq_len: int, eos_id: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Concatenate documents (each followed by EOS) and cut windows of ``seq_len + 1`` tokens with stride
-    ``seq_len``, so every token is a prediction target exactly once.
+@dataclass
+class Document:
+    """tokens: int32 [n]; target: bool [n] or None (every token is a prediction target)."""
 
-    Yields ``(tokens [seq_len+1] int32, doc_index [seq_len+1] int64)``: the running document number of each token.
-    Numpy buffers throughout; no per-token Python work.
+    tokens: np.ndarray
+    target: np.ndarray | None = None
+
+
+class DocumentStream:
+    """Records of one source's files for one shard: ``(split, epoch)`` fix the file order; record ``g`` of the
+    split (in that order) belongs to shard ``g % n_shards``. Only owned records are parsed."""
+
+    def __init__(self, files, text_field: str, val_fraction: float, min_chars: int = 0, long_doc_chars: int = 0,
+                 long_doc_repeat: int = 1, skip_bad_records: bool = False):
+        self.files, self.text_field, self.val_fraction = list(files), text_field, val_fraction
+        self.min_chars, self.long_doc_chars, self.long_doc_repeat = min_chars, long_doc_chars, long_doc_repeat
+        self.skip_bad_records = skip_bad_records
+        self.bad_records = 0
+
+    def documents(self, split: str, epoch: int, seed: int, shard: int, n_shards: int) -> Iterator[str | bytes]:
+        order = list(range(len(self.files)))
+        if split == "train":
+            random.Random(seed + epoch).shuffle(order)
+        g = 0
+        for fi in order:
+            path = self.files[fi]
+            for position, raw in raw_records(path, self.text_field):
+                if is_validation(path, position, self.val_fraction) != (split == "val"):
+                    continue
+                g += 1
+                if (g - 1) % n_shards != shard:
+                    continue
+                try:
+                    doc = decode_record(path, position, raw, self.text_field)
+                except DataError:
+                    if not self.skip_bad_records:
+                        raise
+                    self.bad_records += 1
+                    continue
+                if len(doc) < self.min_chars:
+                    continue
+                long = self.long_doc_chars and len(doc) >= self.long_doc_chars
+                for _ in range(self.long_doc_repeat if long else 1):
+                    yield doc
+
+    def endless(self, seed: int, shard: int, n_shards: int, shuffle_buffer: int) -> Iterator[str | bytes]:
+        """Training documents, epoch after epoch, through a bounded seeded shuffle buffer."""
+        rng = random.Random(f"{seed}/{shard}/{n_shards}")
+        buffer: list = []
+        epoch = 0
+        while True:
+            produced = False
+            for doc in self.documents("train", epoch, seed, shard, n_shards):
+                produced = True
+                if len(buffer) < shuffle_buffer:
+                    buffer.append(doc)
+                    continue
+                i = rng.randrange(shuffle_buffer)
+                yield buffer[i]
+                buffer[i] = doc
+            if not produced:
+                raise DataError(
+                    f"a training shard got no documents ({len(self.files)} files, shard {shard} of {n_shards}): "
+                    "the corpus is empty, too small for ranks × data.num_workers, or filtered away"
+                )
+            epoch += 1
+
+
+def tokenize(docs: Iterator[str | bytes], tokenizer) -> Iterator[Document]:
+    batch: list = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == TOKENIZE_BATCH:
+            yield from (Document(t) for t in tokenizer.encode_batch(batch))
+            batch = []
+    yield from (Document(t) for t in tokenizer.encode_batch(batch))
+
+
+def pack_windows(docs: Iterator[Document], seq_len: int, eos_id: int, pad_id: int | None = None,
+                 align: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Concatenate documents (each followed by EOS, then padded to a multiple of ``align`` when given, so every
+    document starts on a chunk boundary) and cut windows of ``seq_len + 1`` tokens with stride ``seq_len``: every
+    token is a prediction target once.
+
+    Yields ``(tokens [L+1] int32, doc_index [L+1] int64, target [L+1] bool)``; ``target`` is False on padding and
+    on tokens a document marked as not-to-learn. Numpy buffers throughout; no per-token Python work.
     """
-    pieces: list[np.ndarray] = []
-    doc_pieces: list[np.ndarray] = []
+    pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     held = 0
-    for d, tokens in enumerate(docs):
-        doc = np.empty(len(tokens) + 1, dtype=np.int32)
-        doc[:-1], doc[-1] = tokens, eos_id
-        pieces.append(doc)
-        doc_pieces.append(np.full(len(doc), d, dtype=np.int64))
-        held += len(doc)
+    for d, doc in enumerate(docs):
+        n = len(doc.tokens) + 1
+        total = n if not align else -(-n // align) * align
+        tokens = np.full(total, pad_id if pad_id is not None else eos_id, dtype=np.int32)
+        tokens[: n - 1], tokens[n - 1] = doc.tokens, eos_id
+        target = np.zeros(total, dtype=bool)
+        target[:n] = True if doc.target is None else np.append(doc.target, True)
+        pieces.append((tokens, np.full(total, d, dtype=np.int64), target))
+        held += total
         if held < seq_len + 1:
             continue
-        buf, dbuf = np.concatenate(pieces), np.concatenate(doc_pieces)
+        buf, dbuf, tbuf = (np.concatenate(p) for p in zip(*pieces))
         n_windows = (len(buf) - 1) // seq_len
         for w in range(n_windows):
-            yield buf[w * seq_len : w * seq_len + seq_len + 1], dbuf[w * seq_len : w * seq_len + seq_len + 1]
-        pieces, doc_pieces = [buf[n_windows * seq_len :]], [dbuf[n_windows * seq_len :]]
-        held = len(pieces[0])
+            s = slice(w * seq_len, w * seq_len + seq_len + 1)
+            yield buf[s], dbuf[s], tbuf[s]
+        rest = slice(n_windows * seq_len, None)
+        pieces = [(buf[rest], dbuf[rest], tbuf[rest])]
+        held = len(pieces[0][0])
 
 
-def make_sample(window: np.ndarray, doc_index: np.ndarray, with_doc_ids: bool) -> dict[str, torch.Tensor]:
-    """window: [L+1] → input_ids [L], labels [L] (next token), doc_ids [L] (0 for the window's first document)."""
+def make_sample(window: np.ndarray, doc_index: np.ndarray, target: np.ndarray, with_doc_ids: bool) -> dict:
+    """[L+1] arrays → input_ids [L], labels [L] (next token, −100 where not a target), doc_ids [L] (optional)."""
     tokens = torch.from_numpy(window.astype(np.int64))
-    sample = {"input_ids": tokens[:-1], "labels": tokens[1:]}
+    labels = tokens[1:].clone()
+    labels[torch.from_numpy(~target[1:])] = IGNORE_INDEX
+    sample = {"input_ids": tokens[:-1], "labels": labels}
     if with_doc_ids:
         sample["doc_ids"] = torch.from_numpy(doc_index[:-1] - doc_index[0])
     return sample
 
 
 class PackedStream(IterableDataset):
-    """Endless stream of packed samples from ``files``, one shard per (rank, dataloader worker).
-
-    Each epoch shuffles the file order with ``seed + epoch``; shard ``s`` of ``n`` reads files ``s, s+n, …`` of it,
-    so together the shards read every file exactly once per epoch.
+    """Endless stream of packed samples from a weighted mixture of ``DocumentStream`` sources, one shard per
+    (rank, dataloader worker).
 
     Exact resume: with W workers a DataLoader takes batch ``b`` from worker ``b % W``. To restart at batch
     ``start_batch``, worker slot ``w`` plays the shard that owned batch ``start_batch + w`` and skips the batches
-    that shard had already produced. Skipped samples are re-tokenized, not stored.
+    that shard had already produced (re-generated, not stored: everything here is a function of the seed).
     """
 
-    def __init__(self, files: list[Path], tokenizer, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1, start_batch: int = 0, with_doc_ids: bool = False):
+    def __init__(self, sources: list[DocumentStream], weights: list[float], tokenizer, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 1, start_batch: int = 0,
+                 with_doc_ids: bool = False, align: int | None = None, shuffle_buffer: int = 64):
         super().__init__()
-        self.files, self.tokenizer, self.seq_len, self.seed = list(files), tokenizer, seq_len, seed
-        self.rank, self.world_size, self.batch_size, self.start_batch = rank, world_size, batch_size, start_batch
-        self.with_doc_ids = with_doc_ids
+        self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
+        self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
+        self.batch_size, self.start_batch, self.with_doc_ids = batch_size, start_batch, with_doc_ids
+        self.align, self.shuffle_buffer = align, shuffle_buffer
 
-    def _documents(self, shard: int, n_shards: int, epochs: int | None) -> Iterator[np.ndarray]:
-        if n_shards > len(self.files):
-            raise DataError(
-                f"{len(self.files)} training files cannot feed {n_shards} shards (ranks × data.num_workers); "
-                "use fewer workers or more files"
-            )
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            order = list(range(len(self.files)))
-            random.Random(self.seed + epoch).shuffle(order)
-            for i in order[shard::n_shards]:
-                yield self.tokenizer.encode(read_document(self.files[i]))
-            epoch += 1
+    def _mixed_documents(self, shard: int, n_shards: int) -> Iterator[str | bytes]:
+        streams = [s.endless(self.seed + 7919 * i, shard, n_shards, self.shuffle_buffer)
+                   for i, s in enumerate(self.sources)]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        rng = random.Random(f"mix/{self.seed}/{shard}/{n_shards}")
+        while True:
+            yield next(streams[rng.choices(range(len(streams)), weights=self.weights)[0]])
 
     def __iter__(self):
         info = get_worker_info()
@@ -86,27 +172,34 @@ class PackedStream(IterableDataset):
         done_batches = max(0, -(-(self.start_batch - worker) // n_workers))  # batches b < start with b % W == worker
         skip = done_batches * self.batch_size
         shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
-        windows = pack_windows(self._documents(shard, n_shards, None), self.seq_len, self.tokenizer.eos_id)
-        for i, (window, doc_index) in enumerate(windows):
+        docs = tokenize(self._mixed_documents(shard, n_shards), self.tokenizer)
+        windows = pack_windows(docs, self.seq_len, self.tokenizer.eos_id, self.tokenizer.pad_id, self.align)
+        for i, (window, doc_index, target) in enumerate(windows):
             if i >= skip:
-                yield make_sample(window, doc_index, self.with_doc_ids)
+                yield make_sample(window, doc_index, target, self.with_doc_ids)
 
 
-def read_document(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read '{path}': {e.strerror}") from e
+def validation_windows(sources: list[DocumentStream], tokenizer, seq_len: int, n: int, with_doc_ids: bool,
+                       align: int | None = None) -> list[dict]:
+    """The first ``n`` packed samples of the sources' validation records, sources interleaved: a fixed set."""
+    def interleaved():
+        iters = [s.documents("val", 0, 0, 0, 1) for s in sources]
+        while iters:
+            for it in list(iters):
+                doc = next(it, None)
+                if doc is None:
+                    iters.remove(it)
+                else:
+                    yield doc
 
-
-def first_windows(files: list[Path], tokenizer, seq_len: int, n: int, with_doc_ids: bool) -> list[dict]:
-    """The first ``n`` packed samples of ``files`` in their given order (one pass): a fixed validation set."""
-    docs = (tokenizer.encode(read_document(f)) for f in files)
     samples = []
-    for window, doc_index in pack_windows(docs, seq_len, tokenizer.eos_id):
-        samples.append(make_sample(window, doc_index, with_doc_ids))
+    for window, doc_index, target in pack_windows(tokenize(interleaved(), tokenizer), seq_len, tokenizer.eos_id,
+                                                  tokenizer.pad_id, align):
+        samples.append(make_sample(window, doc_index, target, with_doc_ids))
         if len(samples) == n:
             break
     if not samples:
-        raise DataError(f"the validation split has fewer than seq_len + 1 = {seq_len + 1} tokens")
+        raise DataError(
+            f"the validation split has fewer than seq_len + 1 = {seq_len + 1} tokens; raise data.val_fraction"
+        )
     return samples

@@ -1,18 +1,29 @@
 """Where documents come from: the embedded default corpus (the Python standard library's own source files, present
-on every machine) or user files, and the deterministic train/validation split."""
+on every machine) or user files — ``.txt`` (and any other text file: one document per file), ``.jsonl`` (one
+document per line, in a configurable field) and ``.parquet`` (one document per row) — streamed, never loaded whole.
+
+A *record* is one document at a position of a file (line number for jsonl, row for parquet, 0 for text files). The
+train/validation split and the sharding over ranks and workers are decided per record, so any number of shards
+covers every record exactly once per epoch, even when the corpus is a single large file.
+"""
 from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import os
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 # Third-party packages live inside the stdlib folder on many installs; they differ per machine, so leave them out.
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
 
 
 class DataError(ValueError):
-    """Input data is missing or unusable; the message names the file or key."""
+    """Input data is missing or unusable; the message names the file (and line) or key."""
 
 
 def stdlib_root() -> Path:
@@ -29,7 +40,7 @@ def stdlib_files() -> list[Path]:
 
 
 def resolve_paths(patterns: list[str]) -> list[Path]:
-    """Files, directories (all files below, recursively) or glob patterns → sorted unique files."""
+    """Files, directories (all files below, recursively) or glob patterns → sorted unique readable files."""
     found: set[Path] = set()
     for pattern in patterns:
         path = Path(pattern)
@@ -45,21 +56,68 @@ def resolve_paths(patterns: list[str]) -> list[Path]:
         else:
             raise DataError(f"data.paths: '{pattern}' does not exist")
     if not found:
-        raise DataError(f"data.paths {patterns} contain no files")
+        raise DataError(f"data.paths {list(patterns)} contain no files")
+    for p in found:
+        if not os.access(p, os.R_OK):
+            raise DataError(f"data.paths: '{p}' is not readable")
     return sorted(found)
 
 
-def split_train_val(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
-    """Deterministic split by a hash of the file name and parent, so it does not depend on the file list's order,
-    the install prefix, or which other files exist."""
-    def bucket(p: Path) -> float:
-        key = f"{p.parent.name}/{p.name}".encode()
-        return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64
+def is_validation(path: Path, position: int, val_fraction: float) -> bool:
+    """Deterministic split by a hash of (file name, parent folder name, record position): independent of the file
+    list's order, the install prefix, and which other files exist."""
+    key = f"{path.parent.name}/{path.name}:{position}".encode()
+    return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64 < val_fraction
 
-    if len(files) < 2:
-        raise DataError(f"need at least 2 documents for a train/validation split, found {len(files)}")
-    ranked = sorted(files, key=bucket)
-    # At least one document on each side, however small the corpus.
-    n_val = min(max(1, sum(bucket(p) < val_fraction for p in files)), len(files) - 1)
-    val = set(ranked[:n_val])
-    return [p for p in files if p not in val], [p for p in files if p in val]
+
+def raw_records(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
+    """(position, raw record) without parsing: cheap enough to skip the records another shard owns."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield lineno, line
+    elif suffix in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+        row = 0
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                yield row, value
+                row += 1
+    else:
+        yield 0, path
+
+
+def decode_record(path: Path, position: int, raw: object, text_field: str) -> str | bytes:
+    """Raw record → document text (bytes for plain files). Raises ``DataError`` naming ``file:line``."""
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}:{position}: malformed JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(obj, dict) or text_field not in obj:
+            raise DataError(f"{path}:{position}: record has no field '{text_field}' (set data.text_field)")
+        if not isinstance(obj[text_field], str):
+            raise DataError(f"{path}:{position}: field '{text_field}' is {type(obj[text_field]).__name__}, not text")
+        return obj[text_field]
+    if suffix in PARQUET_SUFFIXES:
+        if not isinstance(raw, str):
+            raise DataError(f"{path}: row {position}: '{text_field}' is {type(raw).__name__}, not text")
+        return raw
+    try:
+        return Path(raw).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror}") from e
+
+
+def check_first_record(path: Path, text_field: str) -> None:
+    """Pre-flight: open the file and decode its first record, so a wrong field name fails before training."""
+    for position, raw in raw_records(path, text_field):
+        decode_record(path, position, raw, text_field)
+        return

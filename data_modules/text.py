@@ -1,4 +1,5 @@
-"""``TextDataModule``: plain-text documents (the embedded stdlib corpus or user files) → packed LM batches."""
+"""``TextDataModule``: a weighted mixture of text sources (the embedded stdlib corpus, .txt / .jsonl / .parquet
+files) → tokenized, packed LM batches."""
 from __future__ import annotations
 
 import lightning as L
@@ -6,24 +7,35 @@ from torch.utils.data import DataLoader
 
 from lit_hsa.config import DataConfig
 
-from .packing import PackedStream, first_windows
-from .sources import resolve_paths, split_train_val, stdlib_files
+from .packing import DocumentStream, PackedStream, validation_windows
+from .sources import DataError, check_first_record, resolve_paths, stdlib_files
 from .tokenizers import build_tokenizer
 
 
 class TextDataModule(L.LightningDataModule):
-    """Batches ``{input_ids [B, T], labels [B, T], doc_ids [B, T] (with data.document_masking)}``.
+    """Batches ``{input_ids [B, T], labels [B, T] (−100: no loss), doc_ids [B, T] (with data.document_masking)}``.
 
-    Files are found and split when the module is built, so a missing path fails before training starts.
-    The training stream's position (batches consumed on this rank) is saved in checkpoints and restored on resume.
+    Files, tokenizer and the first record of every structured file are checked when the module is built, so a
+    missing path, a bad tokenizer or a wrong field name fails before training starts. The training stream's
+    position (batches consumed on this rank) is saved in checkpoints and restored on resume.
     """
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, chunk_size: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = build_tokenizer(cfg.tokenizer)
-        files = stdlib_files() if cfg.source == "stdlib" else resolve_paths(cfg.paths)
-        self.train_files, self.val_files = split_train_val(files, cfg.val_fraction)
+        self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.eos_token)
+        self.align = chunk_size if cfg.align_docs_to_chunks else None
+        if cfg.align_docs_to_chunks and not chunk_size:
+            raise DataError("data.align_docs_to_chunks needs the model's chunk_size")
+        self.sources, self.weights = [], []
+        for src in cfg.resolved_sources():
+            files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
+            for f in files:
+                if f.suffix.lower() in (".jsonl", ".json", ".ndjson", ".parquet"):
+                    check_first_record(f, src.text_field)
+            self.sources.append(DocumentStream(files, src.text_field, cfg.val_fraction, src.min_chars,
+                                               src.long_doc_chars, src.long_doc_repeat, cfg.skip_bad_records))
+            self.weights.append(src.weight)
         self._start_batch = 0
         self._val_samples: list | None = None
 
@@ -35,18 +47,22 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataset(self, start_batch: int | None = None) -> PackedStream:
         rank, world = self._rank_world()
         cfg = self.cfg
-        stream = PackedStream(self.train_files, self.tokenizer, cfg.seq_len, cfg.seed, rank, world, cfg.batch_size,
-                              self._start_batch, cfg.document_masking)
-        return DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        return PackedStream(self.sources, self.weights, self.tokenizer, cfg.seq_len, cfg.seed, rank, world,
+                            cfg.batch_size, self._start_batch if start_batch is None else start_batch,
+                            cfg.document_masking, self.align, cfg.shuffle_buffer)
+
+    def train_dataloader(self) -> DataLoader:
+        cfg = self.cfg
+        return DataLoader(self.train_dataset(), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                           persistent_workers=cfg.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         if self._val_samples is None:
-            self._val_samples = first_windows(self.val_files, self.tokenizer, self.cfg.seq_len, self.cfg.val_samples,
-                                              self.cfg.document_masking)
+            self._val_samples = validation_windows(self.sources, self.tokenizer, self.cfg.seq_len,
+                                                   self.cfg.val_samples, self.cfg.document_masking, self.align)
         # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly.
         return DataLoader(self._val_samples, batch_size=self.cfg.batch_size, shuffle=False)
 

@@ -32,7 +32,7 @@ def build_run(cfg: Config):
     from .module import HSALitModule
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = TextDataModule(cfg.data)
+    datamodule = TextDataModule(cfg.data, cfg.model.chunk_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = padded_vocab(datamodule.vocab_size)
     elif cfg.model.vocab_size < datamodule.vocab_size:
@@ -71,6 +71,13 @@ def run(command: str, cfg: Config) -> None:
         trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
 
+def one_line(error: Exception) -> str:
+    """A DataLoader worker re-raises our error with the worker's traceback in the message: keep its last line."""
+    last = str(error).strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     from data_modules.sources import DataError
 
@@ -79,6 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run(args.command, cfg)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

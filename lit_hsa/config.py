@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -167,32 +169,61 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 @dataclass
-class DataConfig:
-    """Where training text comes from and how it is packed."""
+class SourceConfig:
+    """One document source of the training mixture."""
 
-    source: str = "stdlib"  # stdlib: the Python standard library's source files | files: `paths`
-    paths: list[str] = field(default_factory=list)  # files, directories or globs (source: files)
-    tokenizer: str = "byte"
+    kind: str = "files"  # files: `paths` (.txt and other text files, .jsonl, .parquet) | stdlib: the embedded corpus
+    paths: list[str] = field(default_factory=list)  # files, directories or globs
+    weight: float = 1.0  # relative share of documents drawn from this source
+    text_field: str = "text"  # jsonl key / parquet column holding the text
+    min_chars: int = 0  # drop shorter documents
+    long_doc_chars: int = 0  # documents at least this long are repeated `long_doc_repeat` times per epoch
+    long_doc_repeat: int = 1
+
+    def validate(self, key: str) -> None:
+        _choice(f"{key}.kind", self.kind, ("files", "stdlib"))
+        if self.kind == "files" and not self.paths:
+            raise ConfigError(f"{key}.paths is empty (a 'files' source needs at least one file, folder or glob)")
+        if self.weight <= 0:
+            raise ConfigError(f"{key}.weight must be > 0, got {self.weight}")
+        if self.long_doc_repeat < 1 or self.min_chars < 0 or self.long_doc_chars < 0:
+            raise ConfigError(f"{key}: min_chars, long_doc_chars must be >= 0 and long_doc_repeat >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from, how it is tokenized and packed."""
+
+    paths: list[str] = field(default_factory=list)  # shorthand for one 'files' source; overrides `sources`
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(kind="stdlib")])
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    eos_token: Optional[str] = None  # end-of-document token of a tokenizer.json (default: found by name)
     seq_len: int = 256
     batch_size: int = 8
     num_workers: int = 1
-    val_fraction: float = 0.02  # share of documents held out (deterministic, by path hash)
+    shuffle_buffer: int = 64  # documents held for the seeded shuffle within each shard
+    val_fraction: float = 0.02  # share of records held out (deterministic, by name + position hash)
     val_samples: int = 64  # packed validation sequences (split evenly over ranks)
     document_masking: bool = False  # emit doc_ids so SWA and retrieval never cross document boundaries
+    align_docs_to_chunks: bool = False  # pad each document to a multiple of model.chunk_size (a chunk = one document)
+    skip_bad_records: bool = False  # skip and count malformed records instead of stopping with file:line
     seed: int = 1234
 
+    def resolved_sources(self) -> list[SourceConfig]:
+        return [SourceConfig(kind="files", paths=list(self.paths))] if self.paths else list(self.sources)
+
     def validate(self) -> None:
-        _choice("data.source", self.source, ("stdlib", "files"))
-        _choice("data.tokenizer", self.tokenizer, ("byte",))
-        for key in ("seq_len", "batch_size", "val_samples"):
+        if not self.resolved_sources():
+            raise ConfigError("data.sources is empty")
+        for i, src in enumerate(self.resolved_sources()):
+            src.validate("data.paths" if self.paths else f"data.sources[{i}]")
+        for key in ("seq_len", "batch_size", "val_samples", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.source == "files" and not self.paths:
-            raise ConfigError("data.paths is empty but data.source is 'files'")
 
 
 @dataclass
@@ -254,7 +285,7 @@ class Config:
         self.data.validate()
         self.optim.validate()
         self.trainer.validate()
-        if self.model.attention == "hsa" and self.data.seq_len % self.model.chunk_size:
+        if (self.model.attention == "hsa" or self.data.align_docs_to_chunks) and self.data.seq_len % self.model.chunk_size:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
@@ -317,15 +348,18 @@ def _suggest(word: str, options) -> str:
 
 
 def _suggest_key(full_key: str) -> str:
-    """The closest valid key in the same section of the schema."""
-    parts = full_key.split(".")
-    section = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
-    if len(parts) == 2 and parts[0] in section:
-        names = [f.name for f in fields(section[parts[0]])]
-        close = difflib.get_close_matches(parts[1], names, n=1)
-        return f" (did you mean '{parts[0]}.{close[0]}'?)" if close else ""
-    close = difflib.get_close_matches(parts[0], [f.name for f in fields(Config)], n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    """The closest valid key in the same section of the schema (list items like ``data.sources[0].x`` included)."""
+    parts = re.sub(r"\[\d+\]", "", full_key).split(".")
+    cls = Config
+    for name in parts[:-1]:
+        hint = typing.get_type_hints(cls).get(name)
+        hint = (typing.get_args(hint) or (hint,))[0] if typing.get_origin(hint) is list else hint
+        if not is_dataclass(hint):
+            return ""
+        cls = hint
+    close = difflib.get_close_matches(parts[-1], [f.name for f in fields(cls)], n=1)
+    prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:

@@ -60,13 +60,25 @@ def test_validate_from_checkpoint(tmp_path):
 
 @pytest.mark.parametrize(
     "override, needle",
-    [("model.no_such_key=1", "no_such_key"), ("data.source=files", "data.paths"),
-     ("data.paths=[missing.txt]", "missing.txt")],
+    [("model.no_such_key=1", "no_such_key"), ("data.sources=[{kind: files}]", "data.sources[0].paths"),
+     ("data.paths=[missing.txt]", "missing.txt"), ("data.tokenizer=missing/tokenizer.json", "missing/tokenizer.json")],
 )
 def test_bad_config_exits_nonzero_with_one_line(override, needle):
-    extra = ["data.source=files"] if override.startswith("data.paths") else []
-    proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override, *extra],
+    proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_malformed_record_mid_training_stops_with_file_and_line(tmp_path, capsys):
+    import json
+
+    lines = [json.dumps({"text": "hello world " * 40}) for _ in range(120)]
+    lines[90] = '{"text": oops'
+    (tmp_path / "mid.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"data.paths=[{tmp_path / 'mid.jsonl'}]", "data.num_workers=1", "trainer.max_steps=40", *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: {tmp_path / 'mid.jsonl'}:91: malformed JSON (Expecting value)"

@@ -1,27 +1,38 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.packing import PackedStream, pack_windows
-from data_modules.sources import DataError, resolve_paths, split_train_val, stdlib_files
+from data_modules.packing import IGNORE_INDEX, Document, DocumentStream, PackedStream, pack_windows
+from data_modules.sources import DataError, resolve_paths, stdlib_files
 from data_modules.text import TextDataModule
-from data_modules.tokenizers import ByteTokenizer
-from lit_hsa.config import DataConfig
+from data_modules.tokenizers import ByteTokenizer, build_tokenizer
+from lit_hsa.config import DataConfig, SourceConfig
 
 
 @pytest.fixture
 def corpus(tmp_path):
+    d = tmp_path / "txt"
+    d.mkdir()
     for i in range(12):
-        (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i} " * (5 + 3 * i))
-    return tmp_path
+        (d / f"doc{i:02d}.txt").write_text(f"document {i} " * (5 + 3 * i))
+    return d
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"record {i} " * (3 + i), "id": i}) for i in range(40)) + "\n")
+    return path
 
 
 def test_byte_tokenizer_roundtrip():
     tok = ByteTokenizer()
     text = "héllo\n"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.vocab_size > tok.eos_id > 255
+    assert tok.vocab_size > tok.pad_id > tok.eos_id > 255
 
 
 def test_stdlib_corpus_excludes_third_party():
@@ -32,74 +43,139 @@ def test_stdlib_corpus_excludes_third_party():
 
 def test_pack_windows_keeps_every_token_in_order():
     docs = [np.arange(n, dtype=np.int32) + 10 * i for i, n in enumerate([5, 17, 3, 40, 2])]
-    windows = list(pack_windows(iter(docs), seq_len=8, eos_id=-1))
+    windows = list(pack_windows(iter(Document(d) for d in docs), seq_len=8, eos_id=-1))
     stream = np.concatenate([np.append(d, -1) for d in docs])
-    for w, (tokens, doc_index) in enumerate(windows):
-        assert len(tokens) == 9
+    for w, (tokens, doc_index, target) in enumerate(windows):
+        assert len(tokens) == 9 and target.all()
         np.testing.assert_array_equal(tokens, stream[w * 8 : w * 8 + 9])  # stride 8: each token a target once
         assert np.all(np.diff(doc_index) >= 0)
     assert len(windows) == (len(stream) - 1) // 8
 
 
-def test_shards_cover_corpus_exactly_once_per_epoch(corpus):
-    """2 ranks × 2 workers: every file read by exactly one shard in an epoch."""
-    files = resolve_paths([str(corpus)])
+def test_align_docs_to_chunks_starts_every_document_on_a_chunk():
+    docs = [Document(np.full(n, 5, dtype=np.int32)) for n in (3, 9, 1, 20, 7)]
+    windows = list(pack_windows(iter(docs), seq_len=16, eos_id=1, pad_id=0, align=4))
+    tokens = np.concatenate([w[0][:-1] for w in windows])
+    doc_index = np.concatenate([w[1][:-1] for w in windows])
+    target = np.concatenate([w[2][:-1] for w in windows])
+    starts = np.flatnonzero(np.diff(doc_index)) + 1
+    assert np.all(starts % 4 == 0)
+    assert np.all(target[tokens == 0] == False) and np.all(target[tokens != 0])  # padding is never a target
+
+
+def test_jsonl_stream_shards_cover_records_exactly_once(jsonl):
+    """2 ranks × 2 workers over ONE file: every record read by exactly one shard per epoch."""
+    stream = DocumentStream([jsonl], "text", val_fraction=0.1)
     seen = []
-    for rank in range(2):
-        for shard in range(2):
-            ds = PackedStream(files, ByteTokenizer(), 8, seed=0, rank=rank, world_size=2)
-            seen += [f.name for f in _epoch_files(ds, rank * 2 + shard, 4)]
-    assert sorted(seen) == sorted(f.name for f in files)
+    for shard in range(4):
+        seen += list(stream.documents("train", 0, 0, shard, 4))
+    val = list(stream.documents("val", 0, 0, 0, 1))
+    assert len(seen) == len(set(seen)) and len(seen) + len(val) == 40 and val
+    assert set(seen).isdisjoint(val)
 
 
-def _epoch_files(ds: PackedStream, shard: int, n_shards: int) -> list:
-    import random
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    order = list(range(len(ds.files)))
-    random.Random(ds.seed).shuffle(order)
-    docs = list(ds._documents(shard, n_shards, epochs=1))
-    names = [ds.files[i] for i in order[shard::n_shards]]
-    assert [len(d) for d in docs] == [f.stat().st_size for f in names]
-    return names
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": [f"row {i} " * 9 for i in range(30)]}), path)
+    docs = list(DocumentStream([path], "content", val_fraction=0.2).documents("train", 0, 0, 0, 1))
+    assert 15 < len(docs) < 30 and docs[0].startswith("row")
+    with pytest.raises(DataError, match="no column 'text'"):
+        list(DocumentStream([path], "text", 0.2).documents("train", 0, 0, 0, 1))
+
+
+def test_mixture_follows_weights(tmp_path, corpus, jsonl):
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(corpus)], weight=1.0),
+                              SourceConfig(paths=[str(jsonl)], weight=3.0)],
+                     seq_len=32, num_workers=0, val_fraction=0.05)
+    dm = TextDataModule(cfg)
+    docs = dm.train_dataset()._mixed_documents(0, 1)
+    from_jsonl = sum(isinstance(next(docs), str) for _ in range(400))  # jsonl gives str, text files bytes
+    assert 0.65 < from_jsonl / 400 < 0.85
 
 
 @pytest.mark.parametrize("num_workers,start", [(0, 5), (2, 5), (2, 6)])
 def test_resumed_stream_continues_exactly(corpus, num_workers, start):
-    files = resolve_paths([str(corpus / "*.txt")])
+    stream = DocumentStream(resolve_paths([str(corpus / "*.txt")]), "text", 0.1)
 
     def batches(start_batch, n):
-        ds = PackedStream(files, ByteTokenizer(), 16, seed=3, batch_size=2, start_batch=start_batch)
+        ds = PackedStream([stream], [1.0], ByteTokenizer(), 16, seed=3, batch_size=2, start_batch=start_batch,
+                          shuffle_buffer=4)
         it = iter(DataLoader(ds, batch_size=2, num_workers=num_workers))
         return [next(it)["input_ids"] for _ in range(n)]
 
     full = batches(0, start + 6)
-    resumed = batches(start, 6)
-    for a, b in zip(full[start:], resumed):
+    for a, b in zip(full[start:], batches(start, 6)):
         assert torch.equal(a, b)
 
 
-def test_datamodule_batches_and_doc_ids(corpus):
-    dm = TextDataModule(DataConfig(source="files", paths=[str(corpus)], seq_len=32, batch_size=2, num_workers=0,
-                                   document_masking=True, val_fraction=0.2, val_samples=3))
+def test_datamodule_batches_doc_ids_and_alignment(corpus):
+    cfg = DataConfig(paths=[str(corpus)], seq_len=32, batch_size=2, num_workers=0, document_masking=True,
+                     align_docs_to_chunks=True, val_fraction=0.2, val_samples=3)
+    dm = TextDataModule(cfg, chunk_size=8)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["doc_ids"].shape == (2, 32)
-    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
-    eos = batch["input_ids"] == ByteTokenizer.eos_id
-    # The document id steps up right after each end-of-document token.
-    steps = batch["doc_ids"][:, 1:] - batch["doc_ids"][:, :-1]
-    assert torch.equal(steps.bool(), eos[:, :-1])
+    ids, labels, docs = batch["input_ids"], batch["labels"], batch["doc_ids"]
+    predicted = labels != IGNORE_INDEX
+    assert torch.equal(ids[:, 1:][predicted[:, :-1]], labels[:, :-1][predicted[:, :-1]])
+    assert torch.all(labels[:, :-1][ids[:, 1:] == ByteTokenizer.pad_id] == IGNORE_INDEX)
+    starts = (docs[:, 1:] != docs[:, :-1]).nonzero()[:, 1] + 1
+    assert torch.all(starts % 8 == 0)
     assert len(dm.val_dataloader().dataset) == 3
 
 
-def test_split_is_deterministic_and_disjoint(corpus):
-    files = resolve_paths([str(corpus)])
-    train, val = split_train_val(files, 0.3)
-    assert set(train).isdisjoint(val) and set(train) | set(val) == set(files)
-    assert sorted(split_train_val(list(reversed(files)), 0.3)[1]) == sorted(val)
+def test_long_documents_filter_and_upweight(corpus):
+    stream = DocumentStream(resolve_paths([str(corpus)]), "text", 0.01, min_chars=60, long_doc_chars=300,
+                            long_doc_repeat=3)
+    docs = list(stream.documents("train", 0, 0, 0, 1))
+    assert all(len(d) >= 60 for d in docs)
+    long = [d for d in docs if len(d) >= 300]
+    assert long and all(docs.count(d) == 3 for d in long)
 
 
-def test_missing_and_empty_paths_raise(tmp_path):
+def test_bad_records_name_file_and_line_or_are_skipped(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": broken\n{"body": "x"}\n{"text": "also fine"}\n')
+    stream = DocumentStream([path], "text", val_fraction=1e-9)
+    with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+        list(stream.documents("train", 0, 0, 0, 1))
+    skipping = DocumentStream([path], "text", val_fraction=1e-9, skip_bad_records=True)
+    assert list(skipping.documents("train", 0, 0, 0, 1)) == ["fine", "also fine"] and skipping.bad_records == 2
+
+
+def test_wrong_text_field_fails_before_training(jsonl):
+    with pytest.raises(DataError, match="no field 'body'"):
+        TextDataModule(DataConfig(sources=[SourceConfig(paths=[str(jsonl)], text_field="body")]))
+
+
+def test_missing_and_empty_inputs_raise(tmp_path):
     with pytest.raises(DataError, match="'nope.txt' does not exist"):
         resolve_paths(["nope.txt"])
     with pytest.raises(DataError, match="matches no files"):
         resolve_paths([str(tmp_path / "*.jsonl")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="contain no files"):
+        resolve_paths([str(tmp_path / "empty")])
+    with pytest.raises(DataError, match="no documents"):
+        next(DocumentStream([], "text", 0.1).endless(0, 0, 1, 4))
+
+
+def test_hf_tokenizer_file(tmp_path, corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train([str(p) for p in corpus.iterdir()], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    hf = build_tokenizer(str(path))
+    assert hf.eos_id == tok.token_to_id("<|endoftext|>") and hf.vocab_size == tok.get_vocab_size()
+    ids = hf.encode("document 3 document 3")
+    assert ids.dtype == np.int32 and len(ids) < 21
+    with pytest.raises(DataError, match="no end-of-document token named '<eos>'"):
+        build_tokenizer(str(path), eos_token="<eos>")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="not a valid tokenizer.json"):
+        build_tokenizer(str(tmp_path / "bad.json"))

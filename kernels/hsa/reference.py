@@ -67,21 +67,21 @@ def hsa_attention_reference(
     cdt = _compute_dtype(q.dtype)
 
     valid = indices >= 0  # [B, T, Hkv, K]
+    K = indices.shape[-1]
     idx = indices.long().clamp(0, max(n_chunks - 1, 0)).permute(0, 2, 1, 3)  # [B, Hkv, T, K]
-    kc = k.to(cdt).view(B, n_chunks, S, Hkv, D).permute(0, 3, 1, 2, 4)  # [B, Hkv, C, S, D]
-    vc = v.to(cdt).view(B, n_chunks, S, Hkv, D).permute(0, 3, 1, 2, 4)
+    # Gather K and V of the selected chunks in one indexing op: [B, Hkv, T, K·S, 2D].
+    kv = torch.cat([k, v], dim=-1).to(cdt).view(B, n_chunks, S, Hkv, 2 * D).permute(0, 3, 1, 2, 4)
     b_ix = torch.arange(B, device=q.device)[:, None, None, None]
     h_ix = torch.arange(Hkv, device=q.device)[None, :, None, None]
-    k_sel = kc[b_ix, h_ix, idx]  # [B, Hkv, T, K, S, D]
-    v_sel = vc[b_ix, h_ix, idx]
+    k_sel, v_sel = kv[b_ix, h_ix, idx].reshape(B, Hkv, T, K * S, 2 * D).split(D, dim=-1)
 
     qg = q.to(cdt).view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4)  # [B, Hkv, T, G, D]
-    scores = torch.einsum("bhtgd,bhtksd->bhtgks", qg, k_sel) * scale
-    probs = scores.softmax(dim=-1)
-    per_chunk = torch.einsum("bhtgks,bhtksd->bhtgkd", probs, v_sel)  # [B, Hkv, T, G, K, D]
+    scores = (qg @ k_sel.transpose(-1, -2)) * scale  # [B, Hkv, T, G, K·S]
+    probs = scores.view(B, Hkv, T, G, K, S).softmax(dim=-1)  # softmax inside each chunk separately
 
     w = (weights.to(cdt) * valid).permute(0, 2, 1, 3)  # [B, Hkv, T, K]; empty slots contribute exactly 0
-    out = torch.einsum("bhtgkd,bhtk->bhtgd", per_chunk, w)
+    # Σ_j w_j · P_j V_j as one matmul: scale each chunk's probabilities by its weight, then multiply by all K·S values.
+    out = (probs * w[:, :, :, None, :, None]).view(B, Hkv, T, G, K * S) @ v_sel  # [B, Hkv, T, G, D]
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, Hq, D).to(q.dtype)
 
 

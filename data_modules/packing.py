@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .sources import DataError, decode_record, is_validation, raw_records
+from .synthetic import TRAINING_TASKS, make_random_task
 
 IGNORE_INDEX = -100
 TOKENIZE_BATCH = 32  # documents per encode_batch call: lets a Rust tokenizer use its threads
@@ -148,12 +149,26 @@ class PackedStream(IterableDataset):
 
     def __init__(self, sources: list[DocumentStream], weights: list[float], tokenizer, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, batch_size: int = 1, start_batch: int = 0,
-                 with_doc_ids: bool = False, align: int | None = None, shuffle_buffer: int = 64):
+                 with_doc_ids: bool = False, align: int | None = None, shuffle_buffer: int = 64,
+                 synthetic_fraction: float = 0.0, synthetic_tasks: tuple[str, ...] = TRAINING_TASKS,
+                 answer_only_loss: bool = False):
         super().__init__()
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         self.batch_size, self.start_batch, self.with_doc_ids = batch_size, start_batch, with_doc_ids
         self.align, self.shuffle_buffer = align, shuffle_buffer
+        self.synthetic_fraction, self.synthetic_tasks = synthetic_fraction, tuple(synthetic_tasks)
+        self.answer_only_loss = answer_only_loss
+
+    def _with_synthetic_tasks(self, windows, shard: int, n_shards: int):
+        """Turn a seeded share of windows into a retrieval task built over the window's own text (spec §5)."""
+        rng = np.random.default_rng([self.seed, shard, n_shards, 17])
+        for window, doc_index, target in windows:
+            if self.synthetic_fraction and rng.random() < self.synthetic_fraction:
+                task = make_random_task(window, len(window), self.tokenizer, rng, self.synthetic_tasks)
+                target = task.answer_mask if self.answer_only_loss else np.ones(len(window), dtype=bool)
+                window, doc_index = task.tokens, np.zeros(len(window), dtype=np.int64)
+            yield window, doc_index, target
 
     def _mixed_documents(self, shard: int, n_shards: int) -> Iterator[str | bytes]:
         streams = [s.endless(self.seed + 7919 * i, shard, n_shards, self.shuffle_buffer)
@@ -174,6 +189,7 @@ class PackedStream(IterableDataset):
         shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
         docs = tokenize(self._mixed_documents(shard, n_shards), self.tokenizer)
         windows = pack_windows(docs, self.seq_len, self.tokenizer.eos_id, self.tokenizer.pad_id, self.align)
+        windows = self._with_synthetic_tasks(windows, shard, n_shards)
         for i, (window, doc_index, target) in enumerate(windows):
             if i >= skip:
                 yield make_sample(window, doc_index, target, self.with_doc_ids)

@@ -287,7 +287,7 @@ def _resolve_options(task: str, options: dict) -> dict:
             raise ValueError(f"{name}: not an option of task '{task}' (options: {', '.join(sorted(allowed))})")
     opts = {**allowed, **options}
     for name, value in opts.items():
-        if name in ("append_eos",):
+        if name == "append_eos":
             if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{name}: must be True or False, got {value!r}")
         elif name == "key_type":

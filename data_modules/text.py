@@ -52,7 +52,8 @@ class TextDataModule(L.LightningDataModule):
         cfg = self.cfg
         return PackedStream(self.sources, self.weights, self.tokenizer, cfg.seq_len, cfg.seed, rank, world,
                             cfg.batch_size, self._start_batch if start_batch is None else start_batch,
-                            cfg.document_masking, self.align, cfg.shuffle_buffer)
+                            cfg.document_masking, self.align, cfg.shuffle_buffer, cfg.synthetic_fraction,
+                            cfg.synthetic_tasks, cfg.answer_only_loss)
 
     def train_dataloader(self) -> DataLoader:
         cfg = self.cfg

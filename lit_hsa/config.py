@@ -207,6 +207,9 @@ class DataConfig:
     document_masking: bool = False  # emit doc_ids so SWA and retrieval never cross document boundaries
     align_docs_to_chunks: bool = False  # pad each document to a multiple of model.chunk_size (a chunk = one document)
     skip_bad_records: bool = False  # skip and count malformed records instead of stopping with file:line
+    synthetic_fraction: float = 0.0  # share of windows turned into a retrieval task over their own text (paper: 1%)
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multiquery", "vt"])
+    answer_only_loss: bool = False  # synthetic windows: loss on the answer tokens only (authors: every token)
     seed: int = 1234
 
     def resolved_sources(self) -> list[SourceConfig]:
@@ -224,6 +227,12 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise ConfigError(f"data.synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
+        from data_modules.synthetic import TASKS
+
+        for task in self.synthetic_tasks:
+            _choice("data.synthetic_tasks", task, TASKS)
 
 
 @dataclass

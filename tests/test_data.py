@@ -179,3 +179,21 @@ def test_hf_tokenizer_file(tmp_path, corpus):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match="not a valid tokenizer.json"):
         build_tokenizer(str(tmp_path / "bad.json"))
+
+
+def test_synthetic_tasks_mixed_into_training(corpus):
+    cfg = DataConfig(paths=[str(corpus)], seq_len=256, num_workers=0, synthetic_fraction=0.5,
+                     synthetic_tasks=["niah_single"], answer_only_loss=True)
+    ds = TextDataModule(cfg).train_dataset()
+    samples = [s for _, s in zip(range(40), iter(ds))]
+    tok = ByteTokenizer()
+    is_task = ["special magic number" in tok.decode(s["input_ids"]) for s in samples]
+    tasks = [s for s, t in zip(samples, is_task) if t]
+    assert 10 <= len(tasks) <= 30  # about half
+    for s in tasks:
+        target = s["labels"] != IGNORE_INDEX
+        answer = tok.decode(s["labels"][target])
+        assert answer.isdigit() and len(answer) == 8  # loss only on the 8-digit value
+        assert answer in tok.decode(s["input_ids"][: target.nonzero()[0, 0]])  # the needle is in the context
+    plain = [s for s, t in zip(samples, is_task) if not t]
+    assert all((s["labels"] != IGNORE_INDEX).all() for s in plain)

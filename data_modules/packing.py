@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .sources import DataError, decode_record, is_validation, raw_records
+from .sources import DataError, chat_segments, decode_record, is_validation, raw_records
 from .synthetic import TRAINING_TASKS, make_random_task
 
 IGNORE_INDEX = -100
@@ -30,8 +30,8 @@ class DocumentStream:
     split (in that order) belongs to shard ``g % n_shards``. Only owned records are parsed."""
 
     def __init__(self, files, text_field: str, val_fraction: float, min_chars: int = 0, long_doc_chars: int = 0,
-                 long_doc_repeat: int = 1, skip_bad_records: bool = False):
-        self.files, self.text_field, self.val_fraction = list(files), text_field, val_fraction
+                 long_doc_repeat: int = 1, skip_bad_records: bool = False, chat: bool = False):
+        self.files, self.text_field, self.val_fraction, self.chat = list(files), text_field, val_fraction, chat
         self.min_chars, self.long_doc_chars, self.long_doc_repeat = min_chars, long_doc_chars, long_doc_repeat
         self.skip_bad_records = skip_bad_records
         self.bad_records = 0
@@ -50,7 +50,10 @@ class DocumentStream:
                 if (g - 1) % n_shards != shard:
                     continue
                 try:
-                    doc = decode_record(path, position, raw, self.text_field)
+                    if self.chat:
+                        doc = chat_segments(path, position, raw)
+                    else:
+                        doc = decode_record(path, position, raw, self.text_field)
                 except DataError:
                     if not self.skip_bad_records:
                         raise
@@ -85,14 +88,27 @@ class DocumentStream:
             epoch += 1
 
 
-def tokenize(docs: Iterator[str | bytes], tokenizer) -> Iterator[Document]:
+def tokenize(docs: Iterator, tokenizer) -> Iterator[Document]:
+    """Documents are text (str/bytes) or chat segments ``[(text, is_target), ...]`` (loss on targets only)."""
     batch: list = []
+
+    def flush():
+        flat = [seg for doc in batch for seg in (doc if isinstance(doc, list) else [(doc, True)])]
+        encoded = iter(tokenizer.encode_batch([text for text, _ in flat]))
+        for doc in batch:
+            if not isinstance(doc, list):
+                yield Document(next(encoded))
+                continue
+            parts = [(next(encoded), target) for _, target in doc]
+            yield Document(np.concatenate([t for t, _ in parts]),
+                           np.concatenate([np.full(len(t), target, dtype=bool) for t, target in parts]))
+
     for doc in docs:
         batch.append(doc)
         if len(batch) == TOKENIZE_BATCH:
-            yield from (Document(t) for t in tokenizer.encode_batch(batch))
+            yield from flush()
             batch = []
-    yield from (Document(t) for t in tokenizer.encode_batch(batch))
+    yield from flush()
 
 
 def pack_windows(docs: Iterator[Document], seq_len: int, eos_id: int, pad_id: int | None = None,

@@ -116,8 +116,35 @@ def decode_record(path: Path, position: int, raw: object, text_field: str) -> st
         raise DataError(f"cannot read '{path}': {e.strerror}") from e
 
 
-def check_first_record(path: Path, text_field: str) -> None:
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_segments(path: Path, position: int, raw: object) -> list[tuple[str, bool]]:
+    """A jsonl chat record ``{"messages": [{"role", "content"}, ...]}`` → ``[(text, is_target), ...]`` rendered with
+    the chat template ``<|role|>\n{content}\n``; only assistant contents (and their closing newline) are targets."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}:{position}: malformed JSON ({getattr(e, 'msg', e)})") from None
+    messages = obj.get("messages") if isinstance(obj, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{path}:{position}: chat record has no non-empty 'messages' list")
+    segments = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise DataError(
+                f"{path}:{position}: messages[{i}] must be {{'role': one of {', '.join(CHAT_ROLES)}, 'content': str}}"
+            )
+        assistant = m["role"] == "assistant"
+        segments.append((f"<|{m['role']}|>\n", False))
+        segments.append((m["content"] + "\n", assistant))
+    if not any(target for _, target in segments):
+        raise DataError(f"{path}:{position}: chat record has no assistant message to learn from")
+    return segments
+
+
+def check_first_record(path: Path, text_field: str, chat: bool = False) -> None:
     """Pre-flight: open the file and decode its first record, so a wrong field name fails before training."""
     for position, raw in raw_records(path, text_field):
-        decode_record(path, position, raw, text_field)
+        chat_segments(path, position, raw) if chat else decode_record(path, position, raw, text_field)
         return

@@ -31,10 +31,13 @@ class TextDataModule(L.LightningDataModule):
         for src in cfg.resolved_sources():
             files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
             for f in files:
+                if src.format == "chat" and f.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+                    raise DataError(f"{f}: chat sources must be .jsonl files of {{'messages': [...]}} records")
                 if f.suffix.lower() in (".jsonl", ".json", ".ndjson", ".parquet"):
-                    check_first_record(f, src.text_field)
+                    check_first_record(f, src.text_field, chat=src.format == "chat")
             self.sources.append(DocumentStream(files, src.text_field, cfg.val_fraction, src.min_chars,
-                                               src.long_doc_chars, src.long_doc_repeat, cfg.skip_bad_records))
+                                               src.long_doc_chars, src.long_doc_repeat, cfg.skip_bad_records,
+                                               chat=src.format == "chat"))
             self.weights.append(src.weight)
         self._start_batch = 0
         self._val_samples: list | None = None

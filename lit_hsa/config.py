@@ -140,7 +140,8 @@ class ModelConfig:
 # Named presets (spec §2). Parameter counts are asserted in tests/test_config.py on the meta device.
 PRESETS: dict[str, ModelConfig] = {
     # CPU tests and the default run: ~1.3M parameters, every component present (MoE, chunk encoder, HSA, GQA).
-    "tiny": ModelConfig(),
+    # Its bias step is 10× DeepSeek-V3's 1e-3 so experts balance within a few hundred steps.
+    "tiny": ModelConfig(router_bias_update_rate=1e-2),
     # The authors' published 345M SWA+HSA shape (8 lower SWA blocks + 2 groups × (HSA + 4 SWA), head dim 64, chunk 64,
     # top-k 32, SWA 512, HSA with 1 KV head) at width 640 so it lands at ~130M: one-GPU experiments.
     "small": ModelConfig(
@@ -173,6 +174,7 @@ class SourceConfig:
     """One document source of the training mixture."""
 
     kind: str = "files"  # files: `paths` (.txt and other text files, .jsonl, .parquet) | stdlib: the embedded corpus
+    format: str = "text"  # text | chat: jsonl records {"messages": [{"role", "content"}]}, loss on assistant turns
     paths: list[str] = field(default_factory=list)  # files, directories or globs
     weight: float = 1.0  # relative share of documents drawn from this source
     text_field: str = "text"  # jsonl key / parquet column holding the text
@@ -182,6 +184,7 @@ class SourceConfig:
 
     def validate(self, key: str) -> None:
         _choice(f"{key}.kind", self.kind, ("files", "stdlib"))
+        _choice(f"{key}.format", self.format, ("text", "chat"))
         if self.kind == "files" and not self.paths:
             raise ConfigError(f"{key}.paths is empty (a 'files' source needs at least one file, folder or glob)")
         if self.weight <= 0:

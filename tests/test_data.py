@@ -197,3 +197,24 @@ def test_synthetic_tasks_mixed_into_training(corpus):
         assert answer in tok.decode(s["input_ids"][: target.nonzero()[0, 0]])  # the needle is in the context
     plain = [s for s, t in zip(samples, is_task) if not t]
     assert all((s["labels"] != IGNORE_INDEX).all() for s in plain)
+
+
+def test_sft_chat_records_learn_assistant_tokens_only(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {i}"},
+                             {"role": "assistant", "content": f"Reply {i}"}]} for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(path)], format="chat")], seq_len=64, num_workers=0,
+                     val_fraction=0.05)
+    sample = next(iter(TextDataModule(cfg).train_dataset()))
+    tok = ByteTokenizer()
+    learned = tok.decode(sample["labels"][sample["labels"] != IGNORE_INDEX])
+    assert "<|assistant|>" in tok.decode(sample["input_ids"]) and "Say" in tok.decode(sample["input_ids"])
+    assert "Say" not in learned and "system" not in learned and "Reply" in learned  # answers (+ EOS) only
+
+
+def test_bad_chat_record_is_named(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chat.jsonl:1: messages\[0\] must be"):
+        TextDataModule(DataConfig(sources=[SourceConfig(paths=[str(path)], format="chat")]))

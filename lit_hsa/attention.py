@@ -3,7 +3,7 @@ and the backend that computes them (SDPA with an explicit mask on CPU, flex_atte
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,12 +45,24 @@ class AttentionMask:
     """Which keys each query may see: causal, optionally within ``window`` tokens and the same document.
 
     Built once per forward and shared by every layer with the same window. ``dense``: bool [B|1, 1, T, T] for SDPA
-    (True = attend); ``block``: a flex_attention BlockMask (CUDA).
+    (True = attend); ``block``: a flex_attention BlockMask (CUDA). With ``kv_cache`` (incremental decoding) each
+    layer keeps its past keys/values there and builds its own mask from the absolute positions.
     """
 
     window: int | None
     dense: torch.Tensor | None = None
     block: object | None = None
+    kv_cache: "KVCache | None" = None
+
+
+@dataclass
+class KVCache:
+    """Past keys/values of every attention layer during decoding: ``layers[module] = (k, v)`` ``[B, L, Hkv, D]``,
+    the last ``window`` positions for sliding-window layers (bounded memory), all of them for full attention.
+    ``pos``: absolute position of the first new token."""
+
+    pos: int = 0
+    layers: dict = field(default_factory=dict)
 
 
 def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:
@@ -132,6 +144,24 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         if mask is None:
             out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(1, 2)
+        elif mask.kv_cache is not None:
+            out = self._attend_cached(q, k, v, mask.window, mask.kv_cache)
         else:
             out = attend(q, k, v, mask)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+    def _attend_cached(self, q, k, v, window: int | None, cache: KVCache) -> torch.Tensor:
+        """New queries at positions pos..pos+n-1 against cached + new keys; then trim the cache to the window."""
+        past = cache.layers.get(self)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        n, L = q.shape[1], k.shape[1]
+        q_pos = torch.arange(cache.pos, cache.pos + n, device=q.device)
+        k_pos = torch.arange(cache.pos + n - L, cache.pos + n, device=q.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+        out = attend(q, k, v, AttentionMask(window, dense=allowed[None, None]))
+        # Keep only what a later query can still see: the last `window` positions (sliding window) or all (full).
+        cache.layers[self] = (k[:, -window:], v[:, -window:]) if window is not None else (k, v)
+        return out

@@ -10,15 +10,63 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config, padded_vocab, save_config
 
-COMMANDS = ("fit", "validate")
+COMMANDS = ("fit", "validate", "generate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "generate":
+        return parse_generate_args(argv[1:])
     parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", "-c", help="YAML config (configs/tiny.yaml); omitted keys keep their defaults")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=30")
     return parser.parse_intermixed_args(argv)
+
+
+def parse_generate_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="main.py generate", description="Generate text from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="a checkpoint written by `main.py fit`")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="file holding the prompt (any length: it is prefilled in segments)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--segment-size", type=int, default=4096, help="prefill segment length (bounds memory)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.command = "generate"
+    return args
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from data_modules.tokenizers import build_tokenizer
+
+    from .generate import generate
+    from .module import HSALitModule
+
+    if not Path(args.ckpt).is_file():
+        raise ConfigError(f"--ckpt '{args.ckpt}' does not exist")
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        raise ConfigError(f"--prompt-file '{args.prompt_file}' does not exist")
+    module = HSALitModule.load_from_checkpoint(args.ckpt, map_location=args.device)
+    model = module.model.eval()
+    tokenizer = build_tokenizer(module.hparams.get("tokenizer", "byte"), module.hparams.get("eos_token"))
+    text = Path(args.prompt_file).read_text() if args.prompt_file is not None else args.prompt
+    prompt = torch.as_tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
+                   args.segment_size, torch.Generator(device=args.device).manual_seed(args.seed))
+    print(tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
 
 
 def build_run(cfg: Config):
@@ -40,7 +88,7 @@ def build_run(cfg: Config):
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({datamodule.vocab_size}); set it to null to follow the tokenizer"
         )
-    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps)
+    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps, cfg.data.tokenizer, cfg.data.eos_token)
 
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
@@ -83,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     try:
+        if args.command == "generate":
+            run_generate(args)
+            return 0
         cfg = load_config(args.config, args.overrides)
         run(args.command, cfg)
     except (ConfigError, DataError) as e:

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels.hsa import hsa_attention, select_chunks
 
-from .attention import AttentionMask, RMSNorm, Rotary, SelfAttention, build_mask
+from .attention import AttentionMask, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
 from .moe import MoE, SwiGLU
 
@@ -37,6 +37,7 @@ class Context:
     sin: torch.Tensor
     masks: dict
     doc_ids: torch.Tensor | None
+    q_start: int = 0  # absolute position of the first token (decoding)
 
 
 class Block(nn.Module):
@@ -79,6 +80,28 @@ class Memory:
     k: torch.Tensor
     v: torch.Tensor
 
+    @property
+    def n_chunks(self) -> int:
+        return self.landmarks.shape[1]
+
+    def extend(self, other: "Memory") -> "Memory":
+        return Memory(*(torch.cat([a, b], dim=1) for a, b in ((self.landmarks, other.landmarks), (self.k, other.k),
+                                                               (self.v, other.v))))
+
+
+@dataclass
+class DecodeState:
+    """Everything incremental decoding keeps between calls: attention KV caches (SWA layers keep W positions), the
+    lower-stack outputs of the current incomplete chunk, and the chunk memory of all completed chunks."""
+
+    kv: KVCache = field(default_factory=KVCache)
+    pending: torch.Tensor | None = None  # [B, <S, d]
+    memory: Memory | None = None
+
+    @property
+    def pos(self) -> int:
+        return self.kv.pos
+
 
 class ChunkMemory(nn.Module):
     """Cuts h into chunks of S tokens, encodes each with a learned [CLS] vector appended last (position S), and
@@ -102,6 +125,9 @@ class ChunkMemory(nn.Module):
         """h: [B, T, d]; only the C = T // S complete chunks are encoded (a partial chunk is never visible)."""
         B, T, d = h.shape
         C = T // self.S
+        if C == 0:
+            return Memory(h.new_zeros(B, 0, self.n_r, self.dr), h.new_zeros(B, 0, self.n_kv, self.hd),
+                          h.new_zeros(B, 0, self.n_kv, self.hd))
         x = h[:, : C * self.S].reshape(B * C, self.S, d)
         if self.layers:
             x = torch.cat([x, self.cls.to(x.dtype).expand(B * C, 1, d)], dim=1)
@@ -117,6 +143,16 @@ class ChunkMemory(nn.Module):
         k = self.k_norm(self.k_proj(tokens).view(B, C * self.S, self.n_kv, self.hd))
         v = self.v_proj(tokens).view(B, C * self.S, self.n_kv, self.hd)
         return Memory(landmarks, k, v)
+
+    def extend(self, state: DecodeState, h: torch.Tensor) -> Memory:
+        """Decoding: add h [B, n, d] to the incomplete chunk; encode every chunk that completes (chunks are encoded
+        independently, so this equals the full forward) and append it to ``state.memory``."""
+        pending = h if state.pending is None else torch.cat([state.pending, h], dim=1)
+        n_done = pending.shape[1] // self.S * self.S
+        new = self(pending[:, :n_done])
+        state.memory = new if state.memory is None else state.memory.extend(new)
+        state.pending = pending[:, n_done:]
+        return state.memory
 
 
 def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
@@ -148,13 +184,13 @@ class Retrieval(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, cfg.retrieval_heads * cfg.retrieval_head_dim, bias=False)
         self.pos_decay = nn.Parameter(torch.zeros(())) if cfg.pos_decay else None
 
-    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None):
+    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int = 0):
         """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""
         cfg = self.cfg
         B, T, _ = h.shape
         q_slc = self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim)
         scores, indices = select_chunks(q_slc, memory.landmarks, cfg.hsa_topk, cfg.chunk_size, doc_ids,
-                                        gumbel_noise=cfg.gumbel_noise and self.training)
+                                        q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
             scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
@@ -189,11 +225,14 @@ class HSABlock(nn.Module):
         B, T, _ = h.shape
         if cfg.hsa_layer_swa:
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
-        weights, indices = self.retrieval(h, memory, ctx.doc_ids)
-        self.last_selection = (weights.detach(), indices.detach())
-        q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
-        o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
-        o = self.o_proj(o.reshape(B, T, -1))
+        if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
+            o = torch.zeros_like(h)
+        else:
+            weights, indices = self.retrieval(h, memory, ctx.doc_ids, ctx.q_start)
+            self.last_selection = (weights.detach(), indices.detach())
+            q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
+            o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
+            o = self.o_proj(o.reshape(B, T, -1))
         if cfg.hsa_residual == "bypass":
             return h + self.ffn(self.ffn_norm(h + o))
         h = h + o
@@ -249,7 +288,7 @@ class HSATransformer(nn.Module):
         losses = [m.aux_loss for m in self.moe_layers()]
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
-    def make_context(self, T: int, device, doc_ids: torch.Tensor | None) -> Context:
+    def make_context(self, T: int, device, doc_ids: torch.Tensor | None, kv: KVCache | None = None) -> Context:
         cfg = self.cfg
         backend = cfg.attn_backend
         if backend == "auto":
@@ -257,19 +296,35 @@ class HSATransformer(nn.Module):
         windows = {None if cfg.attention == "full" else cfg.swa_window}
         if cfg.attention == "hsa" and cfg.hsa_layer_swa:
             windows.add(cfg.hsa_swa_window or cfg.swa_window)
-        masks = {w: build_mask(T, w, doc_ids, device, backend) for w in windows}
-        cos, sin = self.rotary.cos_sin(torch.arange(T, device=device))
-        return Context(cos, sin, masks, doc_ids)
+        if kv is not None:  # decoding: each layer masks against its own cache
+            masks = {w: AttentionMask(w, kv_cache=kv) for w in windows}
+        else:
+            masks = {w: build_mask(T, w, doc_ids, device, backend) for w in windows}
+        start = kv.pos if kv is not None else 0
+        cos, sin = self.rotary.cos_sin(torch.arange(start, start + T, device=device))
+        return Context(cos, sin, masks, doc_ids, start)
 
-    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                state: DecodeState | None = None) -> torch.Tensor:
+        """With ``state`` (decoding / segment prefill): ``input_ids`` are the next tokens after ``state.pos``;
+        caches are read and extended in place. Returns logits for the given tokens only."""
         B, T = input_ids.shape
-        ctx = self.make_context(T, input_ids.device, doc_ids)
+        if state is not None and doc_ids is not None:
+            raise ValueError("document masking is not supported while decoding with a DecodeState")
+        ctx = self.make_context(T, input_ids.device, doc_ids, state.kv if state is not None else None)
         h = self.embed(input_ids)
         for block in self.lower:
             h = block(h, ctx)
-        memory = self.memory(h) if self.memory is not None else None
+        if self.memory is None:
+            memory = None
+        elif state is not None:
+            memory = self.memory.extend(state, h)
+        else:
+            memory = self.memory(h)
         for block in self.upper:
             h = block(h, ctx, memory) if isinstance(block, HSABlock) else block(h, ctx)
+        if state is not None:
+            state.kv.pos += T
         h = self.norm(h)
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
 

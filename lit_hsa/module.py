@@ -33,12 +33,15 @@ def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
 class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional}``."""
 
-    def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000):
+    def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
+                 tokenizer: str = "byte", eos_token: str | None = None):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
-        # Plain dicts in the checkpoint so it loads without pickled classes.
-        self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps})
+        # Plain dicts in the checkpoint so it loads without pickled classes; the tokenizer spec lets `generate` and
+        # `eval` rebuild the tokenizer from the checkpoint alone.
+        self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
+                                   "tokenizer": tokenizer, "eos_token": eos_token})
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
         self.model = HSATransformer(model_cfg)
         self.val_loss = MeanMetric()

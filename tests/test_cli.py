@@ -82,3 +82,13 @@ def test_malformed_record_mid_training_stops_with_file_and_line(tmp_path, capsys
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: {tmp_path / 'mid.jsonl'}:91: malformed JSON (Expecting value)"
+
+
+def test_generate_from_checkpoint(tmp_path, capsys):
+    run = fit(tmp_path, "gen", "trainer.max_steps=2")
+    capsys.readouterr()
+    args = ["generate", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--prompt", "def main(", "--max-new-tokens",
+            "16", "--segment-size", "4", "--device", "cpu"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip("\n")  # some text came out
+    assert main(["generate", "--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x"]) == 2

@@ -1,0 +1,56 @@
+"""Incremental decoding with bounded caches: the prompt is prefilled in segments, then tokens are sampled one at a
+time. SWA layers keep W positions, the chunk memory (landmarks + K/V) grows by one entry per completed chunk, and
+full-attention layers (the `full` baseline) keep everything."""
+from __future__ import annotations
+
+import torch
+
+from .model import DecodeState, HSATransformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits: [B, V] → token ids [B]. temperature 0 = greedy; top_p < 1 keeps the smallest set of tokens whose
+    probability mass reaches top_p (nucleus sampling)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # tokens entirely beyond the nucleus
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 4096,
+            state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
+    """Feed prompt [B, P] in segments of ``segment_size`` tokens (memory bounded by the segment, not P).
+    Returns the logits of the last prompt token [B, V] and the decode state."""
+    if prompt.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    state = state or DecodeState()
+    for start in range(0, prompt.shape[1], segment_size):
+        logits = model(prompt[:, start : start + segment_size], state=state)
+    return logits[:, -1], state
+
+
+@torch.no_grad()
+def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS)."""
+    logits, state = prefill(model, prompt, segment_size)
+    out = [prompt]
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        out.append(token[:, None])
+        if eos_id is not None and finished.all():
+            break
+        logits = model(token[:, None], state=state)[:, -1]
+    return torch.cat(out, dim=1)

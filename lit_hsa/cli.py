@@ -10,13 +10,15 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config, padded_vocab, save_config
 
-COMMANDS = ("fit", "validate", "generate")
+COMMANDS = ("fit", "validate", "generate", "eval")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "generate":
         return parse_generate_args(argv[1:])
+    if argv and argv[0] == "eval":
+        return parse_eval_args(argv[1:])
     parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", "-c", help="YAML config (configs/tiny.yaml); omitted keys keep their defaults")
@@ -24,18 +26,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def parse_generate_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="main.py generate", description="Generate text from a checkpoint.")
+def _checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `main.py fit`")
+    parser.add_argument("--segment-size", type=int, default=4096, help="prefill segment length (bounds memory)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def parse_eval_args(argv: list[str]) -> argparse.Namespace:
+    parser = _checkpoint_parser("main.py eval", "RULER-style retrieval accuracy and perplexity by position.")
+    parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt")
+    parser.add_argument("--lengths", default="1k,4k", help="comma-separated, k/m suffixes: 4k,64k,1m")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    parser.add_argument("--samples", type=int, default=4, help="samples per task × length × depth")
+    parser.add_argument("--ppl-length", default="0", help="tokens of held-out text for perplexity by position (0: skip)")
+    parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus)")
+    parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
+    args = parser.parse_args(argv)
+    args.command = "eval"
+    return args
+
+
+def parse_generate_args(argv: list[str]) -> argparse.Namespace:
+    parser = _checkpoint_parser("main.py generate", "Generate text from a checkpoint.")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="file holding the prompt (any length: it is prefilled in segments)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--segment-size", type=int, default=4096, help="prefill segment length (bounds memory)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.command = "generate"
     return args
@@ -47,21 +68,27 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def load_checkpoint(path: str, device: str):
+    """A `fit` checkpoint → (model in eval mode, tokenizer)."""
+    from data_modules.tokenizers import build_tokenizer
+
+    from .module import HSALitModule
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--ckpt '{path}' does not exist")
+    module = HSALitModule.load_from_checkpoint(path, map_location=device)
+    tokenizer = build_tokenizer(module.hparams.get("tokenizer", "byte"), module.hparams.get("eos_token"))
+    return module.model.eval(), tokenizer
+
+
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from data_modules.tokenizers import build_tokenizer
-
     from .generate import generate
-    from .module import HSALitModule
 
-    if not Path(args.ckpt).is_file():
-        raise ConfigError(f"--ckpt '{args.ckpt}' does not exist")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         raise ConfigError(f"--prompt-file '{args.prompt_file}' does not exist")
-    module = HSALitModule.load_from_checkpoint(args.ckpt, map_location=args.device)
-    model = module.model.eval()
-    tokenizer = build_tokenizer(module.hparams.get("tokenizer", "byte"), module.hparams.get("eos_token"))
+    model, tokenizer = load_checkpoint(args.ckpt, args.device)
     text = Path(args.prompt_file).read_text() if args.prompt_file is not None else args.prompt
     prompt = torch.as_tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
@@ -133,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+            return 0
+        if args.command == "eval":
+            from .eval.run import run_eval
+
+            run_eval(args)
             return 0
         cfg = load_config(args.config, args.overrides)
         run(args.command, cfg)

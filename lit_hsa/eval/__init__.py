@@ -1,0 +1,1 @@
+"""Evaluation: RULER-style retrieval accuracy by task × length × depth, perplexity by position, plots."""

@@ -1,0 +1,138 @@
+"""RULER-style retrieval evaluation (spec §6) over real haystack text, and perplexity by position bucket.
+
+Every sample is built by ``data_modules.synthetic.make_task`` (the generators training mixes in), prefilled in
+segments, then answered greedily; ``synthetic.score`` is RULER's string match.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_modules.synthetic import make_task, score
+
+from ..generate import generate
+from ..model import DecodeState, HSATransformer
+
+DEPTHLESS_TASKS = ("self_copy",)
+
+
+@dataclass
+class EvalRow:
+    task: str
+    length: int
+    depth: float | None
+    accuracy: float
+    samples: int
+
+
+def parse_length(text: str) -> int:
+    """'4k' → 4096, '1m' → 1048576, '300' → 300."""
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise ValueError(f"bad length '{text}': use a number with an optional k or m suffix") from None
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, tasks: list[str], lengths: list[int],
+                       depths: list[float], samples: int = 4, seed: int = 0, segment_size: int = 4096,
+                       device: str | torch.device = "cpu") -> list[EvalRow]:
+    """Accuracy per (task, length, depth), each the mean score of ``samples`` generated answers."""
+    model.eval()
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            for depth in ([None] if task in DEPTHLESS_TASKS else depths):
+                total = 0.0
+                for i in range(samples):
+                    rng = np.random.default_rng([seed, zlib.crc32(task.encode()), length, int((depth or 0) * 1000), i])
+                    start = int(rng.integers(0, max(1, len(haystack) - length)))
+                    sample = make_task(task, haystack[start : start + length], length, tokenizer, rng, depth)
+                    prompt = torch.as_tensor(sample.tokens[: sample.prompt_len], dtype=torch.long, device=device)
+                    n_answer = length - sample.prompt_len
+                    out = generate(model, prompt[None], n_answer, segment_size=segment_size)
+                    total += score(sample, tokenizer.decode(out[0, sample.prompt_len :].tolist()))
+                rows.append(EvalRow(task, length, depth, total / samples, samples))
+    return rows
+
+
+@torch.no_grad()
+def perplexity_by_position(model: HSATransformer, tokens: np.ndarray, segment_size: int = 4096,
+                           device: str | torch.device = "cpu") -> list[dict]:
+    """Next-token loss of one long sequence, averaged over position buckets [0, 2^k): does the loss keep falling
+    (or at least not rise) past the training length? tokens: [T] int."""
+    model.eval()
+    x = torch.as_tensor(tokens, dtype=torch.long, device=device)[None]
+    state, losses = DecodeState(), []
+    for start in range(0, x.shape[1] - 1, segment_size):
+        seg = x[:, start : min(start + segment_size, x.shape[1] - 1)]
+        logits = model(seg, state=state)
+        target = x[:, start + 1 : start + 1 + seg.shape[1]]
+        losses.append(F.cross_entropy(logits[0].float(), target[0], reduction="none").cpu())
+    loss = torch.cat(losses)
+    rows, lo, hi = [], 0, 1
+    while lo < len(loss):
+        hi = min(max(hi, 64), len(loss))
+        rows.append({"from": lo, "to": hi, "loss": float(loss[lo:hi].mean()), "ppl": float(loss[lo:hi].mean().exp())})
+        lo, hi = hi, hi * 2
+    return rows
+
+
+def plot_results(rows: list[EvalRow], out_dir) -> list[str]:
+    """accuracy_vs_length.png (one line per task, mean over depths) and depth_length_<task>.png heat-maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = sorted({r.task for r in rows})
+    lengths = sorted({r.length for r in rows})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in tasks:
+        acc = [np.mean([r.accuracy for r in rows if r.task == task and r.length == n]) for n in lengths]
+        ax.plot(lengths, acc, marker="o", label=task)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_length.png", dpi=120)
+    plt.close(fig)
+    written.append("accuracy_vs_length.png")
+    for task in tasks:
+        depths = sorted({r.depth for r in rows if r.task == task and r.depth is not None})
+        if not depths:
+            continue
+        grid = np.array([[next(r.accuracy for r in rows if (r.task, r.length, r.depth) == (task, n, d))
+                          for n in lengths] for d in depths])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 1.2 + 0.5 * len(depths)))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(task)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        name = f"depth_length_{task}.png"
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024**2}M" if n >= 1024**2 and n % 1024**2 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def rows_as_dicts(rows: list[EvalRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,79 @@
+"""``python main.py eval``: retrieval accuracy by task × length × depth and perplexity by position, written as
+JSON, PNG plots and TensorBoard events."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, DataConfig, load_config
+from .ruler import evaluate_retrieval, parse_length, perplexity_by_position, plot_results, rows_as_dicts
+
+
+def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
+    """At least ``n_tokens`` tokens of the validation split of the data config's sources (documents joined with
+    EOS, cycled if the split is smaller)."""
+    from data_modules.packing import DocumentStream, tokenize
+    from data_modules.sources import resolve_paths, stdlib_files
+
+    pieces, total = [], 0
+    for src in data_cfg.resolved_sources():
+        files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
+        stream = DocumentStream(files, src.text_field, data_cfg.val_fraction, chat=src.format == "chat")
+        for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
+            pieces += [doc.tokens, np.array([tokenizer.eos_id], dtype=np.int32)]
+            total += len(doc.tokens) + 1
+            if total >= n_tokens:
+                return np.concatenate(pieces)
+    if not pieces:
+        raise ConfigError("the held-out split of data.sources is empty")
+    return np.resize(np.concatenate(pieces), n_tokens)
+
+
+def run_eval(args) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from data_modules.synthetic import TASKS
+
+    from ..cli import load_checkpoint
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            raise ConfigError(f"--tasks: unknown task '{t}' (tasks: {', '.join(TASKS)})")
+    try:
+        lengths = [parse_length(x) for x in args.lengths.split(",")]
+        ppl_length = parse_length(args.ppl_length)
+    except ValueError as e:
+        raise ConfigError(f"--lengths/--ppl-length: {e}") from None
+    depths = [float(d) for d in args.depths.split(",")]
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError(f"--depths must lie in [0, 1], got {args.depths}")
+    data_cfg = load_config(args.config).data if args.config else DataConfig()
+
+    model, tokenizer = load_checkpoint(args.ckpt, args.device)
+    haystack = held_out_tokens(data_cfg, tokenizer, max(lengths + [ppl_length]) * 2)
+    rows = evaluate_retrieval(model, tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed,
+                              args.segment_size, args.device)
+    ppl = perplexity_by_position(model, haystack[:ppl_length], args.segment_size, args.device) if ppl_length else []
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": str(args.ckpt), "retrieval": rows_as_dicts(rows), "perplexity_by_position": ppl}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    plots = plot_results(rows, out)
+    writer = SummaryWriter(str(out))
+    for r in rows:
+        tag = f"eval/{r.task}" + (f"/depth{r.depth:.2f}" if r.depth is not None else "")
+        writer.add_scalar(tag, r.accuracy, r.length)
+    for b in ppl:
+        writer.add_scalar("eval/ppl_by_position", b["ppl"], b["to"])
+    writer.close()
+
+    print("| task | length | depth | accuracy |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r.task} | {r.length} | {'' if r.depth is None else f'{r.depth:.2f}'} | {r.accuracy:.2f} |")
+    for b in ppl:
+        print(f"positions [{b['from']}, {b['to']}): loss {b['loss']:.3f}")
+    print(f"wrote {out / 'eval.json'} and {', '.join(plots)}")

@@ -99,11 +99,12 @@ def run_generate(args: argparse.Namespace) -> None:
 def build_run(cfg: Config):
     """Config → (LightningModule, DataModule, Trainer). Resolves the vocabulary from the tokenizer."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from data_modules.text import TextDataModule
 
+    from .callbacks import RetrievalMonitor
     from .module import HSALitModule
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -115,7 +116,8 @@ def build_run(cfg: Config):
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({datamodule.vocab_size}); set it to null to follow the tokenizer"
         )
-    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps, cfg.data.tokenizer, cfg.data.eos_token)
+    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps, cfg.data.tokenizer, cfg.data.eos_token,
+                          cfg.trainer.nan_policy)
 
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
@@ -129,7 +131,10 @@ def build_run(cfg: Config):
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")], deterministic=t.deterministic,
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), RetrievalMonitor(t.retrieval_stats_every),
+                   ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], window_size=max(2, t.log_every_n_steps),
+                                     length_fn=lambda b: b["input_ids"].numel())],
+        deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
     )
     if trainer.is_global_zero:
@@ -171,4 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NonFiniteLossError (trainer.nan_policy: stop)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0

@@ -274,10 +274,13 @@ class TrainerConfig:
     seed: int = 1234
     deterministic: bool = False
     enable_progress_bar: bool = True
+    nan_policy: str = "stop"  # non-finite loss: stop (with a message) | skip the batch
+    retrieval_stats_every: int = 50  # steps between retrieval statistics + heat-map (HSA models)
 
     def validate(self) -> None:
+        _choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
-                    "checkpoint_every_n_steps"):
+                    "checkpoint_every_n_steps", "retrieval_stats_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
 

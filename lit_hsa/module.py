@@ -13,10 +13,15 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from .config import ModelConfig, OptimConfig
+from .flops import training_flops_per_token
 from .model import HSATransformer
 from .moe import expert_load_stats
 
 IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf (trainer.nan_policy: stop)."""
 
 
 def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -34,16 +39,20 @@ class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional}``."""
 
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
-                 tokenizer: str = "byte", eos_token: str | None = None):
+                 tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop"):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         # Plain dicts in the checkpoint so it loads without pickled classes; the tokenizer spec lets `generate` and
         # `eval` rebuild the tokenizer from the checkpoint alone.
         self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
-                                   "tokenizer": tokenizer, "eos_token": eos_token})
+                                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy})
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
+        self.nan_policy = nan_policy
         self.model = HSATransformer(model_cfg)
+        self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
+        self.nonfinite_batches = 0  # batches skipped for a NaN/inf loss (trainer.nan_policy: skip)
+        self._flops_per_token: dict[int, float] = {}
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
@@ -55,15 +64,31 @@ class HSALitModule(L.LightningModule):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         return loss, logits
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss, _ = self._lm_loss(batch)
         aux = self.model.aux_loss().to(loss.device)
-        bs = batch["input_ids"].shape[0]
+        bs, T = batch["input_ids"].shape
+        if T not in self._flops_per_token:
+            active = self.model.num_parameters()[1]
+            self._flops_per_token[T] = training_flops_per_token(self.model_cfg, active, T)
+        self.flops_per_batch = self._flops_per_token[T] * bs * T
+        if not torch.isfinite(loss + aux):
+            return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ppl", loss.detach().exp(), batch_size=bs)
+        self.log("train/skipped_nonfinite", float(self.nonfinite_batches), batch_size=bs)
         if self.model.moe_layers():
             self.log("train/moe_aux_loss", aux, batch_size=bs)
         return loss + aux
+
+    def _non_finite(self, loss: torch.Tensor) -> None:
+        """NaN/inf guard. 'skip': no backward, no optimizer step for this batch (returning None tells Lightning so);
+        'stop': end the run with a message naming the step."""
+        if self.nan_policy == "skip":
+            self.nonfinite_batches += 1  # logged with the next good step: a skipped step's logs are dropped
+            return None
+        raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                                 "lower optim.lr or set trainer.nan_policy=skip")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, logits = self._lm_loss(batch)

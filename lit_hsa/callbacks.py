@@ -1,0 +1,63 @@
+"""Training callbacks: retrieval statistics and a retrieval heat-map in TensorBoard."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+def retrieval_stats(weights: torch.Tensor, indices: torch.Tensor, chunk_size: int, window: int) -> dict[str, float]:
+    """weights, indices: [B, T, H, K] of one HSA block → scalar summaries.
+
+    distance: chunks between a query's own chunk and a selected one; far_share: selections beyond the SWA window
+    (what only HSA can reach); entropy: of the fusion weights (nats; 0 = one chunk dominates); empty_share.
+    """
+    valid = indices >= 0
+    t = torch.arange(indices.shape[1], device=indices.device)[None, :, None, None]
+    distance = (t // chunk_size - indices).float()
+    n_valid = valid.sum().clamp_min(1)
+    w = weights.float().clamp_min(1e-12)
+    entropy = -(weights.float() * w.log() * valid).sum(-1)
+    rows_with_any = valid.any(-1)
+    return {
+        "distance_mean": float((distance * valid).sum() / n_valid),
+        "far_share": float(((distance * chunk_size > window) & valid).sum() / n_valid),
+        "fusion_entropy": float(entropy[rows_with_any].mean()) if rows_with_any.any() else 0.0,
+        "empty_share": float(1 - valid.float().mean()),
+    }
+
+
+def selection_heatmap(indices: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """indices: [T, H, K] of one sequence → image [1, C_query, C_key] in [0, 1]: how often queries of each chunk
+    picked each past chunk (rows: query chunk, columns: selected chunk)."""
+    T = indices.shape[0]
+    n = (T + chunk_size - 1) // chunk_size
+    q_chunk = (torch.arange(T, device=indices.device) // chunk_size)[:, None, None].expand_as(indices)
+    valid = indices >= 0
+    grid = torch.zeros(n * n, device=indices.device)
+    grid.index_add_(0, (q_chunk[valid] * n + indices[valid]).long(), torch.ones(int(valid.sum()), device=grid.device))
+    grid = grid.view(n, n)
+    return (grid / grid.max().clamp_min(1))[None].cpu()
+
+
+class RetrievalMonitor(L.Callback):
+    """Every ``every_n_steps`` training steps: retrieval stats per HSA block, and a selection heat-map image."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        model = pl_module.model
+        cfg = model.cfg
+        for i, block in enumerate(model.hsa_blocks()):
+            if block.last_selection is None:
+                continue
+            weights, indices = block.last_selection
+            for name, value in retrieval_stats(weights, indices, cfg.chunk_size, cfg.swa_window).items():
+                pl_module.log(f"retrieval/block{i}_{name}", value)
+            experiment = getattr(trainer.logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "add_image"):
+                experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], cfg.chunk_size),
+                                     step)

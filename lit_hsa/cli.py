@@ -143,8 +143,29 @@ def build_run(cfg: Config):
     return module, datamodule, trainer
 
 
+def checkpoint_state(path: str, module) -> dict:
+    """The model weights of a checkpoint, checked against ``module``: mismatches raise one ConfigError naming them."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"checkpoint '{path}' does not fit this model config ({shown}); check the model.* keys")
+    return state
+
+
 def run(command: str, cfg: Config) -> None:
     module, datamodule, trainer = build_run(cfg)
+    for path in (cfg.ckpt_path, cfg.init_from):
+        if path:
+            state = checkpoint_state(path, module)
+    if cfg.init_from:
+        module.load_state_dict(state)  # weights (and MoE balancing biases) only: fresh optimizer and schedule
     if command == "fit":
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     else:

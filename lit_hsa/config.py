@@ -294,6 +294,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ckpt_path: Optional[str] = None  # resume a run (model, optimizer, scheduler, data position)
+    init_from: Optional[str] = None  # start from a checkpoint's weights only (next training stage, fine-tuning)
 
     def validate(self) -> None:
         self.model.validate()
@@ -304,8 +305,11 @@ class Config:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
-        if self.ckpt_path is not None and not Path(self.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path '{self.ckpt_path}' does not exist")
+        for key in ("ckpt_path", "init_from"):
+            if getattr(self, key) is not None and not Path(getattr(self, key)).is_file():
+                raise ConfigError(f"{key} '{getattr(self, key)}' does not exist")
+        if self.ckpt_path and self.init_from:
+            raise ConfigError("set either ckpt_path (full resume) or init_from (weights only), not both")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config, padded_vocab, save_config
 
-COMMANDS = ("fit", "validate", "generate", "eval")
+COMMANDS = ("fit", "validate", "generate", "eval", "consolidate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,6 +19,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return parse_generate_args(argv[1:])
     if argv and argv[0] == "eval":
         return parse_eval_args(argv[1:])
+    if argv and argv[0] == "consolidate":
+        parser = argparse.ArgumentParser(prog="main.py consolidate",
+                                         description="Turn a sharded (FSDP) checkpoint folder into one file.")
+        parser.add_argument("--ckpt", required=True, help="the checkpoint folder (…/checkpoints/last.ckpt/)")
+        parser.add_argument("--out", required=True, help="the single-file checkpoint to write")
+        args = parser.parse_args(argv[1:])
+        args.command = "consolidate"
+        return args
     parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", "-c", help="YAML config (configs/tiny.yaml); omitted keys keep their defaults")
@@ -66,6 +74,20 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def consolidate(folder: str, out: str) -> None:
+    """Gather every rank's shard of a distributed checkpoint into one file that `generate`, `eval`, `init_from=` and
+    `HSALitModule.load_from_checkpoint` read like any other (weights, hyper-parameters, optimizer state, step)."""
+    import torch
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--ckpt '{folder}' is not a sharded checkpoint folder")
+    checkpoint = _load_distributed_checkpoint(Path(folder))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    print(f"wrote {out} ({sum(v.numel() for v in checkpoint['state_dict'].values()):,} parameters)")
 
 
 def load_checkpoint(path: str, device: str):
@@ -116,10 +138,10 @@ def build_run(cfg: Config):
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({datamodule.vocab_size}); set it to null to follow the tokenizer"
         )
-    module = HSALitModule(cfg.model, cfg.optim, cfg.trainer.max_steps, cfg.data.tokenizer, cfg.data.eos_token,
-                          cfg.trainer.nan_policy)
-
     t = cfg.trainer
+    module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
+                          t.activation_checkpointing, t.compile)
+
     logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
     run_dir = Path(logger.log_dir)
     checkpoints = ModelCheckpoint(
@@ -127,7 +149,7 @@ def build_run(cfg: Config):
         monitor="val/loss", mode="min", save_top_k=1, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps,
     )
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
+        strategy=make_strategy(t), num_nodes=t.num_nodes, accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
@@ -159,10 +181,27 @@ def checkpoint_state(path: str, module) -> dict:
     return state
 
 
+def make_strategy(t):
+    """auto: Lightning's choice (one device, or DDP); fsdp: FSDP2 through ModelParallelStrategy with every device
+    data-parallel (sharded distributed checkpoints: a folder per checkpoint; `main.py consolidate` makes one file)."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if str(t.devices).isdigit():
+        per_node = int(t.devices)
+    elif t.accelerator != "cpu" and torch.cuda.is_available():
+        per_node = torch.cuda.device_count()
+    else:
+        per_node = 1
+    return ModelParallelStrategy(data_parallel_size=per_node * t.num_nodes, tensor_parallel_size=1)
+
+
 def run(command: str, cfg: Config) -> None:
     module, datamodule, trainer = build_run(cfg)
     for path in (cfg.ckpt_path, cfg.init_from):
-        if path:
+        if path and Path(path).is_file():  # a sharded (folder) checkpoint is checked by the strategy on load
             state = checkpoint_state(path, module)
     if cfg.init_from:
         module.load_state_dict(state)  # weights (and MoE balancing biases) only: fresh optimizer and schedule
@@ -186,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+            return 0
+        if args.command == "consolidate":
+            consolidate(args.ckpt, args.out)
             return 0
         if args.command == "eval":
             from .eval.run import run_eval

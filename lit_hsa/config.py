@@ -274,11 +274,16 @@ class TrainerConfig:
     seed: int = 1234
     deterministic: bool = False
     enable_progress_bar: bool = True
+    strategy: str = "auto"  # auto (one device / DDP) | ddp | fsdp (FSDP2 fully_shard per block, ModelParallelStrategy)
+    num_nodes: int = 1
+    activation_checkpointing: bool = False  # recompute each block in backward (long sequences)
+    compile: bool = False  # torch.compile each block
     nan_policy: str = "stop"  # non-finite loss: stop (with a message) | skip the batch
     retrieval_stats_every: int = 50  # steps between retrieval statistics + heat-map (HSA models)
 
     def validate(self) -> None:
         _choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
+        _choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
                     "checkpoint_every_n_steps", "retrieval_stats_every"):
             if getattr(self, key) < 1:
@@ -306,8 +311,11 @@ class Config:
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
         for key in ("ckpt_path", "init_from"):
-            if getattr(self, key) is not None and not Path(getattr(self, key)).is_file():
+            if getattr(self, key) is not None and not Path(getattr(self, key)).exists():
                 raise ConfigError(f"{key} '{getattr(self, key)}' does not exist")
+        if self.init_from is not None and Path(self.init_from).is_dir():
+            raise ConfigError(f"init_from '{self.init_from}' is a sharded checkpoint folder; "
+                              "make one file with `python main.py consolidate` first")
         if self.ckpt_path and self.init_from:
             raise ConfigError("set either ckpt_path (full resume) or init_from (weights only), not both")
 

@@ -51,7 +51,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = make_ffn(cfg, layer_idx)
 
-    def forward(self, h: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: Context, memory: Memory | None = None) -> torch.Tensor:
+        """``memory`` is unused: all blocks share one call signature, so wrappers (checkpointing) stay transparent."""
         h = h + self.attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[self.window])
         return h + self.ffn(self.ffn_norm(h))
 
@@ -282,7 +283,7 @@ class HSATransformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def hsa_blocks(self) -> list[HSABlock]:
-        return [m for m in self.upper if isinstance(m, HSABlock)]
+        return [m for m in self.modules() if isinstance(m, HSABlock)]
 
     def aux_loss(self) -> torch.Tensor:
         losses = [m.aux_loss for m in self.moe_layers()]
@@ -314,7 +315,7 @@ class HSATransformer(nn.Module):
         ctx = self.make_context(T, input_ids.device, doc_ids, state.kv if state is not None else None)
         h = self.embed(input_ids)
         for block in self.lower:
-            h = block(h, ctx)
+            h = block(h, ctx, None)
         if self.memory is None:
             memory = None
         elif state is not None:
@@ -322,7 +323,7 @@ class HSATransformer(nn.Module):
         else:
             memory = self.memory(h)
         for block in self.upper:
-            h = block(h, ctx, memory) if isinstance(block, HSABlock) else block(h, ctx)
+            h = block(h, ctx, memory)
         if state is not None:
             state.kv.pos += T
         h = self.norm(h)

@@ -14,6 +14,7 @@ from torchmetrics.text import Perplexity
 
 from .config import ModelConfig, OptimConfig
 from .flops import training_flops_per_token
+from .parallel import parallelize
 from .model import HSATransformer
 from .moe import expert_load_stats
 
@@ -39,14 +40,17 @@ class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional}``."""
 
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
-                 tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop"):
+                 tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
+                 activation_checkpointing: bool = False, compile: bool = False):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         # Plain dicts in the checkpoint so it loads without pickled classes; the tokenizer spec lets `generate` and
         # `eval` rebuild the tokenizer from the checkpoint alone.
         self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
-                                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy})
+                                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy,
+                                   "activation_checkpointing": activation_checkpointing, "compile": compile})
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
         self.nan_policy = nan_policy
         self.model = HSATransformer(model_cfg)
@@ -58,6 +62,16 @@ class HSALitModule(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)
+
+    def configure_model(self) -> None:
+        """Called by Lightning inside the strategy's context: activation checkpointing, compile and (with
+        ModelParallelStrategy) FSDP2 sharding over the data-parallel mesh, all in ``lit_hsa.parallel``."""
+        if getattr(self, "_parallelized", False):
+            return
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        parallelize(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
+                    mesh=mesh)
+        self._parallelized = True
 
     def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch["input_ids"], batch.get("doc_ids"))

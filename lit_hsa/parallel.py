@@ -1,0 +1,59 @@
+"""Parallelism, configured not hand-coded (torchtitan style): activation checkpointing → per-block compile →
+FSDP2 ``fully_shard`` per block, applied in one place from the trainer config. The model code knows nothing of it."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def transformer_units(model: nn.Module) -> list[nn.Module]:
+    """The repeated units: every block, and the chunk encoder (it holds as many weights as a block)."""
+    units = list(model.blocks())
+    if model.memory is not None:
+        units.append(model.memory)
+    return units
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each unit's activations in backward: memory per layer becomes O(T·d) instead of O(T·d·layers·k).
+    Non-reentrant, so units can take non-tensor arguments (the per-forward context)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for parent in [model.lower, model.upper]:
+        for i, block in enumerate(parent):
+            parent[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    if model.memory is not None:
+        model.memory = checkpoint_wrapper(model.memory, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block separately: small graphs compile fast and are reused by every identical block."""
+    for unit in transformer_units(model):
+        unit.compile()
+
+
+def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:
+    """FSDP2: each unit is one all-gather / reduce-scatter group; the root holds embeddings, final norm and head."""
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in transformer_units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mesh=None) -> nn.Module:
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if mesh is not None:
+        apply_fsdp(model, mesh)
+    return model
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+

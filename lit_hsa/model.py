@@ -19,6 +19,7 @@ from kernels.hsa import hsa_attention, select_chunks
 
 from .attention import AttentionMask, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
+from .loss import chunked_cross_entropy
 from .moe import MoE, SwiGLU
 
 
@@ -305,10 +306,15 @@ class HSATransformer(nn.Module):
         cos, sin = self.rotary.cos_sin(torch.arange(start, start + T, device=device))
         return Context(cos, sin, masks, doc_ids, start)
 
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                state: DecodeState | None = None) -> torch.Tensor:
+                state: DecodeState | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """With ``state`` (decoding / segment prefill): ``input_ids`` are the next tokens after ``state.pos``;
-        caches are read and extended in place. Returns logits for the given tokens only."""
+        caches are read and extended in place. Returns logits [B, T, V] for the given tokens, or with ``labels``
+        [B, T] the mean cross-entropy, computed in row chunks so [T, V] logits never exist (and inside forward, so
+        FSDP has the head weight gathered)."""
         B, T = input_ids.shape
         if state is not None and doc_ids is not None:
             raise ValueError("document masking is not supported while decoding with a DecodeState")
@@ -327,7 +333,9 @@ class HSATransformer(nn.Module):
         if state is not None:
             state.kv.pos += T
         h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed.weight)
+        if labels is not None:
+            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten())
+        return F.linear(h, self.head_weight())
 
     def num_parameters(self) -> tuple[int, int]:
         """(total, active per token): routed experts count k/E of their parameters; tied embeddings once."""

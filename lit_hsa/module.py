@@ -8,18 +8,14 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from .config import ModelConfig, OptimConfig
 from .flops import training_flops_per_token
+from .loss import IGNORE_INDEX
 from .parallel import parallelize
 from .model import HSATransformer
 from .moe import expert_load_stats
-
-IGNORE_INDEX = -100
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf (trainer.nan_policy: stop)."""
@@ -57,8 +53,7 @@ class HSALitModule(L.LightningModule):
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
         self.nonfinite_batches = 0  # batches skipped for a NaN/inf loss (trainer.nan_policy: skip)
         self._flops_per_token: dict[int, float] = {}
-        self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()  # synced across ranks by torchmetrics; val/ppl = exp(val/loss)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)
@@ -73,13 +68,11 @@ class HSALitModule(L.LightningModule):
                     mesh=mesh)
         self._parallelized = True
 
-    def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"], batch.get("doc_ids"))
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-        return loss, logits
+    def _lm_loss(self, batch: dict) -> torch.Tensor:
+        return self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss, _ = self._lm_loss(batch)
+        loss = self._lm_loss(batch)
         aux = self.model.aux_loss().to(loss.device)
         bs, T = batch["input_ids"].shape
         if T not in self._flops_per_token:
@@ -105,12 +98,15 @@ class HSALitModule(L.LightningModule):
                                  "lower optim.lr or set trainer.nan_policy=skip")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, logits = self._lm_loss(batch)
+        loss = self._lm_loss(batch)
         n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
-        self.val_loss.update(loss, weight=n_tokens)
-        self.val_ppl.update(logits.float(), batch["labels"])
-        self.log("val/loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
-        self.log("val/ppl", self.val_ppl, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.val_loss.update(loss, weight=n_tokens)  # token-weighted mean over the whole validation set
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", loss.exp())
+        self.val_loss.reset()
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called once per optimizer step, after gradient accumulation and before clipping: the pre-clip norm.

@@ -94,3 +94,18 @@ def test_first_chunk_rows_get_zero_hsa_and_finite_grads():
     x = torch.randint(0, VOCAB, (1, 8))  # exactly one chunk: nothing is ever retrievable
     model(x).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_chunked_cross_entropy_equals_full_logits():
+    from lit_hsa.loss import chunked_cross_entropy
+
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (50,))
+    labels[::7] = -100
+    ref = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    got = chunked_cross_entropy(h, w, labels, chunk_rows=16)  # 4 chunks, the last partial
+    torch.testing.assert_close(got.double(), ref)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), ref_grads):
+        torch.testing.assert_close(a, b)

@@ -46,12 +46,12 @@ def nan_on_step_one(monkeypatch):
     calls = {"train": 0}
 
     def lm_loss(self, batch):  # the second training batch of each run gives a NaN loss
-        loss, logits = real(self, batch)
+        loss = real(self, batch)
         if self.training:
             calls["train"] += 1
             if calls["train"] % 100 == 2:
-                return loss * float("nan"), logits
-        return loss, logits
+                return loss * float("nan")
+        return loss
 
     monkeypatch.setattr(HSALitModule, "_lm_loss", lm_loss)
     calls["reset"] = lambda: calls.update(train=0)

@@ -1,0 +1,94 @@
+"""Training speed and memory on one GPU (issue 5): tokens/s of a preset with HSA against the same model with
+`attention: full`, in the same run, at several lengths; and the longest trainable sequence with activation
+checkpointing. Prints a table and writes JSON.
+
+    python benchmarks/bench_train.py [--preset small] [--lengths 16k,64k,256k] [--max-lengths 256k,512k,1m]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_hsa.config import ModelConfig  # noqa: E402
+from lit_hsa.eval.ruler import parse_length  # noqa: E402
+from lit_hsa.model import HSATransformer  # noqa: E402
+from lit_hsa.parallel import parallelize  # noqa: E402
+
+
+def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True) -> dict:
+    """One warm-up step (compilation) then ``steps`` timed AdamW steps on [1, T] random tokens, bf16 autocast."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = HSATransformer(cfg).cuda()
+    parallelize(model, activation_checkpointing=checkpointing, compile=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, cfg.vocab_size, (1, T + 1), device="cuda")
+    try:
+        for i in range(steps + 1):
+            if i == 1:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x[:, :-1], labels=x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        elapsed = (time.perf_counter() - start) / steps
+        return {"ok": True, "s_per_step": round(elapsed, 4), "tokens_per_s": round(T / elapsed),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss.item(), 3)}
+    except torch.OutOfMemoryError:
+        return {"ok": False, "oom": True}
+    finally:
+        del model, opt
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--lengths", default="16k,64k,256k")
+    parser.add_argument("--max-lengths", default="256k,512k,1m", help="tried in order until the first OOM")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    rows = []
+    for T in (parse_length(x) for x in args.lengths.split(",")):
+        row = {"T": T}
+        for attention in ("hsa", "full"):
+            row[attention] = train_steps(ModelConfig.from_name(args.preset, attention=attention), T, args.steps)
+            print(f"T={T} {attention}: {row[attention]}", flush=True)
+        if row["hsa"]["ok"] and row["full"]["ok"]:
+            row["speedup_vs_full"] = round(row["hsa"]["tokens_per_s"] / row["full"]["tokens_per_s"], 2)
+        rows.append(row)
+    longest = []
+    for T in (parse_length(x) for x in args.max_lengths.split(",")):
+        r = train_steps(ModelConfig.from_name(args.preset), T, 1)
+        longest.append({"T": T, **r})
+        print(f"longest try T={T}: {r}", flush=True)
+        if not r["ok"]:
+            break
+
+    print(f"\n{args.preset} on {torch.cuda.get_device_name()}, bf16, activation checkpointing, batch 1")
+    print("| T | HSA tokens/s | full tokens/s | HSA / full | HSA peak GiB | full peak GiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+        h, f = r["hsa"], r["full"]
+        print(f"| {r['T']:,} | {h.get('tokens_per_s', 'OOM')} | {f.get('tokens_per_s', 'OOM')} | "
+              f"{r.get('speedup_vs_full', '-')} | {h.get('peak_gib', '-')} | {f.get('peak_gib', '-')} |")
+    ok = [r["T"] for r in longest if r["ok"]]
+    print(f"longest trainable sequence: {max(ok):,} tokens" if ok else "no tried length fitted")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "preset": args.preset,
+                                              "rows": rows, "longest": longest}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -156,12 +156,17 @@ class SelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         n, L = q.shape[1], k.shape[1]
-        q_pos = torch.arange(cache.pos, cache.pos + n, device=q.device)
-        k_pos = torch.arange(cache.pos + n - L, cache.pos + n, device=q.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-        out = attend(q, k, v, AttentionMask(window, dense=allowed[None, None]))
+        if window is None:
+            # Full attention over a long cache: a lower-right causal bias keeps SDPA on its fused kernels instead
+            # of an explicit [n, L] mask (64 GB for a 64K segment against 1M cached tokens).
+            from torch.nn.attention.bias import causal_lower_right
+
+            allowed = causal_lower_right(n, L)
+        else:  # the cache holds at most `window` keys, so this mask is small
+            q_pos = torch.arange(cache.pos, cache.pos + n, device=q.device)
+            k_pos = torch.arange(cache.pos + n - L, cache.pos + n, device=q.device)
+            allowed = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window))[None, None]
+        out = attend(q, k, v, AttentionMask(window, dense=allowed))
         # Keep only what a later query can still see: the last `window` positions (sliding window) or all (full).
         cache.layers[self] = (k[:, -window:], v[:, -window:]) if window is not None else (k, v)
         return out

@@ -25,12 +25,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 
 @torch.no_grad()
 def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 4096,
-            state: DecodeState | None = None) -> tuple[torch.Tensor, DecodeState]:
+            state: DecodeState | None = None, offload_memory: bool = False) -> tuple[torch.Tensor, DecodeState]:
     """Feed prompt [B, P] in segments of ``segment_size`` tokens (memory bounded by the segment, not P).
+    ``offload_memory``: chunk K/V go to host memory, only landmarks stay on the accelerator.
     Returns the logits of the last prompt token [B, V] and the decode state."""
     if prompt.shape[1] == 0:
         raise ValueError("the prompt is empty")
-    state = state or DecodeState()
+    state = state or DecodeState(offload_memory=offload_memory)
     for start in range(0, prompt.shape[1], segment_size):
         logits = model(prompt[:, start : start + segment_size], state=state)
     return logits[:, -1], state
@@ -39,9 +40,9 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
 @torch.no_grad()
 def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, offload_memory: bool = False) -> torch.Tensor:
     """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS)."""
-    logits, state = prefill(model, prompt, segment_size)
+    logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
     out = [prompt]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for _ in range(max_new_tokens):

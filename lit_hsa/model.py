@@ -81,14 +81,37 @@ class Memory:
     landmarks: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    offloaded: bool = False  # k/v live in (pinned) host memory; HSA fetches only the selected chunks
 
     @property
     def n_chunks(self) -> int:
         return self.landmarks.shape[1]
 
     def extend(self, other: "Memory") -> "Memory":
-        return Memory(*(torch.cat([a, b], dim=1) for a, b in ((self.landmarks, other.landmarks), (self.k, other.k),
-                                                               (self.v, other.v))))
+        k, v = other.k, other.v
+        if self.offloaded:
+            k, v = _to_host(k), _to_host(v)
+        return Memory(torch.cat([self.landmarks, other.landmarks], dim=1), torch.cat([self.k, k], dim=1),
+                      torch.cat([self.v, v], dim=1), self.offloaded)
+
+    def fetch(self, indices: torch.Tensor, chunk_size: int, device) -> tuple["Memory", torch.Tensor]:
+        """Offloaded memory: copy only the chunks that ``indices`` [B, T, H, K] select to ``device``; returns the
+        compact memory and the indices renumbered into it (−1 kept)."""
+        chosen, compact = torch.unique(indices.clamp(min=0), return_inverse=True)
+        B, _, H, D = self.k.shape
+        rows = chosen.to(self.k.device)
+
+        def gather(x):
+            x = x.view(B, -1, chunk_size, H, D)[:, rows]
+            return x.to(device, non_blocking=True).reshape(B, -1, H, D)
+
+        compact = torch.where(indices >= 0, compact, torch.full_like(compact, -1))
+        return Memory(self.landmarks, gather(self.k), gather(self.v)), compact
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().to("cpu")
+    return x.pin_memory() if torch.cuda.is_available() else x
 
 
 @dataclass
@@ -99,6 +122,7 @@ class DecodeState:
     kv: KVCache = field(default_factory=KVCache)
     pending: torch.Tensor | None = None  # [B, <S, d]
     memory: Memory | None = None
+    offload_memory: bool = False  # keep chunk K/V in host memory, only landmarks on the accelerator
 
     @property
     def pos(self) -> int:
@@ -152,7 +176,11 @@ class ChunkMemory(nn.Module):
         pending = h if state.pending is None else torch.cat([state.pending, h], dim=1)
         n_done = pending.shape[1] // self.S * self.S
         new = self(pending[:, :n_done])
-        state.memory = new if state.memory is None else state.memory.extend(new)
+        if state.memory is None:
+            state.memory = Memory(new.landmarks, new.k, new.v) if not state.offload_memory else \
+                Memory(new.landmarks, _to_host(new.k), _to_host(new.v), offloaded=True)
+        else:
+            state.memory = state.memory.extend(new)
         state.pending = pending[:, n_done:]
         return state.memory
 
@@ -233,6 +261,8 @@ class HSABlock(nn.Module):
             weights, indices = self.retrieval(h, memory, ctx.doc_ids, ctx.q_start)
             self.last_selection = (weights.detach(), indices.detach())
             q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
+            if memory.offloaded:
+                memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
             o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
             o = self.o_proj(o.reshape(B, T, -1))
         if cfg.hsa_residual == "bypass":

@@ -9,14 +9,15 @@ VARIANTS = {"hsa": dict(hsa_layer_swa=True, hsa_swa_window=4), "swa": dict(atten
             "full": dict(attention="full")}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_incremental_decoding_equals_full_forward(variant):
-    """Segments of odd sizes and single tokens, across chunk and window boundaries, give the full forward's logits."""
-    model = HSATransformer(tiny(**VARIANTS[variant])).eval()
+@pytest.mark.parametrize("variant,offload", [("hsa", False), ("hsa", True), ("swa", False), ("full", False)])
+def test_incremental_decoding_equals_full_forward(variant, offload):
+    """Segments of odd sizes and single tokens, across chunk and window boundaries, give the full forward's logits;
+    also with the chunk K/V offloaded (only the selected chunks fetched)."""
+    model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
     x = torch.randint(0, VOCAB, (2, 45))
     with torch.no_grad():
         ref = model(x)
-        state, outs = DecodeState(), []
+        state, outs = DecodeState(offload_memory=offload), []
         for seg in (5, 1, 1, 9, 3, 16, 10):
             outs.append(model(x[:, state.pos : state.pos + seg], state=state))
     torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,284 @@
+"""Triton HSA kernels and the fast ``select_chunks`` against the PyTorch reference.
+
+CPU: the Triton kernels run under ``TRITON_INTERPRET=1`` (set here, before the kernel module is imported, because
+``triton.jit`` picks compiled or interpreted at decoration time) at tiny fp32 shapes; tolerance atol 1e-4 /
+rtol 1e-4 on the output and on every gradient. With a GPU the same tests run the compiled kernels on CUDA, and the
+``gpu``-marked tests compare bf16/fp16 kernels with the fp32 reference at realistic shapes by relative error.
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The interpreter only works when TRITON_INTERPRET=1 is set before triton itself is first imported (triton's own
+# library functions are decorated then). If another test module imported triton earlier in this process, the
+# kernel tests run in a fresh interpreter instead (test_cpu_kernels_in_subprocess).
+_TRITON_PREIMPORTED = "triton" in sys.modules
+if not torch.cuda.is_available() and not _TRITON_PREIMPORTED:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+KERNELS_RUN_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+pytest.importorskip("triton")
+
+import kernels.hsa as hsa  # noqa: E402
+from kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
+from kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_triton  # noqa: E402
+from kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+kernel_test = pytest.mark.skipif(
+    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1; see test_cpu_kernels_in_subprocess"
+)
+
+
+def random_indices(B, T, Hkv, K, n_chunks, S, q_start=0, empty_frac=0.25, gen=None, device="cpu"):
+    """Distinct visible chunks per (token, KV head), most recent first, some slots empty (-1)."""
+    t = torch.arange(T) + q_start
+    n_vis = torch.clamp(t // S, max=n_chunks)  # [T]
+    keys = torch.rand(B, T, Hkv, n_chunks, generator=gen)
+    keys = keys.masked_fill(torch.arange(n_chunks) >= n_vis[None, :, None, None], -1.0)
+    kk = min(K, n_chunks)
+    top, idx = keys.topk(kk, dim=-1) if kk else (keys[..., :0], keys[..., :0].long())
+    drop = torch.rand(top.shape, generator=gen) < empty_frac
+    idx = idx.masked_fill((top < 0) | drop, -1)
+    idx = torch.nn.functional.pad(idx, (0, K - kk), value=-1)
+    return idx.sort(dim=-1, descending=True).values.to(device)
+
+
+def make_problem(B, T, Hq, Hkv, D, S, K, Tk=None, dtype=torch.float32, device=DEV, seed=0):
+    Tk = T if Tk is None else Tk
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, D, generator=gen).to(device, dtype)
+    k = torch.randn(B, Tk, Hkv, D, generator=gen).to(device, dtype)
+    v = torch.randn(B, Tk, Hkv, D, generator=gen).to(device, dtype)
+    w = torch.rand(B, T, Hkv, K, generator=gen).to(device, dtype)
+    # Queries sit at the end of the memory when it is longer (decoding); otherwise token t sees chunks < t // S.
+    idx = random_indices(B, T, Hkv, K, Tk // S, S, q_start=Tk - T, gen=gen, device=device)
+    return q, k, v, w, idx
+
+
+def run_both(q, k, v, w, idx, S, sm_scale=None, seed=1, strategy="auto"):
+    """(out, grads) of the Triton kernel (with the given strategy) and of the reference for the same upstream
+    gradient."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w)]
+    ref_leaves = [x.detach().float().clone().requires_grad_(True) for x in (q, k, v, w)]
+    saved = CONFIG["strategy"]
+    CONFIG["strategy"] = strategy
+    try:
+        out = hsa_attention_triton(*leaves, idx, chunk_size=S, sm_scale=sm_scale)
+    finally:
+        CONFIG["strategy"] = saved
+    ref = hsa_attention_reference(*ref_leaves, idx, chunk_size=S, sm_scale=sm_scale)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(ref.shape, generator=gen).to(q.device)
+    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do)
+    return out, grads, ref, ref_grads
+
+
+def assert_all_close(out, grads, ref, ref_grads, atol=1e-4, rtol=1e-4):
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+    for name, g, rg in zip("qkvw", grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.float(), rg, atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+
+
+# ---------------------------------------------------------------- fp32 vs reference (CPU interpreter or CUDA)
+
+
+STRATEGIES = pytest.mark.parametrize("strategy", ["chunk", "query"])
+
+
+@kernel_test
+@STRATEGIES
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (4, 1), (16, 1), (6, 2)])
+def test_forward_and_grads_match_reference_head_ratios(Hq, Hkv, strategy):
+    q, k, v, w, idx = make_problem(2, 64, Hq, Hkv, 16, 16, 3)
+    assert_all_close(*run_both(q, k, v, w, idx, 16, strategy=strategy))
+
+
+@kernel_test
+@STRATEGIES
+def test_memory_longer_than_queries_and_decoding(strategy):
+    # Tk != T: 48 queries placed at the end of a 96-token memory (they may read any of its first chunks).
+    q, k, v, w, idx = make_problem(1, 48, 4, 2, 32, 16, 4, Tk=96)
+    assert_all_close(*run_both(q, k, v, w, idx, 16, strategy=strategy))
+    # Decoding: one query against a longer memory, every chunk selectable.
+    q, k, v, w, idx = make_problem(2, 1, 8, 2, 16, 16, 5, Tk=128)
+    assert_all_close(*run_both(q, k, v, w, idx, 16, sm_scale=0.3, strategy=strategy))
+
+
+@kernel_test
+@STRATEGIES
+def test_all_empty_rows_duplicates_and_many_heads(strategy):
+    q, k, v, w, idx = make_problem(1, 48, 128, 1, 16, 16, 4)  # G=128 > one tile's rows: heads split in blocks
+    idx[0, 40] = -1  # a row with every slot empty gives exactly 0
+    idx[0, 41, 0, 1] = idx[0, 41, 0, 0]  # a chunk picked twice counts twice, as in the reference
+    out, grads, ref, ref_grads = run_both(q, k, v, w, idx, 16, strategy=strategy)
+    assert_all_close(out, grads, ref, ref_grads)
+    assert (out[0, 40] == 0).all()
+    assert (grads[3][0, 40] == 0).all()
+
+
+@kernel_test
+@STRATEGIES
+def test_large_topk_and_long_chunks(strategy):
+    # top-k 20 of up to 7 visible chunks (most slots empty) with chunk size 32.
+    q, k, v, w, idx = make_problem(1, 256, 4, 4, 16, 32, 20)
+    assert_all_close(*run_both(q, k, v, w, idx, 32, strategy=strategy))
+
+
+@kernel_test
+def test_auto_strategy_follows_index_sharing():
+    # Neighbouring tokens with identical chunk sets → query-major; unrelated sets → chunk-major. Both exact.
+    q, k, v, w, idx = make_problem(1, 256, 4, 1, 16, 16, 4, seed=5)
+    # each group of 64 tokens takes the chunk set of its first token (visible to all of them)
+    shared = idx.view(1, 4, 64, 1, 4)[:, :, :1].expand(1, 4, 64, 1, 4).reshape(idx.shape).contiguous()
+    plan_shared, plan_random = build_plan(shared, 16), build_plan(idx, 16)
+    assert plan_shared.expansion(64) == 1.0 and plan_random.expansion(64) > 2.0
+    for ix in (shared, idx):
+        assert_all_close(*run_both(q, k, v, w, ix, 16, strategy="auto"))
+
+
+def test_plan_groups_every_valid_pair_once():
+    _, _, _, _, idx = make_problem(2, 64, 4, 2, 16, 16, 3)
+    plan = build_plan(idx, 4)
+    start, count, bucket = plan.items(5).long().cpu()
+    assert count.max() <= 5 and count.min() >= 1
+    pairs = torch.cat([plan.perm.long().cpu()[s : s + n] for s, n in zip(start.tolist(), count.tolist())])
+    flat = idx.reshape(-1).cpu()
+    assert torch.equal(pairs.sort().values, torch.nonzero(flat >= 0).squeeze(1))
+    # Each item's pairs belong to its bucket (b, g, chunk).
+    B, T, Hkv, K = idx.shape
+    for s, n, bk in zip(start.tolist(), count.tolist(), bucket.tolist()):
+        p = plan.perm.long().cpu()[s : s + n]
+        b, g = p // (T * Hkv * K), (p // K) % Hkv
+        assert torch.all((b * Hkv + g) * 4 + flat[p] == bk)
+
+
+@kernel_test
+def test_dispatch_uses_triton_when_asked():
+    q, k, v, w, idx = make_problem(1, 32, 4, 2, 16, 16, 2)
+    hsa.set_backend("triton")
+    try:
+        out = hsa.hsa_attention(q, k, v, w, idx, chunk_size=16)
+        assert hsa.hsa_attention_triton is hsa_attention_triton
+    finally:
+        hsa.set_backend("auto")
+    torch.testing.assert_close(out, hsa_attention_reference(q, k, v, w, idx, chunk_size=16), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        hsa_attention_triton(q, k[:, :20], v[:, :20], w, idx, chunk_size=16)
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests ran in this process")
+def test_cpu_kernels_in_subprocess():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- select_chunks fast path (plain torch on CPU)
+
+
+@pytest.mark.parametrize("doc,q_start,block", [(False, 0, 64), (True, 0, 48), (False, 40, None)])
+def test_select_chunks_fast_matches_reference(doc, q_start, block):
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, Dr, S, K = 2, 256, 2, 8, 4, 6
+    q = torch.randn(B, T, H, Dr, generator=gen).requires_grad_(True)
+    lmk = torch.randn(B, (T + q_start) // S, H, Dr, generator=gen).requires_grad_(True)
+    doc_ids = None
+    if doc:
+        doc_ids = torch.zeros(B, T, dtype=torch.long)
+        doc_ids[:, 100:] = 1
+        doc_ids[1, 180:] = 2
+    s1, i1 = select_chunks_fast(q, lmk, K, S, doc_ids, q_start=q_start, block_size=block)
+    s2, i2 = select_chunks_reference(q, lmk, K, S, doc_ids, q_start=q_start)
+    assert torch.equal(i1, i2)
+    assert torch.equal(torch.isinf(s1), torch.isinf(s2)) and torch.equal(i1 < 0, torch.isinf(s1))
+    fin = torch.isfinite(s2)
+    torch.testing.assert_close(s1[fin], s2[fin], atol=1e-5, rtol=1e-5)
+    up = torch.randn(s1.shape, generator=gen).masked_fill(~fin, 0.0)
+    g1 = torch.autograd.grad(s1.masked_fill(~fin, 0.0), (q, lmk), up)
+    g2 = torch.autograd.grad(s2.masked_fill(~fin, 0.0), (q, lmk), up)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_select_chunks_fast_gumbel_and_topk_beyond_chunks():
+    q = torch.randn(1, 128, 1, 8)
+    lmk = torch.randn(1, 32, 1, 8)
+    s, i = select_chunks_fast(q, lmk, 40, 4, gumbel_noise=True)
+    assert i.shape == (1, 128, 1, 40)
+    t = torch.arange(128)[None, :, None, None]
+    valid = i >= 0
+    assert torch.all((t >= (i + 1) * 4) | ~valid)  # only visible chunks
+    assert torch.equal(valid.sum(-1), torch.clamp(t[..., 0] // 4, max=32))  # all visible kept (40 > visible)
+    assert torch.all(i[..., :-1] >= i[..., 1:])  # most recent first
+    # clean scores: equal to the plain dot products whatever the noise did
+    sel = lmk[0, i.clamp(min=0)[0, :, 0], 0]  # [T, 40, Dr]
+    ref = ((q[0, :, 0, None, :] * sel).sum(-1) / math.sqrt(8))[None, :, None]
+    torch.testing.assert_close(s[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- GPU: low precision at realistic shapes
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T,Hq,Hkv,D,K",
+    [(1024, 16, 1, 128, 8), (1024, 16, 4, 128, 8), (512, 16, 16, 64, 8), (1024, 16, 1, 64, 64), (256, 16, 4, 128, 64)],
+)
+def test_gpu_low_precision_vs_fp32_reference(dtype, T, Hq, Hkv, D, K):
+    q, k, v, w, idx = make_problem(2, T, Hq, Hkv, D, 64, K, dtype=dtype, device="cuda", seed=T + K)
+    w = torch.softmax(w.float().masked_fill(idx < 0, -1e9), -1).to(dtype)
+    out, grads, ref, ref_grads = run_both(q, k, v, w, idx, 64)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    assert rel_err(out, ref) < tol
+    for name, g, rg in zip("qkvw", grads, ref_grads):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, rg) < tol, name
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_exact_and_dispatch():
+    q, k, v, w, idx = make_problem(1, 512, 8, 2, 128, 64, 8, device="cuda")
+    assert_all_close(*run_both(q, k, v, w, idx, 64), atol=2e-4, rtol=2e-4)
+    out = hsa.hsa_attention(q, k, v, w, idx)  # auto backend on CUDA = Triton
+    torch.testing.assert_close(out, hsa_attention_reference(q, k, v, w, idx), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,K,dtype", [(1, 8, torch.bfloat16), (2, 64, torch.float32)])
+def test_gpu_select_chunks_vs_reference(H, K, dtype):
+    B, T, Dr, S = 1, 8192, 128, 64
+    q = torch.randn(B, T, H, Dr, device="cuda", dtype=dtype, requires_grad=True)
+    lmk = torch.randn(B, T // S, H, Dr, device="cuda", dtype=dtype, requires_grad=True)
+    s1, i1 = hsa.select_chunks(q, lmk, K, S)
+    # fp32 reference: the same choice (the reference scores in fp32 anyway) and gradients accumulated in fp32
+    # (the reference in bf16 scatters thousands of landmark-gradient terms in bf16, far less accurate).
+    q32, lmk32 = (x.detach().float().requires_grad_(True) for x in (q, lmk))
+    s2, i2 = select_chunks_reference(q32, lmk32, K, S)
+    # Both score in fp32 but through differently shaped matrix products: near-ties may swap, nothing else.
+    mismatch = (i1 != i2).any(-1)
+    assert mismatch.float().mean().item() < 1e-3
+    fin = torch.isfinite(s2)
+    assert torch.equal(fin, torch.isfinite(s1))
+    same = ~mismatch[..., None].expand_as(fin) & fin
+    assert rel_err(s1[same], s2[same]) < 1e-2
+    up = torch.randn_like(s1).masked_fill(~fin, 0)
+    g1 = torch.autograd.grad(s1.masked_fill(~fin, 0), (q, lmk), up)
+    g2 = torch.autograd.grad(s2.masked_fill(~fin, 0), (q32, lmk32), up.float())
+    if not mismatch.any():
+        for a, b in zip(g1, g2):
+            assert rel_err(a, b) < 1e-2

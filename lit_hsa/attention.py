@@ -67,10 +67,10 @@ class KVCache:
 
 def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:
     """window None = full causal attention; doc_ids: [B, T] or None."""
+    if window is None and doc_ids is None:
+        return AttentionMask(None)  # plain causal: SDPA's flash kernel, no mask at all
     if backend == "flex":
         return AttentionMask(window, block=_flex_block_mask(T, window, doc_ids, device))
-    if window is None and doc_ids is None:
-        return AttentionMask(None)  # SDPA's is_causal path, no mask tensor needed
     pos = torch.arange(T, device=device)
     allowed = pos[:, None] >= pos[None, :]
     if window is not None:
@@ -93,7 +93,8 @@ def _flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, d
         return keep
 
     B = doc_ids.shape[0] if doc_ids is not None else None
-    return create_block_mask(mask_mod, B, None, T, T, device=device)
+    # _compile: evaluate mask_mod block by block; eagerly it is evaluated on all T×T pairs (tens of GB at 64K).
+    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=True)
 
 
 @functools.cache

@@ -63,7 +63,7 @@ def main() -> None:
         print(f"trained an 8K byte-level BPE on 400 stdlib files in {time.perf_counter() - t0:.1f}s")
         rows.append(measure(str(bpe), args.workers, args.seq_len, args.batch_size, args.tokens // 4))
 
-    print(f"\n| tokenizer | workers | seq_len | tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
+    print("\n| tokenizer | workers | seq_len | tokens | seconds | tokens/s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tokenizer']} | {r['workers']} | {r['seq_len']} | {r['tokens']:,} | {r['seconds']} | "
               f"{r['tokens_per_s'] / 1e6:.2f}M |")

@@ -1,4 +1,5 @@
-"""Training callbacks: retrieval statistics and a retrieval heat-map in TensorBoard."""
+"""Training callbacks: retrieval statistics and heat-map, HSA top-k / SWA-window schedules, in-training retrieval
+evaluation — all logged to TensorBoard."""
 from __future__ import annotations
 
 import lightning as L
@@ -61,3 +62,62 @@ class RetrievalMonitor(L.Callback):
             if experiment is not None and hasattr(experiment, "add_image"):
                 experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], cfg.chunk_size),
                                      step)
+
+
+def scheduled_value(schedule: list[list[int]], step: int) -> int | None:
+    """The value of the last ``[start_step, value]`` entry with ``start_step <= step`` (None before the first)."""
+    current = None
+    for start, value in schedule:
+        if start <= step:
+            current = value
+    return current
+
+
+class AttentionSchedule(L.Callback):
+    """Change HSA top-k and the SWA window by step (e.g. dense top-k warm-up → sparse, window 512 → 4096).
+    Applied before every batch from the global step, so a resumed run picks up the right values."""
+
+    def __init__(self, topk_schedule: list[list[int]], swa_window_schedule: list[list[int]]):
+        self.topk_schedule, self.swa_window_schedule = topk_schedule, swa_window_schedule
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        model = pl_module.model
+        topk = scheduled_value(self.topk_schedule, trainer.global_step)
+        if topk is not None and topk != model.cfg.hsa_topk:
+            model.set_hsa_topk(topk)
+        window = scheduled_value(self.swa_window_schedule, trainer.global_step)
+        if window is not None and window != model.cfg.swa_window:
+            model.set_swa_window(window)
+        if self.topk_schedule:
+            pl_module.log("schedule/hsa_topk", float(model.cfg.hsa_topk))
+        if self.swa_window_schedule:
+            pl_module.log("schedule/swa_window", float(model.cfg.swa_window))
+
+
+class RetrievalEval(L.Callback):
+    """Every ``every_n_steps``: RULER-style accuracy of a few synthetic tasks built over held-out text, logged as
+    ``eval/<task>_<length>``. Every rank runs it (sharded models need all ranks in the forward)."""
+
+    def __init__(self, every_n_steps: int, tasks: list[str], lengths: list[int], samples: int, data_cfg):
+        self.every_n_steps, self.tasks, self.lengths, self.samples = every_n_steps, tasks, lengths, samples
+        self.data_cfg = data_cfg
+        self._haystack = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps:
+            return
+        from .eval.ruler import evaluate_retrieval
+        from .eval.run import held_out_tokens
+
+        tokenizer = trainer.datamodule.tokenizer
+        if self._haystack is None:
+            self._haystack = held_out_tokens(self.data_cfg, tokenizer, 2 * max(self.lengths))
+        model = pl_module.model
+        was_training = model.training
+        # depth None: drawn at random per sample
+        rows = evaluate_retrieval(model, tokenizer, self._haystack, self.tasks, self.lengths, [None], self.samples,
+                                  seed=step, device=pl_module.device)
+        model.train(was_training)
+        for r in rows:
+            pl_module.log(f"eval/{r.task}_{r.length}", r.accuracy, rank_zero_only=True)

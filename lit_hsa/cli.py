@@ -126,7 +126,7 @@ def build_run(cfg: Config):
 
     from data_modules.text import TextDataModule
 
-    from .callbacks import RetrievalMonitor
+    from .callbacks import AttentionSchedule, RetrievalEval, RetrievalMonitor
     from .module import HSALitModule
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -155,7 +155,9 @@ def build_run(cfg: Config):
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), RetrievalMonitor(t.retrieval_stats_every),
                    ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], window_size=max(2, t.log_every_n_steps),
-                                     length_fn=lambda b: b["input_ids"].numel())],
+                                     length_fn=lambda b: b["input_ids"].numel()),
+                   AttentionSchedule(t.topk_schedule, t.swa_window_schedule),
+                   RetrievalEval(t.eval_every_n_steps, t.eval_tasks, t.eval_lengths, t.eval_samples, cfg.data)],
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
     )

@@ -280,10 +280,28 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each block
     nan_policy: str = "stop"  # non-finite loss: stop (with a message) | skip the batch
     retrieval_stats_every: int = 50  # steps between retrieval statistics + heat-map (HSA models)
+    topk_schedule: list[list[int]] = field(default_factory=list)  # [[step, topk], ...], e.g. dense → sparse
+    swa_window_schedule: list[list[int]] = field(default_factory=list)  # [[step, window], ...]
+    eval_every_n_steps: int = 0  # in-training retrieval eval (0: off)
+    eval_tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multiquery"])
+    eval_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
+    eval_samples: int = 2  # per task × length (depth drawn at random)
 
     def validate(self) -> None:
         _choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
         _choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
+        for key in ("topk_schedule", "swa_window_schedule"):
+            entries = getattr(self, key)
+            if any(len(e) != 2 or e[0] < 0 or e[1] < 1 for e in entries):
+                raise ConfigError(f"trainer.{key} must be [[step, value], ...] with step >= 0 and value >= 1")
+            if [e[0] for e in entries] != sorted(e[0] for e in entries):
+                raise ConfigError(f"trainer.{key} steps must be increasing")
+        if self.eval_every_n_steps < 0 or self.eval_samples < 1 or any(n < 64 for n in self.eval_lengths):
+            raise ConfigError("trainer.eval_every_n_steps must be >= 0, eval_samples >= 1, eval_lengths >= 64")
+        from data_modules.synthetic import TASKS
+
+        for task in self.eval_tasks:
+            _choice("trainer.eval_tasks", task, TASKS)
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
                     "checkpoint_every_n_steps", "retrieval_stats_every"):
             if getattr(self, key) < 1:

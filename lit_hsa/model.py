@@ -237,7 +237,7 @@ class HSABlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg = cfg
-        self.swa_window = (cfg.hsa_swa_window or cfg.swa_window) if cfg.hsa_layer_swa else None
+        self.swa_window = (cfg.hsa_swa_window or cfg.swa_window) if cfg.hsa_layer_swa else None  # fixed at build
         if cfg.hsa_layer_swa:
             self.swa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
@@ -307,6 +307,19 @@ class HSATransformer(nn.Module):
         elif isinstance(module, ChunkMemory):
             nn.init.normal_(module.cls, 0.0, std)
 
+    def set_hsa_topk(self, topk: int) -> None:
+        """Change the number of retrieved chunks (stage / schedule changes; no parameter depends on it)."""
+        self.cfg.hsa_topk = topk
+
+    def set_swa_window(self, window: int) -> None:
+        """Change the window of the SWA blocks (not of the HSA blocks' own SWA sub-layer)."""
+        if self.cfg.attention == "full":
+            raise ValueError("model.attention is 'full': there is no sliding window to change")
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.window = window
+        self.cfg.swa_window = window
+
     def blocks(self) -> list[nn.Module]:
         return [*self.lower, *self.upper]
 
@@ -327,7 +340,7 @@ class HSATransformer(nn.Module):
             backend = "flex" if torch.device(device).type == "cuda" else "sdpa"
         windows = {None if cfg.attention == "full" else cfg.swa_window}
         if cfg.attention == "hsa" and cfg.hsa_layer_swa:
-            windows.add(cfg.hsa_swa_window or cfg.swa_window)
+            windows.add(next(m.swa_window for m in self.modules() if isinstance(m, HSABlock)))
         if kv is not None:  # decoding: each layer masks against its own cache
             masks = {w: AttentionMask(w, kv_cache=kv) for w in windows}
         else:

@@ -69,3 +69,37 @@ def test_nan_policy_skip_and_stop(tmp_path, nan_on_step_one, capsys):
     nan_on_step_one["reset"]()
     assert main([*args, "trainer.nan_policy=stop", "trainer.run_name=stop"]) == 3
     assert "non-finite training loss (nan) at step 1" in capsys.readouterr().err
+
+
+def test_scheduled_value():
+    from lit_hsa.callbacks import scheduled_value
+
+    schedule = [[0, 16], [5, 4]]
+    assert [scheduled_value(schedule, s) for s in (0, 4, 5, 9)] == [16, 16, 4, 4]
+    assert scheduled_value([[3, 2]], 1) is None
+
+
+def test_schedules_and_in_training_eval_reach_tensorboard(tmp_path):
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+            "trainer.run_name=sched", "trainer.max_steps=4", "trainer.topk_schedule=[[0,8],[2,2]]",
+            "trainer.swa_window_schedule=[[0,32],[3,64]]", "trainer.eval_every_n_steps=2",
+            "trainer.eval_lengths=[300]", "trainer.eval_tasks=[niah_single]", "trainer.eval_samples=1"]
+    assert main(args) == 0
+    run = sorted((tmp_path / "sched").glob("version_*"))[-1]
+    assert scalars(run, "schedule/hsa_topk") == {0: 8.0, 1: 8.0, 2: 2.0, 3: 2.0}
+    assert scalars(run, "schedule/swa_window")[3] == 64.0
+    accuracy = scalars(run, "eval/niah_single_300")
+    assert accuracy and all(0.0 <= a <= 1.0 for a in accuracy.values())
+
+
+def test_set_swa_window_changes_the_attention_reach():
+    from lit_hsa.model import HSATransformer
+    from tests.test_model import VOCAB, tiny
+
+    model = HSATransformer(tiny(attention="swa", n_lower_layers=1, n_groups=1, swa_layers_per_group=0)).eval()
+    x = torch.randint(0, VOCAB, (1, 40))
+    y = x.clone()
+    y[:, 2] = (y[:, 2] + 1) % VOCAB
+    assert torch.allclose(model(x)[:, 30:], model(y)[:, 30:])  # window 8, two blocks: reach < 16
+    model.set_swa_window(64)
+    assert not torch.allclose(model(x)[:, 30:], model(y)[:, 30:])

@@ -144,16 +144,19 @@ def build_run(cfg: Config):
 
     logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
     run_dir = Path(logger.log_dir)
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="step{step:06d}-val{val/loss:.3f}", auto_insert_metric_name=False,
-        monitor="val/loss", mode="min", save_top_k=1, save_last=True, every_n_train_steps=t.checkpoint_every_n_steps,
-    )
+    # Two checkpointers: `last` every N steps whatever validation does (Lightning defers a monitored checkpointer's
+    # periodic saves, `last` included, until the monitored metric exists: a crash before the first validation
+    # would leave nothing to resume), and the best by val/loss after each validation.
+    last_checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_top_k=0, save_last=True,
+                                      every_n_train_steps=t.checkpoint_every_n_steps)
+    best_checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}-val{val/loss:.3f}",
+                                      auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(
         strategy=make_strategy(t), num_nodes=t.num_nodes, accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), RetrievalMonitor(t.retrieval_stats_every),
+        callbacks=[last_checkpoint, best_checkpoint, LearningRateMonitor(logging_interval="step"), RetrievalMonitor(t.retrieval_stats_every),
                    ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], window_size=max(2, t.log_every_n_steps),
                                      length_fn=lambda b: b["input_ids"].numel()),
                    AttentionSchedule(t.topk_schedule, t.swa_window_schedule),

@@ -30,6 +30,7 @@ def test_fit_leaves_events_checkpoint_and_config(tmp_path):
     run = fit(tmp_path, "e2e", "trainer.max_steps=4", "trainer.val_check_interval=2")
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "checkpoints").glob("step*-val*.ckpt"))) == 1  # the best by val/loss
     assert "hsa_topk: 4" in (run / "config.yaml").read_text()
     losses = scalars(run, "train/loss")
     assert len(losses) == 4 and all(v > 0 for v in losses.values())
@@ -92,3 +93,38 @@ def test_generate_from_checkpoint(tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.strip("\n")  # some text came out
     assert main(["generate", "--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x"]) == 2
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import lightning as L
+sys.path.insert(0, {root!r})
+from lit_hsa.cli import build_run
+from lit_hsa.config import load_config
+
+class KillAt(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 5:  # mid-epoch, two steps after the last checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+cfg = load_config({config!r}, {overrides!r})
+module, datamodule, trainer = build_run(cfg)
+trainer.callbacks.append(KillAt())
+trainer.fit(module, datamodule=datamodule)
+"""
+
+
+def test_kill_9_then_resume_from_last_matches_uninterrupted_run(tmp_path):
+    common = ["trainer.val_check_interval=100", "data.num_workers=2", "trainer.checkpoint_every_n_steps=3",
+              "optim.schedule=constant", "trainer.max_steps=8"]
+    straight = fit(tmp_path, "straight", *common)
+    overrides = [f"trainer.root_dir={tmp_path}", "trainer.run_name=killed", *FAST, *common]
+    script = KILL_SCRIPT.format(root=str(ROOT), config=str(ROOT / "configs/tiny.yaml"), overrides=overrides)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, no clean shutdown
+    last = sorted((tmp_path / "killed").glob("version_*"))[-1] / "checkpoints" / "last.ckpt"
+    resumed = fit(tmp_path, "resumed", *common, f"ckpt_path={last}")
+    expected, got = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
+    assert sorted(got) == [3, 4, 5, 6, 7]  # the checkpoint of step 3 was the last complete one
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], abs=1e-5), step

@@ -8,8 +8,34 @@ from torch.utils.data import DataLoader
 from lit_hsa.config import DataConfig
 
 from .packing import DocumentStream, PackedStream, validation_windows
-from .sources import DataError, check_first_record, resolve_paths, stdlib_files
+from .sources import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    DataError,
+    check_first_record,
+    resolve_paths,
+    stdlib_files,
+)
 from .tokenizers import build_tokenizer
+
+
+def build_document_streams(cfg: DataConfig) -> tuple[list[DocumentStream], list[float]]:
+    """The configured sources as document streams and their mixture weights. Files are resolved and the first
+    record of every structured file is decoded here, so a missing path or a wrong field name fails up front."""
+    streams, weights = [], []
+    for src in cfg.resolved_sources():
+        chat = src.format == "chat"
+        files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
+        for f in files:
+            suffix = f.suffix.lower()
+            if chat and suffix not in JSONL_SUFFIXES:
+                raise DataError(f"{f}: chat sources must be .jsonl files of {{'messages': [...]}} records")
+            if suffix in JSONL_SUFFIXES or suffix in PARQUET_SUFFIXES:
+                check_first_record(f, src.text_field, chat=chat)
+        streams.append(DocumentStream(files, src.text_field, cfg.val_fraction, src.min_chars, src.long_doc_chars,
+                                      src.long_doc_repeat, cfg.skip_bad_records, chat=chat))
+        weights.append(src.weight)
+    return streams, weights
 
 
 class TextDataModule(L.LightningDataModule):
@@ -27,18 +53,7 @@ class TextDataModule(L.LightningDataModule):
         self.align = chunk_size if cfg.align_docs_to_chunks else None
         if cfg.align_docs_to_chunks and not chunk_size:
             raise DataError("data.align_docs_to_chunks needs the model's chunk_size")
-        self.sources, self.weights = [], []
-        for src in cfg.resolved_sources():
-            files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
-            for f in files:
-                if src.format == "chat" and f.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-                    raise DataError(f"{f}: chat sources must be .jsonl files of {{'messages': [...]}} records")
-                if f.suffix.lower() in (".jsonl", ".json", ".ndjson", ".parquet"):
-                    check_first_record(f, src.text_field, chat=src.format == "chat")
-            self.sources.append(DocumentStream(files, src.text_field, cfg.val_fraction, src.min_chars,
-                                               src.long_doc_chars, src.long_doc_repeat, cfg.skip_bad_records,
-                                               chat=src.format == "chat"))
-            self.weights.append(src.weight)
+        self.sources, self.weights = build_document_streams(cfg)
         self._start_batch = 0
         self._val_samples: list | None = None
 

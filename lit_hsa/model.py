@@ -234,11 +234,12 @@ class Retrieval(nn.Module):
 class HSABlock(nn.Module):
     """[h += SWA(norm h)] ; retrieval ; o = HSA(norm h) ; bypass: h + FFN(norm(h + o)) | standard: h += o; h += FFN."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, swa_window: int | None):
+        """swa_window: window of the SWA sub-layer (None: no sub-layer, i.e. model.hsa_layer_swa is false)."""
         super().__init__()
         self.cfg = cfg
-        self.swa_window = (cfg.hsa_swa_window or cfg.swa_window) if cfg.hsa_layer_swa else None  # fixed at build
-        if cfg.hsa_layer_swa:
+        self.swa_window = swa_window
+        if swa_window is not None:
             self.swa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
         self.retrieval = Retrieval(cfg)
@@ -253,7 +254,7 @@ class HSABlock(nn.Module):
     def forward(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = h.shape
-        if cfg.hsa_layer_swa:
+        if self.swa_window is not None:
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
         if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
             o = torch.zeros_like(h)
@@ -285,9 +286,12 @@ class HSATransformer(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.lower = nn.ModuleList(Block(cfg, i, window) for i in range(cfg.n_lower_layers))
         self.memory = ChunkMemory(cfg) if cfg.attention == "hsa" else None
+        # Window of the HSA blocks' own SWA sub-layer: fixed at build (set_swa_window changes the SWA blocks only).
+        has_sub_layer = cfg.attention == "hsa" and cfg.hsa_layer_swa
+        self.hsa_swa_window = (cfg.hsa_swa_window or cfg.swa_window) if has_sub_layer else None
         upper, idx = [], cfg.n_lower_layers
         for _ in range(cfg.n_groups):
-            upper.append(HSABlock(cfg, idx) if cfg.attention == "hsa" else Block(cfg, idx, window))
+            upper.append(HSABlock(cfg, idx, self.hsa_swa_window) if cfg.attention == "hsa" else Block(cfg, idx, window))
             upper.extend(Block(cfg, idx + 1 + j, window) for j in range(cfg.swa_layers_per_group))
             idx += 1 + cfg.swa_layers_per_group
         self.upper = nn.ModuleList(upper)
@@ -339,8 +343,8 @@ class HSATransformer(nn.Module):
         if backend == "auto":
             backend = "flex" if torch.device(device).type == "cuda" else "sdpa"
         windows = {None if cfg.attention == "full" else cfg.swa_window}
-        if cfg.attention == "hsa" and cfg.hsa_layer_swa:
-            windows.add(next(m.swa_window for m in self.modules() if isinstance(m, HSABlock)))
+        if self.hsa_swa_window is not None:
+            windows.add(self.hsa_swa_window)
         if kv is not None:  # decoding: each layer masks against its own cache
             masks = {w: AttentionMask(w, kv_cache=kv) for w in windows}
         else:

@@ -14,13 +14,11 @@ from .ruler import evaluate_retrieval, parse_length, perplexity_by_position, plo
 def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
     """At least ``n_tokens`` tokens of the validation split of the data config's sources (documents joined with
     EOS, cycled if the split is smaller)."""
-    from data_modules.packing import DocumentStream, tokenize
-    from data_modules.sources import resolve_paths, stdlib_files
+    from data_modules.packing import tokenize
+    from data_modules.text import build_document_streams
 
     pieces, total = [], 0
-    for src in data_cfg.resolved_sources():
-        files = stdlib_files() if src.kind == "stdlib" else resolve_paths(src.paths)
-        stream = DocumentStream(files, src.text_field, data_cfg.val_fraction, chat=src.format == "chat")
+    for stream in build_document_streams(data_cfg)[0]:
         for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
             pieces += [doc.tokens, np.array([tokenizer.eos_id], dtype=np.int32)]
             total += len(doc.tokens) + 1

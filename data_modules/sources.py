@@ -70,27 +70,57 @@ def is_validation(path: Path, position: int, val_fraction: float) -> bool:
     return int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64 < val_fraction
 
 
-def raw_records(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
-    """(position, raw record) without parsing: cheap enough to skip the records another shard owns."""
+Start = tuple  # where a file's reading resumes: (lines read, byte offset) for jsonl, (row, 0) parquet, (0|1, 0) text
+
+
+def records_from(path: Path, text_field: str, start: Start = (0, 0)) -> Iterator[tuple[int, object, Start, Start]]:
+    """``(position, raw record, its start, the next record's start)`` from ``start`` on, without parsing (cheap
+    enough to skip the records another shard owns). A record's start reads it again alone: a jsonl seek, the parquet
+    row group holding the row, or the text file — so a stream resumes without re-reading what came before."""
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield lineno, line
+        yield from _jsonl_records(path, start)
     elif suffix in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
+        yield from _parquet_records(path, text_field, start[0])
+    elif start[0] == 0:
+        yield 0, path, (0, 0), (1, 0)
 
-        pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
-        row = 0
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                yield row, value
-                row += 1
-    else:
-        yield 0, path
+
+def _jsonl_records(path: Path, start: Start) -> Iterator[tuple[int, object, Start, Start]]:
+    lineno, offset = start
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            at = (lineno, offset)
+            lineno, offset = lineno + 1, offset + len(line)
+            if line.strip():
+                yield lineno, line, at, (lineno, offset)
+
+
+def _parquet_records(path: Path, text_field: str, row: int) -> Iterator[tuple[int, object, Start, Start]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    first, group = 0, 0  # the row group holding `row`, and its first row
+    while group < pf.num_row_groups and first + pf.metadata.row_group(group).num_rows <= row:
+        first += pf.metadata.row_group(group).num_rows
+        group += 1
+    if group == pf.num_row_groups:
+        return
+    current = first
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024, row_groups=range(group, pf.num_row_groups)):
+        for value in batch.column(0).to_pylist():
+            if current >= row:
+                yield current, value, (current, 0), (current + 1, 0)
+            current += 1
+
+
+def raw_records(path: Path, text_field: str) -> Iterator[tuple[int, object]]:
+    """(position, raw record) of every record of a file: line number for jsonl, row for parquet, 0 for text."""
+    for position, raw, _, _ in records_from(path, text_field):
+        yield position, raw
 
 
 def decode_record(path: Path, position: int, raw: object, text_field: str) -> str | bytes:

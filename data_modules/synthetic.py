@@ -182,6 +182,17 @@ def make_random_task(haystack: np.ndarray, length: int, tokenizer, rng: np.rando
     return make_task(task, haystack, length, tokenizer, rng, None, **options)
 
 
+def check_tasks_fit(tasks, length: int, tokenizer) -> None:
+    """Raise ``ValueError`` naming the first task whose needles, question and answer do not fit in ``length`` tokens
+    (checked once up front instead of failing inside a dataloader worker mid-run)."""
+    filler = np.asarray(tokenizer.encode("text "), dtype=np.int32)
+    for task in tasks:
+        try:
+            make_task(task, filler, length, tokenizer, np.random.default_rng(0))
+        except ValueError as e:
+            raise ValueError(f"data.synthetic_tasks: {e}; raise data.seq_len or drop the task") from None
+
+
 def score(task_sample: TaskSample, generated_text: str) -> float:
     """RULER's string-match metric: the fraction of ``task_sample.answers`` found (case-insensitive) in
     ``generated_text``, in [0, 1]."""

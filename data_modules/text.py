@@ -5,9 +5,15 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lit_hsa.config import DataConfig
+from lit_hsa.config import DataConfig, seq_len_stages
 
-from .packing import DocumentStream, PackedStream, validation_windows
+from .packing import (
+    POSITION_KEY,
+    DocumentStream,
+    PackedStream,
+    collate_with_position,
+    validation_windows,
+)
 from .sources import (
     JSONL_SUFFIXES,
     PARQUET_SUFFIXES,
@@ -16,6 +22,7 @@ from .sources import (
     resolve_paths,
     stdlib_files,
 )
+from .synthetic import check_tasks_fit
 from .tokenizers import build_tokenizer
 
 
@@ -42,11 +49,23 @@ class TextDataModule(L.LightningDataModule):
     """Batches ``{input_ids [B, T], labels [B, T] (−100: no loss), doc_ids [B, T] (with data.document_masking)}``.
 
     Files, tokenizer and the first record of every structured file are checked when the module is built, so a
-    missing path, a bad tokenizer or a wrong field name fails before training starts. The training stream's
-    position (batches consumed on this rank) is saved in checkpoints and restored on resume.
+    missing path, a bad tokenizer or a wrong field name fails before training starts.
+
+    Resume: every training batch carries where its worker's shard continues; ``on_before_batch_transfer`` records
+    it as Lightning consumes the batch (not when the loader prefetches it), and ``state_dict`` saves every rank's
+    positions, so a resumed run restores each shard directly (O(shuffle buffer) reads, not a replay). Not
+    torchdata's ``StatefulDataLoader`` (whose state Lightning saves with the fit loop): Lightning prefetches one batch
+    of an endless loader, so the loader's own state is a batch ahead of training when a checkpoint is written, and a
+    single-file checkpoint keeps only the writing rank's copy; positions taken at consumption and gathered over
+    ranks have neither problem.
+
+    Context-length curriculum (``seq_len_schedule``, ``[[step, seq_len], ...]``): each stage's loader ends at the
+    next stage's first step, and Lightning (``reload_dataloaders_every_n_epochs=1``) asks for a new one, shaped
+    for ``trainer.global_step``. Tokens per step stay ``data.batch_size × data.seq_len``, and streams count their
+    position in tokens, so the data continues exactly where the previous shape stopped.
     """
 
-    def __init__(self, cfg: DataConfig, chunk_size: int | None = None):
+    def __init__(self, cfg: DataConfig, chunk_size: int | None = None, seq_len_schedule: list | tuple = ()):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.eos_token)
@@ -54,8 +73,15 @@ class TextDataModule(L.LightningDataModule):
         if cfg.align_docs_to_chunks and not chunk_size:
             raise DataError("data.align_docs_to_chunks needs the model's chunk_size")
         self.sources, self.weights = build_document_streams(cfg)
-        self._start_batch = 0
+        self.stages = seq_len_stages(list(seq_len_schedule), cfg.seq_len, cfg.batch_size)
+        if cfg.synthetic_fraction > 0:
+            try:
+                check_tasks_fit(cfg.synthetic_tasks, min(length for _, length, _ in self.stages) + 1, self.tokenizer)
+            except ValueError as e:
+                raise DataError(str(e)) from None
         self._val_samples: list | None = None
+        self._consumed = 0  # training batches this rank has consumed
+        self._positions: dict[int, dict] = {}  # worker → where its shard continues after its last consumed batch
 
     @property
     def vocab_size(self) -> int:
@@ -65,18 +91,35 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataset(self, start_batch: int | None = None) -> PackedStream:
+    def _progress(self) -> tuple[int, int]:
+        """(optimizer step, batches per step). Lightning restores the step before it builds loaders on resume."""
+        trainer = self.trainer
+        return (trainer.global_step, trainer.accumulate_grad_batches) if trainer is not None else (0, 1)
+
+    def stage_at(self, step: int) -> tuple[int, int, int | None]:
+        """(seq_len, batch_size, first step of the next stage or None) of the curriculum stage holding ``step``."""
+        _, seq_len, batch_size = [stage for stage in self.stages if stage[0] <= step][-1]
+        later = [first for first, _, _ in self.stages if first > step]
+        return seq_len, batch_size, later[0] if later else None
+
+    def train_dataset(self, step: int | None = None) -> PackedStream:
+        """The training stream from optimizer step ``step`` (default: the trainer's) to the end of its stage."""
+        current, accumulate = self._progress()
+        step = current if step is None else step
+        seq_len, batch_size, next_stage = self.stage_at(step)
         rank, world = self._rank_world()
         cfg = self.cfg
-        return PackedStream(self.sources, self.weights, self.tokenizer, cfg.seq_len, cfg.seed, rank, world,
-                            cfg.batch_size, self._start_batch if start_batch is None else start_batch,
-                            cfg.document_masking, self.align, cfg.shuffle_buffer, cfg.synthetic_fraction,
-                            cfg.synthetic_tasks, cfg.answer_only_loss)
+        return PackedStream(self.sources, self.weights, self.tokenizer, seq_len, cfg.seed, rank, world,
+                            batch_size, self._consumed, cfg.document_masking, self.align, cfg.shuffle_buffer,
+                            cfg.synthetic_fraction, cfg.synthetic_tasks, cfg.answer_only_loss,
+                            cfg.answer_loss_weight,
+                            max_batches=None if next_stage is None else (next_stage - step) * accumulate,
+                            start_positions=dict(self._positions), track_position=True)
 
     def train_dataloader(self) -> DataLoader:
-        cfg = self.cfg
-        return DataLoader(self.train_dataset(), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                          persistent_workers=cfg.num_workers > 0)
+        dataset = self.train_dataset()
+        return DataLoader(dataset, batch_size=dataset.batch_size, num_workers=self.cfg.num_workers,
+                          persistent_workers=self.cfg.num_workers > 0, collate_fn=collate_with_position)
 
     def val_dataloader(self) -> DataLoader:
         if self._val_samples is None:
@@ -85,10 +128,45 @@ class TextDataModule(L.LightningDataModule):
         # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly.
         return DataLoader(self._val_samples, batch_size=self.cfg.batch_size, shuffle=False)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning calls this for the batch it is about to train on, while the loader has already prefetched
+        later ones: the position recorded here is exactly that of the consumed batches."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:  # training batches only
+            worker, position = batch.pop(POSITION_KEY)
+            self._positions[int(worker)] = position
+            self._consumed += 1
+        return batch
+
+    def _workers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
     def state_dict(self) -> dict:
-        trainer = self.trainer
-        consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
-        return {"batches_consumed": consumed}
+        """Every rank's stream positions, by rank: gathered, since one rank writes the checkpoint file."""
+        _, world = self._rank_world()
+        positions = [self._positions.get(w) for w in range(self._workers())]
+        mine = {"batches_consumed": self._consumed, "positions": positions}
+        return {"ranks": gather_objects(mine, world)}
 
     def load_state_dict(self, state: dict) -> None:
-        self._start_batch = int(state["batches_consumed"])
+        if "ranks" not in state:  # a checkpoint from before positions were saved: replay to the consumed batch
+            self._consumed, self._positions = int(state["batches_consumed"]), {}
+            return
+        rank, world = self._rank_world()
+        saved = state["ranks"]
+        if len(saved) != world or len(saved[0]["positions"]) != self._workers():
+            raise DataError(f"the checkpoint's data positions are for {len(saved)} ranks × "
+                            f"{len(saved[0]['positions'])} workers, this run has {world} × {self._workers()}: "
+                            "resume with the same devices and data.num_workers, or start anew with init_from=")
+        self._consumed = int(saved[rank]["batches_consumed"])
+        self._positions = {w: p for w, p in enumerate(saved[rank]["positions"]) if p is not None}
+
+
+def gather_objects(obj, world: int) -> list:
+    """``obj`` of every rank, by rank. A collective: every rank calls it (Lightning saves checkpoints on all)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -116,6 +116,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.transpose(1, 2)
 
 
+def _sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           block: int = 1024) -> torch.Tensor:
+    """Sliding-window attention of the n newest positions: q [B, n, Hq, D] against k/v [B, L, Hkv, D] (L >= n; the
+    last n keys belong to the queries). Queries go ``block`` at a time against only the keys their window reaches,
+    so a long prefill segment costs O(n · (block + window)) instead of an [n, L] mask and O(n · L) work."""
+    n, L = q.shape[1], k.shape[1]
+    outs = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        q_pos = torch.arange(L - n + start, L - n + stop, device=q.device)  # positions within k
+        first = max(0, L - n + start - window + 1)
+        k_pos = torch.arange(first, L - n + stop, device=q.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
+        keys = slice(first, L - n + stop)
+        outs.append(attend(q[:, start:stop], k[:, keys], v[:, keys], AttentionMask(window, dense=allowed[None, None])))
+    return torch.cat(outs, dim=1)
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head attention with GQA, QK-RMSNorm and RoPE; the mask decides full vs sliding window.
 
@@ -163,11 +181,9 @@ class SelfAttention(nn.Module):
             from torch.nn.attention.bias import causal_lower_right
 
             allowed = causal_lower_right(n, L)
-        else:  # the cache holds at most `window` keys, so this mask is small
-            q_pos = torch.arange(cache.pos, cache.pos + n, device=q.device)
-            k_pos = torch.arange(cache.pos + n - L, cache.pos + n, device=q.device)
-            allowed = ((k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window))[None, None]
-        out = attend(q, k, v, AttentionMask(window, dense=allowed))
+            out = attend(q, k, v, AttentionMask(window, dense=allowed))
+        else:
+            out = _sliding_window_blocks(q, k, v, window)
         # Keep only what a later query can still see: the last `window` positions (sliding window) or all (full).
         cache.layers[self] = (k[:, -window:], v[:, -window:]) if window is not None else (k, v)
         return out

@@ -1,5 +1,5 @@
-"""Training callbacks: retrieval statistics and heat-map, HSA top-k / SWA-window schedules, in-training retrieval
-evaluation — all logged to TensorBoard."""
+"""Training callbacks: retrieval statistics and heat-map, HSA top-k / SWA-window schedules, context-length
+curriculum, in-training retrieval evaluation — all logged to TensorBoard."""
 from __future__ import annotations
 
 import lightning as L
@@ -92,6 +92,28 @@ class AttentionSchedule(L.Callback):
             pl_module.log("schedule/hsa_topk", float(model.cfg.hsa_topk))
         if self.swa_window_schedule:
             pl_module.log("schedule/swa_window", float(model.cfg.swa_window))
+
+
+class ContextCurriculum(L.Callback):
+    """Context-length curriculum (``trainer.seq_len_schedule``): seq_len and batch size change by step at constant
+    tokens per step.
+
+    Lightning rebuilds the train loader only between epochs (the fit loop's ``setup_data``, with
+    ``Trainer(reload_dataloaders_every_n_epochs=1)``), so each curriculum stage is one epoch: the DataModule's
+    loader ends at the next stage's first step and the new one is shaped for ``trainer.global_step``. The
+    DataModule reads the step itself because after a resume Lightning builds the loader before any callback hook
+    sees the restored step. This callback checks that every batch has the scheduled shape (a loader that was not
+    replaced would show here) and logs ``train/seq_len`` and ``train/batch_size``.
+    """
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        seq_len, batch_size, _ = trainer.datamodule.stage_at(trainer.global_step)
+        shape = tuple(batch["input_ids"].shape)
+        if shape != (batch_size, seq_len):
+            raise RuntimeError(f"step {trainer.global_step}: batch of shape {shape}, the curriculum says "
+                               f"({batch_size}, {seq_len}): the train loader was not rebuilt at the stage change")
+        pl_module.log("train/seq_len", float(seq_len))
+        pl_module.log("train/batch_size", float(batch_size))
 
 
 class RetrievalEval(L.Callback):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import Config, ConfigError, load_config, padded_vocab, save_config
 
-COMMANDS = ("fit", "validate", "generate", "eval", "consolidate")
+COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", "merge")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -19,6 +19,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return parse_generate_args(argv[1:])
     if argv and argv[0] == "eval":
         return parse_eval_args(argv[1:])
+    if argv and argv[0] == "experiment":
+        return parse_experiment_args(argv[1:])
+    if argv and argv[0] == "merge":
+        parser = argparse.ArgumentParser(prog="main.py merge", description="Fold LoRA adapters into a full checkpoint.")
+        parser.add_argument("--ckpt", required=True, help="a LoRA fine-tuning checkpoint (finetune.method=lora)")
+        parser.add_argument("--base", help="its base checkpoint (default: the one recorded in --ckpt)")
+        parser.add_argument("--out", required=True, help="the full single-file checkpoint to write")
+        args = parser.parse_args(argv[1:])
+        args.command = "merge"
+        return args
     if argv and argv[0] == "consolidate":
         parser = argparse.ArgumentParser(prog="main.py consolidate",
                                          description="Turn a sharded (FSDP) checkpoint folder into one file.")
@@ -54,6 +64,19 @@ def parse_eval_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
     args = parser.parse_args(argv)
     args.command = "eval"
+    return args
+
+
+def parse_experiment_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="main.py experiment",
+                                     description="Train several models with one recipe, evaluate retrieval by length.")
+    parser.add_argument("--config", "-c", required=True, help="experiment YAML (configs/experiments/*.yaml)")
+    parser.add_argument("--models", help="comma-separated subset of the file's models (default: all)")
+    parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from <out_dir>/*.json")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/<model>.weights.pt, no training")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.trainer.max_steps=10 out_dir=x")
+    args = parser.parse_intermixed_args(argv)
+    args.command = "experiment"
     return args
 
 
@@ -126,11 +149,11 @@ def build_run(cfg: Config):
 
     from data_modules.text import TextDataModule
 
-    from .callbacks import AttentionSchedule, RetrievalEval, RetrievalMonitor
+    from .callbacks import AttentionSchedule, ContextCurriculum, RetrievalEval, RetrievalMonitor
     from .module import HSALitModule
 
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = TextDataModule(cfg.data, cfg.model.chunk_size)
+    datamodule = TextDataModule(cfg.data, cfg.model.chunk_size, cfg.trainer.seq_len_schedule)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = padded_vocab(datamodule.vocab_size)
     elif cfg.model.vocab_size < datamodule.vocab_size:
@@ -140,7 +163,7 @@ def build_run(cfg: Config):
         )
     t = cfg.trainer
     module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
-                          t.activation_checkpointing, t.compile)
+                          t.activation_checkpointing, t.compile, finetune=cfg.finetune)
 
     logger = TensorBoardLogger(save_dir=t.root_dir, name=t.run_name)
     run_dir = Path(logger.log_dir)
@@ -152,16 +175,17 @@ def build_run(cfg: Config):
     best_checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:06d}-val{val/loss:.3f}",
                                       auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(
-        strategy=make_strategy(t), num_nodes=t.num_nodes, accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
+        strategy=make_strategy(t), num_nodes=t.num_nodes, accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps, max_time=t.max_time,
         accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
         callbacks=[last_checkpoint, best_checkpoint, LearningRateMonitor(logging_interval="step"), RetrievalMonitor(t.retrieval_stats_every),
                    ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0], window_size=max(2, t.log_every_n_steps),
                                      length_fn=lambda b: b["input_ids"].numel()),
-                   AttentionSchedule(t.topk_schedule, t.swa_window_schedule),
+                   AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
                    RetrievalEval(t.eval_every_n_steps, t.eval_tasks, t.eval_lengths, t.eval_samples, cfg.data)],
-        deterministic=t.deterministic,
+        # the train loader ends at each seq_len_schedule stage: a new epoch, with a loader of the new shape
+        reload_dataloaders_every_n_epochs=1, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
     )
     if trainer.is_global_zero:
@@ -174,16 +198,27 @@ def checkpoint_state(path: str, module) -> dict:
     """The model weights of a checkpoint, checked against ``module``: mismatches raise one ConfigError naming them."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    own = module.state_dict()
+    from .lora import is_adapter_key
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("lora_base"):
+        raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: resume it with finetune.method=lora, or "
+                          f"make a full one with `python main.py merge --ckpt {path} --out merged.ckpt`")
+    state = checkpoint["state_dict"]
+    problems = state_problems(state, {k: v for k, v in module.state_dict().items() if not is_adapter_key(k)})
+    if problems:
+        raise ConfigError(f"checkpoint '{path}' does not fit this model config ({problems}); check the model.* keys")
+    return state
+
+
+def state_problems(state: dict, own: dict) -> str:
+    """The first differences in keys and shapes between a loaded ``state`` and a module's ``own``, one line ('' if
+    none)."""
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                  if k in state and state[k].shape != v.shape]
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise ConfigError(f"checkpoint '{path}' does not fit this model config ({shown}); check the model.* keys")
-    return state
+    return "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
 
 
 def make_strategy(t):
@@ -205,11 +240,16 @@ def make_strategy(t):
 
 def run(command: str, cfg: Config) -> None:
     module, datamodule, trainer = build_run(cfg)
-    for path in (cfg.ckpt_path, cfg.init_from):
-        if path and Path(path).is_file():  # a sharded (folder) checkpoint is checked by the strategy on load
-            state = checkpoint_state(path, module)
-    if cfg.init_from:
-        module.load_state_dict(state)  # weights (and MoE balancing biases) only: fresh optimizer and schedule
+    if cfg.finetune.method == "lora":  # frozen base weights first; Lightning then restores the adapters (resume)
+        from .finetune import load_lora_base
+
+        load_lora_base(module, cfg.init_from, cfg.ckpt_path)
+    else:
+        for path in (cfg.ckpt_path, cfg.init_from):
+            if path and Path(path).is_file():  # a sharded (folder) checkpoint is checked by the strategy on load
+                state = checkpoint_state(path, module)
+        if cfg.init_from:
+            module.load_state_dict(state)  # weights (and MoE balancing biases) only: fresh optimizer and schedule
     if command == "fit":
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     else:
@@ -233,6 +273,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "consolidate":
             consolidate(args.ckpt, args.out)
+            return 0
+        if args.command == "merge":
+            from .finetune import merge_checkpoint
+
+            merge_checkpoint(args.ckpt, args.out, args.base)
+            return 0
+        if args.command == "experiment":
+            from .experiment import run_experiment
+
+            models = [m.strip() for m in args.models.split(",")] if args.models else None
+            run_experiment(args.config, args.overrides, models, args.summarize_only, args.eval_only)
             return 0
         if args.command == "eval":
             from .eval.run import run_eval

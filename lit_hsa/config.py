@@ -18,6 +18,11 @@ HSA_RESIDUALS = ("bypass", "standard")
 FUSIONS = ("softmax", "stick_breaking")
 LR_SCHEDULES = ("constant", "cosine")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
+FINETUNE_METHODS = ("none", "full", "lora")
+# LoRA module groups (lit_hsa/lora.py maps them to modules): attention = q/k/v/o of SWA, full and HSA attention;
+# retrieval = retrieval query + chunk encoder (its layers, landmark and HSA key/value projections); experts = routed
+# MoE experts + shared expert; router = MoE router; ffn = dense SwiGLU of the blocks.
+LORA_TARGETS = ("attention", "retrieval", "experts", "router", "ffn")
 
 
 class ConfigError(ValueError):
@@ -53,6 +58,7 @@ class ModelConfig:
     hsa_heads: Optional[int] = None  # query heads of HSA layers; None: n_heads
     hsa_kv_heads: int = 1
     retrieval_dim: Optional[int] = None  # total over retrieval heads; None: d_model
+    retrieval_norm: bool = False  # RMSNorm on retrieval queries and landmarks (QK-norm for chunk selection)
     shared_selection: bool = False  # one selection for all KV heads (paper's exact form) instead of one per KV head
     fusion: str = "softmax"  # softmax (paper Eq. 2) | stick_breaking (RAMba / authors' code)
     pos_decay: bool = False  # learned scalar × recency rank added to scores before fusion
@@ -213,6 +219,8 @@ class DataConfig:
     synthetic_fraction: float = 0.0  # share of windows turned into a retrieval task over their own text (paper: 1%)
     synthetic_tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multiquery", "vt"])
     answer_only_loss: bool = False  # synthetic windows: loss on the answer tokens only (authors: every token)
+    # Loss weight of retrieval-task answer tokens (a few among thousands of text tokens); self_copy keeps weight 1.
+    answer_loss_weight: float = 1.0
     seed: int = 1234
 
     def resolved_sources(self) -> list[SourceConfig]:
@@ -232,6 +240,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:
             raise ConfigError(f"data.synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
+        if self.answer_loss_weight <= 0:
+            raise ConfigError(f"data.answer_loss_weight must be > 0, got {self.answer_loss_weight}")
         from data_modules.synthetic import TASKS
 
         for task in self.synthetic_tasks:
@@ -260,6 +270,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 300
+    max_time: Optional[str] = None  # also stop after this wall time, "DD:HH:MM:SS" (Lightning's format)
     accelerator: str = "auto"
     devices: str = "auto"
     precision: str = "32-true"
@@ -282,6 +293,8 @@ class TrainerConfig:
     retrieval_stats_every: int = 50  # steps between retrieval statistics + heat-map (HSA models)
     topk_schedule: list[list[int]] = field(default_factory=list)  # [[step, topk], ...], e.g. dense → sparse
     swa_window_schedule: list[list[int]] = field(default_factory=list)  # [[step, window], ...]
+    # [[step, seq_len], ...]: context-length curriculum; batch size follows at data.batch_size × data.seq_len tokens
+    seq_len_schedule: list[list[int]] = field(default_factory=list)
     eval_every_n_steps: int = 0  # in-training retrieval eval (0: off)
     eval_tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multiquery"])
     eval_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
@@ -290,7 +303,7 @@ class TrainerConfig:
     def validate(self) -> None:
         _choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
         _choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
-        for key in ("topk_schedule", "swa_window_schedule"):
+        for key in ("topk_schedule", "swa_window_schedule", "seq_len_schedule"):
             entries = getattr(self, key)
             if any(len(e) != 2 or e[0] < 0 or e[1] < 1 for e in entries):
                 raise ConfigError(f"trainer.{key} must be [[step, value], ...] with step >= 0 and value >= 1")
@@ -309,6 +322,33 @@ class TrainerConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning of a trained checkpoint (``init_from``): ``none`` = ordinary training, ``full`` = every weight
+    trains, ``lora`` = the checkpoint's weights are frozen and low-rank adapters (``lit_hsa/lora.py``) train on the
+    module groups in ``lora_targets`` (see ``LORA_TARGETS``)."""
+
+    method: str = "none"  # none | full | lora
+    lora_rank: int = 16
+    lora_alpha: float = 32.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # dropout on the adapter's input
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "retrieval"])
+
+    def validate(self, cfg: "Config") -> None:
+        _choice("finetune.method", self.method, FINETUNE_METHODS)
+        for target in self.lora_targets:
+            _choice("finetune.lora_targets", target, LORA_TARGETS)
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("finetune: lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if self.method != "none" and not (cfg.init_from or cfg.ckpt_path):
+            raise ConfigError(f"finetune.method={self.method} fine-tunes a trained model: set init_from=<checkpoint> "
+                              "(or ckpt_path=<fine-tuning checkpoint> to resume)")
+        if self.method == "lora" and not self.lora_targets:
+            raise ConfigError(f"finetune.lora_targets is empty; choose from {', '.join(LORA_TARGETS)}")
+        if self.method == "lora" and cfg.trainer.strategy == "fsdp":
+            raise ConfigError("finetune.method=lora runs on one device (or DDP), not with trainer.strategy=fsdp")
+
+
+@dataclass
 class Config:
     """Everything one run needs; ``configs/*.yaml`` files are partial views of this."""
 
@@ -318,6 +358,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ckpt_path: Optional[str] = None  # resume a run (model, optimizer, scheduler, data position)
     init_from: Optional[str] = None  # start from a checkpoint's weights only (next training stage, fine-tuning)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -328,21 +369,62 @@ class Config:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
+        self._validate_seq_len_schedule()
         for key in ("ckpt_path", "init_from"):
             if getattr(self, key) is not None and not Path(getattr(self, key)).exists():
                 raise ConfigError(f"{key} '{getattr(self, key)}' does not exist")
         if self.init_from is not None and Path(self.init_from).is_dir():
             raise ConfigError(f"init_from '{self.init_from}' is a sharded checkpoint folder; "
                               "make one file with `python main.py consolidate` first")
-        if self.ckpt_path and self.init_from:
+        # A LoRA resume may name both: init_from is then the frozen base the adapters were trained on.
+        if self.ckpt_path and self.init_from and self.finetune.method != "lora":
             raise ConfigError("set either ckpt_path (full resume) or init_from (weights only), not both")
+        self.finetune.validate(self)
+
+    def _validate_seq_len_schedule(self) -> None:
+        chunked = self.model.attention == "hsa" or self.data.align_docs_to_chunks
+        for _, seq_len in self.trainer.seq_len_schedule:
+            if chunked and seq_len % self.model.chunk_size:
+                raise ConfigError(f"trainer.seq_len_schedule: seq_len {seq_len} must be a multiple of "
+                                  f"model.chunk_size ({self.model.chunk_size})")
+        seq_len_stages(self.trainer.seq_len_schedule, self.data.seq_len, self.data.batch_size)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge a YAML file and ``dotted.key=value`` overrides onto the schema; validate; return a ``Config``.
+def seq_len_stages(schedule: list[list[int]], seq_len: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """``trainer.seq_len_schedule`` → ``[(first_step, seq_len, batch_size), ...]`` sorted by step, the first at step 0
+    (``data.seq_len`` until the schedule's first entry). Tokens per step stay ``batch_size × seq_len`` of the data
+    config, so a stage's batch size is that divided by its seq_len, which must divide it exactly."""
+    tokens = seq_len * batch_size
+    lengths = {0: seq_len}
+    for step, length in schedule:  # a later entry for the same step wins
+        lengths[step] = length
+    stages = []
+    for step, length in sorted(lengths.items()):
+        if tokens % length:
+            raise ConfigError(f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
+                              f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole")
+        stages.append((step, length, tokens // length))
+    return stages
+
+
+def load_yaml(path: str):
+    """A YAML file as an OmegaConf node; a missing file or a syntax error is one ConfigError naming the file."""
+    from omegaconf import OmegaConf
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors come in many types; report the file and the parser's first line
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
+    """Merge a YAML file (or ``base``: a dict / OmegaConf node of the same shape, e.g. a section of an experiment
+    file) and ``dotted.key=value`` overrides onto the schema; validate; return a ``Config``.
 
     The model preset is chosen first (``model.name`` from the overrides, else the file, else ``tiny``) and the
     remaining ``model.*`` keys override it. Raises ``ConfigError`` with a one-line message naming the bad key.
@@ -350,12 +432,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        file_cfg = OmegaConf.load(path) if path else OmegaConf.create({})
-    except Exception as e:  # yaml syntax errors come in many types; report the file and the parser's first line
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    file_cfg = load_yaml(path) if path else OmegaConf.create(base if base is not None else {})
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like dotted.key=value")

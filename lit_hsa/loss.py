@@ -9,21 +9,34 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    token_weight: torch.Tensor | None) -> torch.Tensor:
     logits = F.linear(h, weight).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if token_weight is None:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (losses * token_weight).sum()
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_rows: int = 8192) -> torch.Tensor:
+                          token_weight: torch.Tensor | None = None, chunk_rows: int = 8192) -> torch.Tensor:
     """h: [N, d] final hidden states, weight: [V, d] LM head, labels: [N] (−100 ignored) → mean loss (fp32).
+
+    ``token_weight`` [N] (optional): per-target weights, e.g. synthetic-task answers up-weighted so a few answer
+    tokens are not drowned by thousands of text tokens; the result is then the weighted mean Σ w·ce / Σ w.
     Peak extra memory O(chunk_rows · V) instead of O(N · V)."""
-    n_targets = (labels != IGNORE_INDEX).sum().clamp_min(1)
+    targets = labels != IGNORE_INDEX
+    if token_weight is None:
+        denominator = targets.sum().clamp_min(1)
+    else:
+        token_weight = token_weight.float() * targets
+        denominator = token_weight.sum().clamp_min(1e-6)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
+        w = token_weight[rows] if token_weight is not None else None
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, h[rows], weight, labels[rows], use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, h[rows], weight, labels[rows], w, use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(h[rows], weight, labels[rows])
-    return total / n_targets
+            total = total + _chunk_loss_sum(h[rows], weight, labels[rows], w)
+    return total / denominator

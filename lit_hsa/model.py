@@ -143,6 +143,7 @@ class ChunkMemory(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.landmark = nn.Linear(cfg.d_model, self.n_r * self.dr, bias=False)
+        self.landmark_norm = RMSNorm(self.dr, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -165,7 +166,7 @@ class ChunkMemory(nn.Module):
         else:
             tokens = self.norm(x)
             summary = tokens.mean(dim=1)
-        landmarks = self.landmark(summary).view(B, C, self.n_r, self.dr)
+        landmarks = self.landmark_norm(self.landmark(summary).view(B, C, self.n_r, self.dr))
         k = self.k_norm(self.k_proj(tokens).view(B, C * self.S, self.n_kv, self.hd))
         v = self.v_proj(tokens).view(B, C * self.S, self.n_kv, self.hd)
         return Memory(landmarks, k, v)
@@ -212,14 +213,20 @@ class Retrieval(nn.Module):
         self.cfg = cfg
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.q_proj = nn.Linear(cfg.d_model, cfg.retrieval_heads * cfg.retrieval_head_dim, bias=False)
+        # QK-norm for retrieval: unnormalised q·landmark scores start near 0 at init (both factors are small), so
+        # fusion is uniform and the bilinear score learns slowly; normalised, they start O(1) like attention's.
+        self.q_norm = RMSNorm(cfg.retrieval_head_dim, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
         self.pos_decay = nn.Parameter(torch.zeros(())) if cfg.pos_decay else None
 
     def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int = 0):
         """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""
         cfg = self.cfg
         B, T, _ = h.shape
-        q_slc = self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim)
-        scores, indices = select_chunks(q_slc, memory.landmarks, cfg.hsa_topk, cfg.chunk_size, doc_ids,
+        q_slc = self.q_norm(self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim))
+        # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
+        # empty slots that still cost gather and attention work.
+        topk = max(1, min(cfg.hsa_topk, memory.landmarks.shape[1]))
+        scores, indices = select_chunks(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
                                         q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
@@ -357,11 +364,12 @@ class HSATransformer(nn.Module):
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                state: DecodeState | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                state: DecodeState | None = None, labels: torch.Tensor | None = None,
+                loss_weight: torch.Tensor | None = None) -> torch.Tensor:
         """With ``state`` (decoding / segment prefill): ``input_ids`` are the next tokens after ``state.pos``;
         caches are read and extended in place. Returns logits [B, T, V] for the given tokens, or with ``labels``
-        [B, T] the mean cross-entropy, computed in row chunks so [T, V] logits never exist (and inside forward, so
-        FSDP has the head weight gathered)."""
+        [B, T] the mean cross-entropy (weighted by ``loss_weight`` [B, T] when given), computed in row chunks so
+        [T, V] logits never exist (and inside forward, so FSDP has the head weight gathered)."""
         B, T = input_ids.shape
         if state is not None and doc_ids is not None:
             raise ValueError("document masking is not supported while decoding with a DecodeState")
@@ -381,7 +389,8 @@ class HSATransformer(nn.Module):
             state.kv.pos += T
         h = self.norm(h)
         if labels is not None:
-            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten())
+            weights = loss_weight.flatten() if loss_weight is not None else None
+            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten(), weights)
         return F.linear(h, self.head_weight())
 
     def num_parameters(self) -> tuple[int, int]:

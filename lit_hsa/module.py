@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 from torchmetrics import MeanMetric
 
-from .config import ModelConfig, OptimConfig
+from .config import FinetuneConfig, ModelConfig, OptimConfig
 from .flops import training_flops_per_token
+from .lora import apply_lora, lora_state_dict
 from .loss import IGNORE_INDEX
 from .parallel import parallelize
 from .model import HSATransformer
@@ -33,23 +34,35 @@ def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 class HSALitModule(L.LightningModule):
-    """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional}``."""
+    """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional, loss_weight [B, T]
+    optional}``."""
 
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
                  tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
-                 activation_checkpointing: bool = False, compile: bool = False):
+                 activation_checkpointing: bool = False, compile: bool = False,
+                 finetune: dict | FinetuneConfig | None = None):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {}))
         # Plain dicts in the checkpoint so it loads without pickled classes; the tokenizer spec lets `generate` and
         # `eval` rebuild the tokenizer from the checkpoint alone.
-        self.save_hyperparameters({"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
-                                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy,
-                                   "activation_checkpointing": activation_checkpointing, "compile": compile})
+        hparams = {"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
+                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy,
+                   "activation_checkpointing": activation_checkpointing, "compile": compile}
+        if ft.method != "none":  # ordinary (and merged) checkpoints keep plain hyper-parameters
+            hparams["finetune"] = asdict(ft)
+        self.save_hyperparameters(hparams)
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
         self.nan_policy = nan_policy
         self.model = HSATransformer(model_cfg)
+        self.finetune_cfg = ft
+        # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.load_base and saved with adapters.
+        self.lora_base: dict | None = None
+        if ft.method == "lora":
+            apply_lora(self.model, ft)
+            self.strict_loading = False  # LoRA checkpoints omit the frozen base weights; on_load_checkpoint checks
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
         self.nonfinite_batches = 0  # batches skipped for a NaN/inf loss (trainer.nan_policy: skip)
         self._flops_per_token: dict[int, float] = {}
@@ -68,8 +81,22 @@ class HSALitModule(L.LightningModule):
                     mesh=mesh)
         self._parallelized = True
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """LoRA: keep only what training changes (adapters, buffers) and record the base checkpoint they need."""
+        if self.finetune_cfg.method == "lora":
+            keep = lora_state_dict(self).keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["lora_base"] = self.lora_base
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.finetune_cfg.method == "lora":
+            from .finetune import check_adapters
+
+            check_adapters(self, checkpoint)
+
     def _lm_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"])
+        return self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"],
+                          loss_weight=batch.get("loss_weight"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self._lm_loss(batch)
@@ -141,7 +168,10 @@ class HSALitModule(L.LightningModule):
             # Weight decay on matrices only: norms, biases, the [CLS] vector and scalars are left alone.
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in self.parameters())
+        # Lightning refuses gradient clipping with a fused optimizer under mixed precision (the fused step would
+        # unscale gradients itself); the foreach implementation is the fast path there.
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        fused = all(p.is_cuda for p in self.parameters()) and not mixed
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg, self.max_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -44,6 +44,8 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update (summed over micro-batches; reduced over ranks).
         self.register_buffer("load_accum", torch.zeros(n_experts), persistent=False)
         self.aux_loss = torch.zeros(())
+        # Low-rank updates of the routed experts while LoRA fine-tuning (lit_hsa/lora.py attaches an ExpertLoRA).
+        self.lora_experts: nn.Module | None = None
 
     def routed_parameters(self) -> int:
         return self.w_gate.numel() + self.w_up.numel() + self.w_down.numel()
@@ -85,9 +87,14 @@ class MoE(nn.Module):
         for e, xe in enumerate(torch.split(x_sorted, counts.tolist())):
             if xe.shape[0] == 0:
                 continue
-            h = F.silu(xe @ self.w_gate[e].to(xe.dtype)) * (xe @ self.w_up[e].to(xe.dtype))
-            outs.append(h @ self.w_down[e].to(xe.dtype))
+            h = F.silu(self._expert_linear("gate", xe, e)) * self._expert_linear("up", xe, e)
+            outs.append(self._expert_linear("down", h, e))
         return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
+
+    def _expert_linear(self, name: str, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x: [n, in] @ expert e's ``w_<name>`` [in, out] → [n, out], plus its LoRA update when one is attached."""
+        y = x @ getattr(self, f"w_{name}")[e].to(x.dtype)
+        return y if self.lora_experts is None else y + self.lora_experts(name, x, e)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Twelve small text files of growing length (tests of sources, packing and resume)."""
+    d = tmp_path / "txt"
+    d.mkdir()
+    for i in range(12):
+        (d / f"doc{i:02d}.txt").write_text(f"document {i} " * (5 + 3 * i))
+    return d

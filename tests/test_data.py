@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -5,20 +6,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_modules.packing import IGNORE_INDEX, Document, DocumentStream, PackedStream, pack_windows
+from data_modules.packing import (
+    IGNORE_INDEX,
+    POSITION_KEY,
+    TOKENIZE_BATCH,
+    Document,
+    DocumentStream,
+    PackedStream,
+    pack_windows,
+)
 from data_modules.sources import DataError, resolve_paths, stdlib_files
 from data_modules.text import TextDataModule
 from data_modules.tokenizers import ByteTokenizer, build_tokenizer
 from lit_hsa.config import DataConfig, SourceConfig
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    d = tmp_path / "txt"
-    d.mkdir()
-    for i in range(12):
-        (d / f"doc{i:02d}.txt").write_text(f"document {i} " * (5 + 3 * i))
-    return d
 
 
 @pytest.fixture
@@ -109,6 +109,84 @@ def test_resumed_stream_continues_exactly(corpus, num_workers, start):
     full = batches(0, start + 6)
     for a, b in zip(full[start:], batches(start, 6)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_datamodule_resumes_from_saved_positions(corpus, num_workers):
+    cfg = DataConfig(paths=[str(corpus)], seq_len=16, batch_size=2, num_workers=num_workers, val_fraction=0.1,
+                     shuffle_buffer=4)
+
+    def consume(dm, n):  # hand each batch to the DataModule as Lightning does when it takes it
+        it = iter(dm.train_dataloader())
+        return [dm.on_before_batch_transfer(next(it), 0)["input_ids"] for _ in range(n)]
+
+    full = consume(TextDataModule(cfg), 11)
+    interrupted = TextDataModule(cfg)
+    consume(interrupted, 5)
+    resumed = TextDataModule(cfg)
+    resumed.load_state_dict(interrupted.state_dict())
+    for a, b in zip(full[5:], consume(resumed, 6)):
+        assert torch.equal(a, b)
+    other_workers = TextDataModule(DataConfig(paths=[str(corpus)], num_workers=3))
+    with pytest.raises(DataError, match="resume with the same devices and data.num_workers"):
+        other_workers.load_state_dict(interrupted.state_dict())
+
+
+@pytest.fixture
+def mixed_sources(tmp_path, corpus):
+    """Text files (long ones repeated), a jsonl with blank lines and a parquet file of several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = [json.dumps({"text": f"record {i} " * (3 + i % 17)}) if i % 7 else "" for i in range(300)]
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": [f"row {i} " * (2 + i % 13) for i in range(500)]}), tmp_path / "p.parquet",
+                   row_group_size=64)
+    return [DocumentStream(resolve_paths([str(corpus)]), "text", 0.1, long_doc_chars=150, long_doc_repeat=2),
+            DocumentStream([tmp_path / "x.jsonl"], "text", 0.1), DocumentStream([tmp_path / "p.parquet"], "text", 0.1)]
+
+
+def positioned_stream(sources, positions=None, **options):
+    return PackedStream(sources, [1.0, 2.0, 1.5][: len(sources)], ByteTokenizer(), 48, seed=3, shuffle_buffer=5,
+                        track_position=True, start_positions=positions, **options)
+
+
+def test_stream_restored_from_any_position_continues_exactly(mixed_sources):
+    options = {"align": 8, "with_doc_ids": True, "synthetic_fraction": 0.2, "synthetic_tasks": ["self_copy"]}
+    full = list(itertools.islice(iter(positioned_stream(mixed_sources, **options)), 300))
+    for j in (0, 7, 133, 250):  # 250 windows ≈ 12K tokens: past the first epoch of every source
+        _, position = full[j][POSITION_KEY]
+        resumed = itertools.islice(iter(positioned_stream(mixed_sources, {0: position}, **options)), 20)
+        for a, b in zip(full[j + 1 :], resumed):
+            assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "doc_ids")), j
+
+
+def test_resume_reads_a_bounded_number_of_records(tmp_path, monkeypatch):
+    """Restoring a position reads the shuffle buffer's records and those of about one window, not the stream so
+    far: the same count deep into the fourth epoch as near the start."""
+    from data_modules import packing
+
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"line {i} " * (2 + i % 9)}) for i in range(500)) + "\n")
+    source = DocumentStream([path], "text", 0.01)
+    full = list(itertools.islice(iter(positioned_stream([source])), 2000))  # ~96K tokens, epochs of ~27K
+    real, reads = packing.records_from, []
+
+    def counting(*args):
+        for record in real(*args):
+            reads.append(record)
+            yield record
+
+    monkeypatch.setattr(packing, "records_from", counting)
+    cost = {}
+    for j in (10, 1990):
+        reads.clear()
+        _, position = full[j][POSITION_KEY]
+        assert position["documents"]["sources"][0]["epoch"] == (0 if j == 10 else 3)
+        assert torch.equal(next(iter(positioned_stream([source], {0: position})))["input_ids"],
+                           full[j + 1]["input_ids"])
+        cost[j] = len(reads)
+    assert cost[1990] <= 5 + TOKENIZE_BATCH + 8 and abs(cost[1990] - cost[10]) <= 8  # buffer + tokenizer batch
 
 
 def test_datamodule_batches_doc_ids_and_alignment(corpus):

@@ -122,8 +122,9 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
         torch.save({"model_config": asdict(net.cfg), "train": train_info,
                     "state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                                    for k, v in net.state_dict().items()}}, weights)
-    device = next(net.parameters()).device
-    net.eval()
+    # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    net.to(device).eval()
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
     lengths = exp.lengths(model)
     haystack = held_out_tokens(cfg.data, tokenizer, 2 * max(lengths))
@@ -163,7 +164,7 @@ def train_model(cfg: Config):
 
 
 def load_trained(path: Path):
-    """``<model>.weights.pt`` → (HSATransformer on the default device, training summary)."""
+    """``<model>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
     from .config import ModelConfig
     from .model import HSATransformer
 
@@ -172,7 +173,7 @@ def load_trained(path: Path):
     saved = torch.load(path, map_location="cpu", weights_only=False)
     net = HSATransformer(ModelConfig(**saved["model_config"]))
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
-    return net.to("cuda" if torch.cuda.is_available() else "cpu"), saved["train"]
+    return net, saved["train"]
 
 
 def _by_task(rows: list[EvalRow]) -> list[EvalRow]:

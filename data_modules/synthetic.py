@@ -183,14 +183,16 @@ def make_random_task(haystack: np.ndarray, length: int, tokenizer, rng: np.rando
 
 
 def check_tasks_fit(tasks, length: int, tokenizer) -> None:
-    """Raise ``ValueError`` naming the first task whose needles, question and answer do not fit in ``length`` tokens
+    """Raise ``DataError`` naming the first task whose needles, question and answer do not fit in ``length`` tokens
     (checked once up front instead of failing inside a dataloader worker mid-run)."""
+    from .sources import DataError
+
     filler = np.asarray(tokenizer.encode("text "), dtype=np.int32)
     for task in tasks:
         try:
             make_task(task, filler, length, tokenizer, np.random.default_rng(0))
         except ValueError as e:
-            raise ValueError(f"data.synthetic_tasks: {e}; raise data.seq_len or drop the task") from None
+            raise DataError(f"data.synthetic_tasks: {e}; raise data.seq_len or drop the task") from None
 
 
 def score(task_sample: TaskSample, generated_text: str) -> float:

@@ -75,10 +75,7 @@ class TextDataModule(L.LightningDataModule):
         self.sources, self.weights = build_document_streams(cfg)
         self.stages = seq_len_stages(list(seq_len_schedule), cfg.seq_len, cfg.batch_size)
         if cfg.synthetic_fraction > 0:
-            try:
-                check_tasks_fit(cfg.synthetic_tasks, min(length for _, length, _ in self.stages) + 1, self.tokenizer)
-            except ValueError as e:
-                raise DataError(str(e)) from None
+            check_tasks_fit(cfg.synthetic_tasks, min(length for _, length, _ in self.stages) + 1, self.tokenizer)
         self._val_samples: list | None = None
         self._consumed = 0  # training batches this rank has consumed
         self._positions: dict[int, dict] = {}  # worker → where its shard continues after its last consumed batch

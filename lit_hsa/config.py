@@ -11,7 +11,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 ATTENTION_KINDS = ("hsa", "swa", "full")
 HSA_RESIDUALS = ("bypass", "standard")
@@ -430,27 +430,39 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
     remaining ``model.*`` keys override it. Raises ``ConfigError`` with a one-line message naming the bad key.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     file_cfg = load_yaml(path) if path else OmegaConf.create(base if base is not None else {})
+    cli_cfg = parse_overrides(overrides)
+    preset = OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny"
+    schema = OmegaConf.structured(Config(model=ModelConfig.from_name(str(preset))))
+    cfg: Config = merge_onto(schema, file_cfg, cli_cfg,
+                             unknown_key=lambda key: f"unknown config key '{key}'{_suggest_key(key)}")
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(overrides: list[str] | None):
+    """``dotted.key=value`` strings → an OmegaConf node; an item without ``=`` is one ConfigError."""
+    from omegaconf import OmegaConf
+
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like dotted.key=value")
-    cli_cfg = OmegaConf.from_dotlist(list(overrides or []))
+    return OmegaConf.from_dotlist(list(overrides or []))
 
-    preset = OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny"
-    schema = OmegaConf.structured(Config(model=ModelConfig.from_name(str(preset))))
+
+def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
+    """Merge ``nodes`` onto a structured ``schema`` → its dataclass. An unknown key is one ConfigError with the
+    message ``unknown_key(full key)``; a value of the wrong type names its key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
     try:
-        merged = OmegaConf.merge(schema, file_cfg, cli_cfg)
-        cfg: Config = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(schema, *nodes))
     except ConfigKeyError as e:
-        full_key = e.full_key or str(e.key)
-        raise ConfigError(f"unknown config key '{full_key}'{_suggest_key(full_key)}") from None
+        raise ConfigError(unknown_key(e.full_key or str(e.key))) from None
     except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"bad value for '{e.full_key}': {msg}") from None
-    cfg.validate()
-    return cfg
+        raise ConfigError(f"bad value for '{e.full_key}': {str(e).splitlines()[0]}") from None
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

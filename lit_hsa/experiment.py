@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, _choice, load_config, load_yaml
+from .config import Config, ConfigError, _choice, load_config, load_yaml, merge_onto, parse_overrides
 from .eval.ruler import EvalRow, _short, evaluate_retrieval, parse_length, rows_as_dicts
 
 
@@ -84,20 +84,10 @@ class Experiment:
 def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment:
     """An experiment YAML + ``dotted.key=value`` overrides (e.g. ``train.trainer.max_steps=10``) → ``Experiment``."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like dotted.key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Experiment), load_yaml(path),
-                                 OmegaConf.from_dotlist(list(overrides or [])))
-        exp: Experiment = OmegaConf.to_object(merged)
-    except ConfigKeyError as e:
-        raise ConfigError(f"unknown experiment key '{e.full_key or e.key}' (sections: name, out_dir, train, models, "
-                          "eval)") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for '{e.full_key}': {str(e).splitlines()[0]}") from None
+    exp: Experiment = merge_onto(
+        OmegaConf.structured(Experiment), load_yaml(path), parse_overrides(overrides),
+        unknown_key=lambda key: f"unknown experiment key '{key}' (sections: name, out_dir, train, models, eval)")
     exp.validate()
     return exp
 
@@ -144,7 +134,9 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
         result["retrieval"] += rows_as_dicts(rows)
         result["eval_seconds"] = round(result["eval_seconds"] + seconds, 1)
         json_path.write_text(json.dumps(result, indent=2))
-        print(f"{model} @ {_short(length)}: " + ", ".join(f"{r.task} {r.accuracy:.2f}" for r in _by_task(rows))
+        table = accuracy_table([{"model": model, "retrieval": rows_as_dicts(rows)}])
+        print(f"{model} @ {_short(length)}: " + ", ".join(f"{task} {per[model][length]:.2f}"
+                                                          for task, per in table.items())
               + f" ({seconds:.0f} s)", flush=True)
     return result
 
@@ -176,13 +168,6 @@ def load_trained(path: Path):
     return net, saved["train"]
 
 
-def _by_task(rows: list[EvalRow]) -> list[EvalRow]:
-    """Rows of one length averaged over depths: one per task."""
-    tasks = dict.fromkeys(r.task for r in rows)
-    return [EvalRow(t, rows[0].length, None, float(np.mean([r.accuracy for r in rows if r.task == t])),
-                    sum(r.samples for r in rows if r.task == t)) for t in tasks]
-
-
 def accuracy_table(results: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
     """results (one per model) → {task: {model: {length: accuracy averaged over depths and samples}}}."""
     table: dict[str, dict[str, dict[int, float]]] = {}
@@ -199,9 +184,8 @@ def summarize(out_dir: str | Path) -> Optional[dict]:
     """Combine every ``<model>.json`` in ``out_dir`` into ``length_generalization.json``, ``summary.md`` and
     ``accuracy_vs_length.png`` (one panel per task, one line per model). Returns the summary (None: no results)."""
     out = Path(out_dir)
-    names = ("length_generalization.json",)
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name not in names]
-    results = [r for r in results if "retrieval" in r and "model" in r]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    results = [r for r in results if "retrieval" in r and "model" in r]  # model results, not the summary itself
     if not results:
         return None
     table = accuracy_table(results)

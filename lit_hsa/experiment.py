@@ -95,6 +95,7 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
 def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
     """Train one model (or, with ``eval_only``, load ``<out>/<model>.weights.pt`` from an earlier run), evaluate it
     length by length, and write ``<out>/<model>.json`` after every length, so a run cut short keeps what it measured.
+    With ``eval_only``, rows of an existing ``<model>.json`` at lengths not evaluated again are kept.
     Training also leaves ``<out>/<model>.weights.pt`` (bf16 weights + model config) for a later ``eval_only``."""
     from data_modules.tokenizers import build_tokenizer
 
@@ -124,6 +125,12 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
         "eval_seconds": 0.0, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": time.strftime("%Y-%m-%d"), "retrieval": [],
     }
+    if eval_only and json_path.is_file():
+        # An eval-only run (e.g. longer lengths in a later GPU session) adds to what the earlier runs measured and
+        # replaces only the lengths it evaluates again.
+        earlier = json.loads(json_path.read_text())
+        result["retrieval"] = [r for r in earlier.get("retrieval", []) if r["length"] not in lengths]
+        result["eval_seconds"] = earlier.get("eval_seconds", 0.0)
     for length in lengths:
         start = time.perf_counter()
         # bf16 autocast on CUDA, as the models train

@@ -49,6 +49,12 @@ def test_experiment_eval_only_reuses_the_trained_weights(tmp_path):
     again = json.loads((out / "swa.json").read_text())
     assert again["retrieval"] == first["retrieval"]  # same weights, same seeded samples, greedy decoding
     assert again["train"] == first["train"]
+    # A later eval-only run at another length adds its rows and keeps the earlier lengths'.
+    assert main(["experiment", "--config", EXPERIMENT, "--models", "swa", "--eval-only", f"out_dir={out}", *TINY,
+                 "eval.lengths=[768]"]) == 0
+    combined = json.loads((out / "swa.json").read_text())
+    assert sorted({r["length"] for r in combined["retrieval"]}) == [512, 768, 1024]
+    assert [r for r in combined["retrieval"] if r["length"] != 768] == first["retrieval"]
 
 
 def test_experiment_errors_name_the_problem(tmp_path, capsys):

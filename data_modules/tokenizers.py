@@ -63,7 +63,7 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str | bytes]) -> list[np.ndarray]:
         texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

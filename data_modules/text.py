@@ -116,7 +116,8 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         return DataLoader(dataset, batch_size=dataset.batch_size, num_workers=self.cfg.num_workers,
-                          persistent_workers=self.cfg.num_workers > 0, collate_fn=collate_with_position)
+                          persistent_workers=self.cfg.num_workers > 0, collate_fn=collate_with_position,
+                          prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None)
 
     def val_dataloader(self) -> DataLoader:
         if self._val_samples is None:

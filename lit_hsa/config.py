@@ -210,6 +210,9 @@ class DataConfig:
     seq_len: int = 256
     batch_size: int = 8
     num_workers: int = 1
+    # Batches each worker may have ready. Batches are taken from the workers in turn (a timing-independent order,
+    # for exact resume), so a worker whose documents tokenize faster stalls once it is this far ahead.
+    prefetch_factor: int = 8
     shuffle_buffer: int = 64  # documents held for the seeded shuffle within each shard
     val_fraction: float = 0.02  # share of records held out (deterministic, by name + position hash)
     val_samples: int = 64  # packed validation sequences (split evenly over ranks)
@@ -236,6 +239,8 @@ class DataConfig:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:

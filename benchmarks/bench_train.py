@@ -3,6 +3,9 @@
 checkpointing. Prints a table and writes JSON.
 
     python benchmarks/bench_train.py [--preset small] [--lengths 16k,64k,256k] [--max-lengths 256k,512k,1m]
+                                     [--compile] [--profile 64k]
+
+``--profile T`` times one HSA step at T under torch.profiler and prints where the GPU time goes (top kernels).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,25 +26,32 @@ from lit_hsa.model import HSATransformer  # noqa: E402
 from lit_hsa.parallel import parallelize  # noqa: E402
 
 
-def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True) -> dict:
-    """One warm-up step (compilation) then ``steps`` timed AdamW steps on [1, T] random tokens, bf16 autocast."""
+def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True, compile: bool = False,
+                profile: bool = False) -> dict:
+    """One warm-up step (compilation) then ``steps`` timed AdamW steps on [1, T] random tokens, bf16 autocast.
+    ``profile``: the timed steps run under torch.profiler and the top CUDA kernels are printed."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = HSATransformer(cfg).cuda()
-    parallelize(model, activation_checkpointing=checkpointing, compile=False)
+    parallelize(model, activation_checkpointing=checkpointing, compile=compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), device="cuda")
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else nullcontext()
     try:
         for i in range(steps + 1):
             if i == 1:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
+                prof.__enter__()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if profile:
+            prof.__exit__(None, None, None)
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         elapsed = (time.perf_counter() - start) / steps
         return {"ok": True, "s_per_step": round(elapsed, 4), "tokens_per_s": round(T / elapsed),
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss.item(), 3)}
@@ -57,27 +68,35 @@ def main() -> None:
     parser.add_argument("--lengths", default="16k,64k,256k")
     parser.add_argument("--max-lengths", default="256k,512k,1m", help="tried in order until the first OOM")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--profile", default=None, help="profile one HSA step at this length and exit")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    if args.profile:
+        T = parse_length(args.profile)
+        print(train_steps(ModelConfig.from_name(args.preset), T, 1, compile=args.compile, profile=True))
+        return
     rows = []
     for T in (parse_length(x) for x in args.lengths.split(",")):
         row = {"T": T}
         for attention in ("hsa", "full"):
-            row[attention] = train_steps(ModelConfig.from_name(args.preset, attention=attention), T, args.steps)
+            row[attention] = train_steps(ModelConfig.from_name(args.preset, attention=attention), T, args.steps,
+                                         compile=args.compile)
             print(f"T={T} {attention}: {row[attention]}", flush=True)
         if row["hsa"]["ok"] and row["full"]["ok"]:
             row["speedup_vs_full"] = round(row["hsa"]["tokens_per_s"] / row["full"]["tokens_per_s"], 2)
         rows.append(row)
     longest = []
-    for T in (parse_length(x) for x in args.max_lengths.split(",")):
+    for T in (parse_length(x) for x in args.max_lengths.split(",") if x):
         r = train_steps(ModelConfig.from_name(args.preset), T, 1)
         longest.append({"T": T, **r})
         print(f"longest try T={T}: {r}", flush=True)
         if not r["ok"]:
             break
 
-    print(f"\n{args.preset} on {torch.cuda.get_device_name()}, bf16, activation checkpointing, batch 1")
+    print(f"\n{args.preset} on {torch.cuda.get_device_name()}, bf16, activation checkpointing, batch 1"
+          + (", torch.compile per block" if args.compile else ""))
     print("| T | HSA tokens/s | full tokens/s | HSA / full | HSA peak GiB | full peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         h, f = r["hsa"], r["full"]
@@ -87,7 +106,7 @@ def main() -> None:
     print(f"longest trainable sequence: {max(ok):,} tokens" if ok else "no tried length fitted")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "preset": args.preset,
-                                              "rows": rows, "longest": longest}, indent=2))
+                                              "compile": args.compile, "rows": rows, "longest": longest}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ the cost:
   not all;
 - the block size is chosen so that one block's fp32 scores take about ``score_budget_bytes`` (256 MiB by default)
   instead of a fixed 1024 rows: peak extra memory stays O(block · T/S), launches stay few at long T;
-- the differentiable scores of the kept chunks are computed by a custom autograd function that works on blocks of
-  queries, so no ``[B, T, H, topk, Dr]`` gather of landmarks is ever held for backward (16 GiB at 1M tokens,
-  top-64, Dr=128 in bf16).
+- the differentiable scores of the kept chunks come from a custom autograd function that works on the same query
+  blocks with dense GEMMs (score, then gather the kept entries; backward: scatter into the dense block, two GEMMs),
+  so no ``[B, T, H, topk, Dr]`` gather of landmarks is ever built (16 GiB at 1M tokens, top-64, Dr=128 in bf16).
 """
 from __future__ import annotations
 
@@ -28,55 +28,67 @@ def _auto_block(B: int, H: int, C: int, budget_bytes: int) -> int:
     return int(max(256, min(1 << 16, rows)))
 
 
+def _query_blocks(T: int, block: int, C: int, visible: tuple[int, int] | None):
+    """(start, stop, hi) per block of queries; chunks >= hi are invisible to every query of the block
+    (``visible`` = (q_start, chunk_size); None: all C chunks)."""
+    for start in range(0, T, block):
+        stop = min(start + block, T)
+        hi = C if visible is None else min(C, (stop - 1 + visible[0]) // visible[1])
+        yield start, stop, hi
+
+
 class _GatheredScores(torch.autograd.Function):
-    """scores[b,t,h,j] = q[b,t,h] · lmk[b, idx[b,t,h,j], h] · scale (−inf where idx < 0), computed in blocks."""
+    """scores[b,t,h,j] = q[b,t,h] · lmk[b, idx[b,t,h,j], h] · scale (−inf where idx < 0), computed in blocks.
+
+    Per block of queries, one GEMM scores the block against every chunk it can see ([B, H, Tb, hi]) and the
+    selected scores are gathered from it; backward scatters dscores into the same dense block and runs two GEMMs
+    (dq = dS·L, dL += dSᵀ·q). Gathering [B, Tb, H, K, Dr] landmark copies instead moves ~K·Dr·12 bytes per query
+    through index kernels: at 64K tokens, top-32, Dr=640 that was the largest item of a training step on an H100,
+    while the GEMMs run on tensor cores."""
 
     @staticmethod
-    def forward(ctx, q, lmk, idx, scale, block):
+    def forward(ctx, q, lmk, idx, scale, block, visible):
         B, T, H, K = idx.shape
-        out = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-        b_ix = torch.arange(B, device=q.device)[:, None, None, None]
-        h_ix = torch.arange(H, device=q.device)[None, None, :, None]
-        for start in range(0, T, block):
-            stop = min(start + block, T)
-            sel = lmk[b_ix, idx[:, start:stop].clamp(min=0), h_ix].float()  # [B, Tb, H, K, Dr]
-            out[:, start:stop] = torch.einsum("bthd,bthkd->bthk", q[:, start:stop].float(), sel) * scale
-        out.masked_fill_(idx < 0, float("-inf"))
+        q_t, l_t, idx_t = q.transpose(1, 2), lmk.transpose(1, 2), idx.transpose(1, 2)  # [B, H, ·, ·]
+        out = torch.full((B, H, T, K), float("-inf"), device=q.device, dtype=torch.float32)
+        for start, stop, hi in _query_blocks(T, block, lmk.shape[1], visible):
+            if hi <= 0:
+                continue  # no chunk is visible yet: every slot of the block is empty
+            s = torch.matmul(q_t[:, :, start:stop], l_t[:, :, :hi].transpose(-1, -2).to(q.dtype))  # [B, H, Tb, hi]
+            out[:, :, start:stop] = s.gather(-1, idx_t[:, :, start:stop].clamp(0, hi - 1)).float() * scale
+        out.masked_fill_(idx_t < 0, float("-inf"))
         ctx.save_for_backward(q, lmk, idx)
-        ctx.scale, ctx.block = scale, block
-        return out.to(q.dtype)
+        ctx.scale, ctx.block, ctx.visible = scale, block, visible
+        return out.transpose(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dscores):
         q, lmk, idx = ctx.saved_tensors
         B, T, H, K = idx.shape
-        C, Dr = lmk.shape[1], lmk.shape[3]
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dlmk = torch.zeros(lmk.shape, device=q.device, dtype=torch.float32)
-        ds = (dscores.float() * ctx.scale).masked_fill(idx < 0, 0.0)
-        b_ix = torch.arange(B, device=q.device)[:, None, None, None]
-        h_ix = torch.arange(H, device=q.device)[None, None, :, None]
-        # Flat row of (b, c, h) in dlmk viewed as [B*C*H, Dr], for index_add_.
-        flat_base = b_ix * (C * H) + h_ix
-        for start in range(0, T, ctx.block):
-            stop = min(start + ctx.block, T)
-            ci = idx[:, start:stop].clamp(min=0)
-            d = ds[:, start:stop]  # [B, Tb, H, K]
-            sel = lmk[b_ix, ci, h_ix].float()
-            dq[:, start:stop] = torch.einsum("bthk,bthkd->bthd", d, sel)
-            contrib = d[..., None] * q[:, start:stop, :, None, :].float()  # [B, Tb, H, K, Dr]
-            rows = (flat_base + ci * H).reshape(-1)
-            dlmk.view(-1, Dr).index_add_(0, rows, contrib.reshape(-1, Dr))
-        return dq.to(q.dtype), dlmk.to(lmk.dtype), None, None, None
+        q_t, l_t, idx_t = q.transpose(1, 2), lmk.transpose(1, 2), idx.transpose(1, 2)
+        ds_t = (dscores.float() * ctx.scale).transpose(1, 2).masked_fill(idx_t < 0, 0.0)  # [B, H, T, K]
+        dq_t = torch.zeros(q_t.shape, device=q.device, dtype=q.dtype)
+        dl_t = torch.zeros(l_t.shape, device=q.device, dtype=torch.float32)  # summed over blocks
+        for start, stop, hi in _query_blocks(T, ctx.block, lmk.shape[1], ctx.visible):
+            if hi <= 0:
+                continue
+            dense = torch.zeros(B, H, stop - start, hi, device=q.device, dtype=torch.float32)
+            dense.scatter_add_(-1, idx_t[:, :, start:stop].clamp(0, hi - 1), ds_t[:, :, start:stop])
+            dense = dense.to(q.dtype)
+            dq_t[:, :, start:stop] = torch.matmul(dense, l_t[:, :, :hi].to(q.dtype))
+            dl_t[:, :, :hi] += torch.matmul(dense.transpose(-1, -2), q_t[:, :, start:stop])
+        return dq_t.transpose(1, 2), dl_t.transpose(1, 2).to(lmk.dtype), None, None, None, None
 
 
-def gathered_scores(q: torch.Tensor, lmk: torch.Tensor, idx: torch.Tensor, scale: float, block: int | None = None):
+def gathered_scores(q: torch.Tensor, lmk: torch.Tensor, idx: torch.Tensor, scale: float, block: int | None = None,
+                    visible: tuple[int, int] | None = None):
     """q: [B, T, H, Dr], lmk: [B, C, H, Dr], idx: [B, T, H, K] → scores [B, T, H, K] in q.dtype (−inf where
-    idx < 0), differentiable in q and lmk, with memory O(block · K · Dr) (default block: ~256 MiB of gather)."""
+    idx < 0), differentiable in q and lmk, with memory O(block · C) (default block: ~256 MiB of fp32 scores).
+    ``visible`` = (q_start, chunk_size): query t sees only chunks i with (i+1)·S <= t + q_start (as the selection
+    guarantees), so a block scores only the chunks its last query can see."""
     B, T, H, K = idx.shape
-    if block is None:
-        block = int(max(64, (256 << 20) // max(1, B * H * K * q.shape[-1] * 4)))
-    return _GatheredScores.apply(q, lmk, idx, scale, block)
+    block = block or _auto_block(B, H, lmk.shape[1], 256 << 20)
+    return _GatheredScores.apply(q, lmk, idx, scale, block, visible)
 
 
 def select_chunks_fast(
@@ -135,5 +147,5 @@ def select_chunks_fast(
             del s, top_s, idx
         # Most recent chunk first; empty slots (-1) sort last.
         idx_out = idx_out.sort(dim=-1, descending=True).values
-    scores = gathered_scores(q_slc, landmarks, idx_out, scale)
+    scores = gathered_scores(q_slc, landmarks, idx_out, scale, block, visible=(q_start, S))
     return scores, idx_out

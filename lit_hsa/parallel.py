@@ -1,4 +1,4 @@
-"""Parallelism, configured not hand-coded (torchtitan style): activation checkpointing → per-block compile →
+"""Parallelism, configured not hand-coded (torchtitan style): per-block compile → activation checkpointing →
 FSDP2 ``fully_shard`` per block, applied in one place from the trainer config. The model code knows nothing of it."""
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.memory = checkpoint_wrapper(model.memory, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: small graphs compile fast and are reused by every identical block."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile each block separately: small graphs compile fast and are reused by every identical block.
+    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code)."""
     for unit in transformer_units(model):
-        unit.compile()
+        unit.compile(backend=backend)
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:
@@ -40,11 +41,15 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> No
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mesh=None) -> nn.Module:
+def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mesh=None,
+                compile_backend: str = "inductor") -> nn.Module:
+    # Compile before wrapping for checkpointing: every wrapper shares one forward, so compiling the wrappers makes
+    # dynamo guard on the wrapped block's type and recompile for each kind of unit (SWA block, HSA block, chunk
+    # encoder) and argument list, which exhausts its recompile limit; the blocks' own forwards stay separate.
+    if compile:
+        apply_compile(model, compile_backend)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model)
     if mesh is not None:
         apply_fsdp(model, mesh)
     return model

@@ -183,6 +183,17 @@ def test_cpu_kernels_in_subprocess():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as Python; compiling them for an H100 also checks what only the compiler sees."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).resolve().parent / "_compile_kernels_sm90.py"
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("sm_90 ok") == 4
+
+
 # ---------------------------------------------------------------- select_chunks fast path (plain torch on CPU)
 
 

@@ -56,6 +56,25 @@ CONFIG = {
 _LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _load_chunk(K, V, b64, c, g, stride_kb, stride_kt, stride_kh, S: tl.constexpr, D: tl.constexpr):
+    """Chunk c of KV head g: (row offsets [S], k [S, D], v [S, D])."""
+    offs_d = tl.arange(0, D)
+    kv_rows = b64 * stride_kb + (c * S + tl.arange(0, S)).to(tl.int64) * stride_kt + g * stride_kh
+    k = tl.load(K + kv_rows[:, None] + offs_d[None, :])
+    v = tl.load(V + kv_rows[:, None] + offs_d[None, :])
+    return kv_rows, k, v
+
+
+@triton.jit
+def _chunk_exp(q, kt, qk_scale, DOT_PREC: tl.constexpr):
+    """Unnormalised softmax of every row over the chunk's S keys: q [M, D], kt [D, S] → (exp [M, S], row sums [M]),
+    so a row's probabilities are exp / sums (fp32)."""
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # log2 domain
+    pe = tl.math.exp2(s - tl.max(s, 1)[:, None])
+    return pe, tl.sum(pe, 1)
+
+
 # ------------------------------------------------------------------------------------------------ chunk-major
 
 
@@ -84,11 +103,8 @@ def _hsa_fwd_kernel(
     start, count, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
     hb = tl.program_id(1)
     b64 = b.to(tl.int64)
-    offs_s = tl.arange(0, S)
     offs_d = tl.arange(0, D)
-    kv_rows = b64 * stride_kb + (c * S + offs_s).to(tl.int64) * stride_kt + g * stride_kh
-    k = tl.load(K + kv_rows[:, None] + offs_d[None, :])  # [S, D]
-    v = tl.load(V + kv_rows[:, None] + offs_d[None, :])
+    _, k, v = _load_chunk(K, V, b64, c, g, stride_kb, stride_kt, stride_kh, S, D)  # k, v: [S, D]
     kt = tl.trans(k)
 
     M: tl.constexpr = BP * HB
@@ -103,10 +119,8 @@ def _hsa_fwd_kernel(
         w = tl.load(W + p, mask=row_ok, other=0.0).to(tl.float32)
         q_rows = b64 * stride_qb + t.to(tl.int64) * stride_qt + (g * G + head) * stride_qh
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [M, S], log2 domain
-        m = tl.max(s, 1)
-        pe = tl.math.exp2(s - m[:, None])
-        pw = pe * (w / tl.sum(pe, 1))[:, None]  # weight · softmax
+        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC)
+        pw = pe * (w / l)[:, None]  # [M, S] weight · softmax
         o = tl.dot(pw.to(v.dtype), v, input_precision=DOT_PREC)  # [M, D]
         tl.atomic_add(OACC + q_rows[:, None] + offs_d[None, :], o, mask=row_ok[:, None], sem="relaxed")
 
@@ -123,11 +137,8 @@ def _hsa_bwd_kernel(
     start, count, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
     hb = tl.program_id(1)
     b64 = b.to(tl.int64)
-    offs_s = tl.arange(0, S)
     offs_d = tl.arange(0, D)
-    kv_rows = b64 * stride_kb + (c * S + offs_s).to(tl.int64) * stride_kt + g * stride_kh
-    k = tl.load(K + kv_rows[:, None] + offs_d[None, :])  # [S, D]
-    v = tl.load(V + kv_rows[:, None] + offs_d[None, :])
+    kv_rows, k, v = _load_chunk(K, V, b64, c, g, stride_kb, stride_kt, stride_kh, S, D)  # k, v: [S, D]
     kt = tl.trans(k)
     vt = tl.trans(v)
     dk = tl.zeros([S, D], dtype=tl.float32)
@@ -148,10 +159,8 @@ def _hsa_bwd_kernel(
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        m = tl.max(s, 1)
-        pe = tl.math.exp2(s - m[:, None])
-        prob = pe / tl.sum(pe, 1)[:, None]  # [M, S] exact chunk softmax
+        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC)
+        prob = pe / l[:, None]  # [M, S] exact chunk softmax
         dpv = tl.dot(do, vt, input_precision=DOT_PREC)  # [M, S]
         delta = tl.sum(prob * dpv, 1)  # [M] = O_j · dO of the row
         ds = prob * (dpv - delta[:, None]) * w[:, None]  # [M, S]
@@ -174,9 +183,10 @@ def _hsa_bwd_kernel(
 
 
 @triton.jit
-def _qm_header(IDX, W, T, HKV, NCHUNK, TOPK, G, stride_qb, stride_qt, stride_qh,
-               HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
-    """Rows, masks and the [BT, KP] index/weight tiles of a query-major program (grid: blocks, B·Hkv, heads)."""
+def _qm_header(Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh,
+               D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
+    """What a query-major program (grid: blocks, B·Hkv, heads) works on: its query rows and their tile q [M, D],
+    the [BT, KP] index/weight tiles of its tokens, and where its chunk union starts in UNION and how long it is."""
     blk = tl.program_id(0)
     bg = tl.program_id(1)
     hb = tl.program_id(2)
@@ -196,7 +206,10 @@ def _qm_header(IDX, W, T, HKV, NCHUNK, TOPK, G, stride_qb, stride_qt, stride_qh,
     idx = tl.load(IDX + slot, mask=slot_ok, other=-1)
     idx = tl.where(idx >= 0, tl.minimum(idx, NCHUNK - 1), -1)
     w = tl.load(W + slot, mask=slot_ok, other=0.0).to(tl.float32)
-    return blk, bg, b, g, q_rows, row_ok, idx, w, slot, slot_ok
+    q = tl.load(Q + q_rows[:, None] + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+    union_start = (bg.to(tl.int64) * n_blk + blk) * u_width
+    n_union = tl.load(UCOUNT + bg.to(tl.int64) * n_blk + blk)
+    return b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union
 
 
 @triton.jit
@@ -215,24 +228,15 @@ def _hsa_fwd_qm_kernel(
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    blk, bg, b, g, q_rows, row_ok, idx, w, slot, slot_ok = _qm_header(
-        IDX, W, T, HKV, NCHUNK, TOPK, G, stride_qb, stride_qt, stride_qh, HB, BT, KP)
-    offs_s = tl.arange(0, S)
+    b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
+        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     acc = tl.zeros([BT * HB, D], dtype=tl.float32)
-    ub = (bg.to(tl.int64) * n_blk + blk) * u_width
-    n_u = tl.load(UCOUNT + bg.to(tl.int64) * n_blk + blk)
-    for u in range(0, n_u):
-        c = tl.load(UNION + ub + u)
-        kv_rows = b.to(tl.int64) * stride_kb + (c * S + offs_s).to(tl.int64) * stride_kt + g * stride_kh
-        k = tl.load(K + kv_rows[:, None] + offs_d[None, :])
-        v = tl.load(V + kv_rows[:, None] + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        m = tl.max(s, 1)
-        pe = tl.math.exp2(s - m[:, None])
-        wr = _row_weights(idx, w, c, HB, BT)
-        pw = pe * (wr / tl.sum(pe, 1))[:, None]
+    for u in range(0, n_union):
+        c = tl.load(UNION + union_start + u)
+        _, k, v = _load_chunk(K, V, b.to(tl.int64), c, g, stride_kb, stride_kt, stride_kh, S, D)
+        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC)
+        pw = pe * (_row_weights(idx, w, c, HB, BT) / l)[:, None]
         acc = tl.dot(pw.to(v.dtype), v, acc, input_precision=DOT_PREC)
     tl.store(O + q_rows[:, None] + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
@@ -246,25 +250,17 @@ def _hsa_bwd_qm_kernel(
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    blk, bg, b, g, q_rows, row_ok, idx, w, slot, slot_ok = _qm_header(
-        IDX, W, T, HKV, NCHUNK, TOPK, G, stride_qb, stride_qt, stride_qh, HB, BT, KP)
-    offs_s = tl.arange(0, S)
+    b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
+        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     dq = tl.zeros([BT * HB, D], dtype=tl.float32)
     dw = tl.zeros([BT, KP], dtype=tl.float32)
-    ub = (bg.to(tl.int64) * n_blk + blk) * u_width
-    n_u = tl.load(UCOUNT + bg.to(tl.int64) * n_blk + blk)
-    for u in range(0, n_u):
-        c = tl.load(UNION + ub + u)
-        kv_rows = b.to(tl.int64) * stride_kb + (c * S + offs_s).to(tl.int64) * stride_kt + g * stride_kh
-        k = tl.load(K + kv_rows[:, None] + offs_d[None, :])
-        v = tl.load(V + kv_rows[:, None] + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        m = tl.max(s, 1)
-        pe = tl.math.exp2(s - m[:, None])
-        prob = pe / tl.sum(pe, 1)[:, None]
+    for u in range(0, n_union):
+        c = tl.load(UNION + union_start + u)
+        _, k, v = _load_chunk(K, V, b.to(tl.int64), c, g, stride_kb, stride_kt, stride_kh, S, D)
+        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC)
+        prob = pe / l[:, None]
         dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         delta = tl.sum(prob * dpv, 1)  # [M] = O_c · dO per row
         wr = _row_weights(idx, w, c, HB, BT)

@@ -1,0 +1,41 @@
+"""Compile every HSA attention kernel for an H100 (sm_90) on a machine without a GPU: Triton's front end, LLVM and
+ptxas check what the interpreter lets through (constexpr use, types, shared memory). Run by
+``test_kernels_compile_for_sm90`` in a fresh process without TRITON_INTERPRET. Exit 77: this Triton cannot do it."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print(f"no ahead-of-time compilation in this triton: {e}")
+    sys.exit(77)
+
+import kernels.hsa.triton_attention as ta  # noqa: E402
+
+BF16, F32, I32 = "*bf16", "*fp32", "*i32"
+COMMON = dict(S=64, D=128, DOT_PREC="tf32")  # the benchmark's shapes: chunk 64, head dim 128, bf16
+KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query heads per KV head
+    (ta._hsa_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, PERM=I32, ITEMS=I32, OACC=F32), {"qk_scale"},
+     dict(COMMON, HB=16, BP=4)),
+    (ta._hsa_bwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, DO=BF16, PERM=I32, ITEMS=I32, DQ=F32, DK=F32, DV=F32,
+                              DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BP=8, COMPUTE_DQ=True)),
+    (ta._hsa_fwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, O=BF16),
+     {"qk_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
+    (ta._hsa_bwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, DO=BF16, DQ=BF16,
+                                 DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
+]
+
+for fn, pointers, floats, consts in KERNELS:
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "fp32" if n in floats else "i32") for n in names}
+    try:
+        src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    except TypeError as e:  # another Triton generation's API
+        print(f"ASTSource API differs in triton {triton.__version__}: {e}")
+        sys.exit(77)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    print(f"{fn.__name__}: sm_90 ok, {compiled.metadata.shared} bytes of shared memory")

@@ -37,7 +37,8 @@ class Rotary(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos, sin: [T, D/2]. Rotates the two halves of each head (GPT-NeoX layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    # fp32 cos/sin promote each product to fp32 inside its kernel: no fp32 copy of x is written first.
+    x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 

@@ -293,3 +293,26 @@ def test_gpu_select_chunks_vs_reference(H, K, dtype):
     if not mismatch.any():
         for a, b in zip(g1, g2):
             assert rel_err(a, b) < 1e-2
+
+
+def test_decoding_sized_calls_take_the_gather_first_reference(monkeypatch):
+    """Under ``auto`` a decoding step (a few (token, slot) pairs) skips the kernel's work-list building; the
+    reference it uses gathers only the selected chunks, so it never converts the whole memory."""
+    monkeypatch.setattr(hsa, "_use_fast", lambda t: True)  # as on CUDA
+    called = []
+    monkeypatch.setattr(hsa, "hsa_attention_reference", lambda *a, **kw: called.append("reference"))
+    import kernels.hsa.triton_attention as ta
+
+    monkeypatch.setattr(ta, "hsa_attention_triton", lambda *a, **kw: called.append("triton"))
+    q, k, v, w, idx = make_problem(1, 4, 8, 2, 16, 16, 8, Tk=256, device="cpu")  # 4 tokens × 2 heads × 8 slots
+    hsa.hsa_attention(q, k, v, w, idx, chunk_size=16)
+    q, k, v, w, idx = make_problem(1, 64, 8, 2, 16, 16, 8, Tk=256, device="cpu")  # 1024 pairs: a prefill
+    hsa.hsa_attention(q, k, v, w, idx, chunk_size=16)
+    assert called == ["reference", "triton"]
+    hsa.set_backend("triton")  # asked for explicitly: the kernel whatever the size
+    try:
+        q, k, v, w, idx = make_problem(1, 4, 8, 2, 16, 16, 8, Tk=256, device="cpu")
+        hsa.hsa_attention(q, k, v, w, idx, chunk_size=16)
+    finally:
+        hsa.set_backend("auto")
+    assert called[-1] == "triton"

@@ -77,6 +77,16 @@ def _attention_kernel_fits(q: torch.Tensor, chunk_size: int) -> bool:
     )
 
 
+# (token, slot) pairs up to which the gather-first reference serves ``auto`` on CUDA too: a decoding step selects a
+# few dozen chunks, and the kernel's work list (sorts, counts, a few host synchronisations to size its grid) would
+# cost more than the attention itself, once per HSA layer and token.
+DECODE_MAX_PAIRS = 256
+
+
+def _decode_sized(weights: torch.Tensor) -> bool:
+    return _backend == "auto" and weights.numel() <= DECODE_MAX_PAIRS
+
+
 def _use_fast(t: torch.Tensor) -> bool:
     if _backend == "reference":
         return False
@@ -97,9 +107,10 @@ def hsa_attention(
     """q: [B, T, Hq, D], k/v: [B, Tk, Hkv, D], weights/indices: [B, T, Hkv, K] → o: [B, T, Hq, D].
 
     See ``reference.hsa_attention_reference`` for the exact definition. Shapes the kernel does not cover
-    (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference.
+    (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference, and so do
+    decoding-sized calls (at most ``DECODE_MAX_PAIRS`` (token, slot) pairs) under the ``auto`` backend.
     """
-    if _use_fast(q) and _attention_kernel_fits(q, chunk_size):
+    if _use_fast(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights):
         from .triton_attention import hsa_attention_triton
 
         return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale)

@@ -56,7 +56,8 @@ def hsa_attention_reference(
 
     The softmax runs over the ``chunk_size`` keys of chunk ``c`` only. Returns ``o: [B, T, Hq, D]`` in ``q.dtype``.
     Differentiable in q, k, v and weights. Memory is ``O(B·T·Hq·K·S)`` for the scores plus a gather of
-    ``O(B·T·Hkv·K·S·D)``: fine for CPU-sized problems, which is what this path is for.
+    ``O(B·T·Hkv·K·S·D)``: fine for CPU-sized problems and for decoding steps (a few queries), which is what this
+    path is for.
     """
     check_hsa_inputs(q, k, v, weights, indices, chunk_size)
     B, T, Hq, D = q.shape
@@ -69,11 +70,16 @@ def hsa_attention_reference(
     valid = indices >= 0  # [B, T, Hkv, K]
     K = indices.shape[-1]
     idx = indices.long().clamp(0, max(n_chunks - 1, 0)).permute(0, 2, 1, 3)  # [B, Hkv, T, K]
-    # Gather K and V of the selected chunks in one indexing op: [B, Hkv, T, K·S, 2D].
-    kv = torch.cat([k, v], dim=-1).to(cdt).view(B, n_chunks, S, Hkv, 2 * D).permute(0, 3, 1, 2, 4)
+    # Gather the selected chunks first, then convert: the work is O(selected keys), not O(memory), which keeps a
+    # decoding step against millions of cached tokens cheap. [B, Hkv, T, K·S, D] each.
     b_ix = torch.arange(B, device=q.device)[:, None, None, None]
     h_ix = torch.arange(Hkv, device=q.device)[None, :, None, None]
-    k_sel, v_sel = kv[b_ix, h_ix, idx].reshape(B, Hkv, T, K * S, 2 * D).split(D, dim=-1)
+
+    def selected(x: torch.Tensor) -> torch.Tensor:
+        chunks = x.view(B, n_chunks, S, Hkv, D).permute(0, 3, 1, 2, 4)  # [B, Hkv, C, S, D] (a view)
+        return chunks[b_ix, h_ix, idx].reshape(B, Hkv, T, K * S, D).to(cdt)
+
+    k_sel, v_sel = selected(k), selected(v)
 
     qg = q.to(cdt).view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4)  # [B, Hkv, T, G, D]
     scores = (qg @ k_sel.transpose(-1, -2)) * scale  # [B, Hkv, T, G, K·S]

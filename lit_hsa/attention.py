@@ -61,11 +61,40 @@ class AttentionMask:
 @dataclass
 class KVCache:
     """Past keys/values of every attention layer during decoding: ``layers[module] = (k, v)`` ``[B, L, Hkv, D]``,
-    the last ``window`` positions for sliding-window layers (bounded memory), all of them for full attention.
-    ``pos``: absolute position of the first new token."""
+    the last ``window`` positions for sliding-window layers (bounded memory), all of them for full attention
+    (views of a ``GrowingKV`` buffer there). ``pos``: absolute position of the first new token."""
 
     pos: int = 0
     layers: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)  # full-attention layers: module → GrowingKV
+
+
+class GrowingKV:
+    """Keys and values appended along time into buffers that grow by a quarter when full, so a decoding step
+    writes only its new positions: concatenating the whole cache each token would copy all of it (gigabytes at
+    a million cached tokens) per layer and token."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: [B, n, Hkv, D] → every position so far, [B, length, Hkv, D] each (views)."""
+        n, end = k.shape[1], self.length + k.shape[1]
+        if self.k is None or end > self.k.shape[1]:
+            # +25% and at least 4096 positions: few regrowths in decoding and segment prefill alike, without
+            # doubling the memory that decides where full attention runs out.
+            old = self.k.shape[1] if self.k is not None else 0
+            capacity = max(end + 4096, old + old // 4)
+            grown = [x.new_empty(x.shape[0], capacity, *x.shape[2:]) for x in (k, v)]
+            if self.length:
+                grown[0][:, : self.length] = self.k[:, : self.length]
+                grown[1][:, : self.length] = self.v[:, : self.length]
+            self.k, self.v = grown
+        self.k[:, self.length : end] = k
+        self.v[:, self.length : end] = v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
 
 
 def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:
@@ -174,8 +203,9 @@ class SelfAttention(nn.Module):
 
     def _attend_cached(self, q, k, v, window: int | None, cache: KVCache) -> torch.Tensor:
         """New queries at positions pos..pos+n-1 against cached + new keys; then trim the cache to the window."""
-        past = cache.layers.get(self)
-        if past is not None:
+        if window is None:
+            k, v = cache.buffers.setdefault(self, GrowingKV()).append(k, v)
+        elif (past := cache.layers.get(self)) is not None:  # at most `window` positions: a copy is cheap
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         n, L = q.shape[1], k.shape[1]
         if window is None:

@@ -52,3 +52,18 @@ def test_top_p_keeps_the_nucleus_only():
     assert picks == {0, 1}
     assert int(sample_next(logits, temperature=1.0, top_p=1e-6, generator=g)) == 0
     assert int(sample_next(logits)) == 0  # greedy
+
+
+def test_full_attention_cache_grows_in_place():
+    """The full-attention KV cache appends into a buffer that grows geometrically: every position is kept in order,
+    and most decoding steps write only their own position (the buffer is reused, not reallocated)."""
+    from lit_hsa.attention import GrowingKV
+
+    cache, buffers = GrowingKV(), set()
+    parts = [torch.randn(2, n, 3, 4) for n in (5000, 1, 1, 3, 7000)]
+    for part in parts:
+        k, v = cache.append(part, -part)
+        buffers.add(cache.k.data_ptr())
+    torch.testing.assert_close(k, torch.cat(parts, dim=1))
+    torch.testing.assert_close(v, -torch.cat(parts, dim=1))
+    assert len(buffers) == 2  # one buffer for the prompt and the decoded tokens, one regrowth for the long segment

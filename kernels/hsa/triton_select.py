@@ -122,9 +122,7 @@ def select_chunks_fast(
     with torch.no_grad():
         lmk_t = landmarks.float().permute(0, 2, 3, 1)  # [B, H, Dr, C]
         q_t = q_slc.permute(0, 2, 1, 3)  # [B, H, T, Dr]
-        for start in range(0, T, block):
-            stop = min(start + block, T)
-            hi = min(C, (stop - 1 + q_start) // S)  # chunks >= hi are invisible to every query of the block
+        for start, stop, hi in _query_blocks(T, block, C, (q_start, S)):
             if hi <= 0:
                 continue
             s = torch.matmul(q_t[:, :, start:stop].float(), lmk_t[..., :hi])  # [B, H, Tb, hi]

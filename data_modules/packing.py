@@ -261,8 +261,7 @@ class PackedStream(IterableDataset):
         the tokens of its batches before ``start_batch`` (a fresh start: none)."""
         if worker in self.start_positions:
             return self.start_positions[worker]
-        done_batches = max(0, -(-(self.start_batch - worker) // n_workers))  # batches b < start with b % W == worker
-        tokens = done_batches * self.batch_size * self.seq_len
+        tokens = batches_of(worker, n_workers, self.start_batch) * self.batch_size * self.seq_len
         return {"documents": None, "offset": tokens, "token": tokens}
 
     def _positioned_windows(self, shard: int, n_shards: int, position: dict):
@@ -301,7 +300,7 @@ class PackedStream(IterableDataset):
         """Samples worker ``slot`` yields: the batches ``k < max_batches`` with ``k % n_workers == slot``."""
         if self.max_batches is None:
             return None
-        return max(0, -(-(self.max_batches - slot) // n_workers)) * self.batch_size
+        return batches_of(slot, n_workers, self.max_batches) * self.batch_size
 
     def __iter__(self):
         info = get_worker_info()
@@ -315,6 +314,11 @@ class PackedStream(IterableDataset):
             if self.track_position:
                 sample[POSITION_KEY] = (worker, position)
             yield sample
+
+
+def batches_of(worker: int, n_workers: int, n_batches: int) -> int:
+    """How many of the loader's batches ``b < n_batches`` worker ``worker`` makes (batch b comes from b % n_workers)."""
+    return max(0, -(-(n_batches - worker) // n_workers))
 
 
 def collate_with_position(samples: list[dict]) -> dict:

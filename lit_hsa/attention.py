@@ -60,13 +60,13 @@ class AttentionMask:
 
 @dataclass
 class KVCache:
-    """Past keys/values of every attention layer during decoding: ``layers[module] = (k, v)`` ``[B, L, Hkv, D]``,
-    the last ``window`` positions for sliding-window layers (bounded memory), all of them for full attention
-    (views of a ``GrowingKV`` buffer there). ``pos``: absolute position of the first new token."""
+    """Past keys/values of every attention layer during decoding: sliding-window layers keep their last ``window``
+    positions in ``layers[module] = (k, v)`` ``[B, L, Hkv, D]`` (bounded memory); full-attention layers keep all of
+    them in ``buffers[module]`` (a ``GrowingKV``). ``pos``: absolute position of the first new token."""
 
     pos: int = 0
     layers: dict = field(default_factory=dict)
-    buffers: dict = field(default_factory=dict)  # full-attention layers: module → GrowingKV
+    buffers: dict = field(default_factory=dict)
 
 
 class GrowingKV:
@@ -80,7 +80,7 @@ class GrowingKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: [B, n, Hkv, D] → every position so far, [B, length, Hkv, D] each (views)."""
-        n, end = k.shape[1], self.length + k.shape[1]
+        end = self.length + k.shape[1]
         if self.k is None or end > self.k.shape[1]:
             # +25% and at least 4096 positions: few regrowths in decoding and segment prefill alike, without
             # doubling the memory that decides where full attention runs out.
@@ -202,21 +202,16 @@ class SelfAttention(nn.Module):
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
     def _attend_cached(self, q, k, v, window: int | None, cache: KVCache) -> torch.Tensor:
-        """New queries at positions pos..pos+n-1 against cached + new keys; then trim the cache to the window."""
+        """New queries at positions pos..pos+n-1 against cached + new keys; a sliding-window cache is then trimmed
+        to the last ``window`` positions (all a later query can still see)."""
         if window is None:
             k, v = cache.buffers.setdefault(self, GrowingKV()).append(k, v)
-        elif (past := cache.layers.get(self)) is not None:  # at most `window` positions: a copy is cheap
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        n, L = q.shape[1], k.shape[1]
-        if window is None:
             # Full attention over a long cache: a lower-right causal bias keeps SDPA on its fused kernels instead
             # of an explicit [n, L] mask (64 GB for a 64K segment against 1M cached tokens).
             from torch.nn.attention.bias import causal_lower_right
 
-            allowed = causal_lower_right(n, L)
-            out = attend(q, k, v, AttentionMask(window, dense=allowed))
-        else:
-            out = _sliding_window_blocks(q, k, v, window)
-        # Keep only what a later query can still see: the last `window` positions (sliding window) or all (full).
-        cache.layers[self] = (k[:, -window:], v[:, -window:]) if window is not None else (k, v)
-        return out
+            return attend(q, k, v, AttentionMask(window, dense=causal_lower_right(q.shape[1], k.shape[1])))
+        if (past := cache.layers.get(self)) is not None:  # at most `window` positions: a copy is cheap
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        cache.layers[self] = (k[:, -window:], v[:, -window:])
+        return _sliding_window_blocks(q, k, v, window)

@@ -234,13 +234,11 @@ class DataConfig:
             raise ConfigError("data.sources is empty")
         for i, src in enumerate(self.resolved_sources()):
             src.validate("data.paths" if self.paths else f"data.sources[{i}]")
-        for key in ("seq_len", "batch_size", "val_samples", "shuffle_buffer"):
+        for key in ("seq_len", "batch_size", "val_samples", "shuffle_buffer", "prefetch_factor"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:

@@ -49,12 +49,13 @@ class _GatheredScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, lmk, idx, scale, block, visible):
         B, T, H, K = idx.shape
-        q_t, l_t, idx_t = q.transpose(1, 2), lmk.transpose(1, 2), idx.transpose(1, 2)  # [B, H, ·, ·]
+        # [B, H, ·, ·]; landmarks in q's dtype once, not per block
+        q_t, l_t, idx_t = q.transpose(1, 2), lmk.to(q.dtype).transpose(1, 2), idx.transpose(1, 2)
         out = torch.full((B, H, T, K), float("-inf"), device=q.device, dtype=torch.float32)
         for start, stop, hi in _query_blocks(T, block, lmk.shape[1], visible):
             if hi <= 0:
                 continue  # no chunk is visible yet: every slot of the block is empty
-            s = torch.matmul(q_t[:, :, start:stop], l_t[:, :, :hi].transpose(-1, -2).to(q.dtype))  # [B, H, Tb, hi]
+            s = torch.matmul(q_t[:, :, start:stop], l_t[:, :, :hi].transpose(-1, -2))  # [B, H, Tb, hi]
             out[:, :, start:stop] = s.gather(-1, idx_t[:, :, start:stop].clamp(0, hi - 1)).float() * scale
         out.masked_fill_(idx_t < 0, float("-inf"))
         ctx.save_for_backward(q, lmk, idx)
@@ -65,17 +66,17 @@ class _GatheredScores(torch.autograd.Function):
     def backward(ctx, dscores):
         q, lmk, idx = ctx.saved_tensors
         B, T, H, K = idx.shape
-        q_t, l_t, idx_t = q.transpose(1, 2), lmk.transpose(1, 2), idx.transpose(1, 2)
+        q_t, l_t, idx_t = q.transpose(1, 2), lmk.to(q.dtype).transpose(1, 2), idx.transpose(1, 2)
         ds_t = (dscores.float() * ctx.scale).transpose(1, 2).masked_fill(idx_t < 0, 0.0)  # [B, H, T, K]
         dq_t = torch.zeros(q_t.shape, device=q.device, dtype=q.dtype)
-        dl_t = torch.zeros(l_t.shape, device=q.device, dtype=torch.float32)  # summed over blocks
+        dl_t = torch.zeros(l_t.shape, device=q.device, dtype=torch.float32)  # summed over blocks in fp32
         for start, stop, hi in _query_blocks(T, ctx.block, lmk.shape[1], ctx.visible):
             if hi <= 0:
                 continue
             dense = torch.zeros(B, H, stop - start, hi, device=q.device, dtype=torch.float32)
             dense.scatter_add_(-1, idx_t[:, :, start:stop].clamp(0, hi - 1), ds_t[:, :, start:stop])
             dense = dense.to(q.dtype)
-            dq_t[:, :, start:stop] = torch.matmul(dense, l_t[:, :, :hi].to(q.dtype))
+            dq_t[:, :, start:stop] = torch.matmul(dense, l_t[:, :, :hi])
             dl_t[:, :, :hi] += torch.matmul(dense.transpose(-1, -2), q_t[:, :, start:stop])
         return dq_t.transpose(1, 2), dl_t.transpose(1, 2).to(lmk.dtype), None, None, None, None
 

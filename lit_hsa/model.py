@@ -19,7 +19,7 @@ from kernels.hsa import hsa_attention, select_chunks
 
 from .attention import AttentionMask, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
-from .loss import chunked_cross_entropy
+from .loss import chunk_loss_sum, chunked_cross_entropy
 from .moe import MoE, SwiGLU
 
 
@@ -304,6 +304,7 @@ class HSATransformer(nn.Module):
         self.upper = nn.ModuleList(upper)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.chunk_loss = chunk_loss_sum  # per row chunk of the loss; parallel.apply_compile swaps in a compiled one
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -390,7 +391,8 @@ class HSATransformer(nn.Module):
         h = self.norm(h)
         if labels is not None:
             weights = loss_weight.flatten() if loss_weight is not None else None
-            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten(), weights)
+            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten(), weights,
+                                         chunk_loss=self.chunk_loss)
         return F.linear(h, self.head_weight())
 
     def num_parameters(self) -> tuple[int, int]:

@@ -2,7 +2,10 @@
 FSDP2 ``fully_shard`` per block, applied in one place from the trainer config. The model code knows nothing of it."""
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from .loss import chunk_loss_sum
 
 
 def transformer_units(model: nn.Module) -> list[nn.Module]:
@@ -27,9 +30,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile each block separately: small graphs compile fast and are reused by every identical block.
-    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code)."""
+    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code).
+    The loss's row chunks are compiled too: eagerly, the [rows, vocab] logits go through memory three times in fp32
+    (cast, log-softmax, pick), a noticeable share of a long-context step."""
     for unit in transformer_units(model):
         unit.compile(backend=backend)
+    model.chunk_loss = torch.compile(chunk_loss_sum, backend=backend, dynamic=False)
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:

@@ -95,6 +95,10 @@ def _use_fast(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_importable()
 
 
+# Both ops are opaque to torch.compile (a graph break each): their fast paths size a work list from the data (host
+# syncs), which dynamo would guard on and recompile for, and tracing into the selection's autograd function gave NaN
+# gradients under inductor on CUDA. The kernels are already fused; compile still fuses everything around them.
+@torch.compiler.disable
 def hsa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,6 +121,7 @@ def hsa_attention(
     return hsa_attention_reference(q, k, v, weights, indices, chunk_size, sm_scale)
 
 
+@torch.compiler.disable
 def select_chunks(
     q_slc: torch.Tensor,
     landmarks: torch.Tensor,

@@ -44,6 +44,10 @@ __all__ = ["hsa_attention_triton", "build_plan", "HSAPlan", "CONFIG"]
 
 # Tiles and strategy; the benchmark overrides them to tune. ``rows``: rows (pairs or tokens × heads) per tile;
 # ``seg_rows``: about how many rows one chunk-major program handles before the next one takes over the bucket.
+# Up to this many (token, slot) pairs (1M tokens × 16 slots) the strategy choice sorts every block's union (exact,
+# reused by the query-major kernels); above it, a sample of blocks decides.
+FULL_UNION_MAX_PAIRS = 1 << 24
+
 CONFIG = {
     "strategy": "auto",  # "auto" | "chunk" | "query"
     "qm_max_expansion": 2.0,
@@ -283,7 +287,7 @@ class HSAPlan:
       sorted by bucket ``(b·Hkv + g)·C + c`` (token order inside a bucket); the buckets cut into items of at most
       ``seg`` pairs → [3, n_items] int32 (start in perm, pair count, bucket), in launch order.
     - ``union(bt)``: query-major work list: for each block of ``bt`` tokens and KV head, the distinct chunks its
-      tokens picked → (union [B·Hkv, n_blk, width] int32 padded with −1, counts [B·Hkv, n_blk] int32,
+      tokens picked → (union [B·Hkv, n_blk, bt·K] int32 padded with −1, counts [B·Hkv, n_blk] int32,
       expansion = union size / slots used per token, averaged).
     Reusable by every HSA layer that reads the same indices.
     """
@@ -307,7 +311,9 @@ class HSAPlan:
               + torch.arange(Hkv, device=dev, dtype=torch.int32)[None, None, :, None])
         key = torch.where(self.indices >= 0, bg * self.n_chunks + self.indices, nb).reshape(-1)
         _, perm = torch.sort(key, stable=True)
-        self._counts = torch.bincount(key, minlength=nb + 1)[:nb]
+        # scatter_add rather than bincount: bincount reads the largest key back to the host to size its output.
+        key = key.long()
+        self._counts = torch.zeros(nb + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:nb]
         self._perm = perm.to(torch.int32)
 
     @property
@@ -343,7 +349,9 @@ class HSAPlan:
         return torch.stack([item_start[order], item_count[order], item_bucket[order]]).to(torch.int32).contiguous()
 
     def _blocks(self, bt: int, sample: int | None = None):
-        """Distinct chunks per block of bt tokens: (sorted ids [B·Hkv, n, bt·K] with −1 padding, counts, stats)."""
+        """Distinct chunks per block of bt tokens: (sorted ids [B·Hkv, n, bt·K] with −1 padding, counts, expansion).
+        The padding stays: kernels loop over ``counts`` only, and trimming to the widest block would cost a host
+        synchronisation of its own."""
         B, T, Hkv, K = self.shape
         n_blk = triton.cdiv(T, bt)
         x = self.indices.permute(0, 2, 1, 3)  # [B, Hkv, T, K]
@@ -358,20 +366,21 @@ class HSAPlan:
         n_valid = (x >= 0).sum()
         x = x.masked_fill(dup, -1).sort(dim=-1, descending=True).values
         counts = (x >= 0).sum(-1, dtype=torch.int32)
-        n_valid, total, width = torch.stack([n_valid, counts.sum(), counts.max()]).tolist()  # one host sync
-        return x, counts, total * bt / max(n_valid, 1), width
+        n_valid, total = torch.stack([n_valid, counts.sum()]).tolist()  # one host sync
+        return x, counts, total * bt / max(n_valid, 1)
 
     def expansion(self, bt: int) -> float:
         """Distinct chunks per block of bt tokens / slots used per token (1 = the tokens share all their chunks,
-        bt = they share none), estimated on at most 2048 evenly spaced blocks."""
-        if bt in self._union:
-            return self._union[bt][2]
-        return self._blocks(bt, sample=2048)[2]
+        bt = they share none). Up to ``FULL_UNION_MAX_PAIRS`` (token, slot) pairs it is exact and the union it
+        measured is kept for the query-major kernels (one host sync serves both); above, it is estimated on 2048
+        evenly spaced blocks, so choosing the chunk-major path never sorts all pairs by block."""
+        if bt not in self._union and self.indices.numel() > FULL_UNION_MAX_PAIRS:
+            return self._blocks(bt, sample=2048)[2]
+        return self.union(bt)[2]
 
     def union(self, bt: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         if bt not in self._union:
-            x, counts, expansion, width = self._blocks(bt)
-            self._union[bt] = (x[..., : max(width, 1)].contiguous(), counts.contiguous(), expansion)
+            self._union[bt] = self._blocks(bt)
         return self._union[bt]
 
 

@@ -1,8 +1,14 @@
-"""Long-context inference on one GPU (issue 6): segment prefill time and peak memory against context length, and
-decode latency per token with N tokens cached, for HSA (chunk K/V on GPU or offloaded to host) against the same
-model with `attention: full` and a KV cache. Random weights (speed and memory do not depend on them).
+"""Long-context inference on one GPU (issue 6), `small` preset with random weights in bf16, batch 1:
 
-    python benchmarks/bench_generate.py [--preset small] [--lengths 4k,64k,1m,4m] [--segment 16k] [--out f.json]
+1. segment prefill of a real prompt: time and peak memory against context length, for HSA (chunk K/V on the GPU or
+   offloaded to host memory) and the same model with `attention: full`; then decode latency per token with that
+   prompt cached, eagerly (kernels launched from Python) and with static caches replayed as CUDA graphs;
+2. decode latency at contexts too long to prefill with full attention in minutes (quadratic): the static caches are
+   sized for the context and filled with random values (a step's cost does not depend on the values: no step has
+   data-dependent shapes), so the full-attention cache's size decides where it runs out of memory.
+
+    python benchmarks/bench_generate.py [--lengths 4k,64k,1m] [--full-lengths 4k,64k,1m]
+                                        [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k] [--out f.json]
 """
 from __future__ import annotations
 
@@ -20,10 +26,29 @@ from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.eval.ruler import parse_length  # noqa: E402
 from lit_hsa.generate import prefill  # noqa: E402
 from lit_hsa.model import HSATransformer  # noqa: E402
+from lit_hsa.static_decode import GraphDecoder  # noqa: E402
+
+
+def timed(fn, steps: int) -> float:
+    """ms per call of fn() over ``steps`` calls."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def graph_decode_ms(decoder: GraphDecoder, token: torch.Tensor, steps: int) -> float:
+    """Decoding steps until both kinds of graph (plain, chunk-completing) are captured, then ``steps`` timed."""
+    chunk = decoder.model.cfg.chunk_size
+    for _ in range(2 * chunk + 2):
+        decoder.step(token)
+    return timed(lambda: decoder.step(token), steps)
 
 
 @torch.no_grad()
-def measure(model: HSATransformer, T: int, segment: int, offload: bool, decode_steps: int = 16) -> dict:
+def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, steps: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -31,56 +56,112 @@ def measure(model: HSATransformer, T: int, segment: int, offload: bool, decode_s
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, state = prefill(model, prompt, segment, offload_memory=offload)
-            torch.cuda.synchronize()
-            prefill_s = time.perf_counter() - start
-            token = logits.argmax(-1, keepdim=True)
-            model(token, state=state)  # warm-up of the one-token path
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(decode_steps):
-                token = model(token, state=state)[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-        decode_ms = (time.perf_counter() - start) / decode_steps * 1e3
-        return {"ok": True, "prefill_s": round(prefill_s, 3), "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
-                "decode_ms_per_token": round(decode_ms, 2),
-                "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)}
+        logits, state = prefill(model, prompt, segment, offload_memory=offload)
+        torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        token = logits.argmax(-1, keepdim=True)
+        model(token, state=state)  # warm-up of the one-token path
+        eager_ms = timed(lambda: model(token, state=state), steps)
+        row = {"ok": True, "prefill_s": round(prefill_s, 3), "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
+               "peak_gib": round(peak, 3), "decode_eager_ms": round(eager_ms, 3)}
+        if not offload:
+            decoder = GraphDecoder(model, state, state.pos + 2 * model.cfg.chunk_size + steps + 8)
+            row["decode_graph_ms"] = round(graph_decode_ms(decoder, token[:, 0], steps), 3)
+        return row
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
+
+
+def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
+    """Move the decoder to position ``length`` with random cache contents (all layers were converted by a step)."""
+    state = decoder.state
+    state.kv.pos = length
+    state.kv.pos_t.fill_(length)
+    for k, v in [*state.kv.full.values(), *state.kv.rings.values()]:
+        k.normal_()
+        v.normal_()
+    if state.has_memory:
+        for x in (state.landmarks, state.k, state.v, state.pending):
+            x.normal_()
+
+
+@torch.no_grad()
+def measure_synthetic(model: HSATransformer, T: int, steps: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        prompt = torch.randint(0, model.cfg.vocab_size, (1, 4096), device="cuda")
+        logits, state = prefill(model, prompt, 4096)
+        token = logits.argmax(-1)
+        decoder = GraphDecoder(model, state, T + 2 * model.cfg.chunk_size + steps + 8)
+        decoder.step(token)  # allocates and takes over every layer's cache
+        fill_static_caches(decoder, T)
+        ms = graph_decode_ms(decoder, token, steps)
+        return {"ok": True, "decode_graph_ms": round(ms, 3),
+                "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
+    except torch.OutOfMemoryError:
+        return {"ok": False, "oom": True}
+
+
+def lengths(spec: str) -> list[int]:
+    return [parse_length(x) for x in spec.split(",") if x]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--lengths", default="4k,16k,64k,256k,1m,4m")
-    parser.add_argument("--full-lengths", default="4k,16k,64k,256k,1m", help="lengths for the full-attention model")
+    parser.add_argument("--lengths", default="4k,64k,1m")
+    parser.add_argument("--full-lengths", default="4k,64k,1m", help="prefill lengths for the full-attention model")
+    parser.add_argument("--synthetic-lengths", default="1m,4m,8m,16m")
     parser.add_argument("--segment", default="16k")
+    parser.add_argument("--steps", type=int, default=64, help="timed decoding steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     segment = parse_length(args.segment)
-    rows = []
-    for attention, offloads, lengths in (("hsa", (False, True), args.lengths), ("full", (False,), args.full_lengths)):
-        model = HSATransformer(ModelConfig.from_name(args.preset, attention=attention)).cuda().eval()
+    rows, synthetic = [], []
+    for attention, offloads, prefill_lengths in (("hsa", (False, True), args.lengths),
+                                                 ("full", (False,), args.full_lengths)):
+        cfg = ModelConfig.from_name(args.preset, attention=attention)
+        model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
         for offload in offloads:
-            for T in (parse_length(x) for x in lengths.split(",")):
-                r = {"attention": attention, "offload": offload, "T": T, **measure(model, T, segment, offload)}
+            for T in lengths(prefill_lengths):
+                r = {"attention": attention, "offload": offload, "T": T,
+                     **measure_prefill(model, T, segment, offload, args.steps)}
                 rows.append(r)
                 print(r, flush=True)
                 if not r["ok"]:
                     break
+        for T in lengths(args.synthetic_lengths):
+            r = {"attention": attention, "T": T, **measure_synthetic(model, T, args.steps)}
+            synthetic.append(r)
+            print(r, flush=True)
         del model
-    print(f"\n{args.preset} on {torch.cuda.get_device_name()}, bf16, batch 1, prefill segments of {segment:,}")
-    print("| model | K/V | context | prefill s | µs/token | decode ms/token | peak GiB |\n|---|---|---|---|---|---|---|")
+
+    gpu = torch.cuda.get_device_name()
+    print(f"\n{args.preset} on {gpu}, bf16 weights, batch 1, prefill segments of {segment:,}")
+    print("| model | K/V | context | prefill s | µs/token | peak GiB | decode ms/token eager | with CUDA graphs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         kv = "host" if r["offload"] else "GPU"
         if r["ok"]:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | {r['prefill_s']} | {r['prefill_us_per_token']} | "
-                  f"{r['decode_ms_per_token']} | {r['peak_gib']} |")
+                  f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |")
         else:
-            print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | |")
+            print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
+    print("\nDecode with CUDA graphs, caches of the given context (random contents):")
+    print("| context | HSA ms/token | HSA GiB | full ms/token | full GiB | full / HSA |\n|---|---|---|---|---|---|")
+    by = {(r["attention"], r["T"]): r for r in synthetic}
+    for T in lengths(args.synthetic_lengths):
+        h, f = by.get(("hsa", T), {}), by.get(("full", T), {})
+        cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
+        ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
+        print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(f, 'decode_graph_ms')} | "
+              f"{cell(f, 'peak_gib')} | {ratio} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"gpu": gpu, "preset": args.preset, "dtype": "bfloat16",
+                                              "prefill": rows, "synthetic_decode": synthetic}, indent=2))
 
 
 if __name__ == "__main__":

@@ -68,6 +68,30 @@ class KVCache:
     layers: dict = field(default_factory=dict)
     buffers: dict = field(default_factory=dict)
 
+    def positions(self, n: int, device) -> torch.Tensor:
+        """Absolute positions of the next n tokens: [n]."""
+        return torch.arange(self.pos, self.pos + n, device=device)
+
+    @property
+    def q_start(self) -> int:
+        return self.pos
+
+    def attend(self, layer: nn.Module, q, k, v, window: int | None) -> torch.Tensor:
+        """New queries q [B, n, Hq, D] at positions pos..pos+n-1 against the layer's cached + new keys k, v
+        [B, n, Hkv, D]; a sliding-window cache is then trimmed to the last ``window`` positions (all a later query
+        can still see)."""
+        if window is None:
+            k, v = self.buffers.setdefault(layer, GrowingKV()).append(k, v)
+            # Full attention over a long cache: a lower-right causal bias keeps SDPA on its fused kernels instead
+            # of an explicit [n, L] mask (64 GB for a 64K segment against 1M cached tokens).
+            from torch.nn.attention.bias import causal_lower_right
+
+            return attend(q, k, v, AttentionMask(window, dense=causal_lower_right(q.shape[1], k.shape[1])))
+        if (past := self.layers.get(layer)) is not None:  # at most `window` positions: a copy is cheap
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        self.layers[layer] = (k[:, -window:], v[:, -window:])
+        return _sliding_window_blocks(q, k, v, window)
+
 
 class GrowingKV:
     """Keys and values appended along time into buffers that grow by a quarter when full, so a decoding step
@@ -196,22 +220,7 @@ class SelfAttention(nn.Module):
         if mask is None:
             out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(1, 2)
         elif mask.kv_cache is not None:
-            out = self._attend_cached(q, k, v, mask.window, mask.kv_cache)
+            out = mask.kv_cache.attend(self, q, k, v, mask.window)
         else:
             out = attend(q, k, v, mask)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
-
-    def _attend_cached(self, q, k, v, window: int | None, cache: KVCache) -> torch.Tensor:
-        """New queries at positions pos..pos+n-1 against cached + new keys; a sliding-window cache is then trimmed
-        to the last ``window`` positions (all a later query can still see)."""
-        if window is None:
-            k, v = cache.buffers.setdefault(self, GrowingKV()).append(k, v)
-            # Full attention over a long cache: a lower-right causal bias keeps SDPA on its fused kernels instead
-            # of an explicit [n, L] mask (64 GB for a 64K segment against 1M cached tokens).
-            from torch.nn.attention.bias import causal_lower_right
-
-            return attend(q, k, v, AttentionMask(window, dense=causal_lower_right(q.shape[1], k.shape[1])))
-        if (past := cache.layers.get(self)) is not None:  # at most `window` positions: a copy is cheap
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        cache.layers[self] = (k[:, -window:], v[:, -window:])
-        return _sliding_window_blocks(q, k, v, window)

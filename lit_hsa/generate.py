@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .model import DecodeState, HSATransformer
+from .static_decode import GraphDecoder
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -40,18 +41,25 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
 @torch.no_grad()
 def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
-             generator: torch.Generator | None = None, offload_memory: bool = False) -> torch.Tensor:
-    """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS)."""
+             generator: torch.Generator | None = None, offload_memory: bool = False,
+             cuda_graphs: bool | None = None) -> torch.Tensor:
+    """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS).
+
+    ``cuda_graphs`` (default: on CUDA without ``offload_memory``): decode with static caches, one CUDA graph
+    replayed per token (``static_decode.GraphDecoder``) instead of launching every layer's kernels from Python."""
     logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
+    if cuda_graphs is None:
+        cuda_graphs = prompt.is_cuda and not offload_memory
+    decoder = GraphDecoder(model, state, prompt.shape[1] + max_new_tokens) if cuda_graphs else None
     out = [prompt]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample_next(logits, temperature, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         out.append(token[:, None])
-        if eos_id is not None and finished.all():
+        if i == max_new_tokens - 1 or (eos_id is not None and finished.all()):
             break
-        logits = model(token[:, None], state=state)[:, -1]
+        logits = decoder.step(token) if decoder is not None else model(token[:, None], state=state)[:, -1]
     return torch.cat(out, dim=1)

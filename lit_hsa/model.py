@@ -38,7 +38,7 @@ class Context:
     sin: torch.Tensor
     masks: dict
     doc_ids: torch.Tensor | None
-    q_start: int = 0  # absolute position of the first token (decoding)
+    q_start: int | torch.Tensor = 0  # absolute position of the first token (decoding)
 
 
 class Block(nn.Module):
@@ -127,6 +127,13 @@ class DecodeState:
     @property
     def pos(self) -> int:
         return self.kv.pos
+
+    def memory_after(self, chunk_memory: "ChunkMemory", h: torch.Tensor) -> Memory:
+        """The chunk memory the upper blocks read once h [B, n, d] (lower-stack outputs) joins the stream."""
+        return chunk_memory.extend(self, h)
+
+    def advance(self, n: int) -> None:
+        self.kv.pos += n
 
 
 class ChunkMemory(nn.Module):
@@ -357,9 +364,10 @@ class HSATransformer(nn.Module):
             masks = {w: AttentionMask(w, kv_cache=kv) for w in windows}
         else:
             masks = {w: build_mask(T, w, doc_ids, device, backend) for w in windows}
-        start = kv.pos if kv is not None else 0
-        cos, sin = self.rotary.cos_sin(torch.arange(start, start + T, device=device))
-        return Context(cos, sin, masks, doc_ids, start)
+        positions = kv.positions(T, device) if kv is not None else torch.arange(T, device=device)
+        cos, sin = self.rotary.cos_sin(positions)
+        # q_start: an int, or (static-shape decoding) a 0-d tensor on the device
+        return Context(cos, sin, masks, doc_ids, kv.q_start if kv is not None else 0)
 
     def head_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight
@@ -381,13 +389,13 @@ class HSATransformer(nn.Module):
         if self.memory is None:
             memory = None
         elif state is not None:
-            memory = self.memory.extend(state, h)
+            memory = state.memory_after(self.memory, h)
         else:
             memory = self.memory(h)
         for block in self.upper:
             h = block(h, ctx, memory)
         if state is not None:
-            state.kv.pos += T
+            state.advance(T)
         h = self.norm(h)
         if labels is not None:
             weights = loss_weight.flatten() if loss_weight is not None else None

@@ -67,3 +67,43 @@ def test_full_attention_cache_grows_in_place():
     torch.testing.assert_close(k, torch.cat(parts, dim=1))
     torch.testing.assert_close(v, -torch.cat(parts, dim=1))
     assert len(buffers) == 2  # one buffer for the prompt and the decoded tokens, one regrowth for the long segment
+
+
+@pytest.mark.parametrize("variant", ["hsa", "swa", "full"])
+def test_static_decoding_equals_full_forward(variant):
+    """Static-shape decoding (ring caches, preallocated chunk memory, position on the device; what CUDA graphs
+    replay) gives the full forward's logits token by token, across chunk completions and window wrap-arounds."""
+    from lit_hsa.static_decode import GraphDecoder
+
+    model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
+    x = torch.randint(0, VOCAB, (2, 45))
+    with torch.no_grad():
+        ref = model(x)
+        _, state = prefill(model, x[:, :13], segment_size=5)
+    decoder = GraphDecoder(model, state, max_len=45)
+    outs = [decoder.step(x[:, t]) for t in range(13, 45)]
+    torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-5, rtol=1e-5)
+    assert decoder.state.pos == 45 and int(decoder.state.kv.pos_t) == 45
+    with pytest.raises(ValueError, match="max_len=45"):
+        decoder.step(x[:, 0])
+
+
+def test_static_decoding_rejects_what_it_cannot_hold():
+    from lit_hsa.static_decode import StaticDecodeState
+
+    model = HSATransformer(tiny()).eval()
+    prompt = torch.randint(0, VOCAB, (1, 9))
+    _, offloaded = prefill(model, prompt, offload_memory=True)
+    with pytest.raises(ValueError, match="offload_memory"):
+        StaticDecodeState(model, offloaded, max_len=32)
+    _, state = prefill(model, prompt)
+    with pytest.raises(ValueError, match="max_len \\(9\\) must exceed"):
+        StaticDecodeState(model, state, max_len=9)
+
+
+def test_generation_with_static_caches_matches_eager():
+    model = HSATransformer(tiny(hsa_topk=3)).eval()
+    prompt = torch.randint(0, VOCAB, (2, 11))
+    eager = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=False)
+    static = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=True)
+    assert torch.equal(static, eager)

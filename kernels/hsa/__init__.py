@@ -87,6 +87,11 @@ def _decode_sized(weights: torch.Tensor) -> bool:
     return _backend == "auto" and weights.numel() <= DECODE_MAX_PAIRS
 
 
+def _capturing() -> bool:
+    """Inside a CUDA-graph capture (static decoding) the fast paths' host synchronisations are not allowed."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _use_fast(t: torch.Tensor) -> bool:
     if _backend == "reference":
         return False
@@ -114,7 +119,7 @@ def hsa_attention(
     (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference, and so do
     decoding-sized calls (at most ``DECODE_MAX_PAIRS`` (token, slot) pairs) under the ``auto`` backend.
     """
-    if _use_fast(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights):
+    if _use_fast(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights) and not _capturing():
         from .triton_attention import hsa_attention_triton
 
         return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale)
@@ -132,9 +137,10 @@ def select_chunks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q_slc: [B, T, H, Dr], landmarks: [B, C, H, Dr] → scores, indices: [B, T, H, topk].
 
-    See ``reference.select_chunks_reference`` for the exact definition and keyword options.
+    See ``reference.select_chunks_reference`` for the exact definition and keyword options. A tensor ``q_start``
+    (static-shape decoding, the position lives on the device) takes the reference.
     """
-    if _use_fast(q_slc):
+    if _use_fast(q_slc) and not torch.is_tensor(kwargs.get("q_start", 0)) and not _capturing():
         from .triton_select import select_chunks_fast
 
         return select_chunks_fast(q_slc, landmarks, topk, chunk_size, doc_ids, **kwargs)

@@ -142,7 +142,8 @@ def select_chunks_reference(
     q_slc: [B, T, H, Dr]; landmarks: [B, C, H, Dr]; doc_ids: [B, T] document id of every query token (optional;
     with it, only chunks of the query's own document are visible; the document of chunk ``i`` is
     ``doc_ids[:, i*S]`` unless ``chunk_doc_ids: [B, C]`` is given). ``q_start``: absolute position of the first
-    query (decoding). ``gumbel_noise``: perturb the scores for the *choice* only (the returned scores are clean).
+    query (decoding; an int, or a 0-d tensor on the device for static-shape decoding). ``gumbel_noise``: perturb
+    the scores for the *choice* only (the returned scores are clean).
 
     Returns ``scores, indices: [B, T, H, topk]``: slots ordered most recent chunk first, empty slots last with
     index -1 and score -inf. ``scores`` is differentiable in q_slc and landmarks; ``indices`` is int64.
@@ -161,7 +162,7 @@ def select_chunks_reference(
         lmk = landmarks.float()
         for start in range(0, T, block_size):
             stop = min(start + block_size, T)
-            pos = torch.arange(start + q_start, stop + q_start, device=q_slc.device)
+            pos = torch.arange(start, stop, device=q_slc.device) + q_start  # q_start: int or 0-d tensor
             s = torch.einsum("bthd,bchd->bthc", q_slc[:, start:stop].float(), lmk) * scale  # [B, Tb, H, C]
             q_doc = doc_ids[:, start:stop] if doc_ids is not None else None
             visible = visible_chunk_mask(pos, n_chunks, chunk_size, q_doc, chunk_doc_ids)[:, :, None, :]

@@ -1,0 +1,201 @@
+"""Decoding with static shapes, so that one decoding step can be captured as a CUDA graph and replayed per token.
+
+Eager decoding launches every kernel of every layer from Python for each token, and its caches grow; at batch 1 the
+GPU mostly waits for the host. Here every cache is allocated once for ``max_len`` positions and the current position
+lives on the device, so a step has the same shapes and addresses every time:
+
+- sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W;
+- full-attention layers: ``[B, Hkv, max_len, D]``, positions after the current one masked;
+- the chunk memory: landmarks ``[B, max_len/S, Hr, Dr]`` and K/V ``[B, max_len, Hkv, D]``; chunks not yet written are
+  in the future, so the usual visibility rule (chunk i is visible at t ≥ (i+1)·S) hides them; the lower-stack
+  outputs of the chunk being filled wait in ``[B, S, d]`` and are encoded by the step that completes the chunk.
+
+The prompt is prefilled with the ordinary ``DecodeState`` (segments, any length); ``StaticDecodeState`` takes its
+caches over. A step that completes a chunk also runs the chunk encoder, so ``GraphDecoder`` keeps two graphs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import KVCache
+from .model import DecodeState, HSATransformer, Memory
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One query per sequence against a static cache. q: [B, 1, Hq, D]; k, v: [B, Hkv, L, D]; valid: [L] bool →
+    [B, 1, Hq, D]. Plain matmuls: with one query the cache read is the whole cost, and a GEMM streams it at full
+    bandwidth over every SM, where a fused attention kernel would parallelise over the B·Hq rows only."""
+    B, _, Hq, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(k.dtype)  # query head h reads KV head h // G
+    scores = (qg @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, L]
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
+    return (probs.to(v.dtype) @ v).reshape(B, 1, Hq, D).to(q.dtype)
+
+
+class StaticKVCache:
+    """Attention caches of static shape (see the module docstring), filled from an eager ``KVCache`` on each layer's
+    first step: ``source``'s entry for that layer is moved over and dropped, so the two never both hold a layer."""
+
+    def __init__(self, source: KVCache, max_len: int, device):
+        self.source, self.max_len = source, max_len
+        self.pos = source.pos  # host copy of pos_t, for the host-side decisions (which graph, bounds)
+        self.pos_t = torch.tensor(source.pos, device=device)
+        self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def q_start(self) -> torch.Tensor:
+        return self.pos_t
+
+    def positions(self, n: int, device) -> torch.Tensor:
+        return self.pos_t + torch.arange(n, device=device)
+
+    def attend(self, layer: nn.Module, q, k, v, window: int | None) -> torch.Tensor:
+        """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at pos → [B, 1, Hq, D]."""
+        if q.shape[1] != 1:
+            raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
+        if window is None:
+            ck, cv = self._full(layer, k)
+            key_pos = torch.arange(self.max_len, device=k.device)
+            slot = self.pos_t
+        else:
+            ck, cv = self._ring(layer, k, window)
+            # the position each ring slot holds: the latest p <= pos with p ≡ slot (mod W); negative = never written
+            key_pos = self.pos_t - (self.pos_t - torch.arange(window, device=k.device)) % window
+            slot = self.pos_t % window
+        ck.index_copy_(2, slot.view(1), k.transpose(1, 2).to(ck.dtype))
+        cv.index_copy_(2, slot.view(1), v.transpose(1, 2).to(cv.dtype))
+        return decode_attention(q, ck, cv, (key_pos >= 0) & (key_pos <= self.pos_t))
+
+    def _full(self, layer, k):
+        if layer not in self.full:
+            B, _, Hkv, D = k.shape
+            ck, cv = (k.new_zeros(B, Hkv, self.max_len, D) for _ in range(2))
+            if (grown := self.source.buffers.pop(layer, None)) is not None:
+                n = grown.length
+                ck[:, :, :n], cv[:, :, :n] = grown.k[:, :n].transpose(1, 2), grown.v[:, :n].transpose(1, 2)
+            self.full[layer] = (ck, cv)
+        return self.full[layer]
+
+    def _ring(self, layer, k, window: int):
+        if layer not in self.rings:
+            B, _, Hkv, D = k.shape
+            ck, cv = (k.new_zeros(B, Hkv, window, D) for _ in range(2))
+            if (past := self.source.layers.pop(layer, None)) is not None:  # positions pos-n .. pos-1
+                n = past[0].shape[1]
+                slots = torch.arange(self.pos - n, self.pos, device=k.device) % window
+                ck[:, :, slots], cv[:, :, slots] = past[0].transpose(1, 2), past[1].transpose(1, 2)
+            self.rings[layer] = (ck, cv)
+        return self.rings[layer]
+
+
+class StaticDecodeState:
+    """Drop-in for ``DecodeState`` in ``model(tokens [B, 1], state=...)``, with the static caches of the module
+    docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
+    (prompt + generated) the caches will hold."""
+
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int):
+        if state.offload_memory:
+            raise ValueError("static decoding keeps the chunk memory on the accelerator: offload_memory is not supported")
+        if state.pos == 0:
+            raise ValueError("prefill the prompt before static decoding (the caches take their dtypes from it)")
+        if max_len <= state.pos:
+            raise ValueError(f"max_len ({max_len}) must exceed the {state.pos} positions already cached")
+        device = model.embed.weight.device
+        self.kv = StaticKVCache(state.kv, max_len, device)
+        self.max_len = max_len
+        self.chunk_size = model.cfg.chunk_size
+        self.has_memory = model.memory is not None
+        if self.has_memory:
+            S, mem = self.chunk_size, state.memory
+            capacity = -(-max_len // S)
+            B, n = mem.landmarks.shape[:2]
+            self.landmarks = mem.landmarks.new_zeros(B, capacity, *mem.landmarks.shape[2:])
+            self.k, self.v = (mem.k.new_zeros(B, capacity * S, *mem.k.shape[2:]) for _ in range(2))
+            self.landmarks[:, :n], self.k[:, : n * S], self.v[:, : n * S] = mem.landmarks, mem.k, mem.v
+            self.pending = state.pending.new_zeros(B, S, state.pending.shape[-1])
+            self.pending[:, : state.pending.shape[1]] = state.pending
+            state.memory = state.pending = None  # taken over
+
+    @property
+    def pos(self) -> int:
+        return self.kv.pos
+
+    @property
+    def completes_chunk(self) -> bool:
+        """Whether the next step fills the current chunk (and so runs the chunk encoder): decided on the host."""
+        return self.has_memory and (self.pos + 1) % self.chunk_size == 0
+
+    def memory_after(self, chunk_memory: nn.Module, h: torch.Tensor) -> Memory:
+        """h: [B, 1, d] joins the current chunk; on the step that completes it, the chunk is encoded into its slot."""
+        S, pos = self.chunk_size, self.kv.pos_t
+        self.pending.index_copy_(1, (pos % S).view(1), h.to(self.pending.dtype))
+        if self.completes_chunk:
+            new = chunk_memory(self.pending)
+            c = (pos // S).view(1)
+            rows = c * S + torch.arange(S, device=h.device)
+            self.landmarks.index_copy_(1, c, new.landmarks.to(self.landmarks.dtype))
+            self.k.index_copy_(1, rows, new.k.to(self.k.dtype))
+            self.v.index_copy_(1, rows, new.v.to(self.v.dtype))
+        return Memory(self.landmarks, self.k, self.v)
+
+    def advance(self, n: int) -> None:
+        self.kv.pos_t += n
+        self.kv.pos += n
+
+
+class GraphDecoder:
+    """``step(tokens [B]) → logits [B, V]``: one decoding step with static shapes, replayed from a CUDA graph.
+
+    The first step of each kind (plain, chunk-completing) runs eagerly: it warms up the kernels and moves the eager
+    caches over; the next step of that kind is captured, and every later one replays the graph. Without CUDA, or
+    with MoE layers (their routing sizes work by expert on the host), every step runs eagerly on the static state,
+    which computes the same thing. Capture under autocast disables autocast's weight cache (a cached cast would be
+    freed into the graph's memory pool); for the fastest steps cast the model to bf16 instead of using autocast.
+    """
+
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int):
+        self.model = model
+        self.state = StaticDecodeState(model, state, max_len)
+        device = model.embed.weight.device
+        self.use_graphs = device.type == "cuda" and not model.moe_layers()
+        self.tokens: torch.Tensor | None = None  # [B, 1]: the graphs read their input from here
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.warm: set[bool] = set()
+        self.pool = None
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(self.tokens, state=self.state)[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.state.pos >= self.state.max_len:
+            raise ValueError(f"static decoding reached max_len={self.state.max_len}")
+        if self.tokens is None:
+            self.tokens = tokens.new_zeros(tokens.shape[0], 1)
+        elif self.tokens.shape[0] != tokens.shape[0]:
+            raise ValueError(f"the batch size is fixed at {self.tokens.shape[0]}, got {tokens.shape[0]}")
+        self.tokens.copy_(tokens.view(-1, 1))
+        kind = self.state.completes_chunk
+        if not self.use_graphs or kind not in self.warm:
+            self.warm.add(kind)
+            return self._forward()
+        if kind not in self.graphs:
+            self.graphs[kind] = self._capture()
+        graph, logits = self.graphs[kind]
+        graph.replay()
+        self.state.kv.pos += 1  # the replayed graph advanced pos_t on the device
+        return logits.clone()
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        pos = self.state.kv.pos
+        autocast = torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._forward()
+        self.state.kv.pos = pos  # capture ran the Python (host counters) but none of the kernels
+        return graph, logits

@@ -22,16 +22,25 @@ from .attention import KVCache
 from .model import DecodeState, HSATransformer, Memory
 
 
+# Keys per slice of the probabilities·values product: with one query, that GEMM has [G, D] outputs and a reduction
+# over the whole cache, which a GEMM library may run on a single SM (0.6 s per token at 1M cached tokens on an H100);
+# as a batch of slices summed afterwards it spreads over every SM, like flash-decoding's split-KV.
+SPLIT_KEYS = 2048
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """One query per sequence against a static cache. q: [B, 1, Hq, D]; k, v: [B, Hkv, L, D]; valid: [L] bool →
-    [B, 1, Hq, D]. Plain matmuls: with one query the cache read is the whole cost, and a GEMM streams it at full
-    bandwidth over every SM, where a fused attention kernel would parallelise over the B·Hq rows only."""
+    [B, 1, Hq, D]. Plain batched matmuls: with one query the cache read is the whole cost, and they stream it at
+    full bandwidth where a fused attention kernel would parallelise over the B·Hq rows only."""
     B, _, Hq, D = q.shape
-    Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(k.dtype)  # query head h reads KV head h // G
+    Hkv, L = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qg = q.reshape(B, Hkv, G, D).to(k.dtype)  # query head h reads KV head h // G
     scores = (qg @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, L]
-    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1)
-    return (probs.to(v.dtype) @ v).reshape(B, 1, Hq, D).to(q.dtype)
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1).to(v.dtype)
+    n = L // SPLIT_KEYS if L > 2 * SPLIT_KEYS and L % SPLIT_KEYS == 0 else 1
+    parts = probs.view(B, Hkv, G, n, L // n).transpose(2, 3) @ v.view(B, Hkv, n, L // n, D)  # [B, Hkv, n, G, D]
+    return parts.float().sum(dim=2).reshape(B, 1, Hq, D).to(q.dtype)
 
 
 class StaticKVCache:
@@ -58,7 +67,7 @@ class StaticKVCache:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         if window is None:
             ck, cv = self._full(layer, k)
-            key_pos = torch.arange(self.max_len, device=k.device)
+            key_pos = torch.arange(ck.shape[2], device=k.device)
             slot = self.pos_t
         else:
             ck, cv = self._ring(layer, k, window)
@@ -72,7 +81,8 @@ class StaticKVCache:
     def _full(self, layer, k):
         if layer not in self.full:
             B, _, Hkv, D = k.shape
-            ck, cv = (k.new_zeros(B, Hkv, self.max_len, D) for _ in range(2))
+            capacity = -(-self.max_len // SPLIT_KEYS) * SPLIT_KEYS  # whole slices for decode_attention
+            ck, cv = (k.new_zeros(B, Hkv, capacity, D) for _ in range(2))
             if (grown := self.source.buffers.pop(layer, None)) is not None:
                 n = grown.length
                 ck[:, :, :n], cv[:, :, :n] = grown.k[:, :n].transpose(1, 2), grown.v[:, :n].transpose(1, 2)

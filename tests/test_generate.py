@@ -107,3 +107,15 @@ def test_generation_with_static_caches_matches_eager():
     eager = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=False)
     static = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=True)
     assert torch.equal(static, eager)
+
+
+def test_decode_attention_splits_long_caches_exactly():
+    """Past 2·SPLIT_KEYS keys the probabilities·values product runs as summed slices: same result as SDPA."""
+    from lit_hsa.static_decode import SPLIT_KEYS, decode_attention
+
+    L = 3 * SPLIT_KEYS
+    q, k, v = torch.randn(2, 1, 6, 16), torch.randn(2, 3, L, 16), torch.randn(2, 3, L, 16)
+    valid = torch.arange(L) < L - 100
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=valid[None, None, None],
+                                                           enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(decode_attention(q, k, v, valid), ref, atol=1e-5, rtol=1e-4)

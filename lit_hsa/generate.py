@@ -50,7 +50,8 @@ def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, t
     logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
     if cuda_graphs is None:
         cuda_graphs = prompt.is_cuda and not offload_memory
-    decoder = GraphDecoder(model, state, prompt.shape[1] + max_new_tokens) if cuda_graphs else None
+    # (the last new token is never fed back, so one new token needs no decoding step at all)
+    decoder = GraphDecoder(model, state, prompt.shape[1] + max_new_tokens) if cuda_graphs and max_new_tokens > 1 else None
     out = [prompt]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):

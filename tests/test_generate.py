@@ -107,6 +107,8 @@ def test_generation_with_static_caches_matches_eager():
     eager = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=False)
     static = generate(model, prompt, max_new_tokens=20, segment_size=4, cuda_graphs=True)
     assert torch.equal(static, eager)
+    for n in (0, 1):  # no decoding step at all
+        assert generate(model, prompt, max_new_tokens=n, cuda_graphs=True).shape == (2, 11 + n)
 
 
 def test_decode_attention_splits_long_caches_exactly():

@@ -31,7 +31,7 @@ SPLIT_KEYS = 2048
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """One query per sequence against a static cache. q: [B, 1, Hq, D]; k, v: [B, Hkv, L, D]; valid: [L] bool →
     [B, 1, Hq, D]. Plain batched matmuls: with one query the cache read is the whole cost, and they stream it at
-    full bandwidth where a fused attention kernel would parallelise over the B·Hq rows only."""
+    full bandwidth, where a fused attention kernel without split-KV parallelises over the B·Hq rows only."""
     B, _, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv

@@ -60,6 +60,19 @@ class MoE(nn.Module):
         gates = scores.gather(1, chosen)
         gates = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-9)
 
+        if not self.training and self.lora_experts is None and n_tokens * self.top_k <= self.n_experts:
+            y = self._run_gathered(xf, chosen, gates)
+            self.aux_loss = xf.new_zeros((), dtype=torch.float32)
+        else:
+            y = self._run_sorted(xf, scores, chosen, gates)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        return y.view(shape)
+
+    def _run_sorted(self, xf: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, each expert run once on its slice; updates the load statistics and aux loss."""
+        n_tokens = xf.shape[0]
         flat_expert = chosen.flatten()  # [N*k]
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k
@@ -77,9 +90,17 @@ class MoE(nn.Module):
             self.aux_loss = self.aux_loss_coef * self.n_experts * (frac * prob).sum()
         else:
             self.aux_loss = xf.new_zeros((), dtype=torch.float32)
-        if self.shared is not None:
-            y = y + self.shared(xf)
-        return y.view(shape)
+        return y
+
+    def _run_gathered(self, xf: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding, N·k <= E): each token multiplies its own k experts' weights, gathered. No sort and
+        no per-expert sizes read back to the host, so a decoding step can be captured as a CUDA graph; the copied
+        weights are at most one copy of the experts in use."""
+        x = xf[:, None, None, :]  # [N, 1, 1, d]
+        w_gate, w_up, w_down = (getattr(self, f"w_{n}")[chosen].to(xf.dtype) for n in ("gate", "up", "down"))
+        h = F.silu(x @ w_gate) * (x @ w_up)  # [N, k, 1, h]
+        y = (h @ w_down).squeeze(2)  # [N, k, d]
+        return (y * gates[..., None].to(y.dtype)).sum(dim=1)
 
     def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted: [N*k, d] grouped by expert; counts: [E] → [N*k, d]."""

@@ -160,9 +160,9 @@ class GraphDecoder:
     """``step(tokens [B]) → logits [B, V]``: one decoding step with static shapes, replayed from a CUDA graph.
 
     The first step of each kind (plain, chunk-completing) runs eagerly: it warms up the kernels and moves the eager
-    caches over; the next step of that kind is captured, and every later one replays the graph. Without CUDA, or
-    with MoE layers (their routing sizes work by expert on the host), every step runs eagerly on the static state,
-    which computes the same thing. Capture under autocast disables autocast's weight cache (a cached cast would be
+    caches over; the next step of that kind is captured, and every later one replays the graph. Without CUDA every
+    step runs eagerly on the static state, which computes the same thing. MoE layers route a decoding step's few
+    tokens through gathered expert weights (``MoE._run_gathered``), so they need no host synchronisation either. Capture under autocast disables autocast's weight cache (a cached cast would be
     freed into the graph's memory pool); for the fastest steps cast the model to bf16 instead of using autocast.
     """
 
@@ -170,7 +170,7 @@ class GraphDecoder:
         self.model = model
         self.state = StaticDecodeState(model, state, max_len)
         device = model.embed.weight.device
-        self.use_graphs = device.type == "cuda" and not model.moe_layers()
+        self.use_graphs = device.type == "cuda"
         self.tokens: torch.Tensor | None = None  # [B, 1]: the graphs read their input from here
         self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warm: set[bool] = set()

@@ -121,3 +121,40 @@ def test_decode_attention_splits_long_caches_exactly():
     ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=valid[None, None, None],
                                                            enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(decode_attention(q, k, v, valid), ref, atol=1e-5, rtol=1e-4)
+
+
+# Operators whose output size depends on the data, or that read a value back to the host: each synchronises with the
+# GPU, which a CUDA-graph capture does not allow.
+HOST_SYNCING_OPS = {"nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount",
+                    "masked_select", "_local_scalar_dense", "item", "repeat_interleave", "histc", "argwhere"}
+
+
+@pytest.mark.parametrize("variant", ["hsa", "swa", "full"])
+def test_static_decoding_step_has_no_host_synchronisation(variant):
+    """What CUDA-graph capture needs, checked on CPU: after the first (eager, cache-converting) step, a static
+    decoding step (plain and chunk-completing) runs no operator that synchronises with the device. The tiny preset
+    has MoE layers, so their decoding path is covered too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lit_hsa.static_decode import GraphDecoder
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.syncing = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in HOST_SYNCING_OPS:
+                self.syncing.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
+    assert model.moe_layers()
+    x = torch.randint(0, VOCAB, (1, 30))
+    _, state = prefill(model, x[:, :13])
+    decoder = GraphDecoder(model, state, max_len=30)
+    decoder.step(x[:, 13])
+    with Record() as record:
+        for t in range(14, 30):  # crosses the chunk completions at positions 15 and 23
+            decoder.step(x[:, t])
+    assert not record.syncing

@@ -58,14 +58,17 @@ def test_compiled_training_step_matches_eager_on_cuda():
         assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
 
 
-@pytest.mark.parametrize("attention", ["hsa", "full"])
-def test_cuda_graph_decoding_equals_eager_decoding(attention):
-    """GraphDecoder replays captured steps (plain and chunk-completing) with the same logits as eager decoding."""
+@pytest.mark.parametrize("attention,moe", [("hsa", False), ("full", False), ("hsa", True)])
+def test_cuda_graph_decoding_equals_eager_decoding(attention, moe):
+    """GraphDecoder replays captured steps (plain and chunk-completing) with the same logits as eager decoding;
+    with MoE layers too (their decoding path gathers the chosen experts instead of sorting tokens by expert)."""
     from lit_hsa.generate import prefill
     from lit_hsa.static_decode import GraphDecoder
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("small", vocab_size=512, attention=attention, n_lower_layers=2, swa_layers_per_group=1)
+    experts = dict(moe=True, n_experts=8, experts_per_token=2, expert_hidden=256, n_shared_experts=1) if moe else {}
+    cfg = ModelConfig.from_name("small", vocab_size=512, attention=attention, n_lower_layers=2, swa_layers_per_group=1,
+                                **experts)
     model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
     x = torch.randint(0, 512, (1, 1300), device="cuda")
     with torch.no_grad():

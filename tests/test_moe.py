@@ -30,6 +30,17 @@ def test_grouped_moe_matches_per_token_loop():
     torch.testing.assert_close(moe(x), naive_moe(moe, x.view(-1, 16)).view(2, 10, 16), atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_sized_calls_gather_their_experts_and_match():
+    """In eval with N·k <= E (a decoding step) each token runs its own gathered experts (no sort, no host-side
+    sizes): same output as the per-token definition, and no load is counted."""
+    moe = make_moe().eval()
+    moe.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))
+    x = torch.randn(2, 1, 16)  # 2 tokens × 2 experts = 4 = E
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), naive_moe(moe, x.view(-1, 16)).view(2, 1, 16), atol=1e-5, rtol=1e-5)
+    assert moe.load_accum.sum() == 0
+
+
 def test_load_accumulates_and_bias_moves_towards_balance():
     moe = make_moe()
     moe.train()

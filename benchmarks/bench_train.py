@@ -39,23 +39,30 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), device="cuda")
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else nullcontext()
+    # Events at step boundaries give each timed step's GPU-side duration without synchronising between steps: runs
+    # on different machines have differed by up to 2× at 64K, and per-step times tell a slow step from a slow run.
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     try:
         for i in range(warmup + steps):
             if i == warmup:
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 prof.__enter__()
+            if i >= warmup:
+                marks[i - warmup].record()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        marks[-1].record()
         torch.cuda.synchronize()
         if profile:
             prof.__exit__(None, None, None)
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         elapsed = (time.perf_counter() - start) / steps
-        return {"ok": True, "s_per_step": round(elapsed, 4), "tokens_per_s": round(T / elapsed),
+        step_s = [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(marks, marks[1:])]
+        return {"ok": True, "s_per_step": round(elapsed, 4), "tokens_per_s": round(T / elapsed), "step_s": step_s,
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss.item(), 3)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}

@@ -94,31 +94,46 @@ class KVCache:
 
 
 class GrowingKV:
-    """Keys and values appended along time into buffers that grow by a quarter when full, so a decoding step
-    writes only its new positions: concatenating the whole cache each token would copy all of it (gigabytes at
-    a million cached tokens) per layer and token."""
+    """Tensors appended along dim 1 (time) into buffers that grow by a quarter when full, so a step writes only its
+    new positions: concatenating the whole cache each token would copy all of it (gigabytes at a million cached
+    tokens) per layer and token. Holds keys and values of a full-attention layer, or the chunk memory's landmarks
+    and K/V. ``host``: keep the buffers in (pinned) host memory, whatever device the appended parts are on."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, host: bool = False):
+        self.host = host
+        self.buffers: list[torch.Tensor] = []
         self.length = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: [B, n, Hkv, D] → every position so far, [B, length, Hkv, D] each (views)."""
-        end = self.length + k.shape[1]
-        if self.k is None or end > self.k.shape[1]:
+    @property
+    def k(self) -> torch.Tensor:
+        return self.buffers[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.buffers[1]
+
+    def append(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """parts: [B, n, ...] each → every position so far, [B, length, ...] each (views)."""
+        end = self.length + parts[0].shape[1]
+        if not self.buffers or end > self.buffers[0].shape[1]:
             # +25% and at least 4096 positions: few regrowths in decoding and segment prefill alike, without
             # doubling the memory that decides where full attention runs out.
-            old = self.k.shape[1] if self.k is not None else 0
+            old = self.buffers[0].shape[1] if self.buffers else 0
             capacity = max(end + 4096, old + old // 4)
-            grown = [x.new_empty(x.shape[0], capacity, *x.shape[2:]) for x in (k, v)]
-            if self.length:
-                grown[0][:, : self.length] = self.k[:, : self.length]
-                grown[1][:, : self.length] = self.v[:, : self.length]
-            self.k, self.v = grown
-        self.k[:, self.length : end] = k
-        self.v[:, self.length : end] = v
+            grown = [self._empty(x, capacity) for x in parts]
+            for new, buffer in zip(grown, self.buffers):
+                new[:, : self.length] = buffer[:, : self.length]
+            self.buffers = grown
+        for buffer, x in zip(self.buffers, parts):
+            buffer[:, self.length : end] = x
         self.length = end
-        return self.k[:, :end], self.v[:, :end]
+        return tuple(buffer[:, :end] for buffer in self.buffers)
+
+    def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        shape = (like.shape[0], capacity, *like.shape[2:])
+        if self.host:  # pinned: fetching selected chunks back to the accelerator is then a plain async copy
+            return torch.empty(shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+        return like.new_empty(shape)
 
 
 def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:

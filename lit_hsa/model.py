@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels.hsa import hsa_attention, select_chunks
 
-from .attention import AttentionMask, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
+from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
 from .loss import chunk_loss_sum, chunked_cross_entropy
 from .moe import MoE, SwiGLU
@@ -87,13 +87,6 @@ class Memory:
     def n_chunks(self) -> int:
         return self.landmarks.shape[1]
 
-    def extend(self, other: "Memory") -> "Memory":
-        k, v = other.k, other.v
-        if self.offloaded:
-            k, v = _to_host(k), _to_host(v)
-        return Memory(torch.cat([self.landmarks, other.landmarks], dim=1), torch.cat([self.k, k], dim=1),
-                      torch.cat([self.v, v], dim=1), self.offloaded)
-
     def fetch(self, indices: torch.Tensor, chunk_size: int, device) -> tuple["Memory", torch.Tensor]:
         """Offloaded memory: copy only the chunks that ``indices`` [B, T, H, K] select to ``device``; returns the
         compact memory and the indices renumbered into it (−1 kept)."""
@@ -109,11 +102,6 @@ class Memory:
         return Memory(self.landmarks, gather(self.k), gather(self.v)), compact
 
 
-def _to_host(x: torch.Tensor) -> torch.Tensor:
-    x = x.detach().to("cpu")
-    return x.pin_memory() if torch.cuda.is_available() else x
-
-
 @dataclass
 class DecodeState:
     """Everything incremental decoding keeps between calls: attention KV caches (SWA layers keep W positions), the
@@ -121,12 +109,23 @@ class DecodeState:
 
     kv: KVCache = field(default_factory=KVCache)
     pending: torch.Tensor | None = None  # [B, <S, d]
-    memory: Memory | None = None
+    memory: Memory | None = None  # views of the two stores below
     offload_memory: bool = False  # keep chunk K/V in host memory, only landmarks on the accelerator
+    landmark_store: GrowingKV = field(default_factory=GrowingKV)
+    kv_store: GrowingKV | None = None
 
     @property
     def pos(self) -> int:
         return self.kv.pos
+
+    def append_memory(self, new: Memory) -> Memory:
+        """Add newly encoded chunks; the stores grow in place, so a chunk costs its own size, not the memory's."""
+        if self.kv_store is None:
+            self.kv_store = GrowingKV(host=self.offload_memory)
+        (landmarks,) = self.landmark_store.append(new.landmarks)
+        k, v = self.kv_store.append(new.k, new.v)
+        self.memory = Memory(landmarks, k, v, offloaded=self.offload_memory)
+        return self.memory
 
     def memory_after(self, chunk_memory: "ChunkMemory", h: torch.Tensor) -> Memory:
         """The chunk memory the upper blocks read once h [B, n, d] (lower-stack outputs) joins the stream."""
@@ -180,17 +179,13 @@ class ChunkMemory(nn.Module):
 
     def extend(self, state: DecodeState, h: torch.Tensor) -> Memory:
         """Decoding: add h [B, n, d] to the incomplete chunk; encode every chunk that completes (chunks are encoded
-        independently, so this equals the full forward) and append it to ``state.memory``."""
+        independently, so this equals the full forward) and append it to ``state``'s memory."""
         pending = h if state.pending is None else torch.cat([state.pending, h], dim=1)
         n_done = pending.shape[1] // self.S * self.S
-        new = self(pending[:, :n_done])
-        if state.memory is None:
-            state.memory = Memory(new.landmarks, new.k, new.v) if not state.offload_memory else \
-                Memory(new.landmarks, _to_host(new.k), _to_host(new.v), offloaded=True)
-        else:
-            state.memory = state.memory.extend(new)
         state.pending = pending[:, n_done:]
-        return state.memory
+        if n_done == 0 and state.memory is not None:
+            return state.memory  # no chunk completed (most decoding steps): nothing to encode or copy
+        return state.append_memory(self(pending[:, :n_done]))
 
 
 def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import KVCache
+from .attention import GrowingKV, KVCache
 from .model import DecodeState, HSATransformer, Memory
 
 
@@ -127,7 +127,8 @@ class StaticDecodeState:
             self.landmarks[:, :n], self.k[:, : n * S], self.v[:, : n * S] = mem.landmarks, mem.k, mem.v
             self.pending = state.pending.new_zeros(B, S, state.pending.shape[-1])
             self.pending[:, : state.pending.shape[1]] = state.pending
-            state.memory = state.pending = None  # taken over
+            state.memory = state.pending = state.kv_store = None  # taken over: free the eager copies
+            state.landmark_store = GrowingKV()
 
     @property
     def pos(self) -> int:

@@ -158,3 +158,21 @@ def test_static_decoding_step_has_no_host_synchronisation(variant):
         for t in range(14, 30):  # crosses the chunk completions at positions 15 and 23
             decoder.step(x[:, t])
     assert not record.syncing
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_chunk_memory_changes_only_when_a_chunk_completes_and_grows_in_place(offload):
+    """A decoding step that completes no chunk leaves the memory as it is (it used to concatenate the whole memory,
+    with host copies when offloaded, on every token); a completed chunk is written into the existing buffers."""
+    model = HSATransformer(tiny()).eval()  # chunks of 8
+    x = torch.randint(0, VOCAB, (1, 17))
+    with torch.no_grad():
+        _, state = prefill(model, x[:, :9], offload_memory=offload)  # chunk 0 done, position 8 pending
+        memory, buffer = state.memory, state.kv_store.k.data_ptr()
+        for t in range(9, 15):
+            model(x[:, t : t + 1], state=state)
+            assert state.memory is memory
+        model(x[:, 15:16], state=state)  # completes chunk 1
+    assert state.memory.n_chunks == 2 and state.memory.k.shape[1] == 16
+    assert state.kv_store.k.data_ptr() == buffer
+    assert state.memory.k.device.type == "cpu" and state.memory.offloaded == offload

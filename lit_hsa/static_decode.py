@@ -163,8 +163,9 @@ class GraphDecoder:
     The first step of each kind (plain, chunk-completing) runs eagerly: it warms up the kernels and moves the eager
     caches over; the next step of that kind is captured, and every later one replays the graph. Without CUDA every
     step runs eagerly on the static state, which computes the same thing. MoE layers route a decoding step's few
-    tokens through gathered expert weights (``MoE._run_gathered``), so they need no host synchronisation either. Capture under autocast disables autocast's weight cache (a cached cast would be
-    freed into the graph's memory pool); for the fastest steps cast the model to bf16 instead of using autocast.
+    tokens through gathered expert weights (``MoE._run_gathered``), so they need no host synchronisation either.
+    Capture under autocast disables autocast's weight cache (a cached cast would be freed into the graph's memory
+    pool); for the fastest steps cast the model to bf16 instead of using autocast.
     """
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int):

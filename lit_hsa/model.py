@@ -111,17 +111,23 @@ class DecodeState:
     pending: torch.Tensor | None = None  # [B, <S, d]
     memory: Memory | None = None  # views of the two stores below
     offload_memory: bool = False  # keep chunk K/V in host memory, only landmarks on the accelerator
-    landmark_store: GrowingKV = field(default_factory=GrowingKV)
-    kv_store: GrowingKV | None = None
+    landmark_store: GrowingKV = field(init=False)
+    kv_store: GrowingKV = field(init=False)  # in (pinned) host memory when offloading
+
+    def __post_init__(self):
+        self.release_memory()
 
     @property
     def pos(self) -> int:
         return self.kv.pos
 
+    def release_memory(self) -> None:
+        """Drop the chunk memory and the incomplete chunk (empty stores)."""
+        self.memory = self.pending = None
+        self.landmark_store, self.kv_store = GrowingKV(), GrowingKV(host=self.offload_memory)
+
     def append_memory(self, new: Memory) -> Memory:
         """Add newly encoded chunks; the stores grow in place, so a chunk costs its own size, not the memory's."""
-        if self.kv_store is None:
-            self.kv_store = GrowingKV(host=self.offload_memory)
         (landmarks,) = self.landmark_store.append(new.landmarks)
         k, v = self.kv_store.append(new.k, new.v)
         self.memory = Memory(landmarks, k, v, offloaded=self.offload_memory)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import GrowingKV, KVCache
+from .attention import KVCache
 from .model import DecodeState, HSATransformer, Memory
 
 
@@ -53,6 +53,12 @@ class StaticKVCache:
         self.pos_t = torch.tensor(source.pos, device=device)
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's, by window
+
+    def advance(self, n: int) -> None:
+        self.pos_t += n
+        self.pos += n
+        self._slots.clear()
 
     @property
     def q_start(self) -> torch.Tensor:
@@ -65,18 +71,25 @@ class StaticKVCache:
         """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at pos → [B, 1, Hq, D]."""
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
-        if window is None:
-            ck, cv = self._full(layer, k)
-            key_pos = torch.arange(ck.shape[2], device=k.device)
-            slot = self.pos_t
-        else:
-            ck, cv = self._ring(layer, k, window)
-            # the position each ring slot holds: the latest p <= pos with p ≡ slot (mod W); negative = never written
-            key_pos = self.pos_t - (self.pos_t - torch.arange(window, device=k.device)) % window
-            slot = self.pos_t % window
-        ck.index_copy_(2, slot.view(1), k.transpose(1, 2).to(ck.dtype))
-        cv.index_copy_(2, slot.view(1), v.transpose(1, 2).to(cv.dtype))
-        return decode_attention(q, ck, cv, (key_pos >= 0) & (key_pos <= self.pos_t))
+        ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
+        slot, valid = self._slot_and_mask(window, ck.shape[2])
+        ck.index_copy_(2, slot, k.transpose(1, 2).to(ck.dtype))
+        cv.index_copy_(2, slot, v.transpose(1, 2).to(cv.dtype))
+        return decode_attention(q, ck, cv, valid)
+
+    def _slot_and_mask(self, window: int | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where this step's key goes ([1]) and which of the ``length`` cached keys it may see ([length] bool). The
+        same for every layer with this window, so computed once per step (``advance`` forgets it)."""
+        if window not in self._slots:
+            if window is None:
+                key_pos = torch.arange(length, device=self.pos_t.device)
+                slot = self.pos_t
+            else:
+                # the position each ring slot holds: the latest p <= pos with p ≡ slot (mod W); < 0 = never written
+                key_pos = self.pos_t - (self.pos_t - torch.arange(window, device=self.pos_t.device)) % window
+                slot = self.pos_t % window
+            self._slots[window] = (slot.view(1), (key_pos >= 0) & (key_pos <= self.pos_t))
+        return self._slots[window]
 
     def _full(self, layer, k):
         if layer not in self.full:
@@ -127,8 +140,7 @@ class StaticDecodeState:
             self.landmarks[:, :n], self.k[:, : n * S], self.v[:, : n * S] = mem.landmarks, mem.k, mem.v
             self.pending = state.pending.new_zeros(B, S, state.pending.shape[-1])
             self.pending[:, : state.pending.shape[1]] = state.pending
-            state.memory = state.pending = state.kv_store = None  # taken over: free the eager copies
-            state.landmark_store = GrowingKV()
+            state.release_memory()  # taken over: free the eager copies
 
     @property
     def pos(self) -> int:
@@ -153,8 +165,7 @@ class StaticDecodeState:
         return Memory(self.landmarks, self.k, self.v)
 
     def advance(self, n: int) -> None:
-        self.kv.pos_t += n
-        self.kv.pos += n
+        self.kv.advance(n)
 
 
 class GraphDecoder:
@@ -198,7 +209,7 @@ class GraphDecoder:
             self.graphs[kind] = self._capture()
         graph, logits = self.graphs[kind]
         graph.replay()
-        self.state.kv.pos += 1  # the replayed graph advanced pos_t on the device
+        self.state.kv.pos += 1  # the replayed graph advanced pos_t on the device (advance ran at capture)
         return logits.clone()
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

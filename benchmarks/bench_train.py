@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,6 +26,17 @@ from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.eval.ruler import parse_length  # noqa: E402
 from lit_hsa.model import HSATransformer  # noqa: E402
 from lit_hsa.parallel import parallelize  # noqa: E402
+
+
+def _record_triton_compiles(stop: bool = False) -> list[str]:
+    """Names of the @triton.jit kernels compiled (or loaded from Triton's disk cache) from now on, appended to the
+    returned list; ``stop`` removes the hook. Inductor's generated kernels load through another path (not listed)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:  # Triton < 3.4
+        return []
+    names: list[str] = []
+    knobs.runtime.jit_post_compile_hook = None if stop else (lambda **kw: names.append(kw["repr"].split("[")[0]))
+    return names
 
 
 def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True, compile: bool = False,
@@ -42,6 +55,7 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
     # Events at step boundaries give each timed step's GPU-side duration without synchronising between steps: runs
     # on different machines have differed by up to 2× at 64K, and per-step times tell a slow step from a slow run.
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    compiled, timed_compiles = _record_triton_compiles(), {}
     try:
         for i in range(warmup + steps):
             if i == warmup:
@@ -50,6 +64,9 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
                 prof.__enter__()
             if i >= warmup:
                 marks[i - warmup].record()
+                if i > warmup and compiled:  # what the previous timed step compiled
+                    timed_compiles[i - warmup - 1] = compiled[:]
+                compiled.clear()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
@@ -62,11 +79,21 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         elapsed = (time.perf_counter() - start) / steps
         step_s = [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(marks, marks[1:])]
-        return {"ok": True, "s_per_step": round(elapsed, 4), "tokens_per_s": round(T / elapsed), "step_s": step_s,
+        # Throughput from the median step: the steady state that a long run sees. A fresh machine compiles a Triton
+        # kernel the first time the data route work to it (e.g. the other HSA strategy in one layer), a one-off
+        # ~0.3 s that lands in a timed step at random and made the mean of a few steps differ by up to 2× between
+        # runs. The mean is kept as well.
+        median = statistics.median(step_s)
+        if compiled:
+            timed_compiles[steps - 1] = compiled[:]
+        return {"ok": True, "s_per_step": round(median, 4), "tokens_per_s": round(T / median),
+                "tokens_per_s_mean": round(T / elapsed), "step_s": step_s,
+                "triton_jit_compiles_in_timed_steps": timed_compiles,
                 "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss.item(), 3)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
     finally:
+        _record_triton_compiles(stop=True)
         del model, opt
         torch.cuda.empty_cache()
 

@@ -60,8 +60,13 @@ def test_compiled_training_step_matches_eager_on_cuda():
 
 @pytest.mark.parametrize("attention,moe", [("hsa", False), ("full", False), ("hsa", True)])
 def test_cuda_graph_decoding_equals_eager_decoding(attention, moe):
-    """GraphDecoder replays captured steps (plain and chunk-completing) with the same logits as eager decoding;
-    with MoE layers too (their decoding path gathers the chosen experts instead of sorting tokens by expert)."""
+    """GraphDecoder replays captured steps (plain and chunk-completing) with the logits of the same static steps
+    run eagerly, and (without MoE) with those of eager decoding on growing caches. With MoE the second comparison
+    would test bf16 rounding, not graphs: the two decoders attend through different kernels, and a difference in
+    the last bits can flip a near-tied top-2 routing (it did at the third step), which moves logits by far more
+    than rounding. MoE layers decode by gathering the chosen experts instead of sorting tokens by expert."""
+    import copy
+
     from lit_hsa.generate import prefill
     from lit_hsa.static_decode import GraphDecoder
 
@@ -72,11 +77,20 @@ def test_cuda_graph_decoding_equals_eager_decoding(attention, moe):
     model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
     x = torch.randint(0, 512, (1, 1300), device="cuda")
     with torch.no_grad():
-        _, eager_state = prefill(model, x[:, :1000], segment_size=512)
-        eager = [model(x[:, t : t + 1], state=eager_state)[:, -1] for t in range(1000, 1300)]
         _, state = prefill(model, x[:, :1000], segment_size=512)
-    decoder = GraphDecoder(model, state, max_len=1300)
+    # copies of one prefill (two prefills can differ in the last bits: the HSA kernel accumulates with atomics);
+    # the memo keeps the caches keyed by the model's own layers
+    states = [copy.deepcopy(state, memo={id(m): m for m in model.modules()}) for _ in range(2)]
+    with torch.no_grad():
+        eager = [model(x[:, t : t + 1], state=state)[:, -1] for t in range(1000, 1300)]
+    static = GraphDecoder(model, states[0], max_len=1300)
+    static.use_graphs = False
+    decoder = GraphDecoder(model, states[1], max_len=1300)
     graphed = [decoder.step(x[:, t]) for t in range(1000, 1300)]
+    static_eager = [static.step(x[:, t]) for t in range(1000, 1300)]
     assert set(decoder.graphs) == ({False, True} if attention == "hsa" else {False})
-    for t, (a, b) in enumerate(zip(graphed, eager)):
-        torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05, msg=f"step {t}")
+    for t, (a, b) in enumerate(zip(graphed, static_eager)):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2, msg=f"graph vs static, step {t}")
+    if not moe:
+        for t, (a, b) in enumerate(zip(graphed, eager)):
+            torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05, msg=f"graph vs eager, step {t}")

@@ -269,6 +269,40 @@ def test_gpu_fp32_exact_and_dispatch():
     torch.testing.assert_close(out, hsa_attention_reference(q, k, v, w, idx), atol=2e-4, rtol=2e-4)
 
 
+def _binaries(kernel) -> int:
+    """How many binaries Triton compiled for ``kernel`` on the current GPU (its per-device cache)."""
+    caches = getattr(kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its kernel cache elsewhere")
+    return len(caches[torch.cuda.current_device()][0])
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
+    """The work list's length changes with the indices at every call; a length that is a multiple of 16 must not
+    compile the kernels again (it did, seconds into training runs, until ``do_not_specialize``)."""
+    from kernels.hsa import triton_attention as ta
+
+    S, T = 64, 64 + 2048
+    q, k, v, w, _ = make_problem(1, T, 16, 1, 64, S, 1, dtype=torch.bfloat16, device="cuda")
+    counts = []
+    for n_valid in (2048, 1700):  # 128 / 16 forward / backward items, then 107 / 14
+        idx = torch.full((1, T, 1, 1), -1, dtype=torch.long, device="cuda")
+        idx[0, S : S + n_valid] = 0  # every valid pair in chunk 0's bucket
+        plan = build_plan(idx, T // S)
+        CONFIG["strategy"] = "chunk"
+        try:
+            out = hsa_attention_triton(*(x.requires_grad_(True) for x in (q, k, v, w)), idx, S, plan=plan)
+            out.sum().backward()
+        finally:
+            CONFIG["strategy"] = "auto"
+        torch.cuda.synchronize()
+        seg = ta._tiles(CONFIG["fwd"], 16)[3]
+        assert plan.items(seg).shape[1] == -(-n_valid // seg)
+        counts.append((_binaries(ta._hsa_fwd_kernel), _binaries(ta._hsa_bwd_kernel)))
+    assert counts[1] == counts[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("H,K,dtype", [(1, 8, torch.bfloat16), (2, 64, torch.float32)])
 def test_gpu_select_chunks_vs_reference(H, K, dtype):

@@ -80,6 +80,9 @@ def _chunk_exp(q, kt, qk_scale, DOT_PREC: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------ chunk-major
+# ``n_items`` (the grid size) changes with the indices at every call. Triton specialises integer arguments on
+# divisibility by 16 by default, so a count that happened to be a multiple of 16 compiled the kernel again, seconds
+# into training: `do_not_specialize` keeps one binary per shape.
 
 
 @triton.jit
@@ -95,7 +98,7 @@ def _item_header(ITEMS, n_items, NCHUNK, HKV):
     return start, count, c, g, b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def _hsa_fwd_kernel(
     Q, K, V, W, PERM, ITEMS, OACC,
     n_items, T, HKV, NCHUNK, TOPK, G, qk_scale,
@@ -129,7 +132,7 @@ def _hsa_fwd_kernel(
         tl.atomic_add(OACC + q_rows[:, None] + offs_d[None, :], o, mask=row_ok[:, None], sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def _hsa_bwd_kernel(
     Q, K, V, W, DO, PERM, ITEMS, DQ, DK, DV, DW,
     n_items, T, HKV, NCHUNK, TOPK, G, qk_scale, sm_scale,

@@ -8,7 +8,8 @@
    data-dependent shapes), so the full-attention cache's size decides where it runs out of memory.
 
     python benchmarks/bench_generate.py [--lengths 4k,64k,1m] [--full-lengths 4k,64k,1m]
-                                        [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k] [--out f.json]
+                                        [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k] [--compile]
+                                        [--out f.json]
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
 
 
 @torch.no_grad()
-def measure_synthetic(model: HSATransformer, T: int, steps: int) -> dict:
+def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | None = None) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -95,7 +96,7 @@ def measure_synthetic(model: HSATransformer, T: int, steps: int) -> dict:
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 4096), device="cuda")
         logits, state = prefill(model, prompt, 4096)
         token = logits.argmax(-1)
-        decoder = GraphDecoder(model, state, T + 2 * model.cfg.chunk_size + steps + 8)
+        decoder = GraphDecoder(model, state, T + 2 * model.cfg.chunk_size + steps + 8, compile)
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
@@ -117,6 +118,8 @@ def main() -> None:
     parser.add_argument("--synthetic-lengths", default="1m,4m,8m,16m")
     parser.add_argument("--segment", default="16k")
     parser.add_argument("--steps", type=int, default=64, help="timed decoding steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     segment = parse_length(args.segment)
@@ -133,10 +136,13 @@ def main() -> None:
                 print(r, flush=True)
                 if not r["ok"]:
                     break
-        for T in lengths(args.synthetic_lengths):
-            r = {"attention": attention, "T": T, **measure_synthetic(model, T, args.steps)}
-            synthetic.append(r)
-            print(r, flush=True)
+        # uncompiled first: compiling changes the model's blocks in place
+        for compile in (None, "inductor") if args.compile else (None,):
+            for T in lengths(args.synthetic_lengths):
+                r = {"attention": attention, "T": T, "compile": compile,
+                     **measure_synthetic(model, T, args.steps, compile)}
+                synthetic.append(r)
+                print(r, flush=True)
         del model
 
     gpu = torch.cuda.get_device_name()
@@ -150,15 +156,17 @@ def main() -> None:
                   f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |")
         else:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
-    print("\nDecode with CUDA graphs, caches of the given context (random contents):")
-    print("| context | HSA ms/token | HSA GiB | full ms/token | full GiB | full / HSA |\n|---|---|---|---|---|---|")
-    by = {(r["attention"], r["T"]): r for r in synthetic}
-    for T in lengths(args.synthetic_lengths):
-        h, f = by.get(("hsa", T), {}), by.get(("full", T), {})
-        cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
-        ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
-        print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(f, 'decode_graph_ms')} | "
-              f"{cell(f, 'peak_gib')} | {ratio} |")
+    by = {(r["attention"], r["T"], r["compile"]): r for r in synthetic}
+    for compile in (None, "inductor") if args.compile else (None,):
+        print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, caches of the given context "
+              "(random contents):")
+        print("| context | HSA ms/token | HSA GiB | full ms/token | full GiB | full / HSA |\n|---|---|---|---|---|---|")
+        for T in lengths(args.synthetic_lengths):
+            h, f = by.get(("hsa", T, compile), {}), by.get(("full", T, compile), {})
+            cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
+            ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
+            print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(f, 'decode_graph_ms')} | "
+                  f"{cell(f, 'peak_gib')} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": gpu, "preset": args.preset, "dtype": "bfloat16",
                                               "prefill": rows, "synthetic_decode": synthetic}, indent=2))

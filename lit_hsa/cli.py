@@ -88,6 +88,8 @@ def parse_generate_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--compile", action="store_const", const="inductor", default=None,
+                        help="compile the decoding step's blocks (CUDA; tens of seconds once, then faster tokens)")
     args = parser.parse_args(argv)
     args.command = "generate"
     return args
@@ -133,11 +135,13 @@ def run_generate(args: argparse.Namespace) -> None:
 
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         raise ConfigError(f"--prompt-file '{args.prompt_file}' does not exist")
+    if args.compile and not str(args.device).startswith("cuda"):
+        raise ConfigError(f"--compile speeds up CUDA-graph decoding: it needs a CUDA --device, got '{args.device}'")
     model, tokenizer = load_checkpoint(args.ckpt, args.device)
     text = Path(args.prompt_file).read_text() if args.prompt_file is not None else args.prompt
     prompt = torch.as_tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
     out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
-                   args.segment_size, torch.Generator(device=args.device).manual_seed(args.seed))
+                   args.segment_size, torch.Generator(device=args.device).manual_seed(args.seed), compile=args.compile)
     print(tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
 
 

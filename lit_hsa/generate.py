@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import DecodeState, HSATransformer
+from .model import DecodeState, HSATransformer, uncompiled
 from .static_decode import GraphDecoder
 
 
@@ -33,8 +33,9 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
     if prompt.shape[1] == 0:
         raise ValueError("the prompt is empty")
     state = state or DecodeState(offload_memory=offload_memory)
-    for start in range(0, prompt.shape[1], segment_size):
-        logits = model(prompt[:, start : start + segment_size], state=state)
+    with uncompiled():
+        for start in range(0, prompt.shape[1], segment_size):
+            logits = model(prompt[:, start : start + segment_size], state=state)
     return logits[:, -1], state
 
 
@@ -42,16 +43,21 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
 def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
              generator: torch.Generator | None = None, offload_memory: bool = False,
-             cuda_graphs: bool | None = None) -> torch.Tensor:
+             cuda_graphs: bool | None = None, compile: str | None = None) -> torch.Tensor:
     """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS).
 
     ``cuda_graphs`` (default: on CUDA without ``offload_memory``): decode with static caches, one CUDA graph
-    replayed per token (``static_decode.GraphDecoder``) instead of launching every layer's kernels from Python."""
-    logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
+    replayed per token (``static_decode.GraphDecoder``) instead of launching every layer's kernels from Python.
+    ``compile``: a torch.compile backend ("inductor") for those steps' blocks (fewer, fused kernels per step; takes
+    tens of seconds once, so worth it for long generations)."""
     if cuda_graphs is None:
         cuda_graphs = prompt.is_cuda and not offload_memory
+    if compile is not None and not cuda_graphs:
+        raise ValueError("compile= applies to static (CUDA-graph) decoding: pass cuda_graphs=True, without offload_memory")
+    logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
     # (the last new token is never fed back, so one new token needs no decoding step at all)
-    decoder = GraphDecoder(model, state, prompt.shape[1] + max_new_tokens) if cuda_graphs and max_new_tokens > 1 else None
+    static = cuda_graphs and max_new_tokens > 1
+    decoder = GraphDecoder(model, state, prompt.shape[1] + max_new_tokens, compile) if static else None
     out = [prompt]
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
@@ -62,5 +68,9 @@ def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, t
         out.append(token[:, None])
         if i == max_new_tokens - 1 or (eos_id is not None and finished.all()):
             break
-        logits = decoder.step(token) if decoder is not None else model(token[:, None], state=state)[:, -1]
+        if decoder is not None:
+            logits = decoder.step(token)
+        else:
+            with uncompiled():
+                logits = model(token[:, None], state=state)[:, -1]
     return torch.cat(out, dim=1)

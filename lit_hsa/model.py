@@ -102,6 +102,13 @@ class Memory:
         return Memory(self.landmarks, gather(self.k), gather(self.v)), compact
 
 
+def uncompiled():
+    """Context in which blocks compiled (for training, or by a ``GraphDecoder`` for static decoding) run eagerly: for
+    decoding with ``DecodeState``'s growing caches, which are found per layer and change length at every call, so
+    dynamo would recompile per layer and shape until it gives up."""
+    return torch.compiler.set_stance("force_eager")
+
+
 @dataclass
 class DecodeState:
     """Everything incremental decoding keeps between calls: attention KV caches (SWA layers keep W positions), the

@@ -38,6 +38,10 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     model.chunk_loss = torch.compile(chunk_loss_sum, backend=backend, dynamic=False)
 
 
+def is_compiled(model: nn.Module) -> bool:
+    return any(getattr(unit, "_compiled_call_impl", None) is not None for unit in transformer_units(model))
+
+
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:
     """FSDP2: each unit is one all-gather / reduce-scatter group; the root holds embeddings, final norm and head."""
     from torch.distributed.fsdp import fully_shard

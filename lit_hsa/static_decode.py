@@ -15,11 +15,14 @@ caches over. A step that completes a chunk also runs the chunk encoder, so ``Gra
 """
 from __future__ import annotations
 
+import functools
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from .attention import KVCache
-from .model import DecodeState, HSATransformer, Memory
+from .model import DecodeState, HSATransformer, Memory, uncompiled
 
 
 # Keys per slice of the probabilities·values product: with one query, that GEMM has [G, D] outputs and a reduction
@@ -43,6 +46,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     return parts.float().sum(dim=2).reshape(B, 1, Hq, D).to(q.dtype)
 
 
+def write_and_attend(q, k, v, ck, cv, slot, valid) -> torch.Tensor:
+    """Writes this step's k, v [B, 1, Hkv, D] into slot ``slot`` [1] of the static caches ck, cv [B, Hkv, L, D], then
+    attends q [B, 1, Hq, D] to the ``valid`` [L] cached keys → [B, 1, Hq, D]."""
+    ck.index_copy_(2, slot, k.transpose(1, 2).to(ck.dtype))
+    cv.index_copy_(2, slot, v.transpose(1, 2).to(cv.dtype))
+    return decode_attention(q, ck, cv, valid)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_write_and_attend(backend: str):
+    # One graph per cache shape (rings of W slots, full caches of max_len): the cast, scale, mask and softmax passes
+    # over the [G, L] scores fuse, which matters for full attention at a million cached keys.
+    return torch.compile(write_and_attend, backend=backend, dynamic=False)
+
+
 class StaticKVCache:
     """Attention caches of static shape (see the module docstring), filled from an eager ``KVCache`` on each layer's
     first step: ``source``'s entry for that layer is moved over and dropped, so the two never both hold a layer."""
@@ -54,6 +72,7 @@ class StaticKVCache:
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's, by window
+        self.step_attention = write_and_attend  # ``compile`` swaps in a compiled one
 
     def advance(self, n: int) -> None:
         self.pos_t += n
@@ -67,15 +86,20 @@ class StaticKVCache:
     def positions(self, n: int, device) -> torch.Tensor:
         return self.pos_t + torch.arange(n, device=device)
 
+    def compile(self, backend: str = "inductor") -> None:
+        self.step_attention = compiled_write_and_attend(backend)
+
+    # Opaque to torch.compile (blocks compiled for decoding break the graph here): the caches are found by layer,
+    # and dynamo would guard on each layer's identity and recompile per layer. The tensor work inside is compiled
+    # on its own (``compile``).
+    @torch.compiler.disable
     def attend(self, layer: nn.Module, q, k, v, window: int | None) -> torch.Tensor:
         """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at pos → [B, 1, Hq, D]."""
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
         slot, valid = self._slot_and_mask(window, ck.shape[2])
-        ck.index_copy_(2, slot, k.transpose(1, 2).to(ck.dtype))
-        cv.index_copy_(2, slot, v.transpose(1, 2).to(cv.dtype))
-        return decode_attention(q, ck, cv, valid)
+        return self.step_attention(q, k, v, ck, cv, slot, valid)
 
     def _slot_and_mask(self, window: int | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Where this step's key goes ([1]) and which of the ``length`` cached keys it may see ([length] bool). The
@@ -177,11 +201,24 @@ class GraphDecoder:
     tokens through gathered expert weights (``MoE._run_gathered``), so they need no host synchronisation either.
     Capture under autocast disables autocast's weight cache (a cached cast would be freed into the graph's memory
     pool); for the fastest steps cast the model to bf16 instead of using autocast.
+
+    ``compile``: a torch.compile backend ("inductor") for the model's blocks and the cache attention, or None. A
+    replayed step then launches inductor's fused kernels instead of one kernel per operator (norms, RoPE, SwiGLU,
+    softmax): the step is bound by the number of kernels at batch 1. The blocks are compiled in place (like
+    ``trainer.compile``), and the graphs compile in the warm-up steps (tens of seconds), so it pays off for long
+    generations and serving, not for a few tokens.
     """
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None):
         self.model = model
         self.state = StaticDecodeState(model, state, max_len)
+        self.compile = compile
+        if compile is not None:
+            from .parallel import apply_compile, is_compiled
+
+            if not is_compiled(model):  # compiling again would pile up dynamo cache entries for the same blocks
+                apply_compile(model, compile)
+            self.state.kv.compile(compile)
         device = model.embed.weight.device
         self.use_graphs = device.type == "cuda"
         self.tokens: torch.Tensor | None = None  # [B, 1]: the graphs read their input from here
@@ -190,7 +227,8 @@ class GraphDecoder:
         self.pool = None
 
     def _forward(self) -> torch.Tensor:
-        return self.model(self.tokens, state=self.state)[:, -1]
+        with uncompiled() if self.compile is None else nullcontext():  # blocks compiled for training stay eager
+            return self.model(self.tokens, state=self.state)[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,7 +242,8 @@ class GraphDecoder:
         kind = self.state.completes_chunk
         if not self.use_graphs or kind not in self.warm:
             self.warm.add(kind)
-            return self._forward()
+            with self._autocast():  # as at capture, so compiled blocks' guards on autocast state still hold then
+                return self._forward()
         if kind not in self.graphs:
             self.graphs[kind] = self._capture()
         graph, logits = self.graphs[kind]
@@ -216,9 +255,14 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         pos = self.state.kv.pos
-        autocast = torch.is_autocast_enabled("cuda")
-        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._forward()
+        with self._autocast(), torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward()
         self.state.kv.pos = pos  # capture ran the Python (host counters) but none of the kernels
         return graph, logits
+
+    def _autocast(self):
+        """The caller's autocast without its weight cache (see the class docstring); nothing without graphs."""
+        if not self.use_graphs:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                              cache_enabled=False)

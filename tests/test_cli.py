@@ -93,6 +93,9 @@ def test_generate_from_checkpoint(tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.strip("\n")  # some text came out
     assert main(["generate", "--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x"]) == 2
+    capsys.readouterr()
+    assert main([*args, "--compile"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --compile speeds up CUDA-graph decoding: it needs a CUDA --device, got 'cpu'"
 
 
 KILL_SCRIPT = """

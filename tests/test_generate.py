@@ -88,6 +88,36 @@ def test_static_decoding_equals_full_forward(variant):
         decoder.step(x[:, 0])
 
 
+@pytest.mark.parametrize("variant", ["hsa", "full"])
+def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(variant):
+    """GraphDecoder(compile=...) compiles the blocks and the cache attention (aot_eager here: dynamo's graphs and
+    graph breaks without code generation) and still gives the full forward's logits. A later prefill on the compiled
+    model runs eagerly: it compiles no graph (its growing caches would recompile per layer and segment length)."""
+    from torch._dynamo.utils import counters
+
+    from lit_hsa.parallel import is_compiled
+    from lit_hsa.static_decode import GraphDecoder
+
+    torch._dynamo.reset()
+    model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
+    x = torch.randint(0, VOCAB, (2, 45))
+    try:
+        with torch.no_grad():
+            ref = model(x)
+            _, state = prefill(model, x[:, :13], segment_size=5)
+        decoder = GraphDecoder(model, state, max_len=45, compile="aot_eager")
+        outs = [decoder.step(x[:, t]) for t in range(13, 45)]
+        torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-5, rtol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        assert is_compiled(model) and graphs > 0
+        with torch.no_grad():
+            logits, _ = prefill(model, x[:, :21], segment_size=7)
+        torch.testing.assert_close(logits, ref[:, 20], atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
+
+
 def test_static_decoding_rejects_what_it_cannot_hold():
     from lit_hsa.static_decode import StaticDecodeState
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from data_modules.synthetic import make_task, score
 
 from ..generate import generate
-from ..model import DecodeState, HSATransformer
+from ..model import DecodeState, HSATransformer, uncompiled
 
 DEPTHLESS_TASKS = ("self_copy",)
 
@@ -72,7 +72,8 @@ def perplexity_by_position(model: HSATransformer, tokens: np.ndarray, segment_si
     state, losses = DecodeState(), []
     for start in range(0, x.shape[1] - 1, segment_size):
         seg = x[:, start : min(start + segment_size, x.shape[1] - 1)]
-        logits = model(seg, state=state)
+        with uncompiled():
+            logits = model(seg, state=state)
         target = x[:, start + 1 : start + 1 + seg.shape[1]]
         losses.append(F.cross_entropy(logits[0].float(), target[0], reduction="none").cpu())
     loss = torch.cat(losses)

@@ -154,7 +154,17 @@ def measure(fwd, fwdbwd, budget_ms) -> dict:
 # ---------------------------------------------------------------------------------------------- methods
 
 
-def bench_hsa(q, k, v, do, idx, w, budget_ms) -> dict:
+def profile_table(fn, rows: int = 15) -> str:
+    """GPU kernels of one fn() call, by device time (fn runs twice first: compilation, allocator)."""
+    fn(), fn()
+    _sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync()
+    return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+
+
+def bench_hsa(q, k, v, do, idx, w, budget_ms, profile: bool = False) -> dict:
     from kernels.hsa.triton_attention import _strategy, build_plan, hsa_attention_triton
 
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, w)]
@@ -168,6 +178,8 @@ def bench_hsa(q, k, v, do, idx, w, budget_ms) -> dict:
         return torch.autograd.grad(o, leaves, do)
 
     res = measure(fwd, fwdbwd, budget_ms)
+    if profile and res.get("status") == "ok":
+        print(profile_table(fwdbwd), flush=True)
     if res.get("status") == "ok":
         try:
             plan = build_plan(idx, k.shape[1] // S)
@@ -339,7 +351,7 @@ def run(args) -> dict:
                         continue
                     if "hsa" in methods:
                         emit({**base, "method": "hsa_triton", "topk": K, "layout": layout,
-                              **bench_hsa(q, k, v, do, idx, w, budget)})
+                              **bench_hsa(q, k, v, do, idx, w, budget, args.profile)})
                     if "nsa" in methods:
                         emit({**base, "method": "fla_nsa", "topk": K, "layout": layout,
                               **bench_nsa(q, k, v, do, idx, budget)})
@@ -497,6 +509,7 @@ def tune(args) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="T = 4K and 16K only, shorter timing budget")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of one HSA forward+backward per row")
     ap.add_argument("--out", help="JSON path (rewritten after every row)")
     ap.add_argument("--md", help="markdown table path")
     ap.add_argument("--T", type=lambda s: [int(x) for x in s.split(",")], default=None)

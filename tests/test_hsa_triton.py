@@ -148,6 +148,10 @@ def test_plan_groups_every_valid_pair_once():
     _, _, _, _, idx = make_problem(2, 64, 4, 2, 16, 16, 3)
     plan = build_plan(idx, 4)
     start, count, bucket = plan.items(5).long().cpu()
+    # padding (the list's length is a bound known on the host) comes last, with no pairs
+    n_real = int((count > 0).sum())
+    assert torch.all(count[n_real:] == 0) and count.numel() >= n_real
+    start, count, bucket = start[:n_real], count[:n_real], bucket[:n_real]
     assert count.max() <= 5 and count.min() >= 1
     pairs = torch.cat([plan.perm.long().cpu()[s : s + n] for s, n in zip(start.tolist(), count.tolist())])
     flat = idx.reshape(-1).cpu()
@@ -279,8 +283,9 @@ def _binaries(kernel) -> int:
 
 @pytest.mark.gpu
 def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
-    """The work list's length changes with the indices at every call; a length that is a multiple of 16 must not
-    compile the kernels again (it did, seconds into training runs, until ``do_not_specialize``)."""
+    """The work list's real length changes with the indices at every call; a length that is a multiple of 16 must
+    not compile the kernels again (it did, seconds into training runs, until ``do_not_specialize``; the list is now
+    padded to a bound that depends on shapes only, too)."""
     from kernels.hsa import triton_attention as ta
 
     S, T = 64, 64 + 2048
@@ -298,7 +303,7 @@ def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
             CONFIG["strategy"] = "auto"
         torch.cuda.synchronize()
         seg = ta._tiles(CONFIG["fwd"], 16)[3]
-        assert plan.items(seg).shape[1] == -(-n_valid // seg)
+        assert int((plan.items(seg)[1] > 0).sum()) == -(-n_valid // seg)
         counts.append((_binaries(ta._hsa_fwd_kernel), _binaries(ta._hsa_bwd_kernel)))
     assert counts[1] == counts[0]
 

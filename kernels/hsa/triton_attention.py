@@ -108,6 +108,8 @@ def _hsa_fwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     start, count, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
+    if count == 0:  # padding of the work list (its length is a bound, see HSAPlan._cut)
+        return
     hb = tl.program_id(1)
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D)
@@ -142,6 +144,8 @@ def _hsa_bwd_kernel(
     COMPUTE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     start, count, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
+    if count == 0:  # padding of the work list
+        return
     hb = tl.program_id(1)
     b64 = b.to(tl.int64)
     offs_d = tl.arange(0, D)
@@ -288,7 +292,8 @@ class HSAPlan:
 
     - ``items(seg)``: chunk-major work list. ``perm``: [N_valid] int32 flat pair ids ``((b·T + t)·Hkv + g)·K + j``
       sorted by bucket ``(b·Hkv + g)·C + c`` (token order inside a bucket); the buckets cut into items of at most
-      ``seg`` pairs → [3, n_items] int32 (start in perm, pair count, bucket), in launch order.
+      ``seg`` pairs → [3, n_items] int32 (start in perm, pair count, bucket), in launch order; ``n_items`` is an
+      upper bound known on the host, and the items past the real ones have count 0.
     - ``union(bt)``: query-major work list: for each block of ``bt`` tokens and KV head, the distinct chunks its
       tokens picked → (union [B·Hkv, n_blk, bt·K] int32 padded with −1, counts [B·Hkv, n_blk] int32,
       expansion = union size / slots used per token, averaged).
@@ -334,21 +339,27 @@ class HSAPlan:
         B, T, Hkv, K = self.shape
         perm = self.perm
         counts, dev = self._counts, perm.device
-        items_per = (counts + (seg - 1)) // seg
-        n_items = int(items_per.sum())  # host sync: the grid size
-        if n_items == 0:
+        # The grid is sized by a bound known on the host (every non-empty bucket adds at most one partial item), so
+        # building the list never waits for the GPU; the items past the real count are empty and exit at once.
+        # (Reading the count back cost a host synchronisation per forward and per backward: the GPU idled while
+        # Python built the rest of the list.)
+        cap = perm.numel() // seg + min(counts.numel(), perm.numel())
+        if cap == 0:
             return torch.zeros(3, 0, dtype=torch.int32, device=dev)
-        bucket_start = torch.cumsum(counts, 0) - counts
-        item_bucket = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), items_per, output_size=n_items)
-        first_item = torch.cumsum(items_per, 0) - items_per
-        rank = torch.arange(n_items, device=dev) - first_item[item_bucket]
-        item_start = bucket_start[item_bucket] + rank * seg
-        item_count = torch.clamp(counts[item_bucket] - rank * seg, max=seg)
+        items_per = (counts + (seg - 1)) // seg
+        ends = torch.cumsum(items_per, 0)
+        item = torch.arange(cap, device=dev)
+        real = item < ends[-1]
+        item_bucket = torch.searchsorted(ends, item, right=True).clamp_(max=counts.numel() - 1)
+        rank = item - (ends - items_per)[item_bucket]
+        item_start = (torch.cumsum(counts, 0) - counts)[item_bucket] + rank * seg
+        item_count = torch.where(real, torch.clamp(counts[item_bucket] - rank * seg, max=seg), 0)
+        item_start = torch.where(real, item_start, 0)
         # Launch order = first token touched: programs in flight then share query/output rows in L2 whenever
-        # neighbouring tokens picked the same chunks.
+        # neighbouring tokens picked the same chunks. Empty items go last.
         first_pair = perm[item_start].long()
         first_tok = (item_bucket // (Hkv * self.n_chunks)) * T + (first_pair // (Hkv * K)) % T
-        order = torch.argsort(first_tok, stable=True)
+        order = torch.argsort(torch.where(real, first_tok, B * T), stable=True)
         return torch.stack([item_start[order], item_count[order], item_bucket[order]]).to(torch.int32).contiguous()
 
     def _blocks(self, bt: int, sample: int | None = None):

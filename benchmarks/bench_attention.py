@@ -466,11 +466,16 @@ def tune(args) -> None:
 
     V = []  # (pass, strategy, CONFIG key, tile config)
     V += [("fwd", "chunk", "fwd", dict(rows=r, seg_rows=sr, num_warps=4, num_stages=st))
-          for r, sr, st in ((64, 256, 2), (64, 128, 2), (64, 256, 1), (32, 256, 2))]
+          for r, sr, st in ((64, 256, 2), (64, 128, 2), (64, 256, 1), (32, 256, 2), (64, 512, 1), (64, 1024, 1),
+                            (128, 256, 1))]
+    V += [("fwd", "chunk", "fwd", dict(rows=r, seg_rows=sr, num_warps=8, num_stages=st))
+          for r, sr, st in ((128, 512, 1), (128, 512, 2))]
     V += [("fwd", "query", "fwd_qm", dict(rows=r, num_warps=w, num_stages=st))
           for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3))]
     V += [("bwd", "chunk", "bwd", dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st))
-          for r, sr, w, st in ((128, 1024, 8, 2), (128, 512, 8, 2), (128, 2048, 8, 2), (64, 1024, 4, 1))]
+          for r, sr, w, st in ((128, 1024, 8, 2), (128, 512, 8, 2), (128, 2048, 8, 2), (64, 1024, 4, 1),
+                               (128, 4096, 8, 2), (128, 2048, 8, 3), (128, 2048, 8, 1), (64, 2048, 4, 2),
+                               (64, 1024, 4, 2), (128, 2048, 4, 2))]
     V += [("bwd", "query", "bwd_qm", dict(rows=r, num_warps=w, num_stages=st))
           for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
     default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ta.CONFIG.items()}

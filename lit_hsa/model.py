@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -105,8 +106,9 @@ class Memory:
 def uncompiled():
     """Context in which blocks compiled (for training, or by a ``GraphDecoder`` for static decoding) run eagerly: for
     decoding with ``DecodeState``'s growing caches, which are found per layer and change length at every call, so
-    dynamo would recompile per layer and shape until it gives up."""
-    return torch.compiler.set_stance("force_eager")
+    dynamo would recompile per layer and shape until it gives up. (torch < 2.6 has no stances: nothing changes.)"""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 @dataclass

@@ -55,7 +55,7 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
     # Events at step boundaries give each timed step's GPU-side duration without synchronising between steps: runs
     # on different machines have differed by up to 2× at 64K, and per-step times tell a slow step from a slow run.
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-    compiled, timed_compiles = _record_triton_compiles(), {}
+    compiled, first_compile = _record_triton_compiles(), []  # first_compile[j]: len(compiled) when step j began
     try:
         for i in range(warmup + steps):
             if i == warmup:
@@ -64,9 +64,7 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
                 prof.__enter__()
             if i >= warmup:
                 marks[i - warmup].record()
-                if i > warmup and compiled:  # what the previous timed step compiled
-                    timed_compiles[i - warmup - 1] = compiled[:]
-                compiled.clear()
+                first_compile.append(len(compiled))
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
@@ -79,13 +77,13 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
         elapsed = (time.perf_counter() - start) / steps
         step_s = [round(a.elapsed_time(b) / 1e3, 4) for a, b in zip(marks, marks[1:])]
-        # Throughput from the median step: the steady state that a long run sees. A fresh machine compiles a Triton
-        # kernel the first time the data route work to it (e.g. the other HSA strategy in one layer), a one-off
-        # ~0.3 s that lands in a timed step at random and made the mean of a few steps differ by up to 2× between
-        # runs. The mean is kept as well.
+        # Throughput from the median step: the steady state that a long run sees. One-off work inside a timed step
+        # (on a fresh machine, a kernel compiled when the data first need it: the HSA work list did that until its
+        # length stopped being specialised on) made the mean of a few steps differ by up to 2× between runs.
+        # The mean is kept as well.
         median = statistics.median(step_s)
-        if compiled:
-            timed_compiles[steps - 1] = compiled[:]
+        bounds = [*first_compile, len(compiled)]
+        timed_compiles = {j: compiled[a:b] for j, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a}
         return {"ok": True, "s_per_step": round(median, 4), "tokens_per_s": round(T / median),
                 "tokens_per_s_mean": round(T / elapsed), "step_s": step_s,
                 "triton_jit_compiles_in_timed_steps": timed_compiles,

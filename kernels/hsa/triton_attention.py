@@ -80,9 +80,10 @@ def _chunk_exp(q, kt, qk_scale, DOT_PREC: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------ chunk-major
-# ``n_items`` (the grid size) changes with the indices at every call. Triton specialises integer arguments on
-# divisibility by 16 by default, so a count that happened to be a multiple of 16 compiled the kernel again, seconds
-# into training: `do_not_specialize` keeps one binary per shape.
+# ``n_items`` (the grid size) is a bound from the shapes (``HSAPlan._cut``). It used to be the exact, data-dependent
+# count, and since Triton specialises integer arguments on divisibility by 16, a count that happened to be a multiple
+# of 16 compiled the kernels again seconds into training. `do_not_specialize` keeps it out of the binary's key
+# whatever the count is.
 
 
 @triton.jit

@@ -464,20 +464,17 @@ def tune(args) -> None:
     """Time the forward and backward kernels alone (plan prebuilt) for strategy/tile variants; one JSON line each."""
     from kernels.hsa import triton_attention as ta
 
-    V = []  # (pass, strategy, CONFIG key, tile config)
-    V += [("fwd", "chunk", "fwd", dict(rows=r, seg_rows=sr, num_warps=4, num_stages=st))
-          for r, sr, st in ((64, 256, 2), (64, 128, 2), (64, 256, 1), (32, 256, 2), (64, 512, 1), (64, 1024, 1),
-                            (128, 256, 1))]
-    V += [("fwd", "chunk", "fwd", dict(rows=r, seg_rows=sr, num_warps=8, num_stages=st))
-          for r, sr, st in ((128, 512, 1), (128, 512, 2))]
-    V += [("fwd", "query", "fwd_qm", dict(rows=r, num_warps=w, num_stages=st))
-          for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3))]
-    V += [("bwd", "chunk", "bwd", dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st))
-          for r, sr, w, st in ((128, 1024, 8, 2), (128, 512, 8, 2), (128, 2048, 8, 2), (64, 1024, 4, 1),
-                               (128, 4096, 8, 2), (128, 2048, 8, 3), (128, 2048, 8, 1), (64, 2048, 4, 2),
-                               (64, 1024, 4, 2), (128, 2048, 4, 2))]
-    V += [("bwd", "query", "bwd_qm", dict(rows=r, num_warps=w, num_stages=st))
-          for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    V = []  # (pass, strategy, CONFIG overrides)
+    V += [("fwd", "chunk", {"fwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
+          for r, sr, w, st in ((64, 256, 4, 1), (64, 256, 4, 2), (64, 512, 4, 1), (128, 512, 8, 1))]
+    V += [("fwd", "query", {"fwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    V += [("bwd", "chunk", {"bwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
+          for r, sr, w, st in ((128, 2048, 8, 2), (128, 1024, 8, 2), (64, 1024, 4, 2), (128, 2048, 8, 3))]
+    V += [("bwd", "query", {"bwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    # chunk-major partial buffer size (token slabs): more slabs = less memory, more K/V loads and items
+    V += [(pas, "chunk", {"partial_budget": x}) for pas in ("fwd", "bwd") for x in (0.25, 0.5, 1.0, 2.0, 4.0)]
     default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ta.CONFIG.items()}
     T = args.T[0] if args.T else 131072
     scale = 1 / math.sqrt(D)
@@ -492,8 +489,8 @@ def tune(args) -> None:
                 w = make_weights(idx)
                 plan = ta.build_plan(idx, T // S)
                 auto = ta._strategy(plan, G)
-                for pas, strategy, key, cfg in V:
-                    ta.CONFIG[key] = cfg
+                for pas, strategy, cfg in V:
+                    ta.CONFIG.update(cfg)
                     if pas == "fwd":
                         fn = lambda: ta._forward(q, k, v, w, plan, S, scale, strategy)  # noqa: E731
                     else:
@@ -502,7 +499,7 @@ def tune(args) -> None:
                         ms = time_ms(fn, 300)
                     except Exception as exc:
                         ms = f"error {type(exc).__name__}: {str(exc)[:160]}"
-                    ta.CONFIG[key] = dict(default[key])
+                    ta.CONFIG.update({key: default[key] for key in cfg})
                     print(json.dumps({"tune": pas, "strategy": strategy, "T": T, "Hkv": Hkv, "topk": K,
                                       "layout": layout, "auto": auto, **cfg, "ms": ms}), flush=True)
                 del plan, idx, w

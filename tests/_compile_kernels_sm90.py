@@ -19,14 +19,15 @@ import kernels.hsa.triton_attention as ta  # noqa: E402
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 COMMON = dict(S=64, D=128, DOT_PREC="tf32")  # the benchmark's shapes: chunk 64, head dim 128, bf16
 KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query heads per KV head
-    (ta._hsa_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, PERM=I32, ITEMS=I32, OACC=F32), {"qk_scale"},
+    (ta._hsa_fwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, PERM=I32, ITEMS=I32, PART=BF16), {"qk_scale"},
      dict(COMMON, HB=16, BP=4)),
-    (ta._hsa_bwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, DO=BF16, PERM=I32, ITEMS=I32, DQ=F32, DK=F32, DV=F32,
-                              DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BP=8, COMPUTE_DQ=True)),
+    (ta._hsa_bwd_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, DO=BF16, PERM=I32, ITEMS=I32, PART=BF16, DK=F32, DV=F32,
+                              DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BP=4, COMPUTE_DQ=True)),
     (ta._hsa_fwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, O=BF16),
      {"qk_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
     (ta._hsa_bwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, DO=BF16, DQ=BF16,
                                  DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
+    (ta._hsa_reduce_kernel, dict(PART=BF16, IDX=I32, RANK=I32, OUT=BF16), set(), dict(D=128, GP=16, BT=4)),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

@@ -144,24 +144,51 @@ def test_auto_strategy_follows_index_sharing():
         assert_all_close(*run_both(q, k, v, w, ix, 16, strategy="auto"))
 
 
-def test_plan_groups_every_valid_pair_once():
+@pytest.mark.parametrize("n_slab", [1, 3])
+def test_plan_groups_every_valid_pair_once(n_slab):
     _, _, _, _, idx = make_problem(2, 64, 4, 2, 16, 16, 3)
-    plan = build_plan(idx, 4)
-    start, count, bucket = plan.items(5).long().cpu()
-    # padding (the list's length is a bound known on the host) comes last, with no pairs
-    n_real = int((count > 0).sum())
-    assert torch.all(count[n_real:] == 0) and count.numel() >= n_real
-    start, count, bucket = start[:n_real], count[:n_real], bucket[:n_real]
-    assert count.max() <= 5 and count.min() >= 1
-    pairs = torch.cat([plan.perm.long().cpu()[s : s + n] for s, n in zip(start.tolist(), count.tolist())])
-    flat = idx.reshape(-1).cpu()
-    assert torch.equal(pairs.sort().values, torch.nonzero(flat >= 0).squeeze(1))
-    # Each item's pairs belong to its bucket (b, g, chunk).
     B, T, Hkv, K = idx.shape
-    for s, n, bk in zip(start.tolist(), count.tolist(), bucket.tolist()):
-        p = plan.perm.long().cpu()[s : s + n]
-        b, g = p // (T * Hkv * K), (p // K) % Hkv
-        assert torch.all((b * Hkv + g) * 4 + flat[p] == bk)
+    plan = build_plan(idx, 4)
+    items = plan.items(5, n_slab).long().cpu()
+    perm = plan.perm(n_slab).long().cpu()
+    ranks = plan.ranks(n_slab).long().cpu().reshape(-1)
+    flat = idx.reshape(-1).cpu()
+    slab_tokens = plan.slab_tokens(n_slab)
+    seen = []
+    for s, (start, count, bucket, part) in enumerate(items):
+        # padding (the list's length is a bound known on the host) comes last, with no pairs
+        n_real = int((count > 0).sum())
+        assert torch.all(count[n_real:] == 0)
+        assert count[:n_real].max() <= 5 and count[:n_real].min() >= 1
+        first = []
+        for st, n, bk, pt in zip(*(x[:n_real].tolist() for x in (start, count, bucket, part))):
+            p = perm[st : st + n]
+            b, t, g = p // (T * Hkv * K), (p // (Hkv * K)) % T, (p // K) % Hkv
+            assert torch.all((b * Hkv + g) * 4 + flat[p] == bk)  # the item's pairs belong to its bucket
+            assert torch.all(t // slab_tokens == s)  # ... and to its slab
+            assert torch.equal(ranks[p], torch.arange(pt, pt + n))  # where their parts go in the slab's buffer
+            first.append(int(b[0] * T + t[0]))
+            seen.append(p)
+        assert first == sorted(first)  # launched in the order of the first token they touch
+    assert torch.equal(torch.cat(seen).sort().values, torch.nonzero(flat >= 0).squeeze(1))
+
+
+@kernel_test
+@pytest.mark.parametrize("budget", [1e-6, 0.5])
+def test_chunk_major_in_token_slabs(budget):
+    """A partial-buffer budget below the whole sequence's parts cuts the chunk-major passes into slabs (here the
+    256 MiB floor is lowered too); every slab count gives the reference's output and gradients."""
+    from kernels.hsa import triton_attention as ta
+
+    q, k, v, w, idx = make_problem(2, 96, 8, 2, 16, 16, 4)
+    saved = ta.CONFIG["partial_budget"], ta._MIN_PARTIAL_BYTES
+    ta.CONFIG["partial_budget"], ta._MIN_PARTIAL_BYTES = budget, 0
+    try:
+        n_slab = ta._n_slabs(build_plan(idx, 6), 4, 16, torch.float32)
+        assert n_slab == (96 if budget < 1e-3 else 8)  # one token per slab; 8 slabs of 12 tokens
+        assert_all_close(*run_both(q, k, v, w, idx, 16, strategy="chunk"))
+    finally:
+        ta.CONFIG["partial_budget"], ta._MIN_PARTIAL_BYTES = saved
 
 
 @kernel_test
@@ -195,7 +222,7 @@ def test_kernels_compile_for_sm90():
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("sm_90 ok") == 4
+    assert proc.stdout.count("sm_90 ok") == 5
 
 
 # ---------------------------------------------------------------- select_chunks fast path (plain torch on CPU)
@@ -303,9 +330,31 @@ def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
             CONFIG["strategy"] = "auto"
         torch.cuda.synchronize()
         seg = ta._tiles(CONFIG["fwd"], 16)[3]
-        assert int((plan.items(seg)[1] > 0).sum()) == -(-n_valid // seg)
+        assert int((plan.items(seg)[0, 1] > 0).sum()) == -(-n_valid // seg)
         counts.append((_binaries(ta._hsa_fwd_kernel), _binaries(ta._hsa_bwd_kernel)))
     assert counts[1] == counts[0]
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_plans_equal_eager_ones_for_every_call():
+    """Plans are built by replaying a CUDA graph captured once per shape: each call must see its own indices."""
+    from kernels.hsa import triton_attention as ta
+
+    plans = []
+    for seed in (0, 1, 0):
+        idx = make_problem(2, 512, 4, 2, 16, 64, 8, device="cuda", seed=seed)[4]
+        graphed, eager = build_plan(idx, 8), build_plan(idx, 8)
+        ta.CONFIG["graph_plans"] = False
+        try:
+            want = eager.chunk_work(3, (4, 16)) + eager.union(4)[:2]
+        finally:
+            ta.CONFIG["graph_plans"] = True
+        got = graphed.chunk_work(3, (4, 16)) + graphed.union(4)[:2]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert graphed.expansion(4) == eager.expansion(4)
+        plans.append(got)
+    assert not torch.equal(plans[0][0], plans[1][0]) and torch.equal(plans[0][0], plans[2][0])
 
 
 @pytest.mark.gpu

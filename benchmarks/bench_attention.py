@@ -473,6 +473,8 @@ def tune(args) -> None:
           for r, sr, w, st in ((128, 2048, 8, 2), (128, 1024, 8, 2), (64, 1024, 4, 2), (128, 2048, 8, 3))]
     V += [("bwd", "query", {"bwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
           for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    V += [("fwd", "chunk", {"reduce": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2), (32, 2, 2))]
     # chunk-major partial buffer size (token slabs): more slabs = less memory, more K/V loads and items
     V += [(pas, "chunk", {"partial_budget": x}) for pas in ("fwd", "bwd") for x in (0.25, 0.5, 1.0, 2.0, 4.0)]
     default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ta.CONFIG.items()}

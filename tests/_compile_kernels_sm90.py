@@ -27,7 +27,7 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
      {"qk_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
     (ta._hsa_bwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, DO=BF16, DQ=BF16,
                                  DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
-    (ta._hsa_reduce_kernel, dict(PART=BF16, IDX=I32, RANK=I32, OUT=BF16), set(), dict(D=128, GP=16, BT=4)),
+    (ta._hsa_reduce_kernel, dict(PART=BF16, IDX=I32, RANK=I32, OUT=BF16), set(), dict(D=128, GP=16, BT=4, NUM_STAGES=2)),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

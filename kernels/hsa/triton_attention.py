@@ -64,6 +64,7 @@ CONFIG = {
     "bwd": {"rows": 64, "seg_rows": 1024, "num_warps": 4, "num_stages": 2},
     "fwd_qm": {"rows": 64, "num_warps": 4, "num_stages": 2},
     "bwd_qm": {"rows": 64, "num_warps": 4, "num_stages": 2},
+    "reduce": {"rows": 128, "num_warps": 4, "num_stages": 2},  # sums of the chunk-major partials
 }
 
 _LOG2E = 1.4426950408889634
@@ -211,7 +212,7 @@ def _hsa_reduce_kernel(
     PART, IDX, RANK, OUT,
     t0, n_tok, T, HKV, TOPK, G,
     stride_ob, stride_ot, stride_oh,
-    D: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr,
+    D: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """OUT[b, t0 + τ, g·G + h] = Σ_j PART[RANK[b, t, g, j], h] over the token's valid slots (0 if none), for the
     ``n_tok`` tokens of one slab; grid (token blocks, B·Hkv). Rows: BT tokens × GP heads."""
@@ -227,7 +228,7 @@ def _hsa_reduce_kernel(
     offs_d = tl.arange(0, D)
     slot0 = ((b.to(tl.int64) * T + t) * HKV + g) * TOPK
     acc = tl.zeros([M, D], dtype=tl.float32)
-    for j in range(0, TOPK):
+    for j in tl.range(0, TOPK, num_stages=NUM_STAGES):  # stages: the next slot's loads overlap this one's
         ok = row_ok & (tl.load(IDX + slot0 + j, mask=row_ok, other=-1) >= 0)
         rank = tl.load(RANK + slot0 + j, mask=ok, other=0).to(tl.int64)
         x = tl.load(PART + (rank * G + head)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -592,7 +593,8 @@ def _slabs(plan: HSAPlan, cfg: dict, G: int, D: int, out: torch.Tensor | None, l
     slab = plan.slab_tokens(n_slab)
     part = None if out is None else torch.empty(B * slab * Hkv * K * G * D, device=perm.device, dtype=out.dtype)
     gp = triton.next_power_of_2(G)
-    bt = max(1, 64 // gp)
+    red = CONFIG["reduce"]
+    bt = max(1, red["rows"] // gp)
     for s in range(n_slab):
         if items.shape[2]:
             launch((items.shape[2], n_hb), items[s], perm, part, hb, bp)
@@ -601,7 +603,7 @@ def _slabs(plan: HSAPlan, cfg: dict, G: int, D: int, out: torch.Tensor | None, l
             _hsa_reduce_kernel[(triton.cdiv(n_tok, bt), B * Hkv)](
                 part, plan.indices, ranks, out,
                 s * slab, n_tok, T, Hkv, K, G, out.stride(0), out.stride(1), out.stride(2),
-                D=D, GP=gp, BT=bt, num_warps=4,
+                D=D, GP=gp, BT=bt, NUM_STAGES=red["num_stages"], num_warps=red["num_warps"],
             )
 
 

@@ -466,11 +466,12 @@ def tune(args) -> None:
 
     V = []  # (pass, strategy, CONFIG overrides)
     V += [("fwd", "chunk", {"fwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
-          for r, sr, w, st in ((64, 256, 4, 1), (64, 256, 4, 2), (64, 512, 4, 1), (128, 512, 8, 1))]
+          for r, sr, w, st in ((64, 512, 4, 1), (64, 256, 4, 1), (64, 1024, 4, 1), (32, 512, 4, 1), (128, 512, 8, 1))]
     V += [("fwd", "query", {"fwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
           for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
     V += [("bwd", "chunk", {"bwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
-          for r, sr, w, st in ((128, 2048, 8, 2), (128, 1024, 8, 2), (64, 1024, 4, 2), (128, 2048, 8, 3))]
+          for r, sr, w, st in ((64, 1024, 4, 2), (64, 2048, 4, 2), (64, 512, 4, 2), (64, 1024, 4, 3),
+                               (64, 1024, 8, 2), (128, 2048, 8, 2))]
     V += [("bwd", "query", {"bwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
           for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
     V += [("fwd", "chunk", {"reduce": dict(rows=r, num_warps=w, num_stages=st)})

@@ -60,8 +60,8 @@ CONFIG = {
     "partial_budget": 1.0,
     "graph_plans": True,  # build plans through CUDA graphs on CUDA (see _graphed)
     "qm_max_expansion": 2.0,
-    "fwd": {"rows": 64, "seg_rows": 512, "num_warps": 4, "num_stages": 1},
-    "bwd": {"rows": 64, "seg_rows": 1024, "num_warps": 4, "num_stages": 2},
+    "fwd": {"rows": 64, "seg_rows": 1024, "num_warps": 4, "num_stages": 1},
+    "bwd": {"rows": 64, "seg_rows": 2048, "num_warps": 4, "num_stages": 2},
     "fwd_qm": {"rows": 64, "num_warps": 4, "num_stages": 2},
     "bwd_qm": {"rows": 64, "num_warps": 4, "num_stages": 2},
     "reduce": {"rows": 128, "num_warps": 4, "num_stages": 2},  # sums of the chunk-major partials

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.hsa import hsa_attention, select_chunks
+from kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, select_chunks_reference
 
 from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
@@ -203,6 +203,17 @@ class ChunkMemory(nn.Module):
         return state.append_memory(self(pending[:, :n_done]))
 
 
+def static_step(q_start: int | torch.Tensor) -> bool:
+    """Whether this forward is a static-shape decoding step (``StaticDecodeState``: the position lives on the device).
+
+    Such a step selects a few dozen chunks per layer, which the PyTorch references serve anyway: the fast paths
+    size their work lists on the host, which a CUDA graph cannot hold. Called directly rather than through the
+    public ops (each a ``torch.compiler.disable`` graph break), the references are traced into a compiled decoding
+    block, so inductor fuses their casts, masks and softmax with the projections around them, and the memory's
+    dtype conversion happens on the gathered chunks only."""
+    return torch.is_tensor(q_start)
+
+
 def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
     """scores: [..., K] with −inf on empty slots, slots ordered most recent first → weights [..., K], 0 on empty.
 
@@ -235,7 +246,7 @@ class Retrieval(nn.Module):
         self.q_norm = RMSNorm(cfg.retrieval_head_dim, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
         self.pos_decay = nn.Parameter(torch.zeros(())) if cfg.pos_decay else None
 
-    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int = 0):
+    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int | torch.Tensor = 0):
         """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""
         cfg = self.cfg
         B, T, _ = h.shape
@@ -243,8 +254,9 @@ class Retrieval(nn.Module):
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
         topk = max(1, min(cfg.hsa_topk, memory.landmarks.shape[1]))
-        scores, indices = select_chunks(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
-                                        q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
+        select = select_chunks_reference if static_step(q_start) else select_chunks
+        scores, indices = select(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
+                                 q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
             scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
@@ -288,7 +300,8 @@ class HSABlock(nn.Module):
             q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
             if memory.offloaded:
                 memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
-            o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
+            attend = hsa_attention_reference if static_step(ctx.q_start) else hsa_attention
+            o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
             o = self.o_proj(o.reshape(B, T, -1))
         if cfg.hsa_residual == "bypass":
             return h + self.ffn(self.ffn_norm(h + o))

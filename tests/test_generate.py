@@ -91,7 +91,8 @@ def test_static_decoding_equals_full_forward(variant):
 @pytest.mark.parametrize("variant", ["hsa", "full"])
 def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(variant):
     """GraphDecoder(compile=...) compiles the blocks and the cache attention (aot_eager here: dynamo's graphs and
-    graph breaks without code generation) and still gives the full forward's logits. A later prefill on the compiled
+    graph breaks without code generation) and still gives the full forward's logits. The HSA blocks' chunk selection
+    and attention are traced into the blocks' graphs (they were a graph break each). A later prefill on the compiled
     model runs eagerly: it compiles no graph (its growing caches would recompile per layer and segment length)."""
     from torch._dynamo.utils import counters
 
@@ -110,6 +111,9 @@ def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(va
         torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-5, rtol=1e-5)
         graphs = counters["stats"]["unique_graphs"]
         assert is_compiled(model) and graphs > 0
+        breaks = " ".join(counters["graph_break"])
+        assert "StaticKVCache.attend" in breaks  # the one break a decoding block has (caches found per layer)
+        assert "select_chunks" not in breaks and "hsa_attention" not in breaks
         with torch.no_grad():
             logits, _ = prefill(model, x[:, :21], segment_size=7)
         torch.testing.assert_close(logits, ref[:, 20], atol=1e-5, rtol=1e-5)

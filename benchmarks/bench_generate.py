@@ -74,6 +74,17 @@ def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, 
         return {"ok": False, "oom": True}
 
 
+def gpu_ops_per_step(decoder: GraphDecoder, token: torch.Tensor) -> int:
+    """GPU operations (kernels, copies) one replayed decoding step runs: at batch 1 their count, not the bytes
+    read, decides the latency of a step whose caches are small (HSA)."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.step(token)
+        torch.cuda.synchronize()
+    return sum(e.device_type == DeviceType.CUDA for e in prof.events())
+
+
 def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
     """Move the decoder to position ``length`` with random cache contents (all layers were converted by a step)."""
     state = decoder.state
@@ -100,7 +111,7 @@ def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | 
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
-        return {"ok": True, "decode_graph_ms": round(ms, 3),
+        return {"ok": True, "decode_graph_ms": round(ms, 3), "gpu_ops_per_step": gpu_ops_per_step(decoder, token),
                 "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
@@ -160,13 +171,14 @@ def main() -> None:
     for compile in (None, "inductor") if args.compile else (None,):
         print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, caches of the given context "
               "(random contents):")
-        print("| context | HSA ms/token | HSA GiB | full ms/token | full GiB | full / HSA |\n|---|---|---|---|---|---|")
+        print("| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops | full / HSA |\n"
+              "|---|---|---|---|---|---|---|---|")
         for T in lengths(args.synthetic_lengths):
             h, f = by.get(("hsa", T, compile), {}), by.get(("full", T, compile), {})
             cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
             ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
-            print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(f, 'decode_graph_ms')} | "
-                  f"{cell(f, 'peak_gib')} | {ratio} |")
+            print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
+                  f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": gpu, "preset": args.preset, "dtype": "bfloat16",
                                               "prefill": rows, "synthetic_decode": synthetic}, indent=2))

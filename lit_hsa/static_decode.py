@@ -4,7 +4,8 @@ Eager decoding launches every kernel of every layer from Python for each token, 
 GPU mostly waits for the host. Here every cache is allocated once for ``max_len`` positions and the current position
 lives on the device, so a step has the same shapes and addresses every time:
 
-- sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W;
+- sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W (on CUDA
+  a layer's step, write and attention, is one Triton kernel: ``kernels.decode``);
 - full-attention layers: ``[B, Hkv, max_len, D]``, positions after the current one masked;
 - the chunk memory: landmarks ``[B, max_len/S, Hr, Dr]`` and K/V ``[B, max_len, Hkv, D]``; chunks not yet written are
   in the future, so the usual visibility rule (chunk i is visible at t ≥ (i+1)·S) hides them; the lower-stack
@@ -21,37 +22,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from kernels.decode import SPLIT_KEYS, ring_slot_and_mask, use_ring_kernel, write_and_attend
+
 from .attention import KVCache
 from .model import DecodeState, HSATransformer, Memory, uncompiled
-
-
-# Keys per slice of the probabilities·values product: with one query, that GEMM has [G, D] outputs and a reduction
-# over the whole cache, which a GEMM library may run on a single SM (0.6 s per token at 1M cached tokens on an H100);
-# as a batch of slices summed afterwards it spreads over every SM, like flash-decoding's split-KV.
-SPLIT_KEYS = 2048
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One query per sequence against a static cache. q: [B, 1, Hq, D]; k, v: [B, Hkv, L, D]; valid: [L] bool →
-    [B, 1, Hq, D]. Plain batched matmuls: with one query the cache read is the whole cost, and they stream it at
-    full bandwidth, where a fused attention kernel without split-KV parallelises over the B·Hq rows only."""
-    B, _, Hq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    qg = q.reshape(B, Hkv, G, D).to(k.dtype)  # query head h reads KV head h // G
-    scores = (qg @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hkv, G, L]
-    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=-1).to(v.dtype)
-    n = L // SPLIT_KEYS if L > 2 * SPLIT_KEYS and L % SPLIT_KEYS == 0 else 1
-    parts = probs.view(B, Hkv, G, n, L // n).transpose(2, 3) @ v.view(B, Hkv, n, L // n, D)  # [B, Hkv, n, G, D]
-    return parts.float().sum(dim=2).reshape(B, 1, Hq, D).to(q.dtype)
-
-
-def write_and_attend(q, k, v, ck, cv, slot, valid) -> torch.Tensor:
-    """Writes this step's k, v [B, 1, Hkv, D] into slot ``slot`` [1] of the static caches ck, cv [B, Hkv, L, D], then
-    attends q [B, 1, Hq, D] to the ``valid`` [L] cached keys → [B, 1, Hq, D]."""
-    ck.index_copy_(2, slot, k.transpose(1, 2).to(ck.dtype))
-    cv.index_copy_(2, slot, v.transpose(1, 2).to(cv.dtype))
-    return decode_attention(q, ck, cv, valid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,6 +72,10 @@ class StaticKVCache:
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
+        if window is not None and use_ring_kernel(q, ck):  # CUDA: one kernel for the write and the attention
+            from kernels.decode.triton_ring import ring_attention_triton
+
+            return ring_attention_triton(q, k, v, ck, cv, self.pos_t)
         slot, valid = self._slot_and_mask(window, ck.shape[2])
         return self.step_attention(q, k, v, ck, cv, slot, valid)
 
@@ -106,13 +84,9 @@ class StaticKVCache:
         same for every layer with this window, so computed once per step (``advance`` forgets it)."""
         if window not in self._slots:
             if window is None:
-                key_pos = torch.arange(length, device=self.pos_t.device)
-                slot = self.pos_t
+                self._slots[window] = (self.pos_t.view(1), torch.arange(length, device=self.pos_t.device) <= self.pos_t)
             else:
-                # the position each ring slot holds: the latest p <= pos with p ≡ slot (mod W); < 0 = never written
-                key_pos = self.pos_t - (self.pos_t - torch.arange(window, device=self.pos_t.device)) % window
-                slot = self.pos_t % window
-            self._slots[window] = (slot.view(1), (key_pos >= 0) & (key_pos <= self.pos_t))
+                self._slots[window] = ring_slot_and_mask(self.pos_t, window)
         return self._slots[window]
 
     def _full(self, layer, k):

@@ -1,4 +1,4 @@
-"""Compile every HSA attention kernel for an H100 (sm_90) on a machine without a GPU: Triton's front end, LLVM and
+"""Compile every Triton kernel (HSA attention, ring decoding) for an H100 (sm_90) on a machine without a GPU: Triton's front end, LLVM and
 ptxas check what the interpreter lets through (constexpr use, types, shared memory). Run by
 ``test_kernels_compile_for_sm90`` in a fresh process without TRITON_INTERPRET. Exit 77: this Triton cannot do it."""
 import sys
@@ -14,6 +14,7 @@ except ImportError as e:
     print(f"no ahead-of-time compilation in this triton: {e}")
     sys.exit(77)
 
+import kernels.decode.triton_ring as tr  # noqa: E402
 import kernels.hsa.triton_attention as ta  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
@@ -28,6 +29,9 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
     (ta._hsa_bwd_qm_kernel, dict(Q=BF16, K=BF16, V=BF16, W=F32, IDX=I32, UNION=I32, UCOUNT=I32, DO=BF16, DQ=BF16,
                                  DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
     (ta._hsa_reduce_kernel, dict(PART=BF16, IDX=I32, RANK=I32, OUT=BF16), set(), dict(D=128, GP=16, BT=4, NUM_STAGES=2)),
+    # a sliding-window decoding step of the small preset (10 query heads per 2 KV heads, head dim 64)
+    (tr._ring_decode_kernel, dict(Q=BF16, KN=BF16, VN=BF16, CK=BF16, CV=BF16, O=BF16, POS="*i64"), {"qk_scale"},
+     dict(D=64, GP=16, BW=64, DOT_PREC="tf32")),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

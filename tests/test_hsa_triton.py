@@ -1,7 +1,7 @@
 """Triton HSA kernels and the fast ``select_chunks`` against the PyTorch reference.
 
-CPU: the Triton kernels run under ``TRITON_INTERPRET=1`` (set here, before the kernel module is imported, because
-``triton.jit`` picks compiled or interpreted at decoration time) at tiny fp32 shapes; tolerance atol 1e-4 /
+CPU: the Triton kernels run under ``TRITON_INTERPRET=1`` (``tests/triton_interpret.py`` sets it before the kernel module
+is imported, because ``triton.jit`` picks compiled or interpreted at decoration time) at tiny fp32 shapes; tolerance atol 1e-4 /
 rtol 1e-4 on the output and on every gradient. With a GPU the same tests run the compiled kernels on CUDA, and the
 ``gpu``-marked tests compare bf16/fp16 kernels with the fp32 reference at realistic shapes by relative error.
 """
@@ -14,13 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-# The interpreter only works when TRITON_INTERPRET=1 is set before triton itself is first imported (triton's own
-# library functions are decorated then). If another test module imported triton earlier in this process, the
-# kernel tests run in a fresh interpreter instead (test_cpu_kernels_in_subprocess).
-_TRITON_PREIMPORTED = "triton" in sys.modules
-if not torch.cuda.is_available() and not _TRITON_PREIMPORTED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-KERNELS_RUN_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess
 
 pytest.importorskip("triton")
 
@@ -30,9 +24,6 @@ from kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_trito
 from kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-kernel_test = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1; see test_cpu_kernels_in_subprocess"
-)
 
 
 def random_indices(B, T, Hkv, K, n_chunks, S, q_start=0, empty_frac=0.25, gen=None, device="cpu"):
@@ -205,13 +196,9 @@ def test_dispatch_uses_triton_when_asked():
         hsa_attention_triton(q, k[:, :20], v[:, :20], w, idx, chunk_size=16)
 
 
-@pytest.mark.skipif(KERNELS_RUN_HERE, reason="the kernel tests ran in this process")
+@only_if_kernels_skipped
 def test_cpu_kernels_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", str(Path(__file__))]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    run_module_in_subprocess(__file__)
 
 
 def test_kernels_compile_for_sm90():
@@ -222,7 +209,7 @@ def test_kernels_compile_for_sm90():
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("sm_90 ok") == 5
+    assert proc.stdout.count("sm_90 ok") == 6
 
 
 # ---------------------------------------------------------------- select_chunks fast path (plain torch on CPU)

@@ -1,0 +1,119 @@
+"""The decoding kernels (``kernels/decode``) against their PyTorch reference.
+
+CPU: the Triton kernel runs under the interpreter (``tests/triton_interpret.py``) in fp32; output and the written
+ring slots match the reference to atol/rtol 1e-5. GPU (``gpu``): bf16 kernel against the fp32 reference at the
+presets' shapes, relative error < 1e-2.
+"""
+import pytest
+import torch
+
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess
+
+pytest.importorskip("triton")
+
+import kernels.hsa as hsa  # noqa: E402
+from kernels.decode import ring_attention_reference  # noqa: E402
+from kernels.decode import triton_ring  # noqa: E402
+from kernels.decode.triton_ring import ring_attention_triton  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ring_problem(B, Hq, Hkv, D, W, dtype=torch.float32, seed=0):
+    """q [B, 1, Hq, D], the new k, v [B, 1, Hkv, D] and full rings ck, cv [B, Hkv, W, D] (random: every slot written)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, 1, h, D, generator=gen).to(DEV, dtype) for h in (Hq, Hkv, Hkv))
+    ck, cv = (torch.randn(B, Hkv, W, D, generator=gen).to(DEV, dtype) for _ in range(2))
+    return q, k, v, ck, cv
+
+
+def both(q, k, v, ck, cv, pos):
+    """(kernel output, its rings, reference output in fp32, its rings) for the token at ``pos``."""
+    p = torch.tensor(pos, device=DEV)
+    rings = ck.clone(), cv.clone()
+    ref_rings = ck.float(), cv.float()
+    out = ring_attention_triton(q, k, v, *rings, p)
+    ref = ring_attention_reference(q.float(), k.float(), v.float(), *ref_rings, p)
+    return out, rings, ref, ref_rings
+
+
+@kernel_test
+@pytest.mark.parametrize("B,Hq,Hkv,D,W", [(2, 10, 2, 16, 8), (1, 4, 4, 32, 100), (1, 16, 1, 16, 64), (2, 20, 1, 16, 130)])
+def test_ring_step_matches_reference_around_the_ring(B, Hq, Hkv, D, W):
+    """Any head ratio (G = 5, 1, 16, 20: one or two 16-row tiles), rings that are not a multiple of the key block, and
+    positions from the first (one valid slot) through the lap boundary to several laps later."""
+    q, k, v, ck, cv = ring_problem(B, Hq, Hkv, D, W)
+    for pos in (0, W // 2, W - 1, W, 3 * W + 5):
+        out, rings, ref, ref_rings = both(q, k, v, ck, cv, pos)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"pos {pos}: {m}")
+        for got, want in zip(rings, ref_rings):
+            torch.testing.assert_close(got, want)  # the new key/value in slot pos % W, nothing else touched
+
+
+@kernel_test
+def test_consecutive_steps_read_what_earlier_steps_wrote():
+    """Steps chained through the kernel alone equal steps chained through the reference: each step's write lands where
+    the next steps read it."""
+    B, Hq, Hkv, D, W = 1, 4, 2, 16, 24
+    gen = torch.Generator().manual_seed(1)
+    rings = [torch.zeros(B, Hkv, W, D, device=DEV) for _ in range(2)]
+    ref_rings = [x.clone() for x in rings]
+    for pos in range(2 * W + 3):
+        q, k, v = (torch.randn(B, 1, h, D, generator=gen).to(DEV) for h in (Hq, Hkv, Hkv))
+        p = torch.tensor(pos, device=DEV)
+        torch.testing.assert_close(ring_attention_triton(q, k, v, *rings, p),
+                                   ring_attention_reference(q, k, v, *ref_rings, p), atol=1e-5, rtol=1e-5)
+
+
+def test_ring_kernel_rejects_what_it_does_not_cover():
+    q, k, v, ck, cv = ring_problem(1, 4, 2, 16, 8)
+    p = torch.tensor(3, device=DEV)
+    with pytest.raises(ValueError, match="do not fit"):
+        ring_attention_triton(q.expand(1, 2, 4, 16), k, v, ck, cv, p)  # two new tokens
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        ring_attention_triton(q[..., :12], k[..., :12], v[..., :12], ck[..., :12], cv[..., :12], p)
+
+
+@kernel_test
+@pytest.mark.parametrize("variant", ["swa", "hsa"])
+def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, monkeypatch):
+    """With the Triton backend every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA
+    sub-layer) runs the kernel, and the logits are the full forward's."""
+    from lit_hsa.generate import prefill
+    from lit_hsa.model import HSATransformer
+    from lit_hsa.static_decode import GraphDecoder
+    from tests.test_model import VOCAB, tiny
+
+    calls = []
+    monkeypatch.setattr(triton_ring, "ring_attention_triton",
+                        lambda *a: calls.append(1) or ring_attention_triton(*a))
+    extra = dict(attention="swa") if variant == "swa" else dict(hsa_layer_swa=True, hsa_swa_window=4)
+    model = HSATransformer(tiny(**extra, hsa_topk=3, head_dim=16)).to(DEV).eval()  # the kernel takes D >= 16
+    x = torch.randint(0, VOCAB, (2, 30), device=DEV)
+    with torch.no_grad():
+        ref = model(x)
+        _, state = prefill(model, x[:, :13], segment_size=5)
+    hsa.set_backend("triton")
+    try:
+        decoder = GraphDecoder(model, state, max_len=30)
+        outs = [decoder.step(x[:, t]) for t in range(13, 30)]
+    finally:
+        hsa.set_backend("auto")
+    torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
+    n_ring_layers = sum(1 for m in model.modules() if getattr(m, "window", None) or getattr(m, "swa_window", None))
+    assert len(calls) == 17 * n_ring_layers
+
+
+@only_if_kernels_skipped
+def test_cpu_kernels_in_subprocess():
+    run_module_in_subprocess(__file__)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D,W", [(10, 2, 64, 512), (16, 1, 128, 4096), (16, 4, 128, 512)])
+def test_gpu_bf16_ring_step_vs_fp32_reference(Hq, Hkv, D, W):
+    q, k, v, ck, cv = ring_problem(1, Hq, Hkv, D, W, dtype=torch.bfloat16)
+    for pos in (5, W + 7):
+        out, rings, ref, ref_rings = both(q, k, v, ck, cv, pos)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+        torch.testing.assert_close(rings[0].float(), ref_rings[0])

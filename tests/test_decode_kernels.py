@@ -74,6 +74,21 @@ def test_ring_kernel_rejects_what_it_does_not_cover():
         ring_attention_triton(q[..., :12], k[..., :12], v[..., :12], ck[..., :12], cv[..., :12], p)
 
 
+def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
+    from kernels.decode import RING_KERNEL_MAX_WINDOW, use_ring_kernel
+
+    q, ring = torch.zeros(1, 1, 4, 16), torch.zeros(1, 2, 512, 16)
+    long_ring = torch.zeros(1, 2, RING_KERNEL_MAX_WINDOW + 1, 16)
+    assert not use_ring_kernel(q, ring)  # auto: CUDA tensors only
+    for backend, small, long, d8 in (("triton", True, False, False), ("reference", False, False, False)):
+        hsa.set_backend(backend)
+        try:
+            assert (use_ring_kernel(q, ring), use_ring_kernel(q, long_ring),
+                    use_ring_kernel(q[..., :8], ring[..., :8])) == (small, long, d8), backend
+        finally:
+            hsa.set_backend("auto")
+
+
 @kernel_test
 @pytest.mark.parametrize("variant", ["swa", "hsa"])
 def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, monkeypatch):

@@ -14,9 +14,14 @@ import torch
 from .reference import SPLIT_KEYS, decode_attention, ring_attention_reference, ring_slot_and_mask, write_and_attend
 
 __all__ = ["SPLIT_KEYS", "decode_attention", "write_and_attend", "ring_slot_and_mask", "ring_attention",
-           "ring_attention_reference", "ring_kernel_fits", "use_ring_kernel"]
+           "ring_attention_reference", "ring_kernel_fits", "use_ring_kernel", "RING_KERNEL_MAX_WINDOW"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# One program per (sequence, KV head) streams that head's whole ring: ~128 KB for the small preset's W=512, D=64. A
+# ring of 4096 slots at D=128 (2 MB per program, a handful of programs at batch 1) would be bound by single SMs'
+# bandwidth; such windows keep the matmul path until a split-window variant is measured.
+RING_KERNEL_MAX_WINDOW = 1024
 
 
 def ring_kernel_fits(q: torch.Tensor, ck: torch.Tensor) -> bool:
@@ -26,10 +31,12 @@ def ring_kernel_fits(q: torch.Tensor, ck: torch.Tensor) -> bool:
 
 
 def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor) -> bool:
+    """Whether a ring step with rings ck [B, Hkv, W, D] takes the kernel: Triton on CUDA (or forced by the backend
+    switch), a shape it covers, and a window of at most ``RING_KERNEL_MAX_WINDOW`` slots."""
     from kernels.hsa import get_backend
 
     backend = get_backend()
-    if backend == "reference" or not ring_kernel_fits(q, ck):
+    if backend == "reference" or not ring_kernel_fits(q, ck) or ck.shape[2] > RING_KERNEL_MAX_WINDOW:
         return False
     return backend == "triton" or (q.is_cuda and importlib.util.find_spec("triton") is not None)
 

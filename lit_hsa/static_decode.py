@@ -133,7 +133,10 @@ class StaticDecodeState:
             S, mem = self.chunk_size, state.memory
             capacity = -(-max_len // S)
             B, n = mem.landmarks.shape[:2]
-            self.landmarks = mem.landmarks.new_zeros(B, capacity, *mem.landmarks.shape[2:])
+            # fp32: chunk selection scores in fp32 (``select_chunks_reference``); stored in bf16, every step would
+            # first write an fp32 copy of all landmarks (twice the bytes of the read) for each HSA layer, the step's
+            # largest memory traffic at millions of cached tokens (256K landmarks × 640 dims at 16M for `small`).
+            self.landmarks = mem.landmarks.new_zeros(B, capacity, *mem.landmarks.shape[2:], dtype=torch.float32)
             self.k, self.v = (mem.k.new_zeros(B, capacity * S, *mem.k.shape[2:]) for _ in range(2))
             self.landmarks[:, :n], self.k[:, : n * S], self.v[:, : n * S] = mem.landmarks, mem.k, mem.v
             self.pending = state.pending.new_zeros(B, S, state.pending.shape[-1])

@@ -210,3 +210,34 @@ def test_chunk_memory_changes_only_when_a_chunk_completes_and_grows_in_place(off
     assert state.memory.n_chunks == 2 and state.memory.k.shape[1] == 16
     assert state.kv_store.k.data_ptr() == buffer
     assert state.memory.k.device.type == "cpu" and state.memory.offloaded == offload
+
+
+def test_static_decoding_step_copies_no_memory_sized_tensor():
+    """A bf16 model's static decoding step reads the chunk memory where it lies: no fp32 copy of all landmarks for the
+    selection's fp32 scores (they are kept in fp32), no converted copy of all chunk K/V for the attention (only the
+    selected chunks are gathered)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lit_hsa.static_decode import GraphDecoder
+
+    class LargestCopy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("_to_copy", "clone", "copy_", "contiguous"):
+                self.numel = max(self.numel, out.numel())
+            return out
+
+    model = HSATransformer(tiny(hsa_topk=2)).to(torch.bfloat16).eval()
+    x = torch.randint(0, VOCAB, (1, 200))
+    _, state = prefill(model, x[:, :150])
+    decoder = GraphDecoder(model, state, max_len=200)
+    decoder.step(x[:, 150])  # converts the eager caches
+    with LargestCopy() as record:
+        for t in range(151, 160):  # crosses the chunk completion at position 151
+            decoder.step(x[:, t])
+    assert decoder.state.landmarks.dtype == torch.float32
+    assert record.numel < min(decoder.state.landmarks.numel(), decoder.state.k.numel())

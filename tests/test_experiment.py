@@ -2,7 +2,6 @@
 blocked sliding-window attention that keeps long prefill segments linear."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

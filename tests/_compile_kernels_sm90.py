@@ -1,6 +1,7 @@
-"""Compile every Triton kernel (HSA attention, ring decoding) for an H100 (sm_90) on a machine without a GPU: Triton's front end, LLVM and
-ptxas check what the interpreter lets through (constexpr use, types, shared memory). Run by
-``test_kernels_compile_for_sm90`` in a fresh process without TRITON_INTERPRET. Exit 77: this Triton cannot do it."""
+"""Compile every Triton kernel (HSA attention, ring decoding) for an H100 (sm_90) on a machine without a GPU:
+Triton's front end, LLVM and ptxas check what the interpreter lets through (constexpr use, types, shared memory).
+Run by ``test_kernels_compile_for_sm90`` in a fresh process without TRITON_INTERPRET. Exit 77: this Triton cannot do
+it."""
 import sys
 from pathlib import Path
 

@@ -20,7 +20,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def ring_problem(B, Hq, Hkv, D, W, dtype=torch.float32, seed=0):
-    """q [B, 1, Hq, D], the new k, v [B, 1, Hkv, D] and full rings ck, cv [B, Hkv, W, D] (random: every slot written)."""
+    """q [B, 1, Hq, D], the new k, v [B, 1, Hkv, D] and full rings ck, cv [B, Hkv, W, D] (random: every slot
+    written)."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, 1, h, D, generator=gen).to(DEV, dtype) for h in (Hq, Hkv, Hkv))
     ck, cv = (torch.randn(B, Hkv, W, D, generator=gen).to(DEV, dtype) for _ in range(2))
@@ -38,7 +39,8 @@ def both(q, k, v, ck, cv, pos):
 
 
 @kernel_test
-@pytest.mark.parametrize("B,Hq,Hkv,D,W", [(2, 10, 2, 16, 8), (1, 4, 4, 32, 100), (1, 16, 1, 16, 64), (2, 20, 1, 16, 130)])
+@pytest.mark.parametrize("B,Hq,Hkv,D,W",
+                         [(2, 10, 2, 16, 8), (1, 4, 4, 32, 100), (1, 16, 1, 16, 64), (2, 20, 1, 16, 130)])
 def test_ring_step_matches_reference_around_the_ring(B, Hq, Hkv, D, W):
     """Any head ratio (G = 5, 1, 16, 20: one or two 16-row tiles), rings that are not a multiple of the key block, and
     positions from the first (one valid slot) through the lap boundary to several laps later."""

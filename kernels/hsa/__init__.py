@@ -25,6 +25,7 @@ __all__ = [
     "select_chunks_fast",
     "set_backend",
     "get_backend",
+    "use_fast_paths",
 ]
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -92,12 +93,17 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _use_fast(t: torch.Tensor) -> bool:
+def use_fast_paths(t: torch.Tensor) -> bool:
+    """Whether the backend switch sends ops on ``t`` to Triton: ``auto`` on CUDA with Triton installed, ``triton``
+    everywhere, ``reference`` never. Shared with ``kernels.decode``."""
     if _backend == "reference":
         return False
     if _backend == "triton":
         return True
     return t.is_cuda and _triton_importable()
+
+
+_use_fast = use_fast_paths  # the name the ops look up (tests patch it)
 
 
 # Both ops are opaque to torch.compile (a graph break each): their fast paths size a work list from the data (host

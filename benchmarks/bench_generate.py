@@ -8,8 +8,8 @@
    data-dependent shapes), so the full-attention cache's size decides where it runs out of memory.
 
     python benchmarks/bench_generate.py [--lengths 4k,64k,1m] [--full-lengths 4k,64k,1m]
-                                        [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k] [--compile]
-                                        [--out f.json]
+                                        [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k]
+                                        [--compile | --compile-only] [--out f.json]
 """
 from __future__ import annotations
 
@@ -74,15 +74,22 @@ def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, 
         return {"ok": False, "oom": True}
 
 
-def gpu_ops_per_step(decoder: GraphDecoder, token: torch.Tensor) -> int:
-    """GPU operations (kernels, copies) one replayed decoding step runs: at batch 1 their count, not the bytes
-    read, decides the latency of a step whose caches are small (HSA)."""
+def profile_step(decoder: GraphDecoder, token: torch.Tensor, top: int = 12) -> dict:
+    """GPU operations (kernels, copies) one replayed decoding step runs, and where its GPU time goes: at batch 1
+    their count, not the bytes read, decides the latency of a step whose caches are small (HSA)."""
     from torch.profiler import DeviceType, ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.step(token)
         torch.cuda.synchronize()
-    return sum(e.device_type == DeviceType.CUDA for e in prof.events())
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(e.device_time)  # µs
+    heaviest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {"gpu_ops_per_step": len(events),
+            "gpu_busy_us": round(sum(e.device_time for e in events), 1),
+            "top_kernels": [{"name": n[:120], "calls": len(t), "us": round(sum(t), 1)} for n, t in heaviest]}
 
 
 def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
@@ -111,7 +118,7 @@ def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | 
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
-        return {"ok": True, "decode_graph_ms": round(ms, 3), "gpu_ops_per_step": gpu_ops_per_step(decoder, token),
+        return {"ok": True, "decode_graph_ms": round(ms, 3), **profile_step(decoder, token),
                 "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
@@ -131,8 +138,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="timed decoding steps")
     parser.add_argument("--compile", action="store_true",
                         help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)")
+    parser.add_argument("--compile-only", action="store_true", help="time the synthetic decode compiled only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    modes = ("inductor",) if args.compile_only else (None, "inductor") if args.compile else (None,)
     segment = parse_length(args.segment)
     rows, synthetic = [], []
     for attention, offloads, prefill_lengths in (("hsa", (False, True), args.lengths),
@@ -148,7 +157,7 @@ def main() -> None:
                 if not r["ok"]:
                     break
         # uncompiled first: compiling changes the model's blocks in place
-        for compile in (None, "inductor") if args.compile else (None,):
+        for compile in modes:
             for T in lengths(args.synthetic_lengths):
                 r = {"attention": attention, "T": T, "compile": compile,
                      **measure_synthetic(model, T, args.steps, compile)}
@@ -168,7 +177,7 @@ def main() -> None:
         else:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
     by = {(r["attention"], r["T"], r["compile"]): r for r in synthetic}
-    for compile in (None, "inductor") if args.compile else (None,):
+    for compile in modes:
         print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, caches of the given context "
               "(random contents):")
         print("| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops | full / HSA |\n"

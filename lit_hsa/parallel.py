@@ -28,14 +28,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.memory = checkpoint_wrapper(model.memory, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor", options: dict | None = None) -> None:
     """Compile each block separately: small graphs compile fast and are reused by every identical block.
-    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code).
+    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code);
+    ``options``: the backend's options (inductor config), for everything compiled here.
     The loss's row chunks are compiled too: eagerly, the [rows, vocab] logits go through memory three times in fp32
     (cast, log-softmax, pick), a noticeable share of a long-context step."""
     for unit in transformer_units(model):
-        unit.compile(backend=backend)
-    model.chunk_loss = torch.compile(chunk_loss_sum, backend=backend, dynamic=False)
+        unit.compile(backend=backend, options=options)
+    model.chunk_loss = torch.compile(chunk_loss_sum, backend=backend, dynamic=False, options=options)
 
 
 def is_compiled(model: nn.Module) -> bool:

@@ -31,8 +31,9 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
                                  DW=F32), {"qk_scale", "sm_scale"}, dict(COMMON, HB=16, BT=4, KP=8)),
     (ta._hsa_reduce_kernel, dict(PART=BF16, IDX=I32, RANK=I32, OUT=BF16), set(), dict(D=128, GP=16, BT=4, NUM_STAGES=2)),
     # a sliding-window decoding step of the small preset (10 query heads per 2 KV heads, head dim 64)
-    (tr._ring_decode_kernel, dict(Q=BF16, KN=BF16, VN=BF16, CK=BF16, CV=BF16, O=BF16, POS="*i64"), {"qk_scale"},
-     dict(D=64, GP=16, BW=64, DOT_PREC="tf32")),
+    (tr._ring_decode_kernel, dict(Q=BF16, KN=BF16, VN=BF16, CK=BF16, CV=BF16, O=BF16, POS="*i64", PART_M=F32,
+                                  PART_L=F32, PART_ACC=F32, LOCKS=I32), {"qk_scale"},
+     dict(D=64, GP=16, BW=64, SP=8, SC=8, DOT_PREC="tf32")),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

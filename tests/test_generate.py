@@ -122,6 +122,27 @@ def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(va
         torch._dynamo.reset()
 
 
+def test_inductor_decoding_compiles_with_coordinate_descent_tuning(monkeypatch):
+    """With inductor, GraphDecoder compiles the blocks and the cache attention with coordinate-descent tuning (batch-1
+    matrix-vector products become tuned reductions instead of cuBLAS calls); other backends take no options."""
+    from lit_hsa import static_decode
+    from lit_hsa.static_decode import GraphDecoder, decode_compile_options
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
+    static_decode.compiled_write_and_attend.cache_clear()
+    model = HSATransformer(tiny(hsa_topk=3)).eval()
+    with torch.no_grad():
+        _, state = prefill(model, torch.randint(0, VOCAB, (1, 9)), segment_size=5)
+    try:
+        GraphDecoder(model, state, max_len=12, compile="inductor")
+    finally:
+        static_decode.compiled_write_and_attend.cache_clear()
+    assert seen and all(o == {"coordinate_descent_tuning": True} for o in seen)
+    assert len(seen) == len(model.blocks()) + 3  # blocks, chunk encoder, loss chunks, cache attention
+    assert decode_compile_options("aot_eager") is None
+
+
 def test_static_decoding_rejects_what_it_cannot_hold():
     from lit_hsa.static_decode import StaticDecodeState
 

@@ -171,3 +171,23 @@ def test_select_chunks_gumbel_noise_changes_choice_not_scores():
     expect = (q_slc[0, :, 0, None, :] * lmk_sel).sum(-1) / 2.0
     ok = noisy_i[0, :, 0] >= 0
     torch.testing.assert_close(noisy_s[0, :, 0][ok], expect[ok])
+
+
+@pytest.mark.parametrize("C,group", [(5000, 16), (300, 16), (40, 16), (100_000, 256)])
+def test_staged_topk_keeps_the_same_entries_as_topk(C, group):
+    """Few rows of many entries take the staged path (C=5000 with groups of 16 runs three stages, C=300 one); the kept
+    values equal ``topk``'s and the indices point at them, also where -inf entries (invisible chunks) abound."""
+    from kernels.hsa.reference import topk_last_dim
+
+    g = torch.Generator().manual_seed(C)
+    s = torch.randn(2, 1, 3, C, generator=g)
+    s[..., torch.rand(C, generator=g) < 0.5] = float("-inf")
+    s[1, 0, 0, :3], s[1, 0, 0, 3:] = 1.0, float("-inf")  # a row with fewer finite entries than k
+    k = 4
+    values, idx = topk_last_dim(s, k, group)
+    want, _ = s.topk(k, dim=-1)
+    torch.testing.assert_close(values.sort(-1, descending=True).values, want)
+    assert idx.min() >= 0 and idx.max() < C
+    finite = torch.isfinite(values)
+    torch.testing.assert_close(s.gather(-1, idx)[finite], values[finite])
+    assert torch.equal(idx[1, 0, 0, :3].sort().values, torch.arange(3))  # the three finite entries

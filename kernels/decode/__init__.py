@@ -12,14 +12,18 @@ import torch
 from .reference import SPLIT_KEYS, decode_attention, ring_attention_reference, ring_slot_and_mask, write_and_attend
 
 __all__ = ["SPLIT_KEYS", "decode_attention", "write_and_attend", "ring_slot_and_mask", "ring_attention_reference",
-           "ring_kernel_fits", "use_ring_kernel", "RING_KERNEL_MAX_WINDOW"]
+           "ring_kernel_fits", "use_ring_kernel", "RING_KERNEL_MAX_WINDOW",
+           "RING_KERNEL_MAX_HEAD_DIM_COMPILED"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-# One program per (sequence, KV head) streams that head's whole ring: ~128 KB for the small preset's W=512, D=64. A
-# ring of 4096 slots at D=128 (2 MB per program, a handful of programs at batch 1) would be bound by single SMs'
-# bandwidth; such windows keep the matmul path until a split-window variant is measured.
+# Measured on an H200 in bf16 (``benchmarks/bench_decode_kernels.py``, µs per call replayed from a CUDA graph): the
+# kernel costs ~8 µs for the small preset's W=512, D=64 (the eager reference, five kernels: 32 µs; inductor-compiled:
+# 10 µs), but 33-55 µs for W=4096, D=128 and 18.5 µs for W=512, D=128 (first tunings), where the compiled reference
+# takes 16 and 10.
+# So: windows up to 1,024 slots, and where a compiled reference is at hand, head dims up to 64 only.
 RING_KERNEL_MAX_WINDOW = 1024
+RING_KERNEL_MAX_HEAD_DIM_COMPILED = 64
 
 
 def ring_kernel_fits(q: torch.Tensor, ck: torch.Tensor) -> bool:
@@ -28,9 +32,12 @@ def ring_kernel_fits(q: torch.Tensor, ck: torch.Tensor) -> bool:
     return q.dtype in _FLOATS and ck.dtype in _FLOATS and 16 <= D <= 256 and D & (D - 1) == 0
 
 
-def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor) -> bool:
+def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor, compiled_fallback: bool = False) -> bool:
     """Whether a ring step with rings ck [B, Hkv, W, D] takes the kernel: the backend switch sends q's ops to Triton,
-    the kernel covers the shape, and the window has at most ``RING_KERNEL_MAX_WINDOW`` slots."""
+    the kernel covers the shape, and it measured faster than the alternative (``compiled_fallback``: the reference
+    compiled by inductor, else eager) — see the bounds above."""
     from kernels.hsa import use_fast_paths
 
+    if compiled_fallback and q.shape[-1] > RING_KERNEL_MAX_HEAD_DIM_COMPILED:
+        return False
     return use_fast_paths(q) and ring_kernel_fits(q, ck) and ck.shape[2] <= RING_KERNEL_MAX_WINDOW

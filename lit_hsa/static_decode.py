@@ -56,6 +56,7 @@ class StaticKVCache:
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's, by window
         self.step_attention = write_and_attend  # ``compile`` swaps in a compiled one
+        self.compiled = False
         self._locks: torch.Tensor | None = None
 
     def advance(self, n: int) -> None:
@@ -72,6 +73,7 @@ class StaticKVCache:
 
     def compile(self, backend: str = "inductor") -> None:
         self.step_attention = compiled_write_and_attend(backend)
+        self.compiled = True
 
     # Opaque to torch.compile (blocks compiled for decoding break the graph here): the caches are found by layer,
     # and dynamo would guard on each layer's identity and recompile per layer. The tensor work inside is compiled
@@ -82,8 +84,8 @@ class StaticKVCache:
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
-        compiled = self.step_attention is not write_and_attend
-        if window is not None and use_ring_kernel(q, ck, compiled):  # one kernel for the write and the attention
+        # one kernel for the write and the attention, where it beats the alternative (kernels.decode)
+        if window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled):
             from kernels.decode.triton_ring import ring_attention_triton
 
             return ring_attention_triton(q, k, v, ck, cv, self.pos_t, self._ring_locks(ck))
@@ -200,9 +202,10 @@ class GraphDecoder:
 
     ``compile``: a torch.compile backend ("inductor") for the model's blocks and the cache attention, or None. A
     replayed step then launches inductor's fused kernels instead of one kernel per operator (norms, RoPE, SwiGLU,
-    softmax): the step is bound by the number of kernels at batch 1. The blocks are compiled in place (like
-    ``trainer.compile``), and the graphs compile in the warm-up steps (tens of seconds), so it pays off for long
-    generations and serving, not for a few tokens.
+    softmax) and tuned reductions instead of cuBLAS matrix-vector calls (``decode_compile_options``): at batch 1 the
+    step is bound by the latency of its kernels. The blocks are compiled in place (like ``trainer.compile``), and
+    the graphs compile in the warm-up steps (under a minute on an H200), so it pays off for long generations and
+    serving, not for a few tokens.
     """
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None):

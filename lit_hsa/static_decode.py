@@ -136,9 +136,10 @@ class StaticKVCache:
 class StaticDecodeState:
     """Drop-in for ``DecodeState`` in ``model(tokens [B, 1], state=...)``, with the static caches of the module
     docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
-    (prompt + generated) the caches will hold."""
+    (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose kernels
+    convert what they load, so the landmarks stay in the memory's dtype (see below)."""
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False):
         if state.offload_memory:
             raise ValueError("static decoding keeps the chunk memory on the accelerator: offload_memory is not supported")
         if state.pos == 0:
@@ -154,10 +155,13 @@ class StaticDecodeState:
             S, mem = self.chunk_size, state.memory
             capacity = -(-max_len // S)
             B, n = mem.landmarks.shape[:2]
-            # fp32: chunk selection scores in fp32 (``select_chunks_reference``); stored in bf16, every step would
-            # first write an fp32 copy of all landmarks (twice the bytes of the read) for each HSA layer, the step's
-            # largest memory traffic at millions of cached tokens (256K landmarks × 640 dims at 16M for `small`).
-            self.landmarks = mem.landmarks.new_zeros(B, capacity, *mem.landmarks.shape[2:], dtype=torch.float32)
+            # Chunk selection scores in fp32 (``select_chunks_reference``). Run eagerly on bf16 landmarks, every step
+            # would first write an fp32 copy of all of them (twice the bytes of the read) for each HSA layer, the
+            # step's largest memory traffic at millions of cached tokens (256K landmarks × 640 dims at 16M for
+            # `small`), so they are kept in fp32 (the same values: they come from the memory's dtype). In compiled
+            # blocks the cast happens in the scoring kernel's registers, and the memory's dtype halves the read.
+            dtype = mem.landmarks.dtype if fused_casts else torch.float32
+            self.landmarks = mem.landmarks.new_zeros(B, capacity, *mem.landmarks.shape[2:], dtype=dtype)
             self.k, self.v = (mem.k.new_zeros(B, capacity * S, *mem.k.shape[2:]) for _ in range(2))
             self.landmarks[:, :n], self.k[:, : n * S], self.v[:, : n * S] = mem.landmarks, mem.k, mem.v
             self.pending = state.pending.new_zeros(B, S, state.pending.shape[-1])
@@ -210,7 +214,7 @@ class GraphDecoder:
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None):
         self.model = model
-        self.state = StaticDecodeState(model, state, max_len)
+        self.state = StaticDecodeState(model, state, max_len, fused_casts=compile == "inductor")
         self.compile = compile
         if compile is not None:
             from .parallel import apply_compile, is_compiled

@@ -239,7 +239,7 @@ def test_static_decoding_step_copies_no_memory_sized_tensor():
     selected chunks are gathered)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lit_hsa.static_decode import GraphDecoder
+    from lit_hsa.static_decode import GraphDecoder, StaticDecodeState
 
     class LargestCopy(TorchDispatchMode):
         def __init__(self):
@@ -262,3 +262,7 @@ def test_static_decoding_step_copies_no_memory_sized_tensor():
             decoder.step(x[:, t])
     assert decoder.state.landmarks.dtype == torch.float32
     assert record.numel < min(decoder.state.landmarks.numel(), decoder.state.k.numel())
+    # compiled by inductor, the scoring kernel casts in registers: the landmarks keep the memory's dtype (half the read)
+    model = HSATransformer(tiny(hsa_topk=2)).to(torch.bfloat16).eval()
+    _, state = prefill(model, x[:, :150])
+    assert StaticDecodeState(model, state, 200, fused_casts=True).landmarks.dtype == torch.bfloat16

@@ -17,10 +17,10 @@ __all__ = ["SPLIT_KEYS", "decode_attention", "write_and_attend", "ring_slot_and_
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
-# Measured on an H200 in bf16 (``benchmarks/bench_decode_kernels.py``, µs per call replayed from a CUDA graph): the
-# kernel costs ~8 µs for the small preset's W=512, D=64 (the eager reference, five kernels: 32 µs; inductor-compiled:
-# 10 µs), but 33-55 µs for W=4096, D=128 and 18.5 µs for W=512, D=128 (first tunings), where the compiled reference
-# takes 16 and 10.
+# Measured on an H200 in bf16 with the defaults (``benchmarks/bench_decode_kernels.py``, µs per call replayed from a
+# CUDA graph, ``benchmarks/results/decode_kernels_h200_2026-11-29.json``): the kernel takes 7.8 µs for the small
+# preset's W=512, D=64, against 31.9 for the eager reference (five kernels) and 10.1 compiled by inductor; but 20.5
+# (W=4096, D=64), 49.8 (W=4096, D=128) and 13.0 (W=512, D=128), where the compiled reference takes 16.4, 17.1, 10.1.
 # So: windows up to 1,024 slots, and where a compiled reference is at hand, head dims up to 64 only.
 RING_KERNEL_MAX_WINDOW = 1024
 RING_KERNEL_MAX_HEAD_DIM_COMPILED = 64

@@ -103,9 +103,6 @@ def use_fast_paths(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_importable()
 
 
-_use_fast = use_fast_paths  # the name the ops look up (tests patch it)
-
-
 # Both ops are opaque to torch.compile (a graph break each): their fast paths size a work list from the data (host
 # syncs), which dynamo would guard on and recompile for, and tracing into the selection's autograd function gave NaN
 # gradients under inductor on CUDA. The kernels are already fused; compile still fuses everything around them.
@@ -125,7 +122,7 @@ def hsa_attention(
     (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference, and so do
     decoding-sized calls (at most ``DECODE_MAX_PAIRS`` (token, slot) pairs) under the ``auto`` backend.
     """
-    if _use_fast(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights) and not _capturing():
+    if use_fast_paths(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights) and not _capturing():
         from .triton_attention import hsa_attention_triton
 
         return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale)
@@ -146,7 +143,7 @@ def select_chunks(
     See ``reference.select_chunks_reference`` for the exact definition and keyword options. A tensor ``q_start``
     (static-shape decoding, the position lives on the device) takes the reference.
     """
-    if _use_fast(q_slc) and not torch.is_tensor(kwargs.get("q_start", 0)) and not _capturing():
+    if use_fast_paths(q_slc) and not torch.is_tensor(kwargs.get("q_start", 0)) and not _capturing():
         from .triton_select import select_chunks_fast
 
         return select_chunks_fast(q_slc, landmarks, topk, chunk_size, doc_ids, **kwargs)

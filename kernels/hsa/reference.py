@@ -138,7 +138,7 @@ def topk_last_dim(s: torch.Tensor, k: int, group: int = TOPK_GROUP) -> tuple[tor
     C = s.shape[-1]
     rows = s.numel() // max(C, 1)
     if C <= 4 * group or k > group // 4 or rows > 64:
-        return s.topk(k, dim=-1, sorted=False)  # sorted, each row's top k were ordered by another kernel
+        return s.topk(k, dim=-1, sorted=False)  # sorted=True would order each row's top k in one more kernel
     n = -(-C // group)
     padded = torch.nn.functional.pad(s, (0, n * group - C), value=float("-inf"))  # pads sort last
     top_s, idx = padded.view(*s.shape[:-1], n, group).topk(k, dim=-1, sorted=False)  # [..., n, k]

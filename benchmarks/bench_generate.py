@@ -9,7 +9,12 @@
 
     python benchmarks/bench_generate.py [--lengths 4k,64k,1m] [--full-lengths 4k,64k,1m]
                                         [--synthetic-lengths 1m,4m,8m,16m] [--segment 16k]
-                                        [--compile | --compile-only] [--out f.json]
+                                        [--compile | --compile-only] [--block-steps fused,modules] [--pdl on,off]
+                                        [--out f.json]
+
+``--block-steps``: dense blocks step in fused Triton kernels (``lit_hsa.fused_step``, the default) and/or through
+their modules (``GraphDecoder(fuse_blocks=False)``); ``--pdl``: the decoding kernels launch with programmatic
+dependent launch (``kernels.decode.pdl``, the default on Hopper) and/or without. Both models of a row use the same.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels.decode.pdl as pdl  # noqa: E402
 from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.eval.ruler import parse_length  # noqa: E402
 from lit_hsa.generate import prefill  # noqa: E402
@@ -108,7 +114,9 @@ def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
 
 
 @torch.no_grad()
-def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | None = None) -> dict:
+def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | None = None,
+                      fuse_blocks: bool = True, use_pdl: bool = True) -> dict:
+    pdl.ENABLED = use_pdl  # read when the kernels are launched, so also at graph capture
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -116,7 +124,7 @@ def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | 
         prompt = torch.randint(0, model.cfg.vocab_size, (1, 4096), device="cuda")
         logits, state = prefill(model, prompt, 4096)
         token = logits.argmax(-1)
-        decoder = GraphDecoder(model, state, T + 2 * model.cfg.chunk_size + steps + 8, compile)
+        decoder = GraphDecoder(model, state, T + 2 * model.cfg.chunk_size + steps + 8, compile, fuse_blocks)
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
@@ -141,9 +149,18 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)")
     parser.add_argument("--compile-only", action="store_true", help="time the synthetic decode compiled only")
+    parser.add_argument("--block-steps", default="fused", help="fused, modules or both (comma-separated)")
+    parser.add_argument("--pdl", default="on", help="on, off or both (comma-separated)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    modes = ("inductor",) if args.compile_only else (None, "inductor") if args.compile else (None,)
+    compiles = ("inductor",) if args.compile_only else (None, "inductor") if args.compile else (None,)
+    block_steps = [x for x in args.block_steps.split(",") if x]
+    if not block_steps or set(block_steps) - {"fused", "modules"}:
+        parser.error(f"--block-steps takes fused and/or modules, got {args.block_steps!r}")
+    pdls = [x for x in args.pdl.split(",") if x]
+    if not pdls or set(pdls) - {"on", "off"}:
+        parser.error(f"--pdl takes on and/or off, got {args.pdl!r}")
+    modes = [(c, b == "fused", p == "on") for c in compiles for b in block_steps for p in pdls]
     segment = parse_length(args.segment)
     rows, synthetic = [], []
     for attention, offloads, prefill_lengths in (("hsa", (False, True), args.lengths),
@@ -159,10 +176,10 @@ def main() -> None:
                 if not r["ok"]:
                     break
         # uncompiled first: compiling changes the model's blocks in place
-        for compile in modes:
+        for compile, fused, use_pdl in modes:
             for T in lengths(args.synthetic_lengths):
-                r = {"attention": attention, "T": T, "compile": compile,
-                     **measure_synthetic(model, T, args.steps, compile)}
+                r = {"attention": attention, "T": T, "compile": compile, "fused_blocks": fused, "pdl": use_pdl,
+                     **measure_synthetic(model, T, args.steps, compile, fused, use_pdl)}
                 synthetic.append(r)
                 print(r, flush=True)
         del model
@@ -178,14 +195,16 @@ def main() -> None:
                   f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |")
         else:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
-    by = {(r["attention"], r["T"], r["compile"]): r for r in synthetic}
-    for compile in modes:
-        print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, caches of the given context "
-              "(random contents):")
+    by = {(r["attention"], r["T"], r["compile"], r["fused_blocks"], r["pdl"]): r for r in synthetic}
+    for mode in modes:
+        compile, fused, use_pdl = mode
+        print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, dense blocks "
+              f"{'in fused kernels' if fused else 'through their modules'}, PDL {'on' if use_pdl else 'off'}, caches "
+              "of the given context (random contents):")
         print("| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops | full / HSA |\n"
               "|---|---|---|---|---|---|---|---|")
         for T in lengths(args.synthetic_lengths):
-            h, f = by.get(("hsa", T, compile), {}), by.get(("full", T, compile), {})
+            h, f = by.get(("hsa", T, *mode), {}), by.get(("full", T, *mode), {})
             cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
             ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
             print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "

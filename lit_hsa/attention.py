@@ -67,6 +67,7 @@ class KVCache:
     pos: int = 0
     layers: dict = field(default_factory=dict)
     buffers: dict = field(default_factory=dict)
+    fuse_blocks = False  # blocks run their modules (``StaticKVCache`` may fuse a block's step)
 
     def positions(self, n: int, device) -> torch.Tensor:
         """Absolute positions of the next n tokens: [n]."""

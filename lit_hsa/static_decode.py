@@ -48,10 +48,14 @@ class StaticKVCache:
     """Attention caches of static shape (see the module docstring), filled from an eager ``KVCache`` on each layer's
     first step: ``source``'s entry for that layer is moved over and dropped, so the two never both hold a layer."""
 
-    def __init__(self, source: KVCache, max_len: int, device):
+    def __init__(self, source: KVCache, max_len: int, device, fuse_blocks: bool = False):
         self.source, self.max_len = source, max_len
         self.pos = source.pos  # host copy of pos_t, for the host-side decisions (which graph, bounds)
         self.pos_t = torch.tensor(source.pos, device=device)
+        from kernels.hsa import use_fast_paths
+
+        # dense blocks' steps in fused Triton kernels (lit_hsa.fused_step), where the backend switch allows Triton
+        self.fuse_blocks = fuse_blocks and use_fast_paths(self.pos_t)
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's, by window
@@ -91,6 +95,27 @@ class StaticKVCache:
             return ring_attention_triton(q, k, v, ck, cv, self.pos_t, self._ring_locks(ck))
         slot, valid = self._slot_and_mask(window, ck.shape[2])
         return self.step_attention(q, k, v, ck, cv, slot, valid)
+
+    @torch.compiler.disable
+    def block_step(self, block: nn.Module, h: torch.Tensor, ctx) -> torch.Tensor:
+        """A dense block's whole step, h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.fused_step``)."""
+        from .fused_step import block_step
+
+        return block_step(block, h, ctx, self)
+
+    def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
+                           residual: torch.Tensor) -> torch.Tensor:
+        """residual [B, 1, d] + attend(q, k, v) · w_outᵀ → [B, 1, d]. Ring steps on the kernel merge the attention
+        inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``)."""
+        ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
+        if window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled):
+            from kernels.decode.triton_ring import ring_attention_out_proj
+
+            return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck))
+        from kernels.decode.triton_block import gemv
+
+        o = self.attend(layer, q, k, v, window)
+        return gemv(o.flatten(2), w_out, residual=residual).view_as(residual)
 
     def _ring_locks(self, ck: torch.Tensor) -> torch.Tensor:
         """The ring kernel's per-(sequence, KV head) counters (it leaves them zero), one buffer for every layer: made
@@ -137,9 +162,11 @@ class StaticDecodeState:
     """Drop-in for ``DecodeState`` in ``model(tokens [B, 1], state=...)``, with the static caches of the module
     docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
     (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose kernels
-    convert what they load, so the landmarks stay in the memory's dtype (see below)."""
+    convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense blocks
+    step in fused Triton kernels where the backend switch allows (``lit_hsa.fused_step``)."""
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False,
+                 fuse_blocks: bool = False):
         if state.offload_memory:
             raise ValueError("static decoding keeps the chunk memory on the accelerator: offload_memory is not supported")
         if state.pos == 0:
@@ -147,7 +174,7 @@ class StaticDecodeState:
         if max_len <= state.pos:
             raise ValueError(f"max_len ({max_len}) must exceed the {state.pos} positions already cached")
         device = model.embed.weight.device
-        self.kv = StaticKVCache(state.kv, max_len, device)
+        self.kv = StaticKVCache(state.kv, max_len, device, fuse_blocks)
         self.max_len = max_len
         self.chunk_size = model.cfg.chunk_size
         self.has_memory = model.memory is not None
@@ -210,11 +237,16 @@ class GraphDecoder:
     step is bound by the latency of its kernels. The blocks are compiled in place (like ``trainer.compile``), and
     the graphs compile in the warm-up steps (under a minute on an H200), so it pays off for long generations and
     serving, not for a few tokens.
+
+    ``fuse_blocks``: on CUDA (or wherever ``kernels.hsa``'s backend switch sends ops to Triton) the dense blocks' steps
+    run in five fused Triton launches each (``lit_hsa.fused_step``), whether or not the rest is compiled.
     """
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None,
+                 fuse_blocks: bool = True):
         self.model = model
-        self.state = StaticDecodeState(model, state, max_len, fused_casts=compile == "inductor")
+        self.state = StaticDecodeState(model, state, max_len, fused_casts=compile == "inductor",
+                                       fuse_blocks=fuse_blocks)
         self.compile = compile
         if compile is not None:
             from .parallel import apply_compile, is_compiled

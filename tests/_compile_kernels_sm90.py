@@ -15,7 +15,9 @@ except ImportError as e:
     print(f"no ahead-of-time compilation in this triton: {e}")
     sys.exit(77)
 
+import kernels.decode.triton_block as tb  # noqa: E402
 import kernels.decode.triton_ring as tr  # noqa: E402
+import kernels.decode.triton_select as ts  # noqa: E402
 import kernels.hsa.triton_attention as ta  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
@@ -33,7 +35,25 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
     # a sliding-window decoding step of the small preset (10 query heads per 2 KV heads, head dim 64)
     (tr._ring_decode_kernel, dict(Q=BF16, KN=BF16, VN=BF16, CK=BF16, CV=BF16, O=BF16, POS="*i64", PART_M=F32,
                                   PART_L=F32, PART_ACC=F32, LOCKS=I32), {"qk_scale"},
-     dict(D=64, GP=16, BW=64, SP=8, SC=8, DOT_PREC="tf32")),
+     dict(D=64, GP=16, BW=64, SP=8, SC=8, DOT_PREC="tf32", MERGE=True, PDL=False)),
+    (tr._ring_decode_kernel, dict(Q=BF16, KN=BF16, VN=BF16, CK=BF16, CV=BF16, O=BF16, POS="*i64", PART_M=F32,
+                                  PART_L=F32, PART_ACC=F32, LOCKS="*i64"), {"qk_scale"},
+     dict(D=64, GP=16, BW=128, SP=4, SC=4, DOT_PREC="tf32", MERGE=False, PDL=True)),
+    (tr._merge_out_proj_kernel, dict(PART_M=F32, PART_L=F32, PART_ACC=F32, W=BF16, RES=BF16, Y=BF16), set(),
+     dict(D=64, GP=16, HP=16, SP=4, BN=8, PDL=True)),
+    # a dense block's projections (triton_block): small's attention inputs, gate/up and down; with and without
+    # programmatic dependent launch (kernels.decode.pdl)
+    (tb._qkv_rope_kernel, dict(X=BF16, NW=BF16, WQ=BF16, WK=BF16, WV=BF16, QNW=BF16, KNW=BF16, COS=F32, SIN=F32,
+                               Q=BF16, KO=BF16, VO=BF16), {"eps"}, dict(D=64, BK=256, HEAD_NORM=True, PDL=True)),
+    (tb._gemv_kernel, dict(X=BF16, NW=BF16, W1=BF16, W2=BF16, RES=BF16, Y=BF16), {"eps"},
+     dict(BN=8, BK=1024, NORM=True, GATED=True, RESIDUAL=False, PDL=True)),
+    (tb._gemv_kernel, dict(X=BF16, NW=BF16, W1=BF16, W2=BF16, RES=BF16, Y=BF16), {"eps"},
+     dict(BN=4, BK=2048, NORM=False, GATED=False, RESIDUAL=True, PDL=False)),
+    # a decoding step's chunk selection (triton_select): small's 640-dim landmarks, top 32
+    (ts._score_groups_kernel, dict(Q=BF16, LMK=BF16, POS="*i64", CAND_S=F32, CAND_I=I32), {"scale"},
+     dict(GROUP=128, BD=64, KP=32)),
+    (ts._merge_candidates_kernel, dict(CAND_S=F32, CAND_I=I32, OUT_S=BF16, OUT_I="*i64"), set(),
+     dict(MERGE=4096, KP=32, FINAL=True)),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

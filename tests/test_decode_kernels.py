@@ -111,8 +111,9 @@ def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
 @kernel_test
 @pytest.mark.parametrize("variant", ["swa", "hsa"])
 def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, monkeypatch):
-    """With the Triton backend every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA
-    sub-layer) runs the kernel, and the logits are the full forward's."""
+    """With the Triton backend, blocks running their modules (``fuse_blocks=False``; ``test_fused_step`` covers the
+    fused blocks), every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA sub-layer) runs
+    the kernel, and the logits are the full forward's."""
     from lit_hsa.generate import prefill
     from lit_hsa.model import HSATransformer
     from lit_hsa.static_decode import GraphDecoder
@@ -129,13 +130,55 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
         _, state = prefill(model, x[:, :13], segment_size=5)
     hsa.set_backend("triton")
     try:
-        decoder = GraphDecoder(model, state, max_len=30)
+        decoder = GraphDecoder(model, state, max_len=30, fuse_blocks=False)
         outs = [decoder.step(x[:, t]) for t in range(13, 30)]
     finally:
         hsa.set_backend("auto")
     torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
     n_ring_layers = sum(1 for m in model.modules() if getattr(m, "window", None) or getattr(m, "swa_window", None))
     assert len(calls) == 17 * n_ring_layers
+
+
+@kernel_test
+@pytest.mark.parametrize("B,H,Dr,C,k,positions,group,merge", [
+    (2, 1, 40, 100, 8, (390, 4, 100), 16, 64),  # 7 groups; 56 candidates in one merge
+    (1, 2, 16, 300, 6, (1199, 700, 30), 16, 64),  # 19 groups: 152 candidates merged in three parts, then once more
+    (1, 1, 24, 50, 5, (0, 3, 8, 24), 128, 4096),  # no chunk visible yet, then fewer visible chunks than slots
+])
+def test_decode_chunk_selection_matches_reference(B, H, Dr, C, k, positions, group, merge, monkeypatch):
+    """The Triton selection of one decoding step picks the reference's chunks in its order (most recent first, -1
+    slots last) with its scores, whatever the landmarks of chunks not yet visible hold."""
+    from kernels.decode import triton_select
+    from kernels.decode.triton_select import select_chunks_decode
+    from kernels.hsa.reference import select_chunks_reference
+
+    monkeypatch.setattr(triton_select, "GROUP", group)
+    monkeypatch.setattr(triton_select, "MERGE", merge)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, 1, H, Dr, generator=gen).to(DEV)
+    landmarks = torch.randn(B, C, H, Dr, generator=gen).to(DEV)
+    for pos in positions:
+        p = torch.tensor(pos, device=DEV)
+        scores, idx = select_chunks_decode(q, landmarks, k, 4, p)
+        ref_scores, ref_idx = select_chunks_reference(q, landmarks, k, 4, q_start=p)
+        assert torch.equal(idx, ref_idx), pos
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_chunk_selection_dispatch():
+    from kernels.decode import select_chunks_step, use_select_kernel
+
+    q = torch.zeros(1, 1, 1, 16)
+    assert not use_select_kernel(q, None, False)  # auto: CUDA tensors only
+    hsa.set_backend("triton")
+    try:
+        assert use_select_kernel(q, None, False)
+        assert not use_select_kernel(q.expand(1, 2, 1, 16), None, False)  # prefill: several tokens
+        assert not use_select_kernel(q, torch.zeros(1, 1), False) and not use_select_kernel(q, None, True)
+        with pytest.raises(ValueError, match="one token at a device-side position"):
+            select_chunks_step(q, torch.zeros(1, 4, 1, 16), 2, 4, q_start=3)
+    finally:
+        hsa.set_backend("auto")
 
 
 @only_if_kernels_skipped
@@ -151,3 +194,20 @@ def test_gpu_bf16_ring_step_vs_fp32_reference(Hq, Hkv, D, W):
         out, rings, ref, ref_rings = both(q, k, v, ck, cv, pos)  # W=4096: 32 ranges of two key blocks
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
         torch.testing.assert_close(rings[0].float(), ref_rings[0])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_chunk_selection_vs_reference():
+    """`small` at 1M cached tokens: 16K bf16 landmarks of 640 dims, top 32 (scores in fp32 either way; near-ties
+    may resolve differently under another summation order)."""
+    from kernels.decode.triton_select import select_chunks_decode
+    from kernels.hsa.reference import select_chunks_reference
+
+    q = torch.randn(1, 1, 1, 640, device=DEV, dtype=torch.bfloat16)
+    landmarks = torch.randn(1, 16384, 1, 640, device=DEV, dtype=torch.bfloat16)
+    pos = torch.tensor(16000 * 64 + 5, device=DEV)
+    scores, idx = select_chunks_decode(q, landmarks, 32, 64, pos)
+    ref_scores, ref_idx = select_chunks_reference(q, landmarks, 32, 64, q_start=pos)
+    assert len(set(idx.flatten().tolist()) & set(ref_idx.flatten().tolist())) >= 31
+    assert bool((idx.flatten()[:-1] > idx.flatten()[1:]).all()) and int(idx.max()) < 16000
+    torch.testing.assert_close(scores.float().sort().values, ref_scores.float().sort().values, atol=0.05, rtol=0.02)

@@ -51,3 +51,39 @@ def ring_attention_reference(q, k, v, ck, cv, pos: torch.Tensor) -> torch.Tensor
     [B, Hkv, W, D], then attends q [B, 1, Hq, D] to the last W positions → [B, 1, Hq, D]."""
     slot, valid = ring_slot_and_mask(pos, ck.shape[2])
     return write_and_attend(q, k, v, ck, cv, slot, valid)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if weight is None:
+        return x
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def qkv_rope_reference(x, norm_w, wq, wk, wv, q_norm_w, k_norm_w, cos, sin, eps: float):
+    """A decoding step's attention inputs (``triton_block.qkv_rope``), in fp32. x: [B, 1, d]; norm_w [d]; wq
+    [Hq·D, d], wk, wv [Hkv·D, d]; q/k_norm_w [D] or None; cos, sin [1, D/2] → q [B, 1, Hq, D], k, v [B, 1, Hkv, D]:
+    q = rope(n_q(wq·n(x))), k = rope(n_k(wk·n(x))), v = wv·n(x), n = RMSNorm, rope = GPT-NeoX halves."""
+    B, D = x.shape[0], 2 * cos.shape[-1]
+    n = _rms_norm(x.reshape(B, -1).float(), norm_w, eps)
+    c, s = cos.reshape(-1).float(), sin.reshape(-1).float()
+
+    def heads(w, head_w, rotate):
+        y = (n @ w.float().T).view(B, 1, -1, D)
+        if not rotate:
+            return y
+        y1, y2 = _rms_norm(y, head_w, eps).chunk(2, dim=-1)
+        return torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1)
+
+    return heads(wq, q_norm_w, True), heads(wk, k_norm_w, True), heads(wv, None, False)
+
+
+def gemv_reference(x, w, *, norm_w=None, eps: float = 0.0, w_up=None, residual=None):
+    """``triton_block.gemv`` in fp32: x [B, 1, K] or [B, K]; w, w_up [N, K]; residual [B, N] → [B, N]:
+    [residual +] w·n(x), or silu(w·n(x)) * (w_up·n(x)); n = RMSNorm with norm_w, or identity."""
+    n = _rms_norm(x.reshape(x.shape[0], -1).float(), norm_w, eps)
+    y = n @ w.float().T
+    if w_up is not None:
+        y = torch.nn.functional.silu(y) * (n @ w_up.float().T)
+    if residual is not None:
+        y = y + residual.reshape(y.shape).float()
+    return y

@@ -14,12 +14,15 @@ ring is spread over the SMs. Of those 8 µs the merge — counter, then the part
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ring_attention_triton", "ring_splits"]
+from .pdl import pdl_args, wait_for_inputs
+
+__all__ = ["ring_attention_triton", "ring_attention_out_proj", "ring_splits"]
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32  # beyond this a range holds several key blocks
@@ -32,14 +35,24 @@ def _ring_decode_kernel(
     HKV, G, W, qk_scale, SPLITS, BLOCKS_PER_SPLIT,
     stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cw,
     D: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr, DOT_PREC: tl.constexpr,
+    MERGE: tl.constexpr, PDL: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = bg // HKV
     g = bg % HKV
+    offs_d = tl.arange(0, D)
+    ring = b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
+    first = split * BLOCKS_PER_SPLIT * BW
+    # The range's first key block does not depend on this step (the one slot it writes is patched in below), so it
+    # is loaded before waiting for the kernels that produce q, k, v and pos (programmatic dependent launch).
+    s_idx = first + tl.arange(0, BW)
+    rows = ring + s_idx.to(tl.int64)[:, None] * stride_cw + offs_d[None, :]
+    k = tl.load(CK + rows, mask=(s_idx < W)[:, None], other=0.0)
+    v = tl.load(CV + rows, mask=(s_idx < W)[:, None], other=0.0)
+    wait_for_inputs(PDL)
     pos = tl.load(POS).to(tl.int64)
     slot = pos % W
-    offs_d = tl.arange(0, D)
     heads = tl.arange(0, GP)  # GP >= 16 rows for tl.dot; rows past G are masked
     head_ok = heads < G
     q_rows = b.to(tl.int64) * stride_qb + (g * G + heads).to(tl.int64) * stride_qh
@@ -47,8 +60,6 @@ def _ring_decode_kernel(
     new_row = b.to(tl.int64) * stride_nb + g * stride_nh + offs_d
     kn = tl.load(KN + new_row).to(CK.dtype.element_ty)
     vn = tl.load(VN + new_row).to(CV.dtype.element_ty)
-    ring = b.to(tl.int64) * stride_cb + g.to(tl.int64) * stride_ch
-    first = split * BLOCKS_PER_SPLIT * BW
     if (slot >= first) & (slot < first + BLOCKS_PER_SPLIT * BW):
         tl.store(CK + ring + slot * stride_cw + offs_d, kn)
         tl.store(CV + ring + slot * stride_cw + offs_d, vn)
@@ -56,12 +67,9 @@ def _ring_decode_kernel(
     m = tl.full([GP], float("-inf"), tl.float32)
     l = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    for blk in range(BLOCKS_PER_SPLIT):
+    for blk in range(BLOCKS_PER_SPLIT):  # k, v hold block blk (loaded above, or by the previous iteration)
         s_idx = first + blk * BW + tl.arange(0, BW)
         in_ring = s_idx < W
-        rows = ring + s_idx.to(tl.int64)[:, None] * stride_cw + offs_d[None, :]
-        k = tl.load(CK + rows, mask=in_ring[:, None], other=0.0)
-        v = tl.load(CV + rows, mask=in_ring[:, None], other=0.0)
         is_new = (s_idx == slot)[:, None]
         k = tl.where(is_new, kn[None, :], k)
         v = tl.where(is_new, vn[None, :], v)
@@ -78,11 +86,23 @@ def _ring_decode_kernel(
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m = m_new
+        following = s_idx + BW  # the next block, loaded while this one is reduced
+        more = (following < W) & (following < first + BLOCKS_PER_SPLIT * BW)
+        rows = ring + following.to(tl.int64)[:, None] * stride_cw + offs_d[None, :]
+        k = tl.load(CK + rows, mask=more[:, None], other=0.0)
+        v = tl.load(CV + rows, mask=more[:, None], other=0.0)
 
     part = (bg * SPLITS + split).to(tl.int64) * GP + heads
     tl.store(PART_M + part, m)
     tl.store(PART_L + part, l)
     tl.store(PART_ACC + part[:, None] * D + offs_d[None, :], acc)
+    if MERGE:  # else the partials are the result (``ring_attention_out_proj`` merges them in the next kernel)
+        _merge_when_last(O, PART_M, PART_L, PART_ACC, LOCKS, bg, q_rows, heads, head_ok, offs_d, SPLITS, D, GP, SP, SC)
+
+
+@triton.jit
+def _merge_when_last(O, PART_M, PART_L, PART_ACC, LOCKS, bg, q_rows, heads, head_ok, offs_d, SPLITS,
+                     D: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr):
     tl.debug_barrier()  # every thread's partial is written before the counter releases it to the merging program
     done = tl.atomic_add(LOCKS + bg, 1, sem="acq_rel")
     if done == SPLITS - 1:  # the last range of this (sequence, KV head) to finish merges them all
@@ -119,6 +139,45 @@ def ring_splits(window: int, block_keys: int) -> tuple[int, int]:
     return triton.cdiv(n_blocks, per_split), per_split
 
 
+def _check(q, k, v, ck, cv, name: str) -> None:
+    B, n, Hq, D = q.shape
+    Hkv = ck.shape[1]
+    if n != 1 or k.shape != (B, 1, Hkv, D) or v.shape != k.shape or cv.shape != ck.shape or Hq % Hkv:
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"rings {tuple(ck.shape)} / {tuple(cv.shape)} do not fit [B, 1, Hq, D] / [B, Hkv, W, D]")
+    from . import ring_kernel_fits
+
+    if not ring_kernel_fits(q, ck):
+        raise ValueError(f"{name} needs fp32/fp16/bf16 and a power-of-two head dim in [16, 256], got "
+                         f"{q.dtype} / {ck.dtype}, D={D}")
+    if ck.stride(-1) != 1 or cv.stride() != ck.stride():
+        raise ValueError(f"{name}: the rings must be contiguous in the head dim with equal strides")
+
+
+def _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys: int, num_warps: int):
+    """Launches the ring kernel; merges into ``out`` when given (then ``locks`` are its counters), else only leaves
+    the partials. → (m [B·Hkv·splits·GP], l [same], acc [same·D], splits, GP)."""
+    B, _, Hq, D = q.shape
+    Hkv, W = ck.shape[1], ck.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    G = Hq // Hkv
+    GP = max(16, triton.next_power_of_2(G))
+    splits, per_split = ring_splits(W, block_keys)
+    SP = triton.next_power_of_2(splits)
+    part_m, part_l = (torch.empty(B * Hkv * splits * GP, device=q.device) for _ in range(2))
+    part_acc = torch.empty(B * Hkv * splits * GP * D, device=q.device)
+    merge = out is not None
+    prec = "ieee" if ck.dtype == torch.float32 else "tf32"
+    _ring_decode_kernel[(B * Hkv, splits)](
+        q, k, v, ck, cv, out if merge else q, pos, part_m, part_l, part_acc, locks if merge else pos,
+        Hkv, G, W, _LOG2E / math.sqrt(D), splits, per_split,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        D=D, GP=GP, BW=block_keys, SP=SP, SC=min(SP, max(1, MERGE_TILE // (GP * D))), DOT_PREC=prec, MERGE=merge,
+        num_warps=num_warps, num_stages=2, **pdl_args(q),
+    )
+    return part_m, part_l, part_acc, splits, GP
+
+
 def ring_attention_triton(q, k, v, ck, cv, pos: torch.Tensor, locks: torch.Tensor | None = None,
                           block_keys: int = 128, num_warps: int = 8) -> torch.Tensor:
     """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at ``pos`` (0-d int tensor), rings ck/cv [B, Hkv, W, D]
@@ -127,36 +186,90 @@ def ring_attention_triton(q, k, v, ck, cv, pos: torch.Tensor, locks: torch.Tenso
     ``locks``: int32 zeros, at least B·Hkv of them, left zero by every call: pass one buffer kept across steps (a
     CUDA graph then holds no memset); by default a fresh one is allocated. Calls sharing a buffer must not run
     concurrently (different streams)."""
-    B, n, Hq, D = q.shape
-    Hkv, W = ck.shape[1], ck.shape[2]
-    if n != 1 or k.shape != (B, 1, Hkv, D) or v.shape != k.shape or cv.shape != ck.shape or Hq % Hkv:
-        raise ValueError(f"ring_attention_triton: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"rings {tuple(ck.shape)} / {tuple(cv.shape)} do not fit [B, 1, Hq, D] / [B, Hkv, W, D]")
-    from . import ring_kernel_fits
-
-    if not ring_kernel_fits(q, ck):
-        raise ValueError(f"ring_attention_triton needs fp32/fp16/bf16 and a power-of-two head dim in [16, 256], got "
-                         f"{q.dtype} / {ck.dtype}, D={D}")
-    if ck.stride(-1) != 1 or cv.stride() != ck.stride():
-        raise ValueError("ring_attention_triton: the rings must be contiguous in the head dim with equal strides")
+    _check(q, k, v, ck, cv, "ring_attention_triton")
+    B, Hkv = q.shape[0], ck.shape[1]
     if locks is None:
         locks = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
     elif locks.dtype != torch.int32 or locks.numel() < B * Hkv:
         raise ValueError(f"ring_attention_triton: locks must be int32 with at least {B * Hkv} entries")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    G = Hq // Hkv
-    GP = max(16, triton.next_power_of_2(G))
-    splits, per_split = ring_splits(W, block_keys)
-    SP = triton.next_power_of_2(splits)
-    part_m, part_l = (torch.empty(B * Hkv * splits * GP, device=q.device) for _ in range(2))
-    part_acc = torch.empty(B * Hkv * splits * GP * D, device=q.device)
     out = torch.empty_like(q)
-    prec = "ieee" if ck.dtype == torch.float32 else "tf32"
-    _ring_decode_kernel[(B * Hkv, splits)](
-        q, k, v, ck, cv, out, pos, part_m, part_l, part_acc, locks,
-        Hkv, G, W, _LOG2E / math.sqrt(D), splits, per_split,
-        q.stride(0), q.stride(2), k.stride(0), k.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
-        D=D, GP=GP, BW=block_keys, SP=SP, SC=min(SP, max(1, MERGE_TILE // (GP * D))), DOT_PREC=prec,
-        num_warps=num_warps, num_stages=2,
-    )
+    _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys, num_warps)
     return out
+
+
+@triton.jit
+def _merge_out_proj_kernel(
+    PART_M, PART_L, PART_ACC, W, RES, Y,
+    N, HQ, G, SPLITS, stride_rb, stride_yb,
+    D: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    offs_d = tl.arange(0, D)
+    heads = tl.arange(0, HP)
+    ranges = tl.arange(0, SP)
+    cols = heads[:, None] * D + offs_d[None, :]
+    w = tl.load(W + rows.to(tl.int64)[:, None, None] * (HQ * D) + cols[None, :, :],
+                mask=row_ok[:, None, None] & (heads < HQ)[None, :, None], other=0.0)  # [BN, HP, D]
+    wait_for_inputs(PDL)
+    ok = (heads < HQ)[:, None] & (ranges < SPLITS)[None, :]  # [HP, SP]
+    # every query head's partials at once (independent loads in flight together): [HP, SP] statistics, [HP, SP, D]
+    part = ((b * (HQ // G) + heads // G)[:, None] * SPLITS + ranges[None, :]).to(tl.int64) * GP + (heads % G)[:, None]
+    m = tl.load(PART_M + part, mask=ok, other=float("-inf"))
+    m_max = tl.max(m, 1)  # the token's own slot is valid: finite for real heads
+    scale = tl.math.exp2(m - tl.where(heads < HQ, m_max, 0.0)[:, None])  # 0 for empty ranges and padding
+    total = tl.sum(scale * tl.load(PART_L + part, mask=ok, other=0.0), 1)
+    acc = tl.load(PART_ACC + part[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
+    o = tl.sum(scale[:, :, None] * acc, 1) / tl.where(heads < HQ, total, 1.0)[:, None]  # [HP, D]
+    y = tl.sum(tl.sum(w.to(tl.float32) * o[None, :, :], 2), 1)
+    y += tl.load(RES + b.to(tl.int64) * stride_rb + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(Y + b.to(tl.int64) * stride_yb + rows, y.to(Y.dtype.element_ty), mask=row_ok)
+
+
+# Partial values (fp32) the projection's programs merge in registers: beyond this (long rings in many ranges, many
+# heads) the ring kernel merges in-kernel and the projection is a plain ``gemv``.
+MERGE_IN_PROJECTION_MAX = 8192
+
+
+def _out_proj_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would run every configuration in full
+        return [triton.Config({"BN": 4}, num_warps=4)]
+    return [triton.Config({"BN": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16) for w in (4, 8)]
+
+
+_merge_out_proj_tuned = triton.autotune(configs=_out_proj_configs(), key=["N", "HQ", "G", "SPLITS", "PDL"])(
+    _merge_out_proj_kernel)
+
+
+def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Tensor, residual: torch.Tensor,
+                            locks: torch.Tensor | None = None, block_keys: int = 128, num_warps: int = 8) -> torch.Tensor:
+    """The ring step of ``ring_attention_triton`` followed by the output projection and the residual:
+    residual [B, 1, d] + attention(q, ...) [B, Hq·D] · w_out [d, Hq·D]ᵀ → [B, 1, d] in residual's dtype.
+
+    Two launches: the ring kernel leaves its ranges' partials, and the projection's programs merge them as they load
+    the attention output (each program merges all heads: a few KB of partials from L2), so no program waits on a
+    counter and no merged output goes through memory (the in-kernel merge took ~4 of the ring step's 8 µs). Where
+    the partials are too many to merge in registers (``MERGE_IN_PROJECTION_MAX``), the ring kernel merges them
+    (``locks`` as for ``ring_attention_triton``) and ``gemv`` projects."""
+    _check(q, k, v, ck, cv, "ring_attention_out_proj")
+    B, _, Hq, D = q.shape
+    d = residual.shape[-1]
+    if w_out.shape != (d, Hq * D) or not w_out.is_contiguous() or residual.numel() != B * d:
+        raise ValueError(f"ring_attention_out_proj: w_out {tuple(w_out.shape)} must be contiguous [{d}, {Hq * D}] "
+                         f"and residual {tuple(residual.shape)} [{B}, 1, {d}]")
+    res = residual.reshape(B, d)
+    HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
+    if HP * SP * D > MERGE_IN_PROJECTION_MAX:
+        from .triton_block import gemv
+
+        o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps)
+        return gemv(o.reshape(B, Hq * D), w_out, residual=res).view(B, 1, d)
+    part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps)
+    y = torch.empty_like(res)
+    _merge_out_proj_tuned[lambda meta: (triton.cdiv(d, meta["BN"]), B)](
+        part_m, part_l, part_acc, w_out, res, y, d, Hq, Hq // ck.shape[1], splits, res.stride(0), y.stride(0),
+        D=D, GP=GP, HP=HP, SP=SP, **pdl_args(q),
+    )
+    return y.view(B, 1, d)

@@ -1,0 +1,219 @@
+"""A dense block's decoding step in fused kernels (``kernels/decode/triton_block.py``, ``ring_attention_out_proj``,
+``lit_hsa/fused_step.py``).
+
+CPU: the kernels run under the Triton interpreter in fp32 against their PyTorch references (atol/rtol 1e-5), and
+static decoding with fused blocks gives the full forward's logits (1e-4). GPU (``gpu``): bf16 kernels against the
+fp32 references at the `small` preset's shapes, relative error < 1e-2.
+"""
+import pytest
+import torch
+
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess
+
+pytest.importorskip("triton")
+
+import kernels.hsa as hsa  # noqa: E402
+from kernels.decode import ring_attention_reference  # noqa: E402
+from kernels.decode.reference import gemv_reference, qkv_rope_reference  # noqa: E402
+from kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
+from kernels.decode.triton_ring import ring_attention_out_proj  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen).to(DEV, dtype)
+
+
+def qkv_problem(B, d, Hq, Hkv, D, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(B, 1, d, dtype=dtype, gen=gen)
+    weights = [randn(h * D, d, dtype=dtype, gen=gen) / d**0.5 for h in (Hq, Hkv, Hkv)]
+    norms = [(torch.rand(n, generator=gen) + 0.5).to(DEV, dtype) for n in (d, D, D)]
+    angle = torch.rand(1, D // 2, generator=gen).to(DEV) * 6
+    return x, norms[0], weights, norms[1:], angle.cos(), angle.sin()
+
+
+@kernel_test
+@pytest.mark.parametrize("B,d,Hq,Hkv,D,head_norm", [(2, 48, 4, 2, 16, True), (1, 200, 6, 1, 32, False),
+                                                    (1, 32, 2, 2, 8, True)])
+def test_qkv_rope_matches_reference(B, d, Hq, Hkv, D, head_norm):
+    """Input widths that are not a multiple of the kernel's K block (48, 200 → two blocks of 128), GQA ratios 2, 6
+    and 1, with and without the per-head norms."""
+    x, nw, (wq, wk, wv), (qn, kn), cos, sin = qkv_problem(B, d, Hq, Hkv, D)
+    if not head_norm:
+        qn = kn = None
+    got = qkv_rope(x, nw, wq, wk, wv, qn, kn, cos, sin, 1e-6)
+    want = qkv_rope_reference(x, nw, wq, wk, wv, qn, kn, cos, sin, 1e-6)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@kernel_test
+@pytest.mark.parametrize("mode", ["plain", "norm", "gated", "residual", "norm-gated-residual"])
+def test_gemv_matches_reference(mode):
+    """Output rows not a multiple of the row block (40), inputs over two K blocks (200), two sequences."""
+    gen = torch.Generator().manual_seed(1)
+    B, N, K = 2, 40, 200
+    x, w, w_up, residual = randn(B, 1, K, gen=gen), randn(N, K, gen=gen), randn(N, K, gen=gen), randn(B, N, gen=gen)
+    kw = {}
+    if "norm" in mode:
+        kw.update(norm_w=(torch.rand(K, generator=gen) + 0.5).to(DEV), eps=1e-6)
+    if "gated" in mode:
+        kw["w_up"] = w_up
+    if "residual" in mode:
+        kw["residual"] = residual
+    torch.testing.assert_close(gemv(x, w, **kw), gemv_reference(x, w, **kw), atol=1e-4, rtol=1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_max", [
+    (2, 10, 2, 16, 130, 16, None), (1, 4, 4, 16, 40, 64, None), (2, 10, 2, 16, 130, 16, 0)])
+def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys, merge_max, monkeypatch):
+    """The ring step with the output projection merging the ranges' partials (9 ranges, some empty at early
+    positions; or one), before and after the ring's first lap: output and written slots as the reference's. With
+    more partials than the projection merges (a bound of 0 here), the ring kernel merges and ``gemv`` projects."""
+    from kernels.decode import triton_ring
+
+    if merge_max is not None:
+        monkeypatch.setattr(triton_ring, "MERGE_IN_PROJECTION_MAX", merge_max)
+    gen = torch.Generator().manual_seed(2)
+    d = 24
+    q, k, v = (randn(B, 1, h, D, gen=gen) for h in (Hq, Hkv, Hkv))
+    ck, cv = (randn(B, Hkv, W, D, gen=gen) for _ in range(2))
+    w_out, residual = randn(d, Hq * D, gen=gen), randn(B, 1, d, gen=gen)
+    for pos in (0, W // 2, W + 3):
+        p = torch.tensor(pos, device=DEV)
+        rings, ref_rings = (ck.clone(), cv.clone()), (ck.clone(), cv.clone())
+        got = ring_attention_out_proj(q, k, v, *rings, p, w_out, residual, block_keys=block_keys)
+        o = ring_attention_reference(q, k, v, *ref_rings, p)
+        want = residual + o.reshape(B, 1, -1) @ w_out.T
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"pos {pos}: {m}")
+        for g, w in zip(rings, ref_rings):
+            torch.testing.assert_close(g, w)
+
+
+def test_fused_ops_reject_what_they_do_not_cover():
+    x, nw, (wq, wk, wv), (qn, kn), cos, sin = qkv_problem(1, 32, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"weights must be contiguous \[out, 32\]"):
+        qkv_rope(x, nw, wq.T.contiguous().T, wk, wv, qn, kn, cos, sin, 1e-6)
+    with pytest.raises(ValueError, match="both per-head norm weights or neither"):
+        qkv_rope(x, nw, wq, wk, wv, qn, None, cos, sin, 1e-6)
+    with pytest.raises(ValueError, match=r"residual \(1, 7\) must be \[1, 16\]"):
+        gemv(x, wq, residual=torch.zeros(1, 7, device=DEV))
+    q, k = torch.zeros(1, 1, 2, 16, device=DEV), torch.zeros(1, 1, 1, 16, device=DEV)
+    ring = torch.zeros(1, 1, 8, 16, device=DEV)
+    with pytest.raises(ValueError, match=r"w_out \(32, 16\) must be contiguous \[32, 32\]"):
+        ring_attention_out_proj(q, k, k, ring, ring.clone(), torch.tensor(0), torch.zeros(32, 16),
+                                torch.zeros(1, 1, 32))
+
+
+def test_fusable_parts_are_the_plain_modules():
+    """The kernels skip what they do not compute: a LoRA-adapted projection, a bias, a MoE feed-forward or norms
+    with different epsilons leave that part of the block to its modules."""
+    from lit_hsa.config import FinetuneConfig
+    from lit_hsa.fused_step import attention_fusable, ffn_fusable
+    from lit_hsa.lora import apply_lora
+    from lit_hsa.model import HSATransformer
+    from tests.test_model import tiny
+
+    dense = HSATransformer(tiny(moe=False)).lower[0]
+    assert attention_fusable(dense.attn_norm, dense.attn) and ffn_fusable(dense.ffn_norm, dense.ffn)
+    moe = HSATransformer(tiny(moe=True, first_dense_layers=0)).lower[0]
+    assert attention_fusable(moe.attn_norm, moe.attn) and not ffn_fusable(moe.ffn_norm, moe.ffn)
+    dense.attn.q_norm.eps = 1e-5
+    assert not attention_fusable(dense.attn_norm, dense.attn)
+    adapted = HSATransformer(tiny(moe=False))
+    apply_lora(adapted, FinetuneConfig(method="lora", lora_targets=["attention"]))
+    block = adapted.lower[0]
+    assert not attention_fusable(block.attn_norm, block.attn) and ffn_fusable(block.ffn_norm, block.ffn)
+
+
+@kernel_test
+@pytest.mark.parametrize("variant", ["hsa", "full"])
+def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypatch):
+    """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each block once per
+    step) and the HSA blocks select chunks through ``triton_select``, and the logits are the full forward's: across
+    a chunk completion and the ring's wrap-around (hsa), and against a full-attention cache (attend, then ``gemv``).
+    MoE feed-forwards (the tiny preset's) run their modules."""
+    import lit_hsa.fused_step as fused_step
+    from lit_hsa.generate import prefill
+    from lit_hsa.model import Block, HSATransformer
+    from lit_hsa.static_decode import GraphDecoder
+    from tests.test_model import VOCAB, tiny
+
+    from kernels.decode import triton_select
+
+    calls, selections = [], []
+    original, select = fused_step.block_step, triton_select.select_chunks_decode
+    monkeypatch.setattr(fused_step, "block_step", lambda *a: calls.append(a[0]) or original(*a))
+    monkeypatch.setattr(triton_select, "select_chunks_decode", lambda *a: selections.append(1) or select(*a))
+    cfg = tiny(attention=variant, hsa_topk=3, head_dim=16, swa_window=4, first_dense_layers=2)
+    model = HSATransformer(cfg).to(DEV).eval()
+    x = torch.randint(0, VOCAB, (1, 21), device=DEV)
+    with torch.no_grad():
+        ref = model(x)
+        _, state = prefill(model, x[:, :13], segment_size=5)
+    hsa.set_backend("triton")
+    try:
+        decoder = GraphDecoder(model, state, max_len=21)
+        outs = [decoder.step(x[:, t]) for t in range(13, 21)]  # positions 13..20: chunk 1 completes at 15
+    finally:
+        hsa.set_backend("auto")
+    torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
+    blocks = [b for b in model.blocks() if isinstance(b, Block)]
+    assert len(calls) == 8 * len(blocks) and set(calls) == set(blocks)
+    assert len(selections) == 8 * len(model.hsa_blocks())  # chunk selection through its kernel too
+
+
+def test_fused_blocks_only_where_the_backend_runs_triton():
+    from lit_hsa.generate import prefill
+    from lit_hsa.model import HSATransformer
+    from lit_hsa.static_decode import GraphDecoder
+    from tests.test_model import VOCAB, tiny
+
+    model = HSATransformer(tiny()).eval()
+    x = torch.randint(0, VOCAB, (1, 9))
+    for backend, fuse, expected in (("auto", True, False), ("triton", False, False), ("triton", True, True)):
+        with torch.no_grad():
+            _, state = prefill(model, x)
+        hsa.set_backend(backend)
+        try:
+            assert GraphDecoder(model, state, max_len=12, fuse_blocks=fuse).state.kv.fuse_blocks == expected
+        finally:
+            hsa.set_backend("auto")
+
+
+@only_if_kernels_skipped
+def test_cpu_kernels_in_subprocess():
+    run_module_in_subprocess(__file__)
+
+
+def rel_err(got, want):
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,Hq,Hkv,D,ffn", [(640, 10, 2, 64, 2560), (2048, 16, 4, 128, 1536)])
+def test_gpu_bf16_fused_ops_vs_fp32_reference(d, Hq, Hkv, D, ffn):
+    """The `small` and `moe-8b-a1b` (shared-expert width) shapes in bf16; the autotuner picks each launch shape."""
+    x, nw, (wq, wk, wv), (qn, kn), cos, sin = qkv_problem(1, d, Hq, Hkv, D, dtype=torch.bfloat16)
+    got = qkv_rope(x, nw, wq, wk, wv, qn, kn, cos, sin, 1e-6)
+    want = qkv_rope_reference(x, nw, wq, wk, wv, qn, kn, cos, sin, 1e-6)
+    assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-2
+    gen = torch.Generator().manual_seed(3)
+    w_gate, w_up = (randn(ffn, d, dtype=torch.bfloat16, gen=gen) / d**0.5 for _ in range(2))
+    w_down = randn(d, ffn, dtype=torch.bfloat16, gen=gen) / ffn**0.5
+    act = gemv(x, w_gate, norm_w=nw, eps=1e-6, w_up=w_up)
+    assert rel_err(act, gemv_reference(x, w_gate, norm_w=nw, eps=1e-6, w_up=w_up)) < 1e-2
+    out = gemv(act, w_down, residual=x[:, 0])
+    assert rel_err(out, gemv_reference(act, w_down, residual=x[:, 0])) < 1e-2
+    q, k, v = got
+    W = 512
+    ck, cv = (randn(1, Hkv, W, D, dtype=torch.bfloat16, gen=gen) for _ in range(2))
+    w_o = randn(d, Hq * D, dtype=torch.bfloat16, gen=gen) / (Hq * D) ** 0.5
+    pos = torch.tensor(3 * W + 7, device=DEV)
+    fused = ring_attention_out_proj(q, k, v, ck.clone(), cv.clone(), pos, w_o, x)
+    o = ring_attention_reference(q.float(), k.float(), v.float(), ck.float(), cv.float(), pos)
+    assert rel_err(fused, x.float() + o.reshape(1, 1, -1) @ w_o.float().T) < 1e-2

@@ -9,7 +9,7 @@
    modules, eager and inductor-compiled (with static decoding's options), for the dense presets' SWA blocks. Calls
    cycle through 8 copies of the block, more weights than the L2 cache holds, as in a step through every layer.
 
-    python benchmarks/bench_decode_kernels.py [--calls 50] [--out f.json]
+    python benchmarks/bench_decode_kernels.py [--calls 50] [--parts ring,topk,blocks] [--out f.json]
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.decode import ring_attention_reference  # noqa: E402
 from kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
 from kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton  # noqa: E402
-from kernels.decode.triton_select import select_chunks_decode  # noqa: E402
-from kernels.hsa.reference import select_chunks_reference, topk_last_dim  # noqa: E402
+from kernels.hsa.reference import topk_last_dim  # noqa: E402
 from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.model import Block  # noqa: E402
 from lit_hsa.static_decode import decode_compile_options  # noqa: E402
@@ -78,20 +77,12 @@ def ring_rows(calls: int) -> list[dict]:
 
 
 def topk_rows(calls: int, k: int = 32) -> list[dict]:
-    compiled_select = torch.compile(select_chunks_reference, dynamic=False)
     rows = []
     for C in TOPK_CHUNKS:
         s = torch.randn(1, 1, 1, C, device="cuda")
-        # the whole selection of a `small` step: 640-dim bf16 landmarks, every chunk visible
-        q = torch.randn(1, 1, 1, 640, device="cuda", dtype=torch.bfloat16)
-        landmarks = torch.randn(1, C, 1, 640, device="cuda", dtype=torch.bfloat16)
-        pos = torch.tensor(C * 64, device="cuda")
         row = {"chunks": C, "k": k,
                "torch_topk_us": round(graph_us(lambda: s.topk(k, dim=-1), calls), 2),
-               "staged_us": round(graph_us(lambda: topk_last_dim(s, k), calls), 2),
-               "select_reference_compiled_us": round(graph_us(
-                   lambda: compiled_select(q, landmarks, k, 64, q_start=pos), calls), 2),
-               "select_triton_us": round(graph_us(lambda: select_chunks_decode(q, landmarks, k, 64, pos), calls), 2)}
+               "staged_us": round(graph_us(lambda: topk_last_dim(s, k), calls), 2)}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -179,9 +170,15 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--parts", default="ring,topk,blocks", help="which of ring, topk, blocks to run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    ring, topk, blocks = ring_rows(args.calls), topk_rows(args.calls), block_rows(args.calls)
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"ring", "topk", "blocks"}:
+        parser.error(f"--parts takes ring, topk and/or blocks, got {args.parts!r}")
+    ring = ring_rows(args.calls) if "ring" in parts else []
+    topk = topk_rows(args.calls) if "topk" in parts else []
+    blocks = block_rows(args.calls) if "blocks" in parts else []
     gpu = torch.cuda.get_device_name()
     print(f"\nSliding-window decoding step on {gpu}, bf16, batch 1, µs per call (CUDA graph replay)")
     print("| shape | Hq/Hkv | D | W | " + " | ".join(f"Triton BW={bw}" for bw in BLOCK_KEYS)
@@ -191,12 +188,10 @@ def main() -> None:
         triton_us = " | ".join(str(r[f"triton_bw{bw}_us"]) for bw in BLOCK_KEYS)
         print(f"| {r['shape']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['W']} | {triton_us} | "
               f"{r['reference_eager_us']} | {r['reference_compiled_us']} |")
-    print(f"\nTop-{topk[0]['k']} of one row of chunk scores, and the whole selection (scores of 640-dim bf16 landmarks, "
-          "top-k, order), µs per call")
-    print("| chunks | torch.topk | staged | selection, reference compiled | selection, Triton |\n|---|---|---|---|---|")
+    print("\nTop-32 of one row of chunk scores, µs per call")
+    print("| chunks | torch.topk | staged |\n|---|---|---|")
     for r in topk:
-        print(f"| {r['chunks']:,} | {r['torch_topk_us']} | {r['staged_us']} | {r['select_reference_compiled_us']} | "
-              f"{r['select_triton_us']} |")
+        print(f"| {r['chunks']:,} | {r['torch_topk_us']} | {r['staged_us']} |")
     print("\nA dense SWA block's projections, µs per call (8 copies of the block in turn)")
     print("| preset | part | fused kernels | modules eager | modules compiled |\n|---|---|---|---|---|")
     for r in blocks:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.decode import select_chunks_step, use_select_kernel
 from kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, select_chunks_reference
 
 from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
@@ -214,8 +213,7 @@ def static_step(q_start: int | torch.Tensor) -> bool:
     size their work lists on the host, which a CUDA graph cannot hold. Called directly rather than through the
     public ops (each a ``torch.compiler.disable`` graph break), the references are traced into a compiled decoding
     block, so inductor fuses their casts, masks and softmax with the projections around them, and the memory's
-    dtype conversion happens on the gathered chunks only. Where the Triton backend runs, chunk selection has a kernel
-    of its own for one step (``kernels.decode.select_chunks_step``: scoring and top-k in two launches)."""
+    dtype conversion happens on the gathered chunks only."""
     return torch.is_tensor(q_start)
 
 
@@ -259,12 +257,7 @@ class Retrieval(nn.Module):
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
         topk = max(1, min(cfg.hsa_topk, memory.landmarks.shape[1]))
-        if not static_step(q_start):
-            select = select_chunks
-        elif use_select_kernel(q_slc, doc_ids, cfg.gumbel_noise and self.training):
-            select = select_chunks_step  # one Triton pass over the landmarks (kernels.decode.triton_select)
-        else:
-            select = select_chunks_reference
+        select = select_chunks_reference if static_step(q_start) else select_chunks
         scores, indices = select(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
                                  q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:

@@ -17,7 +17,6 @@ except ImportError as e:
 
 import kernels.decode.triton_block as tb  # noqa: E402
 import kernels.decode.triton_ring as tr  # noqa: E402
-import kernels.decode.triton_select as ts  # noqa: E402
 import kernels.hsa.triton_attention as ta  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
@@ -49,11 +48,6 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
      dict(BN=8, BK=1024, NORM=True, GATED=True, RESIDUAL=False, PDL=True)),
     (tb._gemv_kernel, dict(X=BF16, NW=BF16, W1=BF16, W2=BF16, RES=BF16, Y=BF16), {"eps"},
      dict(BN=4, BK=2048, NORM=False, GATED=False, RESIDUAL=True, PDL=False)),
-    # a decoding step's chunk selection (triton_select): small's 640-dim landmarks, top 32
-    (ts._score_groups_kernel, dict(Q=BF16, LMK=BF16, POS="*i64", CAND_S=F32, CAND_I=I32), {"scale"},
-     dict(GROUP=128, BD=64, KP=32)),
-    (ts._merge_candidates_kernel, dict(CAND_S=F32, CAND_I=I32, OUT_S=BF16, OUT_I="*i64"), set(),
-     dict(MERGE=4096, KP=32, FINAL=True)),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

@@ -139,48 +139,6 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
     assert len(calls) == 17 * n_ring_layers
 
 
-@kernel_test
-@pytest.mark.parametrize("B,H,Dr,C,k,positions,group,merge", [
-    (2, 1, 40, 100, 8, (390, 4, 100), 16, 64),  # 7 groups; 56 candidates in one merge
-    (1, 2, 16, 300, 6, (1199, 700, 30), 16, 64),  # 19 groups: 152 candidates merged in three parts, then once more
-    (1, 1, 24, 50, 5, (0, 3, 8, 24), 128, 4096),  # no chunk visible yet, then fewer visible chunks than slots
-])
-def test_decode_chunk_selection_matches_reference(B, H, Dr, C, k, positions, group, merge, monkeypatch):
-    """The Triton selection of one decoding step picks the reference's chunks in its order (most recent first, -1
-    slots last) with its scores, whatever the landmarks of chunks not yet visible hold."""
-    from kernels.decode import triton_select
-    from kernels.decode.triton_select import select_chunks_decode
-    from kernels.hsa.reference import select_chunks_reference
-
-    monkeypatch.setattr(triton_select, "GROUP", group)
-    monkeypatch.setattr(triton_select, "MERGE", merge)
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(B, 1, H, Dr, generator=gen).to(DEV)
-    landmarks = torch.randn(B, C, H, Dr, generator=gen).to(DEV)
-    for pos in positions:
-        p = torch.tensor(pos, device=DEV)
-        scores, idx = select_chunks_decode(q, landmarks, k, 4, p)
-        ref_scores, ref_idx = select_chunks_reference(q, landmarks, k, 4, q_start=p)
-        assert torch.equal(idx, ref_idx), pos
-        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
-
-
-def test_decode_chunk_selection_dispatch():
-    from kernels.decode import select_chunks_step, use_select_kernel
-
-    q = torch.zeros(1, 1, 1, 16)
-    assert not use_select_kernel(q, None, False)  # auto: CUDA tensors only
-    hsa.set_backend("triton")
-    try:
-        assert use_select_kernel(q, None, False)
-        assert not use_select_kernel(q.expand(1, 2, 1, 16), None, False)  # prefill: several tokens
-        assert not use_select_kernel(q, torch.zeros(1, 1), False) and not use_select_kernel(q, None, True)
-        with pytest.raises(ValueError, match="one token at a device-side position"):
-            select_chunks_step(q, torch.zeros(1, 4, 1, 16), 2, 4, q_start=3)
-    finally:
-        hsa.set_backend("auto")
-
-
 @only_if_kernels_skipped
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
@@ -195,19 +153,3 @@ def test_gpu_bf16_ring_step_vs_fp32_reference(Hq, Hkv, D, W):
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
         torch.testing.assert_close(rings[0].float(), ref_rings[0])
 
-
-@pytest.mark.gpu
-def test_gpu_decode_chunk_selection_vs_reference():
-    """`small` at 1M cached tokens: 16K bf16 landmarks of 640 dims, top 32 (scores in fp32 either way; near-ties
-    may resolve differently under another summation order)."""
-    from kernels.decode.triton_select import select_chunks_decode
-    from kernels.hsa.reference import select_chunks_reference
-
-    q = torch.randn(1, 1, 1, 640, device=DEV, dtype=torch.bfloat16)
-    landmarks = torch.randn(1, 16384, 1, 640, device=DEV, dtype=torch.bfloat16)
-    pos = torch.tensor(16000 * 64 + 5, device=DEV)
-    scores, idx = select_chunks_decode(q, landmarks, 32, 64, pos)
-    ref_scores, ref_idx = select_chunks_reference(q, landmarks, 32, 64, q_start=pos)
-    assert len(set(idx.flatten().tolist()) & set(ref_idx.flatten().tolist())) >= 31
-    assert bool((idx.flatten()[:-1] > idx.flatten()[1:]).all()) and int(idx.max()) < 16000
-    torch.testing.assert_close(scores.float().sort().values, ref_scores.float().sort().values, atol=0.05, rtol=0.02)

@@ -134,21 +134,17 @@ def test_fusable_parts_are_the_plain_modules():
 @pytest.mark.parametrize("variant", ["hsa", "full"])
 def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypatch):
     """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each block once per
-    step) and the HSA blocks select chunks through ``triton_select``, and the logits are the full forward's: across
-    a chunk completion and the ring's wrap-around (hsa), and against a full-attention cache (attend, then ``gemv``).
-    MoE feed-forwards (the tiny preset's) run their modules."""
+    step), and the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and
+    against a full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
     import lit_hsa.fused_step as fused_step
     from lit_hsa.generate import prefill
     from lit_hsa.model import Block, HSATransformer
     from lit_hsa.static_decode import GraphDecoder
     from tests.test_model import VOCAB, tiny
 
-    from kernels.decode import triton_select
-
-    calls, selections = [], []
-    original, select = fused_step.block_step, triton_select.select_chunks_decode
+    calls = []
+    original = fused_step.block_step
     monkeypatch.setattr(fused_step, "block_step", lambda *a: calls.append(a[0]) or original(*a))
-    monkeypatch.setattr(triton_select, "select_chunks_decode", lambda *a: selections.append(1) or select(*a))
     cfg = tiny(attention=variant, hsa_topk=3, head_dim=16, swa_window=4, first_dense_layers=2)
     model = HSATransformer(cfg).to(DEV).eval()
     x = torch.randint(0, VOCAB, (1, 21), device=DEV)
@@ -164,7 +160,6 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
     blocks = [b for b in model.blocks() if isinstance(b, Block)]
     assert len(calls) == 8 * len(blocks) and set(calls) == set(blocks)
-    assert len(selections) == 8 * len(model.hsa_blocks())  # chunk selection through its kernel too
 
 
 def test_fused_blocks_only_where_the_backend_runs_triton():

@@ -13,7 +13,7 @@ from .reference import SPLIT_KEYS, decode_attention, ring_attention_reference, r
 
 __all__ = ["SPLIT_KEYS", "decode_attention", "write_and_attend", "ring_slot_and_mask", "ring_attention_reference",
            "ring_kernel_fits", "use_ring_kernel", "RING_KERNEL_MAX_WINDOW",
-           "RING_KERNEL_MAX_HEAD_DIM_COMPILED", "use_select_kernel", "select_chunks_step"]
+           "RING_KERNEL_MAX_HEAD_DIM_COMPILED"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,22 +42,3 @@ def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor, compiled_fallback: bool =
         return False
     return use_fast_paths(q) and ring_kernel_fits(q, ck) and ck.shape[2] <= RING_KERNEL_MAX_WINDOW
 
-
-def use_select_kernel(q_slc: torch.Tensor, doc_ids: torch.Tensor | None, gumbel_noise: bool) -> bool:
-    """Whether a static decoding step's chunk selection takes the Triton kernel (``triton_select``): one token, no
-    documents, no noise, and the backend switch sends q_slc's ops to Triton."""
-    from kernels.hsa import use_fast_paths
-
-    return q_slc.shape[1] == 1 and doc_ids is None and not gumbel_noise and use_fast_paths(q_slc)
-
-
-# Opaque to torch.compile (a graph break in a compiled HSA block): the kernels size their grids from the shapes.
-@torch.compiler.disable
-def select_chunks_step(q_slc, landmarks, topk: int, chunk_size: int, doc_ids=None, *, q_start: torch.Tensor,
-                       gumbel_noise: bool = False):
-    """``select_chunks_reference``'s signature for one decoding step (``use_select_kernel``), in Triton."""
-    if not use_select_kernel(q_slc, doc_ids, gumbel_noise) or not torch.is_tensor(q_start):
-        raise ValueError("select_chunks_step: one token at a device-side position, without documents or noise")
-    from .triton_select import select_chunks_decode
-
-    return select_chunks_decode(q_slc, landmarks, topk, chunk_size, q_start)

@@ -214,21 +214,12 @@ def _fitting_k(configs, named_args, **kwargs):
     return fit or configs[:1]
 
 
-def _whole_rows_with_pdl(configs, named_args, **kwargs):
-    """``_fitting_k``; with PDL only blocks covering the whole input where there are such: a program loads its weights
-    before it waits for the previous kernel (``kernels.decode.pdl``), and that is its first K block. (Tuned alone,
-    without a kernel to overlap, the split tiles can measure faster.)"""
-    fit = _fitting_k(configs, named_args)
-    if kwargs.get("PDL"):
-        width = max(64, triton.next_power_of_2(named_args["K"]))
-        fit = [c for c in fit if c.kwargs["BK"] >= width] or fit
-    return fit
-
-
 _gemv_tuned = triton.autotune(
-    configs=_tile_configs((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096), 2048, 16384),
-    key=["N", "K", "NORM", "GATED", "RESIDUAL", "PDL"], prune_configs_by={"early_config_prune": _whole_rows_with_pdl},
+    configs=_tile_configs((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048), 2048, 16384),
+    key=["N", "K", "NORM", "GATED", "RESIDUAL", "PDL"], prune_configs_by={"early_config_prune": _fitting_k},
 )(_gemv_kernel)
+
+
 # one program per head: the tile is [D/2, BK] twice (too many registers for whole rows: ``_fitting_k`` only)
 _qkv_rope_tuned = triton.autotune(
     configs=[triton.Config({"BK": bk}, num_warps=w) for bk in ((64,) if _interpreted() else (128, 256, 512, 1024))

@@ -5,7 +5,8 @@ GPU mostly waits for the host. Here every cache is allocated once for ``max_len`
 lives on the device, so a step has the same shapes and addresses every time:
 
 - sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W (on CUDA
-  a layer's step, write and attention, is one Triton kernel: ``kernels.decode``);
+  a layer's step, write and attention, is one Triton kernel: ``kernels.decode``; a dense block's whole step is five,
+  ``lit_hsa.fused_step``);
 - full-attention layers: ``[B, Hkv, max_len, D]``, positions after the current one masked;
 - the chunk memory: landmarks ``[B, max_len/S, Hr, Dr]`` and K/V ``[B, max_len, Hkv, D]``; chunks not yet written are
   in the future, so the usual visibility rule (chunk i is visible at t ≥ (i+1)·S) hides them; the lower-stack

@@ -108,15 +108,31 @@ def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
             hsa.set_backend("auto")
 
 
+def static_decode_with_triton(model, x, prompt: int, **decoder_kwargs):
+    """Prefills x[:, :prompt], then decodes the rest with ``GraphDecoder`` under the Triton backend → (logits of the
+    decoded positions [B, T-prompt, V], the full forward's for them)."""
+    from lit_hsa.generate import prefill
+    from lit_hsa.static_decode import GraphDecoder
+
+    with torch.no_grad():
+        ref = model(x)
+        _, state = prefill(model, x[:, :prompt], segment_size=5)
+    hsa.set_backend("triton")
+    try:
+        decoder = GraphDecoder(model, state, max_len=x.shape[1], **decoder_kwargs)
+        outs = [decoder.step(x[:, t]) for t in range(prompt, x.shape[1])]
+    finally:
+        hsa.set_backend("auto")
+    return torch.stack(outs, dim=1), ref[:, prompt:]
+
+
 @kernel_test
 @pytest.mark.parametrize("variant", ["swa", "hsa"])
 def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, monkeypatch):
     """With the Triton backend, blocks running their modules (``fuse_blocks=False``; ``test_fused_step`` covers the
     fused blocks), every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA sub-layer) runs
     the kernel, and the logits are the full forward's."""
-    from lit_hsa.generate import prefill
     from lit_hsa.model import HSATransformer
-    from lit_hsa.static_decode import GraphDecoder
     from tests.test_model import VOCAB, tiny
 
     calls = []
@@ -125,16 +141,8 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
     extra = dict(attention="swa") if variant == "swa" else dict(hsa_layer_swa=True, hsa_swa_window=4)
     model = HSATransformer(tiny(**extra, hsa_topk=3, head_dim=16)).to(DEV).eval()  # the kernel takes D >= 16
     x = torch.randint(0, VOCAB, (2, 30), device=DEV)
-    with torch.no_grad():
-        ref = model(x)
-        _, state = prefill(model, x[:, :13], segment_size=5)
-    hsa.set_backend("triton")
-    try:
-        decoder = GraphDecoder(model, state, max_len=30, fuse_blocks=False)
-        outs = [decoder.step(x[:, t]) for t in range(13, 30)]
-    finally:
-        hsa.set_backend("auto")
-    torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
+    outs, ref = static_decode_with_triton(model, x, 13, fuse_blocks=False)
+    torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)
     n_ring_layers = sum(1 for m in model.modules() if getattr(m, "window", None) or getattr(m, "swa_window", None))
     assert len(calls) == 17 * n_ring_layers
 

@@ -137,9 +137,8 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     step), and the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and
     against a full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
     import lit_hsa.fused_step as fused_step
-    from lit_hsa.generate import prefill
     from lit_hsa.model import Block, HSATransformer
-    from lit_hsa.static_decode import GraphDecoder
+    from tests.test_decode_kernels import static_decode_with_triton
     from tests.test_model import VOCAB, tiny
 
     calls = []
@@ -148,16 +147,8 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     cfg = tiny(attention=variant, hsa_topk=3, head_dim=16, swa_window=4, first_dense_layers=2)
     model = HSATransformer(cfg).to(DEV).eval()
     x = torch.randint(0, VOCAB, (1, 21), device=DEV)
-    with torch.no_grad():
-        ref = model(x)
-        _, state = prefill(model, x[:, :13], segment_size=5)
-    hsa.set_backend("triton")
-    try:
-        decoder = GraphDecoder(model, state, max_len=21)
-        outs = [decoder.step(x[:, t]) for t in range(13, 21)]  # positions 13..20: chunk 1 completes at 15
-    finally:
-        hsa.set_backend("auto")
-    torch.testing.assert_close(torch.stack(outs, dim=1), ref[:, 13:], atol=1e-4, rtol=1e-4)
+    outs, ref = static_decode_with_triton(model, x, 13)  # positions 13..20: chunk 1 completes at 15
+    torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)
     blocks = [b for b in model.blocks() if isinstance(b, Block)]
     assert len(calls) == 8 * len(blocks) and set(calls) == set(blocks)
 

@@ -4,6 +4,10 @@ A sliding-window layer's step (write the ring slot, attend to the last W positio
 (``triton_ring.py``) where ``use_ring_kernel`` says so: it follows ``kernels.hsa``'s backend switch (``HSA_BACKEND`` /
 ``kernels.hsa.set_backend``: CUDA under ``auto``, ``triton`` wherever Triton runs, e.g. the CPU interpreter in tests,
 ``reference`` never). Elsewhere, and for full-attention caches, the references run (split-KV matmuls).
+
+``triton_block.py`` holds a block's projections fused with the work around them, and ``triton_ring``'s
+``ring_attention_out_proj`` merges the ring step inside the output projection (``lit_hsa.fused_step`` puts them
+together); ``pdl.py`` lets these kernels overlap the one before them (programmatic dependent launch).
 """
 from __future__ import annotations
 

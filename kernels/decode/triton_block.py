@@ -197,7 +197,7 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
 
 # Launch shapes, tuned per problem shape on the first call (static decoding's eager warm-up step, before any graph is
 # captured; triton's benchmark clears the L2 between runs, so weights come from memory as in a real step). A
-# matrix-vector product is bound by how many bytes are in flight, so the candidates load tiles of 4K-16K weights per
+# matrix-vector product is bound by how many bytes are in flight, so the candidates load tiles of 2K-16K weights per
 # program and iteration: the first version's 16 x 128 tiles kept too little in flight and ran at half the speed of
 # inductor's reductions (H200: `small`'s feed-forward 21 µs against 10.5).
 def _tile_configs(rows: tuple[int, ...], ks: tuple[int, ...], lo: int, hi: int, warps=(4, 8)) -> list:
@@ -220,7 +220,7 @@ _gemv_tuned = triton.autotune(
 )(_gemv_kernel)
 
 
-# one program per head: the tile is [D/2, BK] twice (too many registers for whole rows: ``_fitting_k`` only)
+# one program per head, whose tile is [D/2, BK] twice
 _qkv_rope_tuned = triton.autotune(
     configs=[triton.Config({"BK": bk}, num_warps=w) for bk in ((64,) if _interpreted() else (128, 256, 512, 1024))
              for w in ((4,) if _interpreted() else (4, 8))],

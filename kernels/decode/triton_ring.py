@@ -10,6 +10,10 @@ scratch buffer and counts itself done on a per-(sequence, KV head) counter; the 
 the output and resets the counter, so no second kernel is launched. (One program per KV head streaming the whole
 ring ran 26 µs per layer on an H200 for W=512, in four ranges of 128 slots 8 µs; the step is latency bound, so the
 ring is spread over the SMs. Of those 8 µs the merge — counter, then the partials read back — takes about 4.)
+
+``ring_attention_out_proj`` skips the counter: the output projection's programs merge the partials as they load the
+attention output (ring step + projection + residual: 9.1 µs for `small` on an H200, against 11.0 with the in-kernel
+merge and a separate projection).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ accumulate in fp32; outputs take the input's dtype (the residual's where one is 
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -195,16 +196,17 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
     return q, k, v
 
 
-# Launch shapes, tuned per problem shape on the first call (static decoding's eager warm-up step, before any graph is
-# captured; triton's benchmark clears the L2 between runs, so weights come from memory as in a real step). A
-# matrix-vector product is bound by how many bytes are in flight, so the candidates load tiles of 2K-16K weights per
-# program and iteration: the first version's 16 x 128 tiles kept too little in flight and ran at half the speed of
-# inductor's reductions (H200: `small`'s feed-forward 21 µs against 10.5).
-def _tile_configs(rows: tuple[int, ...], ks: tuple[int, ...], lo: int, hi: int, warps=(4, 8)) -> list:
-    if _interpreted():  # the interpreter would run every configuration in full
-        return [triton.Config({"BN": rows[len(rows) // 2], "BK": 64}, num_warps=4)]
-    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn in rows for bk in ks for w in warps
-            if lo <= bn * bk <= hi]
+def autotuned(configs: list, key: list[str], interpreted: "triton.Config", prune=None):
+    """``triton.autotune`` for the decoding kernels: tuned per problem shape on the first call (static decoding's
+    eager warm-up step, before any graph is captured; Triton's benchmark clears the L2 between runs, so weights come
+    from memory as in a real step), the results kept on disk where this Triton can (``cache_results``), so later
+    processes skip the tuning. Under the interpreter, one configuration (it would run every one in full)."""
+    if _interpreted():
+        configs = [interpreted]
+    kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 def _fitting_k(configs, named_args, **kwargs):
@@ -214,18 +216,22 @@ def _fitting_k(configs, named_args, **kwargs):
     return fit or configs[:1]
 
 
-_gemv_tuned = triton.autotune(
-    configs=_tile_configs((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048), 2048, 16384),
-    key=["N", "K", "NORM", "GATED", "RESIDUAL", "PDL"], prune_configs_by={"early_config_prune": _fitting_k},
-)(_gemv_kernel)
-
-
-# one program per head, whose tile is [D/2, BK] twice
-_qkv_rope_tuned = triton.autotune(
-    configs=[triton.Config({"BK": bk}, num_warps=w) for bk in ((64,) if _interpreted() else (128, 256, 512, 1024))
-             for w in ((4,) if _interpreted() else (4, 8))],
-    key=["K", "HQ", "HKV", "D", "HEAD_NORM", "PDL"], prune_configs_by={"early_config_prune": _fitting_k},
-)(_qkv_rope_kernel)
+# A matrix-vector product is bound by how many bytes are in flight, so the candidates load tiles of 2K-16K weights
+# per program and iteration: the first version's 16 x 128 tiles kept too little in flight and ran at half the speed
+# of inductor's reductions (H200: `small`'s feed-forward 21 µs against 10.5). Tuned over every tile of 2K-16K weights
+# with 4 or 8 warps (34 candidates; with the other kernels ~9 s of tuning at a model's first step), `small` on an H200
+# took (16, 256, 8 warps) for gate/up, (2, 2048, 4) for down and (2, 1024, 4) for the output projection; the list
+# keeps those and a spread around them.
+_GEMV_TILES = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8),
+               (16, 256, 8), (16, 512, 8), (32, 128, 4)]
+_gemv_tuned = autotuned([triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in _GEMV_TILES],
+                        ["N", "K", "NORM", "GATED", "RESIDUAL", "PDL"], triton.Config({"BN": 8, "BK": 64}, num_warps=4),
+                        prune=_fitting_k)(_gemv_kernel)
+# one program per head, whose tile is [D/2, BK] twice (`small`: BK=256, 8 warps)
+_QKV_TILES = [(128, 4), (256, 4), (256, 8), (512, 8)]  # (BK, warps)
+_qkv_rope_tuned = autotuned([triton.Config({"BK": bk}, num_warps=w) for bk, w in _QKV_TILES],
+                            ["K", "HQ", "HKV", "D", "HEAD_NORM", "PDL"], triton.Config({"BK": 64}, num_warps=4),
+                            prune=_fitting_k)(_qkv_rope_kernel)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm_w: torch.Tensor | None = None, eps: float = 0.0,

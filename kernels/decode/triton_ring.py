@@ -18,13 +18,13 @@ merge and a separate projection).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .pdl import pdl_args, wait_for_inputs
+from .triton_block import autotuned, gemv
 
 __all__ = ["ring_attention_triton", "ring_attention_out_proj", "ring_splits"]
 
@@ -237,13 +237,9 @@ def _merge_out_proj_kernel(
 MERGE_IN_PROJECTION_MAX = 8192
 
 
-def _out_proj_configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter would run every configuration in full
-        return [triton.Config({"BN": 4}, num_warps=4)]
-    return [triton.Config({"BN": bn}, num_warps=w) for bn in (1, 2, 4, 8, 16) for w in (4, 8)]
-
-
-_merge_out_proj_tuned = triton.autotune(configs=_out_proj_configs(), key=["N", "HQ", "G", "SPLITS", "PDL"])(
+_OUT_PROJ_ROWS = [(2, 4), (4, 4), (8, 4), (16, 4), (16, 8)]  # (rows, warps); `small` on an H200 took 16 rows, 4 warps
+_merge_out_proj_tuned = autotuned([triton.Config({"BN": bn}, num_warps=w) for bn, w in _OUT_PROJ_ROWS],
+                                  ["N", "HQ", "G", "SPLITS", "PDL"], triton.Config({"BN": 4}, num_warps=4))(
     _merge_out_proj_kernel)
 
 
@@ -266,8 +262,6 @@ def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Ten
     res = residual.reshape(B, d)
     HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
     if HP * SP * D > MERGE_IN_PROJECTION_MAX:
-        from .triton_block import gemv
-
         o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps)
         return gemv(o.reshape(B, Hq * D), w_out, residual=res).view(B, 1, d)
     part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps)

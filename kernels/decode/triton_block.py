@@ -18,7 +18,6 @@ accumulate in fp32; outputs take the input's dtype (the residual's where one is 
 """
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -199,13 +198,10 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
 def autotuned(configs: list, key: list[str], interpreted: "triton.Config", prune=None):
     """``triton.autotune`` for the decoding kernels: tuned per problem shape on the first call (static decoding's
     eager warm-up step, before any graph is captured; Triton's benchmark clears the L2 between runs, so weights come
-    from memory as in a real step), the results kept on disk where this Triton can (``cache_results``), so later
-    processes skip the tuning. Under the interpreter, one configuration (it would run every one in full)."""
+    from memory as in a real step). Under the interpreter, one configuration (it would run every one in full)."""
     if _interpreted():
         configs = [interpreted]
     kwargs = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
-        kwargs["cache_results"] = True
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 

@@ -10,7 +10,8 @@ sum of its kernels' latencies, and a `small` model runs 18 blocks per token.
 
 ``StaticKVCache`` calls it for each ``Block`` when its ``fuse_blocks`` is on (``GraphDecoder(fuse_blocks=)``). A part
 whose modules are not the plain ones (LoRA adapters not merged, biases, MoE feed-forwards, norms with different
-epsilons) runs its modules as usual. The first step tunes the kernels' launch shapes (seconds, once per shape and
+epsilons) runs its modules as usual; so do the HSA blocks (their few kernels are the selection and HSA
+attention, which inductor fuses with their projections when the step is compiled). The first step tunes the kernels' launch shapes (seconds, once per shape and
 process; Triton keeps the compiled kernels on disk).
 """
 from __future__ import annotations

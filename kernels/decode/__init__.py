@@ -45,4 +45,3 @@ def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor, compiled_fallback: bool =
     if compiled_fallback and q.shape[-1] > RING_KERNEL_MAX_HEAD_DIM_COMPILED:
         return False
     return use_fast_paths(q) and ring_kernel_fits(q, ck) and ck.shape[2] <= RING_KERNEL_MAX_WINDOW
-

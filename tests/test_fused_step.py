@@ -171,6 +171,16 @@ def test_fused_blocks_only_where_the_backend_runs_triton():
             hsa.set_backend("auto")
 
 
+def test_pdl_only_on_cuda_and_when_enabled(monkeypatch):
+    """Programmatic dependent launch is a CUDA launch option: CPU tensors (the interpreter) launch without it, and
+    ``LIT_HSA_PDL=0`` (``ENABLED``) turns it off everywhere."""
+    from kernels.decode import pdl
+
+    assert pdl.pdl_args(torch.zeros(1)) == {"PDL": False}
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.use_pdl(torch.zeros(1, device=DEV))
+
+
 @only_if_kernels_skipped
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)

@@ -23,9 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.decode import ring_attention_reference  # noqa: E402
-from kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
+from kernels.decode.triton_block import gemv  # noqa: E402
 from kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton  # noqa: E402
 from kernels.hsa.reference import topk_last_dim  # noqa: E402
+from lit_hsa import fused_step  # noqa: E402
 from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.model import Block  # noqa: E402
 from lit_hsa.static_decode import decode_compile_options  # noqa: E402
@@ -96,18 +97,6 @@ def _feed_forward(block, h):
     return h + block.ffn(block.ffn_norm(h))
 
 
-def _fused_feed_forward(block, h):
-    act = gemv(h, block.ffn.w_gate.weight, norm_w=block.ffn_norm.weight, eps=block.ffn_norm.eps,
-               w_up=block.ffn.w_up.weight)
-    return gemv(act, block.ffn.w_down.weight, residual=h)
-
-
-def _fused_attention_inputs(block, h, cos, sin):
-    a = block.attn
-    return qkv_rope(h, block.attn_norm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.q_norm.weight,
-                    a.k_norm.weight, cos, sin, block.attn_norm.eps)
-
-
 def block_rows(calls: int, copies: int = 8) -> list[dict]:
     import itertools
 
@@ -126,8 +115,8 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
         cos, sin = angle.cos(), angle.sin()
         row = {"preset": preset, "d_model": cfg.d_model, "ffn_hidden": cfg.ffn_hidden}
         ops = {
-            "attention_inputs": (_fused_attention_inputs, _attention_inputs, (cos, sin)),
-            "feed_forward": (_fused_feed_forward, _feed_forward, ()),
+            "attention_inputs": (fused_step.attention_inputs, _attention_inputs, (cos, sin)),
+            "feed_forward": (fused_step.feed_forward, _feed_forward, ()),
         }
         with torch.no_grad():
             for name, (fused, modules, extra) in ops.items():

@@ -10,9 +10,9 @@ sum of its kernels' latencies, and a `small` model runs 18 blocks per token.
 
 ``StaticKVCache`` calls it for each ``Block`` when its ``fuse_blocks`` is on (``GraphDecoder(fuse_blocks=)``). A part
 whose modules are not the plain ones (LoRA adapters not merged, biases, MoE feed-forwards, norms with different
-epsilons) runs its modules as usual; so do the HSA blocks (their few kernels are the selection and HSA
-attention, which inductor fuses with their projections when the step is compiled). The first step tunes the kernels' launch shapes (seconds, once per shape and
-process; Triton keeps the compiled kernels on disk).
+epsilons) runs its modules as usual; so do the HSA blocks (their few kernels are the selection and HSA attention,
+which inductor fuses with their projections when the step is compiled). The first step tunes the kernels' launch
+shapes (seconds, once per shape and process; Triton keeps the compiled kernels on disk).
 """
 from __future__ import annotations
 
@@ -49,20 +49,32 @@ def _head_norm_weight(norm: nn.Module) -> torch.Tensor | None:
     return norm.weight if isinstance(norm, RMSNorm) else None
 
 
-def block_step(block: nn.Module, h: torch.Tensor, ctx, kv) -> torch.Tensor:
-    """One decoding step of ``block`` (a ``model.Block``): h [B, 1, d] → [B, 1, d]; ``kv``: the ``StaticKVCache``."""
-    from kernels.decode.triton_block import gemv, qkv_rope
+def attention_inputs(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v of a ``Block`` whose attention is fusable, from h [B, 1, d], in one launch (``qkv_rope``)."""
+    from kernels.decode.triton_block import qkv_rope
 
     attn = block.attn
+    return qkv_rope(h, block.attn_norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), cos, sin, block.attn_norm.eps)
+
+
+def feed_forward(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """h + FFN(norm h) of a ``Block`` whose feed-forward is fusable, h [B, 1, d] → [B, 1, d], in two launches."""
+    from kernels.decode.triton_block import gemv
+
+    ffn, norm = block.ffn, block.ffn_norm
+    act = gemv(h, ffn.w_gate.weight, norm_w=norm.weight, eps=norm.eps, w_up=ffn.w_up.weight)
+    return gemv(act, ffn.w_down.weight, residual=h).view_as(h)
+
+
+def block_step(block: nn.Module, h: torch.Tensor, ctx, kv) -> torch.Tensor:
+    """One decoding step of ``block`` (a ``model.Block``): h [B, 1, d] → [B, 1, d]; ``kv``: the ``StaticKVCache``."""
+    attn = block.attn
     if attention_fusable(block.attn_norm, attn):
-        q, k, v = qkv_rope(h, block.attn_norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                           _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), ctx.cos, ctx.sin,
-                           block.attn_norm.eps)
+        q, k, v = attention_inputs(block, h, ctx.cos, ctx.sin)
         h = kv.attend_and_project(attn, q, k, v, block.window, attn.o_proj.weight, h)
     else:
         h = h + attn(block.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[block.window])
-    ffn = block.ffn
-    if not ffn_fusable(block.ffn_norm, ffn):
-        return h + ffn(block.ffn_norm(h))
-    act = gemv(h, ffn.w_gate.weight, norm_w=block.ffn_norm.weight, eps=block.ffn_norm.eps, w_up=ffn.w_up.weight)
-    return gemv(act, ffn.w_down.weight, residual=h).view_as(h)
+    if ffn_fusable(block.ffn_norm, block.ffn):
+        return feed_forward(block, h)
+    return h + block.ffn(block.ffn_norm(h))

@@ -89,8 +89,7 @@ class StaticKVCache:
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
-        # one kernel for the write and the attention, where it beats the alternative (kernels.decode)
-        if window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled):
+        if self._ring_kernel(window, q, ck):
             from kernels.decode.triton_ring import ring_attention_triton
 
             return ring_attention_triton(q, k, v, ck, cv, self.pos_t, self._ring_locks(ck))
@@ -109,7 +108,7 @@ class StaticKVCache:
         """residual [B, 1, d] + attend(q, k, v) · w_outᵀ → [B, 1, d]. Ring steps on the kernel merge the attention
         inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``)."""
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
-        if window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled):
+        if self._ring_kernel(window, q, ck):
             from kernels.decode.triton_ring import ring_attention_out_proj
 
             return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck))
@@ -117,6 +116,11 @@ class StaticKVCache:
 
         o = self.attend(layer, q, k, v, window)
         return gemv(o.flatten(2), w_out, residual=residual).view_as(residual)
+
+    def _ring_kernel(self, window: int | None, q: torch.Tensor, ck: torch.Tensor) -> bool:
+        """Whether this step's ring write and attention take the Triton kernel: ring caches only, where it beats the
+        alternative (the reference, compiled when the step is; ``kernels.decode.use_ring_kernel``)."""
+        return window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled)
 
     def _ring_locks(self, ck: torch.Tensor) -> torch.Tensor:
         """The ring kernel's per-(sequence, KV head) counters (it leaves them zero), one buffer for every layer: made

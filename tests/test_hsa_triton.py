@@ -2,8 +2,9 @@
 
 CPU: the Triton kernels run under ``TRITON_INTERPRET=1`` (``tests/triton_interpret.py`` sets it before the kernel
 module is imported, because ``triton.jit`` picks compiled or interpreted at decoration time) at tiny fp32 shapes;
-tolerance atol 1e-4 / rtol 1e-4 on the output and on every gradient. With a GPU the same tests run the compiled kernels on CUDA, and the
-``gpu``-marked tests compare bf16/fp16 kernels with the fp32 reference at realistic shapes by relative error.
+tolerance atol 1e-4 / rtol 1e-4 on the output and on every gradient. With a GPU the same tests run the compiled
+kernels on CUDA, and the ``gpu``-marked tests compare bf16/fp16 kernels with the fp32 reference at realistic shapes
+by relative error.
 """
 import math
 import os

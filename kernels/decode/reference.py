@@ -54,9 +54,8 @@ def ring_attention_reference(q, k, v, ck, cv, pos: torch.Tensor) -> torch.Tensor
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    if weight is None:
-        return x
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    """RMSNorm of fp32 x with ``weight`` in fp32; identity when weight is None (no norm)."""
+    return x if weight is None else torch.nn.functional.rms_norm(x, (x.shape[-1],), weight.float(), eps)
 
 
 def qkv_rope_reference(x, norm_w, wq, wk, wv, q_norm_w, k_norm_w, cos, sin, eps: float):

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_args, wait_for_inputs
-from .triton_block import autotuned, gemv
+from .triton_block import _rows, autotuned, gemv
 
 __all__ = ["ring_attention_triton", "ring_attention_out_proj", "ring_splits"]
 
@@ -244,7 +244,8 @@ _merge_out_proj_tuned = autotuned([triton.Config({"BN": bn}, num_warps=w) for bn
 
 
 def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Tensor, residual: torch.Tensor,
-                            locks: torch.Tensor | None = None, block_keys: int = 128, num_warps: int = 8) -> torch.Tensor:
+                            locks: torch.Tensor | None = None, block_keys: int = 128,
+                            num_warps: int = 8) -> torch.Tensor:
     """The ring step of ``ring_attention_triton`` followed by the output projection and the residual:
     residual [B, 1, d] + attention(q, ...) [B, Hq·D] · w_out [d, Hq·D]ᵀ → [B, 1, d] in residual's dtype.
 
@@ -259,7 +260,7 @@ def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Ten
     if w_out.shape != (d, Hq * D) or not w_out.is_contiguous() or residual.numel() != B * d:
         raise ValueError(f"ring_attention_out_proj: w_out {tuple(w_out.shape)} must be contiguous [{d}, {Hq * D}] "
                          f"and residual {tuple(residual.shape)} [{B}, 1, {d}]")
-    res = residual.reshape(B, d)
+    res = _rows(residual)  # [B, d], unit stride along d
     HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
     if HP * SP * D > MERGE_IN_PROJECTION_MAX:
         o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps)

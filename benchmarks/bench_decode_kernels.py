@@ -115,7 +115,8 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
         cos, sin = angle.cos(), angle.sin()
         row = {"preset": preset, "d_model": cfg.d_model, "ffn_hidden": cfg.ffn_hidden}
         ops = {
-            "attention_inputs": (fused_step.attention_inputs, _attention_inputs, (cos, sin)),
+            "attention_inputs": (lambda b, h, cos, sin: fused_step.attention_inputs(b.attn_norm, b.attn, h, cos, sin),
+                                 _attention_inputs, (cos, sin)),
             "feed_forward": (fused_step.feed_forward, _feed_forward, ()),
         }
         with torch.no_grad():

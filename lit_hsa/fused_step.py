@@ -49,32 +49,79 @@ def _head_norm_weight(norm: nn.Module) -> torch.Tensor | None:
     return norm.weight if isinstance(norm, RMSNorm) else None
 
 
-def attention_inputs(block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k, v of a ``Block`` whose attention is fusable, from h [B, 1, d], in one launch (``qkv_rope``)."""
+def attention_inputs(norm: nn.Module, attn: SelfAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v of a fusable attention (``norm``, ``attn``) from h [B, 1, d], in one launch (``qkv_rope``)."""
     from kernels.decode.triton_block import qkv_rope
 
-    attn = block.attn
-    return qkv_rope(h, block.attn_norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                    _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), cos, sin, block.attn_norm.eps)
+    return qkv_rope(h, norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), cos, sin, norm.eps)
 
 
-def feed_forward(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """h + FFN(norm h) of a ``Block`` whose feed-forward is fusable, h [B, 1, d] → [B, 1, d], in two launches."""
+def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: torch.Tensor, ctx, kv) -> torch.Tensor:
+    """h + attn(norm h) for one token, h [B, 1, d]: fused kernels where the attention is fusable."""
+    if not attention_fusable(norm, attn):
+        return h + attn(norm(h), ctx.cos, ctx.sin, ctx.masks[window])
+    q, k, v = attention_inputs(norm, attn, h, ctx.cos, ctx.sin)
+    return kv.attend_and_project(attn, q, k, v, window, attn.o_proj.weight, h)
+
+
+def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + FFN(norm h) of a block (``ffn_norm``, ``ffn``) whose feed-forward is fusable, h [B, 1, d] →
+    [B, 1, d], in two launches; the residual is h unless given."""
     from kernels.decode.triton_block import gemv
 
     ffn, norm = block.ffn, block.ffn_norm
     act = gemv(h, ffn.w_gate.weight, norm_w=norm.weight, eps=norm.eps, w_up=ffn.w_up.weight)
-    return gemv(act, ffn.w_down.weight, residual=h).view_as(h)
+    return gemv(act, ffn.w_down.weight, residual=h if residual is None else residual).view_as(h)
 
 
-def block_step(block: nn.Module, h: torch.Tensor, ctx, kv) -> torch.Tensor:
-    """One decoding step of ``block`` (a ``model.Block``): h [B, 1, d] → [B, 1, d]; ``kv``: the ``StaticKVCache``."""
-    attn = block.attn
-    if attention_fusable(block.attn_norm, attn):
-        q, k, v = attention_inputs(block, h, ctx.cos, ctx.sin)
-        h = kv.attend_and_project(attn, q, k, v, block.window, attn.o_proj.weight, h)
-    else:
-        h = h + attn(block.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[block.window])
+def hsa_fusable(block: nn.Module, ctx, memory) -> bool:
+    """Whether an ``HSABlock``'s step takes the fused kernels (``kernels.decode.triton_hsa`` for retrieval and HSA
+    attention): plain projections and norms, no document masking, the memory on the device and at most
+    ``MAX_CHUNKS`` chunks (longer ones are faster through the modules, compiled), power-of-two chunk size and head
+    dim. Otherwise the block runs its modules, compiled with the model where it is."""
+    from kernels.decode import triton_hsa
+
+    ret, cfg = block.retrieval, block.cfg
+    pow2 = all(n >= 16 and n & (n - 1) == 0 for n in (cfg.chunk_size, cfg.head_dim))
+    return (pow2 and not block.training and ctx.doc_ids is None and not memory.offloaded
+            and 0 < memory.n_chunks <= triton_hsa.MAX_CHUNKS
+            and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)
+            and isinstance(ret.q_norm, (RMSNorm, nn.Identity)) and isinstance(block.hsa_norm, RMSNorm)
+            and isinstance(block.q_norm, RMSNorm))
+
+
+def hsa_output(block: nn.Module, h: torch.Tensor, kv, memory) -> torch.Tensor:
+    """h + o_proj(HSA(norm h)) of a fusable ``HSABlock`` for one token, h [B, 1, d], in five launches: retrieval
+    query (``gemv``), chunk scores and top k, selection and fusion weights (``select_chunks_decode``), HSA query
+    (``gemv``), attention to the selected chunks (``hsa_chunks_decode``), output projection summing its partial
+    outputs, plus h (``gemv``)."""
+    from kernels.decode.triton_block import gemv
+    from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode
+
+    cfg, ret = block.cfg, block.retrieval
+    q_slc = gemv(h, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)
+    _, indices, weights = select_chunks_decode(q_slc, _head_norm_weight(ret.q_norm), getattr(ret.q_norm, "eps", 0.0),
+                                               memory.landmarks, kv.pos_t, cfg.hsa_topk, cfg.chunk_size, cfg.fusion,
+                                               ret.pos_decay)
+    block.last_selection = (weights.unsqueeze(1), indices.unsqueeze(1))  # [B, 1, Hr, K], as the module's
+    q = gemv(h, block.q_proj.weight, norm_w=block.hsa_norm.weight, eps=block.hsa_norm.eps)
+    parts = hsa_chunks_decode(q, block.q_norm.weight, block.q_norm.eps, memory.k, memory.v, indices, weights,
+                              cfg.chunk_size)
+    return gemv(parts, block.o_proj.weight, residual=h).view_as(h)
+
+
+def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch.Tensor:
+    """One decoding step of ``block`` (a ``model.Block`` or ``model.HSABlock``): h [B, 1, d] → [B, 1, d]; ``kv``:
+    the ``StaticKVCache``; ``memory``: the chunk memory (HSA blocks)."""
+    if hasattr(block, "retrieval"):  # an HSABlock, which steps here only where ``hsa_fusable``
+        if block.swa_window is not None:
+            h = attention_step(block.swa_norm, block.swa, block.swa_window, h, ctx, kv)
+        h_o = hsa_output(block, h, kv, memory)
+        if ffn_fusable(block.ffn_norm, block.ffn):
+            return feed_forward(block, h_o, h if block.cfg.hsa_residual == "bypass" else None)
+        return block.feed_forward(h, h_o)
+    h = attention_step(block.attn_norm, block.attn, block.window, h, ctx, kv)
     if ffn_fusable(block.ffn_norm, block.ffn):
         return feed_forward(block, h)
     return h + block.ffn(block.ffn_norm(h))

@@ -20,6 +20,7 @@ from kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, s
 
 from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
+from .fused_step import hsa_fusable
 from .loss import chunk_loss_sum, chunked_cross_entropy
 from .moe import MoE, SwiGLU
 
@@ -41,6 +42,11 @@ class Context:
     doc_ids: torch.Tensor | None
     q_start: int | torch.Tensor = 0  # absolute position of the first token (decoding)
 
+    @property
+    def kv_cache(self) -> "KVCache | None":
+        """The decoding cache (every mask holds the same one), or None."""
+        return next(iter(self.masks.values())).kv_cache if self.masks else None
+
 
 class Block(nn.Module):
     """Pre-norm Transformer block: h += Attn(norm h) (SWA or full, RoPE); h += FFN(norm h)."""
@@ -55,9 +61,9 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: Context, memory: Memory | None = None) -> torch.Tensor:
         """``memory`` is unused: all blocks share one call signature, so wrappers (checkpointing) stay transparent."""
-        kv = ctx.masks[self.window].kv_cache
+        kv = ctx.kv_cache
         if kv is not None and kv.fuse_blocks:  # static decoding: the step in fused kernels (lit_hsa.fused_step)
-            return kv.block_step(self, h, ctx)
+            return kv.block_step(self, h, ctx, memory)
         h = h + self.attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[self.window])
         return h + self.ffn(self.ffn_norm(h))
 
@@ -291,25 +297,32 @@ class HSABlock(nn.Module):
         self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # for retrieval statistics
 
     def forward(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
-        cfg = self.cfg
-        B, T, _ = h.shape
+        kv = ctx.kv_cache
+        if kv is not None and kv.fuse_blocks and hsa_fusable(self, ctx, memory):  # static decoding (lit_hsa.fused_step)
+            return kv.block_step(self, h, ctx, memory)
         if self.swa_window is not None:
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
+        return self.feed_forward(h, h + self.hsa_output(h, ctx, memory))
+
+    def hsa_output(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
+        """o = o_proj(HSA(norm h)) with the chunks the retrieval selects: h [B, T, d] → [B, T, d]."""
+        cfg = self.cfg
+        B, T, _ = h.shape
         if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
-            o = torch.zeros_like(h)
-        else:
-            weights, indices = self.retrieval(h, memory, ctx.doc_ids, ctx.q_start)
-            self.last_selection = (weights.detach(), indices.detach())
-            q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
-            if memory.offloaded:
-                memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
-            attend = hsa_attention_reference if static_step(ctx.q_start) else hsa_attention
-            o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
-            o = self.o_proj(o.reshape(B, T, -1))
-        if cfg.hsa_residual == "bypass":
-            return h + self.ffn(self.ffn_norm(h + o))
-        h = h + o
-        return h + self.ffn(self.ffn_norm(h))
+            return torch.zeros_like(h)
+        weights, indices = self.retrieval(h, memory, ctx.doc_ids, ctx.q_start)
+        self.last_selection = (weights.detach(), indices.detach())
+        q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
+        if memory.offloaded:
+            memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
+        attend = hsa_attention_reference if static_step(ctx.q_start) else hsa_attention
+        o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
+        return self.o_proj(o.reshape(B, T, -1))
+
+    def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:
+        """The block's output from h and h_o = h + o: bypass h + FFN(norm(h + o)), standard h_o + FFN(norm h_o)."""
+        residual = h if self.cfg.hsa_residual == "bypass" else h_o
+        return residual + self.ffn(self.ffn_norm(h_o))
 
 
 class HSATransformer(nn.Module):

@@ -97,11 +97,11 @@ class StaticKVCache:
         return self.step_attention(q, k, v, ck, cv, slot, valid)
 
     @torch.compiler.disable
-    def block_step(self, block: nn.Module, h: torch.Tensor, ctx) -> torch.Tensor:
-        """A dense block's whole step, h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.fused_step``)."""
+    def block_step(self, block: nn.Module, h: torch.Tensor, ctx, memory: Memory | None = None) -> torch.Tensor:
+        """A block's whole step (dense or HSA), h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.fused_step``)."""
         from .fused_step import block_step
 
-        return block_step(block, h, ctx, self)
+        return block_step(block, h, ctx, self, memory)
 
     def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
                            residual: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,15 @@ def test_gemv_matches_reference(mode):
 
 
 @kernel_test
+def test_gemv_sums_partial_inputs():
+    """x given as partial results [B, P, K] (HSA's groups of chunks): the kernel projects their sum, norm included."""
+    gen = torch.Generator().manual_seed(3)
+    x, w, norm_w = randn(2, 3, 200, gen=gen), randn(40, 200, gen=gen), randn(200, gen=gen)
+    torch.testing.assert_close(gemv(x, w, norm_w=norm_w, eps=1e-6),
+                               gemv_reference(x.sum(1), w, norm_w=norm_w, eps=1e-6), atol=1e-4, rtol=1e-5)
+
+
+@kernel_test
 @pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_max", [
     (2, 10, 2, 16, 130, 16, None), (1, 4, 4, 16, 40, 64, None), (2, 10, 2, 16, 130, 16, 0)])
 def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys, merge_max, monkeypatch):
@@ -133,8 +142,7 @@ def test_fusable_parts_are_the_plain_modules():
 @kernel_test
 @pytest.mark.parametrize("variant", ["hsa", "full"])
 def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypatch):
-    """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each block once per
-    step), and the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and
+    """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each once per step), and the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and
     against a full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
     import lit_hsa.fused_step as fused_step
     from lit_hsa.model import Block, HSATransformer
@@ -149,7 +157,7 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     x = torch.randint(0, VOCAB, (1, 21), device=DEV)
     outs, ref = static_decode_with_triton(model, x, 13)  # positions 13..20: chunk 1 completes at 15
     torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)
-    blocks = [b for b in model.blocks() if isinstance(b, Block)]
+    blocks = [b for b in model.blocks() if isinstance(b, Block)]  # HSA blocks of chunk size 8 run their modules
     assert len(calls) == 8 * len(blocks) and set(calls) == set(blocks)
 
 

@@ -30,20 +30,30 @@ __all__ = ["qkv_rope", "gemv"]
 
 
 @triton.jit
-def _rstd(X, K, eps, BK: tl.constexpr):
-    """1 / RMS of the K values at X (fp32)."""
+def _load_x(X, cols, ok, parts, stride_xp):
+    """The input at ``cols`` in fp32: the sum of ``parts`` rows ``stride_xp`` apart (partial results of a split
+    computation, e.g. HSA's chunk ranges), usually one."""
+    x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+    for p in range(1, parts):
+        x += tl.load(X + p * stride_xp + cols, mask=ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rstd(X, K, eps, BK: tl.constexpr, parts=1, stride_xp=0):
+    """1 / RMS of the K input values at X (fp32)."""
     acc = tl.zeros([BK], tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(X + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = _load_x(X, cols, cols < K, parts, stride_xp)
         acc += x * x
     return tl.rsqrt(tl.sum(acc, 0) / K + eps)
 
 
 @triton.jit
-def _input_tile(X, NW, cols, ok, rstd, NORM: tl.constexpr):
+def _input_tile(X, NW, cols, ok, rstd, NORM: tl.constexpr, parts=1, stride_xp=0):
     """The input values at ``cols`` in fp32, RMS-normalised with weight NW when NORM."""
-    x = tl.load(X + cols, mask=ok, other=0.0).to(tl.float32)
+    x = _load_x(X, cols, ok, parts, stride_xp)
     if NORM:
         x = x * rstd * tl.load(NW + cols, mask=ok, other=0.0).to(tl.float32)
     return x
@@ -107,7 +117,7 @@ def _qkv_rope_kernel(
 @triton.jit
 def _gemv_kernel(
     X, NW, W1, W2, RES, Y,
-    N, K, eps, stride_xb, stride_rb, stride_yb,
+    N, K, eps, stride_xb, stride_rb, stride_yb, parts, stride_xp,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -126,7 +136,7 @@ def _gemv_kernel(
     wait_for_inputs(PDL)
     rstd = 1.0
     if NORM:
-        rstd = _rstd(X, K, eps, BK)
+        rstd = _rstd(X, K, eps, BK, parts, stride_xp)
     y1 = tl.zeros([BN], tl.float32)
     y2 = tl.zeros([BN], tl.float32)
     for k0 in range(0, K, BK):  # w1 (w2) hold the tile at k0; the next one is loaded before this one is reduced
@@ -137,7 +147,7 @@ def _gemv_kernel(
         n2 = n1
         if GATED:
             n2 = tl.load(W2 + w_rows + nxt[None, :], mask=nxt_ok, other=0.0)
-        x = _input_tile(X, NW, cols, cols < K, rstd, NORM)[None, :]
+        x = _input_tile(X, NW, cols, cols < K, rstd, NORM, parts, stride_xp)[None, :]
         y1 += tl.sum(w1.to(tl.float32) * x, 1)
         if GATED:
             y2 += tl.sum(w2.to(tl.float32) * x, 1)
@@ -232,12 +242,18 @@ _qkv_rope_tuned = autotuned([triton.Config({"BK": bk}, num_warps=w) for bk, w in
 
 def gemv(x: torch.Tensor, w: torch.Tensor, *, norm_w: torch.Tensor | None = None, eps: float = 0.0,
          w_up: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [B, 1, K] or [B, K]; w (and w_up): [N, K] → [B, N] in x's dtype (residual's when given):
+    """x: [B, K], [B, 1, K] or [B, P, K] (P partial results, summed as they are loaded); w (and w_up): [N, K] →
+    [B, N] in x's dtype (residual's when given):
     y = [residual +] w·n(x)        without w_up,
     y = silu(w·n(x)) * (w_up·n(x)) with w_up,
     n = RMSNorm with weight ``norm_w`` [K] and ``eps``, or identity when norm_w is None; residual: [B, N]."""
-    xr = _rows(x)
-    B, K = xr.shape
+    parts = x.shape[1] if x.dim() == 3 else 1
+    if parts > 1:
+        xr = x if x.stride(-1) == 1 else x.contiguous()
+        B, _, K = xr.shape
+    else:
+        xr = _rows(x)
+        B, K = xr.shape
     _check_weights("gemv", K, w, *([w_up] if w_up is not None else []))
     N = w.shape[0]
     if w_up is not None and w_up.shape != w.shape:
@@ -253,6 +269,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, *, norm_w: torch.Tensor | None = None
         xr, norm_w if norm_w is not None else dummy, w, w_up if w_up is not None else w,
         residual if residual is not None else dummy, y,
         N, K, eps, xr.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        parts, xr.stride(1) if parts > 1 else 0,
         NORM=norm_w is not None, GATED=w_up is not None, RESIDUAL=residual is not None, **pdl_args(xr),
     )
     return y

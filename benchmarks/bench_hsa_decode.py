@@ -1,0 +1,75 @@
+"""An HSA layer's decoding kernels (``kernels/decode/triton_hsa.py``) at `small`'s shapes with 1M cached tokens, bf16,
+on a GPU: chunk scoring + top-k + selection (``select_chunks_decode``) over a grid of launch shapes, and the attention
+to the selected chunks (``hsa_chunks_decode``) by slots per program. µs per call replayed from a CUDA graph, landmarks
+cycled over 4 copies so they come from memory as in a real step (between two HSA layers the dense blocks stream more
+than the L2 holds). Run with LIT_HSA_PDL=0 for each call's own time.
+
+    LIT_HSA_PDL=0 python benchmarks/bench_hsa_decode.py [--out f.json]
+"""
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels.decode.triton_hsa as th  # noqa: E402
+
+
+def graph_us(fn, calls: int = 20, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / calls)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    C, Dr, S, D, Hq, K = 16389, 640, 64, 64, 10, 32  # 1M tokens plus a few hundred steps of room
+    copies = 4
+    landmarks = [torch.randn(1, C, 1, Dr, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    memories = [torch.randn(1, C * S, 1, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    q = torch.randn(1, Dr, device="cuda", dtype=torch.bfloat16)
+    q_hsa = torch.randn(1, Hq * D, device="cuda", dtype=torch.bfloat16)
+    q_norm = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor(C * S - 100, device="cuda")
+    which = itertools.cycle(range(copies))
+    rows = []
+    defaults = th.PROGRAMS, th.TILE, th.TOPK_WARPS, th.SELECT_WARPS, th.KEPT
+    for programs, tile, kept in itertools.product((64, 128), (8192, 16384), (64, 128)):
+        th.PROGRAMS, th.TILE, th.KEPT = programs, tile, kept
+        us = graph_us(lambda: th.select_chunks_decode(q, None, 1e-6, landmarks[next(which)], pos, K, S))
+        rows.append({"programs": programs, "tile": tile, "kept": kept, "select_us": round(us, 2)})
+        print(rows[-1], flush=True)
+    th.PROGRAMS, th.TILE, th.TOPK_WARPS, th.SELECT_WARPS, th.KEPT = defaults
+    _, idx, w = th.select_chunks_decode(q, None, 1e-6, landmarks[0], pos, K, S)
+    mem = itertools.cycle(range(2))
+    for slots in (1, 2, 4, 8):
+        us = graph_us(lambda: th.hsa_chunks_decode(q_hsa, q_norm, 1e-6, memories[next(mem)], memories[next(mem)],
+                                                  idx, w, S, slots=slots))
+        rows.append({"slots": slots, "attention_us": round(us, 2)})
+        print(rows[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

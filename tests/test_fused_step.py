@@ -142,8 +142,9 @@ def test_fusable_parts_are_the_plain_modules():
 @kernel_test
 @pytest.mark.parametrize("variant", ["hsa", "full"])
 def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypatch):
-    """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each once per step), and the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and
-    against a full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
+    """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each once per step), and
+    the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and against a
+    full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
     import lit_hsa.fused_step as fused_step
     from lit_hsa.model import Block, HSATransformer
     from tests.test_decode_kernels import static_decode_with_triton

@@ -38,11 +38,12 @@ __all__ = ["select_chunks_decode", "hsa_chunks_decode", "FUSIONS", "MAX_CHUNKS"]
 
 _LOG2E = 1.4426950408889634
 FUSIONS = {"softmax": 0, "stick_breaking": 1}
-# Launch shapes, tuned on an H200 for `small` at 1M tokens (16K chunks: 64 ranges of 256 → 2,048 candidates): chunk
-# scoring and top-k 13.7 µs, selection 10.9 µs, where the compiled reference's scoring and staged top-k took ~35
-# (``benchmarks/bench_hsa_decode.py``, LIT_HSA_PDL=0). A range's top k ranks its MAX_RANGE scores pairwise ([N, N] comparisons), so
-# longer memories (more than PROGRAMS·MAX_RANGE chunks: 2M tokens at S=64) stay with the reference, whose cost the
-# pairwise ranks and the single-program selection would exceed (16M tokens: 2.0 ms per step against 0.71).
+# Launch shapes, tuned on an H200 for `small` at 1M tokens (16K chunks: 65 ranges of 256 → 2,080 candidates) with
+# ``benchmarks/bench_hsa_decode.py`` (LIT_HSA_PDL=0): chunk scoring and top k 13.7 µs, selection 10.9 µs, where the
+# compiled reference's scoring and staged top k took ~35. A range's top k ranks its MAX_RANGE scores pairwise ([N, N]
+# comparisons), so longer memories (more than PROGRAMS·MAX_RANGE chunks: 2M tokens at S=64) stay with the reference,
+# whose cost the pairwise ranks and the single-program selection would exceed (16M tokens: 2.0 ms per step against
+# 0.71).
 PROGRAMS = 128
 MAX_RANGE = 256
 MAX_CHUNKS = PROGRAMS * MAX_RANGE

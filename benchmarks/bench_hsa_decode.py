@@ -2,7 +2,8 @@
 on a GPU: chunk scoring + top-k + selection (``select_chunks_decode``) over a grid of launch shapes, and the attention
 to the selected chunks (``hsa_chunks_decode``) by slots per program. µs per call replayed from a CUDA graph, landmarks
 cycled over 4 copies so they come from memory as in a real step (between two HSA layers the dense blocks stream more
-than the L2 holds). Run with LIT_HSA_PDL=0 for each call's own time.
+than the L2 holds). Run with LIT_HSA_PDL=0 for each call's own time. (The committed
+``hsa_decode_kernels_sweep_h200_2026-11-29.json`` took the best of 5 graph replays; ``graph_us`` averages 20.)
 
     LIT_HSA_PDL=0 python benchmarks/bench_hsa_decode.py [--out f.json]
 """
@@ -17,26 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.decode.triton_hsa as th  # noqa: E402
-
-
-def graph_us(fn, calls: int = 20, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    return best
+from benchmarks.bench_decode_kernels import graph_us  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +38,7 @@ def main() -> None:
     defaults = th.PROGRAMS, th.TILE, th.TOPK_WARPS, th.SELECT_WARPS, th.KEPT
     for programs, tile, kept in itertools.product((64, 128), (8192, 16384), (64, 128)):
         th.PROGRAMS, th.TILE, th.KEPT = programs, tile, kept
-        us = graph_us(lambda: th.select_chunks_decode(q, None, 1e-6, landmarks[next(which)], pos, K, S))
+        us = graph_us(lambda: th.select_chunks_decode(q, None, 1e-6, landmarks[next(which)], pos, K, S), 20)
         rows.append({"programs": programs, "tile": tile, "kept": kept, "select_us": round(us, 2)})
         print(rows[-1], flush=True)
     th.PROGRAMS, th.TILE, th.TOPK_WARPS, th.SELECT_WARPS, th.KEPT = defaults
@@ -64,7 +46,7 @@ def main() -> None:
     mem = itertools.cycle(range(2))
     for slots in (1, 2, 4, 8):
         us = graph_us(lambda: th.hsa_chunks_decode(q_hsa, q_norm, 1e-6, memories[next(mem)], memories[next(mem)],
-                                                  idx, w, S, slots=slots))
+                                                  idx, w, S, slots=slots), 20)
         rows.append({"slots": slots, "attention_us": round(us, 2)})
         print(rows[-1], flush=True)
     if args.out:

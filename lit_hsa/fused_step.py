@@ -78,7 +78,7 @@ def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | Non
 def hsa_fusable(block: nn.Module, ctx, memory) -> bool:
     """Whether an ``HSABlock``'s step takes the fused kernels (``kernels.decode.triton_hsa`` for retrieval and HSA
     attention): plain projections and norms, no document masking, the memory on the device and at most
-    ``MAX_CHUNKS`` chunks (longer ones are faster through the modules, compiled), power-of-two chunk size and head
+    ``MAX_CHUNKS`` chunks (longer ones are as fast through the modules, compiled), power-of-two chunk size and head
     dim. Otherwise the block runs its modules, compiled with the model where it is."""
     from kernels.decode import triton_hsa
 

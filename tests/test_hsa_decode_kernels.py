@@ -48,14 +48,31 @@ def test_select_chunks_decode_matches_reference(B, Hr, Dr, C, pos, topk, fusion,
 
 
 @kernel_test
-def test_select_chunks_decode_cuts_many_candidates_by_bisection(monkeypatch):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_select_chunks_decode_cuts_many_candidates_by_bisection(blocks, monkeypatch):
     """More candidates at or above the ranges' bound than the selection ranks at once (8 here): the best chunks all
     in the first range (8 chunks), so the 8th best range maximum is low and ~15 candidates pass it. The exact K-th
-    score is then found by bisection first."""
+    score is then found by bisection first. ``blocks``: as for memories of millions of tokens, more ranges (75) than
+    the selection ranks (16 here: their bound comes from bisection too) and candidates read 64 at a time."""
     import kernels.decode.triton_hsa as triton_hsa
 
     monkeypatch.setattr(triton_hsa, "KEPT", 8)
+    if blocks:
+        monkeypatch.setattr(triton_hsa, "RANK_MAX", 16)
+        monkeypatch.setattr(triton_hsa, "BISECT_MAX", 32)  # 75 ranges: re-read in blocks of 32
+        monkeypatch.setattr(triton_hsa, "CAND_BLOCK", 64)
     check_selection(1, 1, 32, 600, 600 * 16, 8, "softmax", False, False, boost_first=8)
+
+
+@kernel_test
+def test_select_chunks_decode_bounds_many_ranges_by_bisection(monkeypatch):
+    """More ranges (38) than the selection ranks (16 here): the ranges' bound by bisection over their maxima in
+    registers, candidates read 64 at a time, survivors ranked (no cut)."""
+    import kernels.decode.triton_hsa as triton_hsa
+
+    monkeypatch.setattr(triton_hsa, "RANK_MAX", 16)
+    monkeypatch.setattr(triton_hsa, "CAND_BLOCK", 64)
+    check_selection(1, 2, 32, 300, 290 * 16, 6, "stick_breaking", True, True)
 
 
 def check_selection(B, Hr, Dr, C, pos, topk, fusion, q_norm, decay, boost_first=0):
@@ -137,8 +154,8 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
 
 
 def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
-    """Past ``MAX_CHUNKS`` chunks (2M tokens by default; 2 here) an HSA block runs its modules; so does one whose
-    memory is offloaded to the host or whose chunk size is not a power of two of at least 16."""
+    """Past ``MAX_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block runs its modules; so does one
+    whose memory is offloaded to the host or whose chunk size is not a power of two of at least 16."""
     import kernels.decode.triton_hsa as triton_hsa
     from lit_hsa.fused_step import hsa_fusable
     from lit_hsa.model import Context, HSATransformer, Memory

@@ -19,8 +19,9 @@ Top k without sorting: scores become order-preserving 32-bit keys, and a few hun
 pairwise comparison (a range's scores; the selection's survivors). The selection bounds the k-th best score from
 below by the k-th best of the ranges' maxima (k distinct chunks reach it), so only the candidates at or above it
 (a few dozen) are ranked; when more pass (scores bunched in few ranges), the exact k-th key is found first by
-bisection over its 32 bits. Slots are then ranked by chunk index (most recent first). Ties at the k-th score keep
-the earliest candidates (``torch.topk`` leaves ties unspecified). Radix rounds over the keys (16 digits counted at
+bisection over its 32 bits. (Many ranges — memories of millions of tokens — are bounded by bisection over their
+maxima, and the candidates are read in blocks.) Slots are then ranked by chunk index (most recent first). Ties at
+the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified). Radix rounds over the keys (16 digits counted at
 once) were tried first: 3 µs per round over 8K candidates, 35 µs per call.
 """
 from __future__ import annotations
@@ -40,17 +41,21 @@ _LOG2E = 1.4426950408889634
 FUSIONS = {"softmax": 0, "stick_breaking": 1}
 # Launch shapes, tuned on an H200 for `small` at 1M tokens (16K chunks: 65 ranges of 256 → 2,080 candidates) with
 # ``benchmarks/bench_hsa_decode.py`` (LIT_HSA_PDL=0): chunk scoring and top k 13.7 µs, selection 10.9 µs, where the
-# compiled reference's scoring and staged top k took ~35. A range's top k ranks its MAX_RANGE scores pairwise ([N, N]
-# comparisons), so longer memories (more than PROGRAMS·MAX_RANGE chunks: 2M tokens at S=64) stay with the reference,
-# whose cost the pairwise ranks and the single-program selection would exceed (16M tokens: 2.0 ms per step against
-# 0.71).
+# compiled reference's scoring and staged top k took ~35. Ranges hold at most MAX_RANGE chunks (a range's top k ranks
+# its scores pairwise), so longer memories have more ranges, and the selection reads their candidates in blocks.
+# Past MAX_CHUNKS the scoring's landmark read dominates and inductor's compiled reference is as fast: a compiled
+# `small` step measured 0.49 ms through the kernels at 4M tokens against 0.56 through the modules, and 0.73 against
+# 0.70 at 16M (benchmarks/results/generate_hsa_long_*_small_h200_2026-11-29.json; 8M not measured).
 PROGRAMS = 128
 MAX_RANGE = 256
-MAX_CHUNKS = PROGRAMS * MAX_RANGE
+MAX_CHUNKS = 1 << 17  # 8M tokens at S=64
 TILE = 16384  # landmark values per load
 TOPK_WARPS = 8
 SELECT_WARPS = 8
 KEPT = 64  # candidates the selection ranks directly (more: it first cuts them to K by bisection)
+RANK_MAX = 256  # ranges whose maxima are ranked pairwise; up to BISECT_MAX, bisection over them in registers
+BISECT_MAX = 4096
+CAND_BLOCK = 4096  # candidates the selection reads at once
 
 
 @triton.jit
@@ -74,12 +79,36 @@ def _rank(key, N: tl.constexpr):
 
 
 @triton.jit
-def _kth_key(u, K):
-    """The K-th largest of the keys u [N] (0 if fewer than K are above 0), by bisection over its 32 bits."""
+def _candidate_keys(CAND_S, first, n, stride, BLOCK: tl.constexpr):
+    """Keys of the candidate scores at CAND_S[first + i·stride], i in [0, n), padded to BLOCK with 0 (−inf: 0)."""
+    i = tl.arange(0, BLOCK)
+    s = tl.load(CAND_S + first + i * stride, mask=i < n, other=float("-inf"))
+    return tl.where(s > float("-inf"), _sortable(s), 0)
+
+
+@triton.jit
+def _kth_largest(u, K):
+    """The K-th largest of the keys u [N] held in registers (0 if fewer than K are above 0), by bisection over its
+    32 bits."""
     t = tl.sum(tl.zeros_like(u), 0)
     for bit in tl.static_range(31, -1, -1):
         cand = t | (tl.full([], 1, tl.uint32) << bit)
         if tl.sum((u >= cand).to(tl.int32), 0) >= K:
+            t = cand
+    return t
+
+
+@triton.jit
+def _kth_key(CAND_S, n, stride, K, BLOCK: tl.constexpr):
+    """The K-th largest key of the n candidates at CAND_S[i·stride] (0 if fewer than K are above 0), by bisection
+    over its 32 bits, counting BLOCK keys at a time (they are re-read from L2 every round)."""
+    t = tl.sum(tl.zeros([BLOCK], tl.uint32), 0)
+    for bit in tl.static_range(31, -1, -1):
+        cand = t | (tl.full([], 1, tl.uint32) << bit)
+        count = 0
+        for b0 in range(0, n, BLOCK):
+            count += tl.sum((_candidate_keys(CAND_S, b0 * stride, n - b0, stride, BLOCK) >= cand).to(tl.int32), 0)
+        if count >= K:
             t = cand
     return t
 
@@ -138,32 +167,55 @@ def _log_sigmoid(x):
 def _select_kernel(
     CAND_S, CAND_I, DECAY, KEPT_S, KEPT_I, SEL_S, SEL_I, SEL_W,
     RANGES, K,
-    RP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr, FUSION: tl.constexpr,
-    POS_DECAY: tl.constexpr, PDL: tl.constexpr,
+    RP: tl.constexpr, RANK_RANGES: tl.constexpr, CB: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr,
+    FUSION: tl.constexpr, POS_DECAY: tl.constexpr, PDL: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     n_cand = RANGES * K
+    cands = CAND_S + bh * n_cand
     wait_for_inputs(PDL)
-    # A lower bound on the K-th largest score: the K-th largest of the ranges' maxima (K distinct chunks reach it).
-    # Only candidates at or above it can be in the top K: typically a few dozen of the RANGES·K.
-    r = tl.arange(0, RP)
-    best = tl.load(CAND_S + bh * n_cand + r * K, mask=r < RANGES, other=float("-inf"))
-    best_key = tl.where(best > float("-inf"), _sortable(best), 0)
-    bound = tl.max(tl.where(_rank(best_key, RP) == K - 1, best_key, 0), 0)  # 0 if fewer ranges
-    c = tl.arange(0, NP)
-    s = tl.load(CAND_S + bh * n_cand + c, mask=c < n_cand, other=float("-inf"))
-    key = tl.where(s > float("-inf"), _sortable(s), 0)  # −inf: an invisible chunk or an empty candidate
-    keep = key >= tl.maximum(bound, 1)
-    if tl.sum(keep.to(tl.int32), 0) > MP:  # too many to rank: cut exactly to the top K by bisection
-        t = _kth_key(key, K)
-        above = key > t
-        tie = (key == t) & (key > 0)
-        keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= K - tl.sum(above.to(tl.int32), 0)))
-    # the kept candidates, compacted, then ranked by score (top K) and by chunk (slots, most recent first)
-    at = tl.cumsum(keep.to(tl.int32), 0) - 1
-    n_kept = tl.sum(keep.to(tl.int32), 0)
-    tl.store(KEPT_S + bh * MP + at, s, mask=keep)
-    tl.store(KEPT_I + bh * MP + at, tl.load(CAND_I + bh * n_cand + c, mask=keep, other=-1), mask=keep)
+    # A lower bound on the K-th largest score: the K-th largest of the ranges' maxima (each range's first
+    # candidate; K distinct chunks reach it). Only candidates at or above it can be in the top K: typically a few
+    # dozen of the RANGES·K. Up to RANK_RANGES ranges it is found by ranking the maxima, up to RP by bisection over
+    # them in registers, past that by bisection re-reading them.
+    if RP <= RANK_RANGES:
+        best = _candidate_keys(cands, 0, RANGES, K, RP)
+        bound = tl.max(tl.where(_rank(best, RP) == K - 1, best, 0), 0)  # 0 if fewer ranges than K
+    elif RANGES <= RP:
+        bound = _kth_largest(_candidate_keys(cands, 0, RANGES, K, RP), K)
+    else:
+        bound = _kth_key(cands, RANGES, K, K, RP)
+    bound = tl.maximum(bound, 1)  # never an empty candidate
+    # compact the candidates at or above the bound (in candidate order), CB at a time
+    n_kept = 0
+    for c0 in range(0, n_cand, CB):
+        c = c0 + tl.arange(0, CB)
+        s = tl.load(cands + c, mask=c < n_cand, other=float("-inf"))
+        keep = tl.where(s > float("-inf"), _sortable(s), 0) >= bound
+        at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+        fits = keep & (at < MP)
+        tl.store(KEPT_S + bh * MP + at, s, mask=fits)
+        tl.store(KEPT_I + bh * MP + at, tl.load(CAND_I + bh * n_cand + c, mask=fits, other=-1), mask=fits)
+        n_kept += tl.sum(keep.to(tl.int32), 0)
+    if n_kept > MP:  # too many to rank (scores bunched in few ranges): cut exactly to the top K by bisection
+        t = _kth_key(cands, n_cand, 1, K, CB)
+        n_above = 0
+        for c0 in range(0, n_cand, CB):
+            n_above += tl.sum((_candidate_keys(cands, c0, n_cand - c0, 1, CB) > t).to(tl.int32), 0)
+        n_kept = 0
+        n_ties = 0  # ties at t are taken in candidate order while the top K has room
+        for c0 in range(0, n_cand, CB):
+            c = c0 + tl.arange(0, CB)
+            s = tl.load(cands + c, mask=c < n_cand, other=float("-inf"))
+            key = tl.where(s > float("-inf"), _sortable(s), 0)
+            tie = (key == t) & (key > 0)
+            keep = (key > t) | (tie & (n_ties + tl.cumsum(tie.to(tl.int32), 0) <= K - n_above))
+            at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.store(KEPT_S + bh * MP + at, s, mask=keep)
+            tl.store(KEPT_I + bh * MP + at, tl.load(CAND_I + bh * n_cand + c, mask=keep, other=-1), mask=keep)
+            n_kept += tl.sum(keep.to(tl.int32), 0)
+            n_ties += tl.sum(tie.to(tl.int32), 0)
+    # the kept candidates, ranked by score (top K) and by chunk (slots, most recent first)
     tl.debug_barrier()
     m = tl.arange(0, MP)
     kept = m < n_kept
@@ -233,7 +285,8 @@ def select_chunks_decode(q_slc: torch.Tensor, q_norm_w: torch.Tensor | None, eps
     sel_w = torch.empty(B, Hr, K, device=dev)
     _select_kernel[(B * Hr,)](
         cand_s, cand_i, pos_decay if pos_decay is not None else cand_s, kept_s, kept_i, sel_s, sel_i, sel_w,
-        ranges, K, RP=max(16, triton.next_power_of_2(ranges)), NP=triton.next_power_of_2(ranges * K), MP=MP, KP=KP,
+        ranges, K, RP=min(BISECT_MAX, max(16, triton.next_power_of_2(ranges))), RANK_RANGES=RANK_MAX,
+        CB=min(CAND_BLOCK, triton.next_power_of_2(ranges * K)), MP=MP, KP=KP,
         FUSION=FUSIONS[fusion], POS_DECAY=pos_decay is not None, num_warps=SELECT_WARPS, **pdl_args(q),
     )
     return sel_s, sel_i, sel_w

@@ -68,6 +68,7 @@ class KVCache:
     layers: dict = field(default_factory=dict)
     buffers: dict = field(default_factory=dict)
     fuse_blocks = False  # blocks run their modules (``StaticKVCache`` may fuse a block's step)
+    compiled = False  # decoding steps run uncompiled (``StaticKVCache.compile`` sets it)
 
     def positions(self, n: int, device) -> torch.Tensor:
         """Absolute positions of the next n tokens: [n]."""

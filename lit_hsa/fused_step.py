@@ -1,6 +1,6 @@
-"""A dense block's static decoding step in five Triton launches (``kernels.decode.triton_block``), where the block's
-modules would run about ten kernels per step even compiled (see that module): at batch 1 a step's latency is the
-sum of its kernels' latencies, and a `small` model runs 18 blocks per token.
+"""A block's static decoding step in fused Triton launches, where its modules would run about ten (dense) or twenty
+(HSA) kernels per step even compiled: at batch 1 a step's latency is the sum of its kernels' latencies, and a
+`small` model runs 18 blocks per token. A dense block (``kernels.decode.triton_block``), five launches:
 
     qkv_rope(h)                  RMSNorm, q/k/v projections, q/k head norms, RoPE       (one launch)
     attention + o_proj + h       ring kernel leaving partials, merged by the projection (two launches; other caches:
@@ -8,11 +8,15 @@ sum of its kernels' latencies, and a `small` model runs 18 blocks per token.
     gemv(h; norm, gate, up)      RMSNorm, gate and up projections, SwiGLU               (one launch)
     gemv(a; down) + h            down projection and residual                            (one launch)
 
-``StaticKVCache`` calls it for each ``Block`` when its ``fuse_blocks`` is on (``GraphDecoder(fuse_blocks=)``). A part
-whose modules are not the plain ones (LoRA adapters not merged, biases, MoE feed-forwards, norms with different
-epsilons) runs its modules as usual; so do the HSA blocks (their few kernels are the selection and HSA attention,
-which inductor fuses with their projections when the step is compiled). The first step tunes the kernels' launch
-shapes (seconds, once per shape and process; Triton keeps the compiled kernels on disk).
+An HSA block (``kernels.decode.triton_hsa``), eight: [its SWA sub-layer as above,] retrieval query (``gemv``), chunk
+scores and each range's top k, selection and fusion weights, HSA query (``gemv``), attention to the selected chunks
+(partial outputs), output projection summing them + h (``gemv``), the feed-forward's two ``gemv``s.
+
+``StaticKVCache`` calls it for each ``Block`` when its ``fuse_blocks`` is on (``GraphDecoder(fuse_blocks=)``), and
+for each ``HSABlock`` where ``hsa_fusable`` also holds. A part of a dense block whose modules are not the plain ones
+(LoRA adapters not merged, biases, MoE feed-forwards, norms with different epsilons) runs its modules as usual. The
+first step tunes the kernels' launch shapes (seconds, once per shape and process; Triton keeps the compiled kernels
+on disk).
 """
 from __future__ import annotations
 
@@ -75,17 +79,17 @@ def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | Non
     return gemv(act, ffn.w_down.weight, residual=h if residual is None else residual).view_as(h)
 
 
-def hsa_fusable(block: nn.Module, ctx, memory) -> bool:
+def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
     """Whether an ``HSABlock``'s step takes the fused kernels (``kernels.decode.triton_hsa`` for retrieval and HSA
-    attention): plain projections and norms, no document masking, the memory on the device and at most
-    ``MAX_CHUNKS`` chunks (longer ones are as fast through the modules, compiled), power-of-two chunk size and head
-    dim. Otherwise the block runs its modules, compiled with the model where it is."""
+    attention): plain projections and norms, no document masking, the memory on the device, power-of-two chunk size
+    and head dim, and, where the alternative is the modules compiled (``compiled``), at most ``MAX_CHUNKS`` chunks
+    (longer ones are as fast that way). Otherwise the block runs its modules, compiled with the model where it is."""
     from kernels.decode import triton_hsa
 
     ret, cfg = block.retrieval, block.cfg
     pow2 = all(n >= 16 and n & (n - 1) == 0 for n in (cfg.chunk_size, cfg.head_dim))
     return (pow2 and not block.training and ctx.doc_ids is None and not memory.offloaded
-            and 0 < memory.n_chunks <= triton_hsa.MAX_CHUNKS
+            and 0 < memory.n_chunks and (memory.n_chunks <= triton_hsa.MAX_CHUNKS or not compiled)
             and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)
             and isinstance(ret.q_norm, (RMSNorm, nn.Identity)) and isinstance(block.hsa_norm, RMSNorm)
             and isinstance(block.q_norm, RMSNorm))

@@ -298,7 +298,8 @@ class HSABlock(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
         kv = ctx.kv_cache
-        if kv is not None and kv.fuse_blocks and hsa_fusable(self, ctx, memory):  # static decoding (lit_hsa.fused_step)
+        # static decoding: the step in fused kernels (lit_hsa.fused_step)
+        if kv is not None and kv.fuse_blocks and hsa_fusable(self, ctx, memory, kv.compiled):
             return kv.block_step(self, h, ctx, memory)
         if self.swa_window is not None:
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])

@@ -154,8 +154,9 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
 
 
 def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
-    """Past ``MAX_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block runs its modules; so does one
-    whose memory is offloaded to the host or whose chunk size is not a power of two of at least 16."""
+    """Past ``MAX_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block of a compiled step runs its
+    modules (uncompiled steps keep the kernels); so does one whose memory is offloaded to the host or whose chunk
+    size is not a power of two of at least 16."""
     import kernels.decode.triton_hsa as triton_hsa
     from lit_hsa.fused_step import hsa_fusable
     from lit_hsa.model import Context, HSATransformer, Memory
@@ -167,7 +168,8 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
                                                torch.zeros(1, 16 * C, 1, 16), offloaded)
     assert hsa_fusable(block, ctx, memory(4)) and not hsa_fusable(block, ctx, memory(4, offloaded=True))
     monkeypatch.setattr(triton_hsa, "MAX_CHUNKS", 2)
-    assert hsa_fusable(block, ctx, memory(2)) and not hsa_fusable(block, ctx, memory(3))
+    assert hsa_fusable(block, ctx, memory(2), compiled=True) and not hsa_fusable(block, ctx, memory(3), compiled=True)
+    assert hsa_fusable(block, ctx, memory(3))
     small_chunks = HSATransformer(tiny(moe=False)).eval().hsa_blocks()[0]  # chunk size 8
     assert not hsa_fusable(small_chunks, ctx, memory(2))
 

@@ -95,7 +95,7 @@ def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
             and isinstance(block.q_norm, RMSNorm))
 
 
-def hsa_output(block: nn.Module, h: torch.Tensor, kv, memory) -> torch.Tensor:
+def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory) -> torch.Tensor:
     """h + o_proj(HSA(norm h)) of a fusable ``HSABlock`` for one token, h [B, 1, d], in five launches: retrieval
     query (``gemv``), chunk scores and top k, selection and fusion weights (``select_chunks_decode``), HSA query
     (``gemv``), attention to the selected chunks (``hsa_chunks_decode``), output projection summing its partial
@@ -121,9 +121,9 @@ def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch
     if hasattr(block, "retrieval"):  # an HSABlock, which steps here only where ``hsa_fusable``
         if block.swa_window is not None:
             h = attention_step(block.swa_norm, block.swa, block.swa_window, h, ctx, kv)
-        h_o = hsa_output(block, h, kv, memory)
+        h_o = hsa_attention_step(block, h, kv, memory)
         if ffn_fusable(block.ffn_norm, block.ffn):
-            return feed_forward(block, h_o, h if block.cfg.hsa_residual == "bypass" else None)
+            return feed_forward(block, h_o, block.ffn_residual(h, h_o))
         return block.feed_forward(h, h_o)
     h = attention_step(block.attn_norm, block.attn, block.window, h, ctx, kv)
     if ffn_fusable(block.ffn_norm, block.ffn):

@@ -322,8 +322,11 @@ class HSABlock(nn.Module):
 
     def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:
         """The block's output from h and h_o = h + o: bypass h + FFN(norm(h + o)), standard h_o + FFN(norm h_o)."""
-        residual = h if self.cfg.hsa_residual == "bypass" else h_o
-        return residual + self.ffn(self.ffn_norm(h_o))
+        return self.ffn_residual(h, h_o) + self.ffn(self.ffn_norm(h_o))
+
+    def ffn_residual(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:
+        """What the feed-forward's output is added to: h (bypass, HSA's output feeds only the FFN) or h_o = h + o."""
+        return h if self.cfg.hsa_residual == "bypass" else h_o
 
 
 class HSATransformer(nn.Module):

@@ -6,7 +6,7 @@ lives on the device, so a step has the same shapes and addresses every time:
 
 - sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W (on CUDA
   a layer's step, write and attention, is one Triton kernel: ``kernels.decode``; a dense block's whole step is five,
-  ``lit_hsa.fused_step``);
+  an HSA block's eight: ``lit_hsa.fused_step``);
 - full-attention layers: ``[B, Hkv, max_len, D]``, positions after the current one masked;
 - the chunk memory: landmarks ``[B, max_len/S, Hr, Dr]`` and K/V ``[B, max_len, Hkv, D]``; chunks not yet written are
   in the future, so the usual visibility rule (chunk i is visible at t ≥ (i+1)·S) hides them; the lower-stack
@@ -55,7 +55,7 @@ class StaticKVCache:
         self.pos_t = torch.tensor(source.pos, device=device)
         from kernels.hsa import use_fast_paths
 
-        # dense blocks' steps in fused Triton kernels (lit_hsa.fused_step), where the backend switch allows Triton
+        # blocks' steps in fused Triton kernels (lit_hsa.fused_step), where the backend switch allows Triton
         self.fuse_blocks = fuse_blocks and use_fast_paths(self.pos_t)
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -167,8 +167,8 @@ class StaticDecodeState:
     """Drop-in for ``DecodeState`` in ``model(tokens [B, 1], state=...)``, with the static caches of the module
     docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
     (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose kernels
-    convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense blocks
-    step in fused Triton kernels where the backend switch allows (``lit_hsa.fused_step``)."""
+    convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense and
+    HSA blocks step in fused Triton kernels where the backend switch allows (``lit_hsa.fused_step``)."""
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False,
                  fuse_blocks: bool = False):
@@ -244,7 +244,8 @@ class GraphDecoder:
     serving, not for a few tokens.
 
     ``fuse_blocks``: on CUDA (or wherever ``kernels.hsa``'s backend switch sends ops to Triton) the dense blocks' steps
-    run in five fused Triton launches each (``lit_hsa.fused_step``), whether or not the rest is compiled.
+    run in five fused Triton launches each, the HSA blocks' in eight where ``fused_step.hsa_fusable`` holds
+    (``lit_hsa.fused_step``), whether or not the rest is compiled.
     """
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None,

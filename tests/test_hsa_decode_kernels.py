@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode  # noqa: E402
 from kernels.hsa.reference import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from lit_hsa.model import fusion_weights  # noqa: E402
+from tests.test_fused_step import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -138,8 +139,8 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
     from tests.test_model import VARIANTS, VOCAB, tiny
 
     calls = []
-    original = fused_step.hsa_output
-    monkeypatch.setattr(fused_step, "hsa_output", lambda block, *a: calls.append(block) or original(block, *a))
+    original = fused_step.hsa_attention_step
+    monkeypatch.setattr(fused_step, "hsa_attention_step", lambda block, *a: calls.append(block) or original(block, *a))
     cfg = tiny(**VARIANTS[variant], moe=False, chunk_size=16, head_dim=16, hsa_topk=2)
     model = HSATransformer(cfg).to(DEV).eval()
     with torch.no_grad():  # non-zero recency term
@@ -177,10 +178,6 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
 @only_if_kernels_skipped
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
-
-
-def rel_err(got, want):
-    return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 @pytest.mark.gpu

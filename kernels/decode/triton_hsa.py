@@ -21,8 +21,8 @@ below by the k-th best of the ranges' maxima (k distinct chunks reach it), so on
 (a few dozen) are ranked; when more pass (scores bunched in few ranges), the exact k-th key is found first by
 bisection over its 32 bits. (Many ranges — memories of millions of tokens — are bounded by bisection over their
 maxima, and the candidates are read in blocks.) Slots are then ranked by chunk index (most recent first). Ties at
-the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified). Radix rounds over the keys (16 digits counted at
-once) were tried first: 3 µs per round over 8K candidates, 35 µs per call.
+the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified). Radix rounds over the keys
+(16 digits counted at once) were tried first: 3 µs per round over 8K candidates, 35 µs per call.
 """
 from __future__ import annotations
 
@@ -79,11 +79,32 @@ def _rank(key, N: tl.constexpr):
 
 
 @triton.jit
-def _candidate_keys(CAND_S, first, n, stride, BLOCK: tl.constexpr):
-    """Keys of the candidate scores at CAND_S[first + i·stride], i in [0, n), padded to BLOCK with 0 (−inf: 0)."""
-    i = tl.arange(0, BLOCK)
-    s = tl.load(CAND_S + first + i * stride, mask=i < n, other=float("-inf"))
+def _score_key(s):
+    """Keys of candidate scores, 0 for −inf (an invisible chunk or an empty candidate)."""
     return tl.where(s > float("-inf"), _sortable(s), 0)
+
+
+@triton.jit
+def _candidate_scores(CAND_S, first, n, stride, BLOCK: tl.constexpr):
+    """The candidate scores at CAND_S[first + i·stride], i in [0, n), padded to BLOCK with −inf."""
+    i = tl.arange(0, BLOCK)
+    return tl.load(CAND_S + first + i * stride, mask=i < n, other=float("-inf"))
+
+
+@triton.jit
+def _candidate_keys(CAND_S, first, n, stride, BLOCK: tl.constexpr):
+    return _score_key(_candidate_scores(CAND_S, first, n, stride, BLOCK))
+
+
+@triton.jit
+def _keep(KEPT_S, KEPT_I, CAND_I, first, s, keep, n_kept, MP: tl.constexpr):
+    """Appends the candidates ``first + i`` with ``keep`` (scores s) to the kept list, which holds n_kept and has
+    room for MP (the count goes on past it: the caller then cuts); → the new count."""
+    at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+    fits = keep & (at < MP)
+    tl.store(KEPT_S + at, s, mask=fits)
+    tl.store(KEPT_I + at, tl.load(CAND_I + first + tl.arange(0, s.shape[0]), mask=fits, other=-1), mask=fits)
+    return n_kept + tl.sum(keep.to(tl.int32), 0)
 
 
 @triton.jit
@@ -187,16 +208,11 @@ def _select_kernel(
         bound = _kth_key(cands, RANGES, K, K, RP)
     bound = tl.maximum(bound, 1)  # never an empty candidate
     # compact the candidates at or above the bound (in candidate order), CB at a time
+    kept_s, kept_i, cand_i = KEPT_S + bh * MP, KEPT_I + bh * MP, CAND_I + bh * n_cand
     n_kept = 0
     for c0 in range(0, n_cand, CB):
-        c = c0 + tl.arange(0, CB)
-        s = tl.load(cands + c, mask=c < n_cand, other=float("-inf"))
-        keep = tl.where(s > float("-inf"), _sortable(s), 0) >= bound
-        at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
-        fits = keep & (at < MP)
-        tl.store(KEPT_S + bh * MP + at, s, mask=fits)
-        tl.store(KEPT_I + bh * MP + at, tl.load(CAND_I + bh * n_cand + c, mask=fits, other=-1), mask=fits)
-        n_kept += tl.sum(keep.to(tl.int32), 0)
+        s = _candidate_scores(cands, c0, n_cand - c0, 1, CB)
+        n_kept = _keep(kept_s, kept_i, cand_i, c0, s, _score_key(s) >= bound, n_kept, MP)
     if n_kept > MP:  # too many to rank (scores bunched in few ranges): cut exactly to the top K by bisection
         t = _kth_key(cands, n_cand, 1, K, CB)
         n_above = 0
@@ -205,22 +221,18 @@ def _select_kernel(
         n_kept = 0
         n_ties = 0  # ties at t are taken in candidate order while the top K has room
         for c0 in range(0, n_cand, CB):
-            c = c0 + tl.arange(0, CB)
-            s = tl.load(cands + c, mask=c < n_cand, other=float("-inf"))
-            key = tl.where(s > float("-inf"), _sortable(s), 0)
+            s = _candidate_scores(cands, c0, n_cand - c0, 1, CB)
+            key = _score_key(s)
             tie = (key == t) & (key > 0)
             keep = (key > t) | (tie & (n_ties + tl.cumsum(tie.to(tl.int32), 0) <= K - n_above))
-            at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
-            tl.store(KEPT_S + bh * MP + at, s, mask=keep)
-            tl.store(KEPT_I + bh * MP + at, tl.load(CAND_I + bh * n_cand + c, mask=keep, other=-1), mask=keep)
-            n_kept += tl.sum(keep.to(tl.int32), 0)
+            n_kept = _keep(kept_s, kept_i, cand_i, c0, s, keep, n_kept, MP)
             n_ties += tl.sum(tie.to(tl.int32), 0)
     # the kept candidates, ranked by score (top K) and by chunk (slots, most recent first)
     tl.debug_barrier()
     m = tl.arange(0, MP)
     kept = m < n_kept
-    ks = tl.load(KEPT_S + bh * MP + m, mask=kept, other=float("-inf"))
-    ki = tl.load(KEPT_I + bh * MP + m, mask=kept, other=-1)
+    ks = tl.load(kept_s + m, mask=kept, other=float("-inf"))
+    ki = tl.load(kept_i + m, mask=kept, other=-1)
     chosen = kept & (_rank(tl.where(kept, _sortable(ks), 0), MP) < K)
     slot = _rank(tl.where(chosen, ki + 1, 0), MP)  # chunk indices are distinct: later chunks first
     n = tl.sum(chosen.to(tl.int32), 0)

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel (HSA attention, ring decoding) for an H100 (sm_90) on a machine without a GPU:
+"""Compile every Triton kernel (HSA attention, ring decoding, decoding blocks) for an H100 (sm_90) on a machine without a GPU:
 Triton's front end, LLVM and ptxas check what the interpreter lets through (constexpr use, types, shared memory).
 Run by ``test_kernels_compile_for_sm90`` in a fresh process without TRITON_INTERPRET. Exit 77: this Triton cannot do
 it."""
@@ -16,6 +16,7 @@ except ImportError as e:
     sys.exit(77)
 
 import kernels.decode.triton_block as tb  # noqa: E402
+import kernels.decode.triton_hsa as th  # noqa: E402
 import kernels.decode.triton_ring as tr  # noqa: E402
 import kernels.hsa.triton_attention as ta  # noqa: E402
 
@@ -48,6 +49,18 @@ KERNELS = [  # (kernel, pointer arguments, fp32 scalars, constexprs): 16 query h
      dict(BN=8, BK=1024, NORM=True, GATED=True, RESIDUAL=False, PDL=True)),
     (tb._gemv_kernel, dict(X=BF16, NW=BF16, W1=BF16, W2=BF16, RES=BF16, Y=BF16), {"eps"},
      dict(BN=4, BK=2048, NORM=False, GATED=False, RESIDUAL=True, PDL=False)),
+    # an HSA block's decoding step (triton_hsa) at small's shapes: chunk scores + each range's top k, the selection
+    # (maxima ranked; or, for many ranges, bisected, with stick-breaking and the recency term), chunk attention
+    (th._chunk_topk_kernel, dict(QS=BF16, QNW=BF16, LMK=BF16, POS="*i64", CAND_S=F32, CAND_I=I32), {"scale", "eps"},
+     dict(CPP=256, BD=64, QNORM=True, PDL=True)),
+    (th._select_kernel, dict(CAND_S=F32, CAND_I=I32, DECAY=BF16, KEPT_S=F32, KEPT_I=I32, SEL_S=F32, SEL_I=I32,
+                             SEL_W=F32), set(),
+     dict(RP=128, RANK_RANGES=256, CB=4096, MP=64, KP=32, FUSION=0, POS_DECAY=False, PDL=True)),
+    (th._select_kernel, dict(CAND_S=F32, CAND_I=I32, DECAY=BF16, KEPT_S=F32, KEPT_I=I32, SEL_S=F32, SEL_I=I32,
+                             SEL_W=F32), set(),
+     dict(RP=1024, RANK_RANGES=256, CB=4096, MP=64, KP=32, FUSION=1, POS_DECAY=True, PDL=False)),
+    (th._hsa_chunks_kernel, dict(Q=BF16, QNW=BF16, KM=BF16, VM=BF16, SEL_I=I32, SEL_W=F32, PART=F32),
+     {"eps", "qk_scale"}, dict(D=64, GP=16, S=64, SLOTS=2, HEAD_NORM=True, DOT_PREC="tf32", PDL=True)),
 ]
 
 for fn, pointers, floats, consts in KERNELS:

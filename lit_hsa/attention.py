@@ -74,6 +74,10 @@ class KVCache:
         """Absolute positions of the next n tokens: [n]."""
         return torch.arange(self.pos, self.pos + n, device=device)
 
+    def cos_sin(self, rotary: "Rotary", n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary``'s cos, sin [n, D/2] at the next n positions."""
+        return rotary.cos_sin(self.positions(n, device))
+
     @property
     def q_start(self) -> int:
         return self.pos

@@ -2,9 +2,10 @@
 (HSA) kernels per step even compiled: at batch 1 a step's latency is the sum of its kernels' latencies, and a
 `small` model runs 18 blocks per token. A dense block (``kernels.decode.triton_block``), five launches:
 
-    qkv_rope(h)                  RMSNorm, q/k/v projections, q/k head norms, RoPE       (one launch)
-    attention + o_proj + h       ring kernel leaving partials, merged by the projection (two launches; other caches:
-                                 the cache's attention, then ``gemv``)
+    gemv(h; norm, [wq, wk, wv])  RMSNorm, the q/k/v projections stacked                (one launch)
+    attention + o_proj + h       ring kernel (q/k head norms, RoPE, attention) leaving partials, merged by the
+                                 projection (two launches; other caches: ``qkv_rope`` instead of the stacked
+                                 ``gemv``, with the norms and RoPE; the cache's attention, then ``gemv``)
     gemv(h; norm, gate, up)      RMSNorm, gate and up projections, SwiGLU               (one launch)
     gemv(a; down) + h            down projection and residual                            (one launch)
 
@@ -62,9 +63,21 @@ def attention_inputs(norm: nn.Module, attn: SelfAttention, h: torch.Tensor, cos:
 
 
 def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: torch.Tensor, ctx, kv) -> torch.Tensor:
-    """h + attn(norm h) for one token, h [B, 1, d]: fused kernels where the attention is fusable."""
+    """h + attn(norm h) for one token, h [B, 1, d]: fused kernels where the attention is fusable. Where the ring
+    kernel attends, q, k, v come from one plain ``gemv`` over the three stacked projections (spread over many
+    programs) and the ring kernel applies the heads' norms and RoPE; elsewhere ``qkv_rope`` does (one program per
+    head)."""
     if not attention_fusable(norm, attn):
         return h + attn(norm(h), ctx.cos, ctx.sin, ctx.masks[window])
+    if kv.ring_kernel_applies(window, h, attn.head_dim):
+        from kernels.decode.reference import HeadRope
+        from kernels.decode.triton_block import gemv
+
+        qkv = gemv(h, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], norm_w=norm.weight, eps=norm.eps)
+        B, D = h.shape[0], attn.head_dim
+        q, k, v = qkv.view(B, 1, -1, D).split([attn.n_heads, attn.n_kv_heads, attn.n_kv_heads], dim=2)
+        rope = HeadRope(ctx.cos, ctx.sin, _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), norm.eps)
+        return kv.attend_and_project(attn, q, k, v, window, attn.o_proj.weight, h, rope)
     q, k, v = attention_inputs(norm, attn, h, ctx.cos, ctx.sin)
     return kv.attend_and_project(attn, q, k, v, window, attn.o_proj.weight, h)
 
@@ -129,3 +142,4 @@ def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch
     if ffn_fusable(block.ffn_norm, block.ffn):
         return feed_forward(block, h)
     return h + block.ffn(block.ffn_norm(h))
+

@@ -407,8 +407,10 @@ class HSATransformer(nn.Module):
             masks = {w: AttentionMask(w, kv_cache=kv) for w in windows}
         else:
             masks = {w: build_mask(T, w, doc_ids, device, backend) for w in windows}
-        positions = kv.positions(T, device) if kv is not None else torch.arange(T, device=device)
-        cos, sin = self.rotary.cos_sin(positions)
+        if kv is not None:
+            cos, sin = kv.cos_sin(self.rotary, T, device)
+        else:
+            cos, sin = self.rotary.cos_sin(torch.arange(T, device=device))
         # q_start: an int, or (static-shape decoding) a 0-d tensor on the device
         return Context(cos, sin, masks, doc_ids, kv.q_start if kv is not None else 0)
 
@@ -425,8 +427,10 @@ class HSATransformer(nn.Module):
         B, T = input_ids.shape
         if state is not None and doc_ids is not None:
             raise ValueError("document masking is not supported while decoding with a DecodeState")
-        ctx = self.make_context(T, input_ids.device, doc_ids, state.kv if state is not None else None)
+        # the embedding first: a decoding step's rotary kernel (``StaticKVCache.cos_sin``) then launches with PDL
+        # right before the first block's, which can load its weights while it runs
         h = self.embed(input_ids)
+        ctx = self.make_context(T, input_ids.device, doc_ids, state.kv if state is not None else None)
         for block in self.lower:
             h = block(h, ctx, None)
         if self.memory is None:

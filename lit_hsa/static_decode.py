@@ -76,6 +76,14 @@ class StaticKVCache:
     def positions(self, n: int, device) -> torch.Tensor:
         return self.pos_t + torch.arange(n, device=device)
 
+    def cos_sin(self, rotary: nn.Module, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rotary``'s cos, sin [n, D/2] at the next n positions: one kernel for a fused step's token."""
+        if self.fuse_blocks and n == 1:
+            from kernels.decode.triton_block import rope_cos_sin
+
+            return rope_cos_sin(self.pos_t, rotary.inv_freq)
+        return rotary.cos_sin(self.positions(n, device))
+
     def compile(self, backend: str = "inductor") -> None:
         self.step_attention = compiled_write_and_attend(backend)
         self.compiled = True
@@ -89,7 +97,7 @@ class StaticKVCache:
         if q.shape[1] != 1:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
-        if self._ring_kernel(window, q, ck):
+        if self.ring_kernel_applies(window, q, q.shape[-1]):
             from kernels.decode.triton_ring import ring_attention_triton
 
             return ring_attention_triton(q, k, v, ck, cv, self.pos_t, self._ring_locks(ck))
@@ -104,23 +112,29 @@ class StaticKVCache:
         return block_step(block, h, ctx, self, memory)
 
     def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
-                           residual: torch.Tensor) -> torch.Tensor:
+                           residual: torch.Tensor, rope=None) -> torch.Tensor:
         """residual [B, 1, d] + attend(q, k, v) · w_outᵀ → [B, 1, d]. Ring steps on the kernel merge the attention
-        inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``)."""
+        inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``). ``rope``
+        (a ``kernels.decode.reference.HeadRope``; only where ``ring_kernel_applies``): q and k are raw projections
+        whose per-head norms and RoPE the ring kernel applies."""
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
-        if self._ring_kernel(window, q, ck):
+        if self.ring_kernel_applies(window, q, q.shape[-1]):
             from kernels.decode.triton_ring import ring_attention_out_proj
 
-            return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck))
+            return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck),
+                                           rope=rope)
+        if rope is not None:
+            raise ValueError("attend_and_project: raw q/k (rope) are for steps on the ring kernel only")
         from kernels.decode.triton_block import gemv
 
         o = self.attend(layer, q, k, v, window)
         return gemv(o.flatten(2), w_out, residual=residual).view_as(residual)
 
-    def _ring_kernel(self, window: int | None, q: torch.Tensor, ck: torch.Tensor) -> bool:
-        """Whether this step's ring write and attention take the Triton kernel: ring caches only, where it beats the
-        alternative (the reference, compiled when the step is; ``kernels.decode.use_ring_kernel``)."""
-        return window is not None and use_ring_kernel(q, ck, compiled_fallback=self.compiled)
+    def ring_kernel_applies(self, window: int | None, x: torch.Tensor, head_dim: int) -> bool:
+        """Whether a step of the layer with ``window`` (None: full attention), in x's dtype and device, takes the ring
+        kernel: ring caches only, where it beats the alternative (the reference, compiled when the step is;
+        ``kernels.decode.use_ring_kernel``)."""
+        return window is not None and use_ring_kernel(x, head_dim, window, compiled_fallback=self.compiled)
 
     def _ring_locks(self, ck: torch.Tensor) -> torch.Tensor:
         """The ring kernel's per-(sequence, KV head) counters (it leaves them zero), one buffer for every layer: made
@@ -212,7 +226,12 @@ class StaticDecodeState:
     def memory_after(self, chunk_memory: nn.Module, h: torch.Tensor) -> Memory:
         """h: [B, 1, d] joins the current chunk; on the step that completes it, the chunk is encoded into its slot."""
         S, pos = self.chunk_size, self.kv.pos_t
-        self.pending.index_copy_(1, (pos % S).view(1), h.to(self.pending.dtype))
+        if self.kv.fuse_blocks:  # the fused step's kernels: one launch, which the next kernel's prefetch overlaps
+            from kernels.decode.triton_block import write_slot
+
+            write_slot(self.pending, h, pos)
+        else:
+            self.pending.index_copy_(1, (pos % S).view(1), h.to(self.pending.dtype))
         if self.completes_chunk:
             new = chunk_memory(self.pending)
             c = (pos // S).view(1)

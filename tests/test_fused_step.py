@@ -77,30 +77,86 @@ def test_gemv_sums_partial_inputs():
 
 
 @kernel_test
-@pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_max", [
-    (2, 10, 2, 16, 130, 16, None), (1, 4, 4, 16, 40, 64, None), (2, 10, 2, 16, 130, 16, 0)])
-def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys, merge_max, monkeypatch):
+def test_gemv_stacks_matrices():
+    """w as a list of matrices (q, k, v projections): their rows stacked, with row blocks straddling the seams."""
+    gen = torch.Generator().manual_seed(4)
+    x, norm_w = randn(2, 1, 200, gen=gen), (torch.rand(200, generator=gen) + 0.5).to(DEV)
+    for sizes in ((40, 3, 5), (16, 24)):
+        ws = [randn(n, 200, gen=gen) for n in sizes]
+        torch.testing.assert_close(gemv(x, ws, norm_w=norm_w, eps=1e-6),
+                                   gemv_reference(x, torch.cat(ws), norm_w=norm_w, eps=1e-6), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="up to three"):
+        gemv(x, [ws[0]] * 4)
+
+
+@kernel_test
+@pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_max,rope", [
+    (2, 10, 2, 16, 130, 16, None, None), (1, 4, 4, 16, 40, 64, None, None), (2, 10, 2, 16, 130, 16, 0, None),
+    (2, 10, 2, 16, 130, 16, None, "norm"), (1, 4, 4, 16, 40, 64, None, "plain"), (2, 10, 2, 16, 130, 16, 0, "norm")])
+def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys, merge_max, rope, monkeypatch):
     """The ring step with the output projection merging the ranges' partials (9 ranges, some empty at early
     positions; or one), before and after the ring's first lap: output and written slots as the reference's. With
-    more partials than the projection merges (a bound of 0 here), the ring kernel merges and ``gemv`` projects."""
+    more partials than the projection merges (a bound of 0 here), the ring kernel merges and ``gemv`` projects.
+    With ``rope``, q, k are raw projections (views into one [B, (Hq + 2Hkv)·D] buffer, as ``gemv`` of the stacked
+    projections leaves them) and the kernel applies the per-head norms ("norm") or only RoPE ("plain")."""
     from kernels.decode import triton_ring
+    from kernels.decode.reference import HeadRope, norm_rope_reference
 
     if merge_max is not None:
         monkeypatch.setattr(triton_ring, "MERGE_IN_PROJECTION_MAX", merge_max)
     gen = torch.Generator().manual_seed(2)
     d = 24
-    q, k, v = (randn(B, 1, h, D, gen=gen) for h in (Hq, Hkv, Hkv))
+    q, k, v = randn(B, 1, Hq + 2 * Hkv, D, gen=gen).split([Hq, Hkv, Hkv], dim=2)
     ck, cv = (randn(B, Hkv, W, D, gen=gen) for _ in range(2))
     w_out, residual = randn(d, Hq * D, gen=gen), randn(B, 1, d, gen=gen)
+    head_rope, q_in, k_in = None, q, k
+    if rope is not None:
+        angle = torch.rand(1, D // 2, generator=gen).to(DEV) * 6
+        qn, kn = ((torch.rand(D, generator=gen) + 0.5).to(DEV) if rope == "norm" else None for _ in range(2))
+        head_rope = HeadRope(angle.cos(), angle.sin(), qn, kn, 1e-6)
+        q_in, k_in = (norm_rope_reference(x, w, angle.cos(), angle.sin(), 1e-6) for x, w in ((q, qn), (k, kn)))
     for pos in (0, W // 2, W + 3):
         p = torch.tensor(pos, device=DEV)
         rings, ref_rings = (ck.clone(), cv.clone()), (ck.clone(), cv.clone())
-        got = ring_attention_out_proj(q, k, v, *rings, p, w_out, residual, block_keys=block_keys)
-        o = ring_attention_reference(q, k, v, *ref_rings, p)
+        got = ring_attention_out_proj(q, k, v, *rings, p, w_out, residual, block_keys=block_keys, rope=head_rope)
+        o = ring_attention_reference(q_in, k_in, v, *ref_rings, p)
         want = residual + o.reshape(B, 1, -1) @ w_out.T
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"pos {pos}: {m}")
         for g, w in zip(rings, ref_rings):
             torch.testing.assert_close(g, w)
+
+
+@kernel_test
+def test_rope_table_matches_rotary_at_large_positions():
+    """RoPE's cos, sin of one position in one kernel, as ``Rotary.cos_sin``, up to 16M (angles of millions of
+    radians, reduced before the cosine)."""
+    from kernels.decode.triton_block import rope_cos_sin
+    from lit_hsa.attention import Rotary
+
+    for dtype in (torch.float32, torch.bfloat16):  # a model cast to bf16 casts the frequencies too
+        rotary = Rotary(64).to(DEV, dtype)
+        for pos in (0, 5, 1_000_003, 16_777_215):
+            got = rope_cos_sin(torch.tensor(pos, device=DEV), rotary.inv_freq)
+            want = rotary.cos_sin(torch.tensor([pos], device=DEV))
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-6, rtol=0, msg=lambda m: f"pos {pos}, {dtype}: {m}")
+    with pytest.raises(ValueError, match="inv_freq be a float"):
+        rope_cos_sin(torch.tensor(0, device=DEV), torch.arange(4, device=DEV))
+
+
+@kernel_test
+def test_write_slot_writes_the_row_of_the_device_position():
+    from kernels.decode.triton_block import write_slot
+
+    gen = torch.Generator().manual_seed(5)
+    buf, x = randn(2, 8, 24, gen=gen), randn(2, 1, 24, gen=gen)
+    for pos in (3, 8 * 5 + 7):
+        want = buf.clone()
+        want[:, pos % 8] = x[:, 0]
+        write_slot(buf, x, torch.tensor(pos, device=DEV))
+        torch.testing.assert_close(buf, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"must be \[2, 1, 24\]"):
+        write_slot(buf, x[:, :, :5], torch.tensor(0, device=DEV))
 
 
 def test_fused_ops_reject_what_they_do_not_cover():

@@ -32,16 +32,21 @@ RING_KERNEL_MAX_HEAD_DIM_COMPILED = 64
 
 def ring_kernel_fits(q: torch.Tensor, ck: torch.Tensor) -> bool:
     """Shapes and dtypes the Triton kernel covers: fp32/fp16/bf16, a power-of-two head dim in [16, 256]."""
-    D = q.shape[-1]
-    return q.dtype in _FLOATS and ck.dtype in _FLOATS and 16 <= D <= 256 and D & (D - 1) == 0
+    return q.dtype in _FLOATS and ck.dtype in _FLOATS and _head_dim_fits(q.shape[-1])
 
 
-def use_ring_kernel(q: torch.Tensor, ck: torch.Tensor, compiled_fallback: bool = False) -> bool:
-    """Whether a ring step with rings ck [B, Hkv, W, D] takes the kernel: the backend switch sends q's ops to Triton,
-    the kernel covers the shape, and it measured faster than the alternative (``compiled_fallback``: the reference
-    compiled by inductor, else eager) — see the bounds above."""
+def _head_dim_fits(D: int) -> bool:
+    return 16 <= D <= 256 and D & (D - 1) == 0
+
+
+def use_ring_kernel(x: torch.Tensor, head_dim: int, window: int, compiled_fallback: bool = False) -> bool:
+    """Whether a ring step of ``window`` slots takes the kernel, for queries and rings of x's dtype and device (x:
+    any tensor of the step, e.g. q or the block's input): the backend switch sends x's ops to Triton, the kernel
+    covers the shape, and it measured faster than the alternative (``compiled_fallback``: the reference compiled by
+    inductor, else eager) — see the bounds above."""
     from kernels.hsa import use_fast_paths
 
-    if compiled_fallback and q.shape[-1] > RING_KERNEL_MAX_HEAD_DIM_COMPILED:
+    if compiled_fallback and head_dim > RING_KERNEL_MAX_HEAD_DIM_COMPILED:
         return False
-    return use_fast_paths(q) and ring_kernel_fits(q, ck) and ck.shape[2] <= RING_KERNEL_MAX_WINDOW
+    return (use_fast_paths(x) and x.dtype in _FLOATS and _head_dim_fits(head_dim)
+            and window <= RING_KERNEL_MAX_WINDOW)

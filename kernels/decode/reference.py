@@ -7,6 +7,8 @@ has the same shapes and addresses every time and can be captured in a CUDA graph
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Keys per slice of the probabilities·values product: with one query, that GEMM has [G, D] outputs and a reduction
@@ -58,22 +60,34 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     return x if weight is None else torch.nn.functional.rms_norm(x, (x.shape[-1],), weight.float(), eps)
 
 
+class HeadRope(NamedTuple):
+    """What turns raw q/k projections of one token into attention inputs: per-head RMSNorms (weights [D], or None
+    for none) with ``eps``, then RoPE at the token's position (cos, sin [1, D/2] fp32)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_norm_w: torch.Tensor | None
+    k_norm_w: torch.Tensor | None
+    eps: float
+
+
+def norm_rope_reference(x: torch.Tensor, norm_w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                        eps: float) -> torch.Tensor:
+    """x [..., D] → RoPE(RMSNorm(x)) in fp32 (rope = GPT-NeoX halves: dim i rotates with dim i + D/2); cos, sin
+    [1, D/2]."""
+    c, s = cos.reshape(-1).float(), sin.reshape(-1).float()
+    x1, x2 = _rms_norm(x.float(), norm_w, eps).chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
 def qkv_rope_reference(x, norm_w, wq, wk, wv, q_norm_w, k_norm_w, cos, sin, eps: float):
     """A decoding step's attention inputs (``triton_block.qkv_rope``), in fp32. x: [B, 1, d]; norm_w [d]; wq
     [Hq·D, d], wk, wv [Hkv·D, d]; q/k_norm_w [D] or None; cos, sin [1, D/2] → q [B, 1, Hq, D], k, v [B, 1, Hkv, D]:
     q = rope(n_q(wq·n(x))), k = rope(n_k(wk·n(x))), v = wv·n(x), n = RMSNorm, rope = GPT-NeoX halves."""
     B, D = x.shape[0], 2 * cos.shape[-1]
     n = _rms_norm(x.reshape(B, -1).float(), norm_w, eps)
-    c, s = cos.reshape(-1).float(), sin.reshape(-1).float()
-
-    def heads(w, head_w, rotate):
-        y = (n @ w.float().T).view(B, 1, -1, D)
-        if not rotate:
-            return y
-        y1, y2 = _rms_norm(y, head_w, eps).chunk(2, dim=-1)
-        return torch.cat([y1 * c - y2 * s, y2 * c + y1 * s], dim=-1)
-
-    return heads(wq, q_norm_w, True), heads(wk, k_norm_w, True), heads(wv, None, False)
+    q, k, v = ((n @ w.float().T).view(B, 1, -1, D) for w in (wq, wk, wv))
+    return norm_rope_reference(q, q_norm_w, cos, sin, eps), norm_rope_reference(k, k_norm_w, cos, sin, eps), v
 
 
 def gemv_reference(x, w, *, norm_w=None, eps: float = 0.0, w_up=None, residual=None):

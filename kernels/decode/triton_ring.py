@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_args, wait_for_inputs
-from .triton_block import _rows, autotuned, gemv
+from .reference import HeadRope
+from .triton_block import _head_norm_weights, _norm_rope_rows, _rows, autotuned, gemv
 
 __all__ = ["ring_attention_triton", "ring_attention_out_proj", "ring_splits"]
 
@@ -35,11 +36,11 @@ MERGE_TILE = 8192  # fp32 values of partial outputs the merge loads at once (32 
 
 @triton.jit
 def _ring_decode_kernel(
-    Q, KN, VN, CK, CV, O, POS, PART_M, PART_L, PART_ACC, LOCKS,
-    HKV, G, W, qk_scale, SPLITS, BLOCKS_PER_SPLIT,
+    Q, KN, VN, CK, CV, O, POS, PART_M, PART_L, PART_ACC, LOCKS, COS, SIN, QNW, KNW,
+    HKV, G, W, qk_scale, SPLITS, BLOCKS_PER_SPLIT, eps,
     stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cw,
     D: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr, DOT_PREC: tl.constexpr,
-    MERGE: tl.constexpr, PDL: tl.constexpr,
+    MERGE: tl.constexpr, ROPE: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -54,16 +55,25 @@ def _ring_decode_kernel(
     rows = ring + s_idx.to(tl.int64)[:, None] * stride_cw + offs_d[None, :]
     k = tl.load(CK + rows, mask=(s_idx < W)[:, None], other=0.0)
     v = tl.load(CV + rows, mask=(s_idx < W)[:, None], other=0.0)
+    q_nw, q_nws = _head_norm_weights(QNW, D, ROPE and HEAD_NORM)  # weights: before the wait too
+    k_nw, k_nws = _head_norm_weights(KNW, D, ROPE and HEAD_NORM)
     wait_for_inputs(PDL)
     pos = tl.load(POS).to(tl.int64)
     slot = pos % W
     heads = tl.arange(0, GP)  # GP >= 16 rows for tl.dot; rows past G are masked
     head_ok = heads < G
     q_rows = b.to(tl.int64) * stride_qb + (g * G + heads).to(tl.int64) * stride_qh
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=head_ok[:, None], other=0.0).to(CK.dtype.element_ty)
-    new_row = b.to(tl.int64) * stride_nb + g * stride_nh + offs_d
-    kn = tl.load(KN + new_row).to(CK.dtype.element_ty)
-    vn = tl.load(VN + new_row).to(CV.dtype.element_ty)
+    new_row = b.to(tl.int64) * stride_nb + g * stride_nh
+    if ROPE:  # raw projections (a plain matrix-vector kernel made them): the heads' norms and RoPE happen here
+        q = _norm_rope_rows(Q, q_rows, head_ok, q_nw, q_nws, COS, SIN, eps, D, HEAD_NORM)
+        one = tl.arange(0, 1)
+        kn = tl.sum(_norm_rope_rows(KN, new_row + one, one < 1, k_nw, k_nws, COS, SIN, eps, D, HEAD_NORM), 0)
+    else:
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=head_ok[:, None], other=0.0)
+        kn = tl.load(KN + new_row + offs_d)
+    q = q.to(CK.dtype.element_ty)
+    kn = kn.to(CK.dtype.element_ty)
+    vn = tl.load(VN + new_row + offs_d).to(CV.dtype.element_ty)
     if (slot >= first) & (slot < first + BLOCKS_PER_SPLIT * BW):
         tl.store(CK + ring + slot * stride_cw + offs_d, kn)
         tl.store(CV + ring + slot * stride_cw + offs_d, vn)
@@ -158,12 +168,27 @@ def _check(q, k, v, ck, cv, name: str) -> None:
         raise ValueError(f"{name}: the rings must be contiguous in the head dim with equal strides")
 
 
-def _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys: int, num_warps: int):
+def _rope_args(rope: HeadRope | None, D: int):
+    """The kernel's (cos, sin, q norm weight, k norm weight, eps): cos, sin as [D/2] fp32; the norm weights None
+    without per-head norms (placeholders are passed then: the kernel reads them only with HEAD_NORM)."""
+    if rope is None:
+        return None, None, None, None, 0.0
+    if (rope.q_norm_w is None) != (rope.k_norm_w is None) or rope.cos.numel() != D // 2 or rope.sin.numel() != D // 2:
+        raise ValueError(f"ring attention: rope needs cos, sin of {D // 2} values and both per-head norm weights or "
+                         f"neither, got cos {tuple(rope.cos.shape)}, sin {tuple(rope.sin.shape)}")
+    cos, sin = (t.reshape(-1).float().contiguous() for t in (rope.cos, rope.sin))
+    return cos, sin, rope.q_norm_w, rope.k_norm_w, rope.eps
+
+
+def _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys: int, num_warps: int, rope: HeadRope | None):
     """Launches the ring kernel; merges into ``out`` when given (then ``locks`` are its counters), else only leaves
     the partials. → (m [B·Hkv·splits·GP], l [same], acc [same·D], splits, GP)."""
     B, _, Hq, D = q.shape
     Hkv, W = ck.shape[1], ck.shape[2]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if k.stride() != v.stride():  # the kernel reads both with k's strides
+        k, v = k.contiguous(), v.contiguous()
+    cos, sin, q_norm_w, k_norm_w, eps = _rope_args(rope, D)
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     splits, per_split = ring_splits(W, block_keys)
@@ -174,18 +199,21 @@ def _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys: int, num_warps:
     prec = "ieee" if ck.dtype == torch.float32 else "tf32"
     _ring_decode_kernel[(B * Hkv, splits)](
         q, k, v, ck, cv, out if merge else q, pos, part_m, part_l, part_acc, locks if merge else pos,
-        Hkv, G, W, _LOG2E / math.sqrt(D), splits, per_split,
+        cos, sin, q_norm_w, k_norm_w, Hkv, G, W, _LOG2E / math.sqrt(D), splits, per_split, eps,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
         D=D, GP=GP, BW=block_keys, SP=SP, SC=min(SP, max(1, MERGE_TILE // (GP * D))), DOT_PREC=prec, MERGE=merge,
-        num_warps=num_warps, num_stages=2, **pdl_args(q),
+        ROPE=rope is not None, HEAD_NORM=q_norm_w is not None, num_warps=num_warps, num_stages=2, **pdl_args(q),
     )
     return part_m, part_l, part_acc, splits, GP
 
 
 def ring_attention_triton(q, k, v, ck, cv, pos: torch.Tensor, locks: torch.Tensor | None = None,
-                          block_keys: int = 128, num_warps: int = 8) -> torch.Tensor:
+                          block_keys: int = 128, num_warps: int = 8, rope: HeadRope | None = None) -> torch.Tensor:
     """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at ``pos`` (0-d int tensor), rings ck/cv [B, Hkv, W, D]
-    (written in place) → [B, 1, Hq, D] in q.dtype. Scale 1/sqrt(D).
+    (written in place) → [B, 1, Hq, D] in q.dtype (contiguous). Scale 1/sqrt(D).
+
+    ``rope``: q and k are raw projections (views with unit stride in D will do), and the kernel applies the per-head
+    norms and RoPE (``reference.norm_rope_reference``) before attending and writing k to the ring.
 
     ``locks``: int32 zeros, at least B·Hkv of them, left zero by every call: pass one buffer kept across steps (a
     CUDA graph then holds no memset); by default a fresh one is allocated. Calls sharing a buffer must not run
@@ -196,8 +224,9 @@ def ring_attention_triton(q, k, v, ck, cv, pos: torch.Tensor, locks: torch.Tenso
         locks = torch.zeros(B * Hkv, dtype=torch.int32, device=q.device)
     elif locks.dtype != torch.int32 or locks.numel() < B * Hkv:
         raise ValueError(f"ring_attention_triton: locks must be int32 with at least {B * Hkv} entries")
+    q = q.contiguous()  # the merge writes the output with q's strides
     out = torch.empty_like(q)
-    _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys, num_warps)
+    _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys, num_warps, rope)
     return out
 
 
@@ -245,9 +274,10 @@ _merge_out_proj_tuned = autotuned([triton.Config({"BN": bn}, num_warps=w) for bn
 
 def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Tensor, residual: torch.Tensor,
                             locks: torch.Tensor | None = None, block_keys: int = 128,
-                            num_warps: int = 8) -> torch.Tensor:
+                            num_warps: int = 8, rope: HeadRope | None = None) -> torch.Tensor:
     """The ring step of ``ring_attention_triton`` followed by the output projection and the residual:
-    residual [B, 1, d] + attention(q, ...) [B, Hq·D] · w_out [d, Hq·D]ᵀ → [B, 1, d] in residual's dtype.
+    residual [B, 1, d] + attention(q, ...) [B, Hq·D] · w_out [d, Hq·D]ᵀ → [B, 1, d] in residual's dtype. ``rope``
+    as for ``ring_attention_triton``.
 
     Two launches: the ring kernel leaves its ranges' partials, and the projection's programs merge them as they load
     the attention output (each program merges all heads: a few KB of partials from L2), so no program waits on a
@@ -263,9 +293,10 @@ def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Ten
     res = _rows(residual)  # [B, d], unit stride along d
     HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
     if HP * SP * D > MERGE_IN_PROJECTION_MAX:
-        o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps)
+        o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps, rope)
         return gemv(o.reshape(B, Hq * D), w_out, residual=res).view(B, 1, d)
-    part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps)
+    part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps,
+                                                          rope)
     y = torch.empty_like(res)
     _merge_out_proj_tuned[lambda meta: (triton.cdiv(d, meta["BN"]), B)](
         part_m, part_l, part_acc, w_out, res, y, d, Hq, Hq // ck.shape[1], splits, res.stride(0), y.stride(0),

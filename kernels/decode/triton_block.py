@@ -15,8 +15,8 @@ norm, gate/up, down. Two kernels here cover every projection of such a block:
 So a dense block's step is five kernels: ``gemv`` of the stacked q/k/v projections (the ring kernel then applies
 the head norms and RoPE: ``_norm_rope_rows``; ``qkv_rope`` where another attention follows), attention, ``gemv``
 (o_proj + residual), ``gemv`` (norm, gate, up, SwiGLU), ``gemv`` (down + residual). ``rope_cos_sin`` and
-``write_slot`` save a step's launches around the blocks. Weights are ``nn.Linear``'s ``[out, in]``, contiguous; products
-accumulate in fp32; outputs take the input's dtype (the residual's where one is added).
+``write_slot`` save a step's launches around the blocks. Weights are ``nn.Linear``'s ``[out, in]``, contiguous;
+products accumulate in fp32; outputs take the input's dtype (the residual's where one is added).
 """
 from __future__ import annotations
 
@@ -128,8 +128,9 @@ def _head_norm_weights(NW, D: tl.constexpr, LOAD: tl.constexpr):
 
 @triton.jit
 def _norm_rope_rows(X, rows, ok, nw, nw_swapped, COS, SIN, eps, D: tl.constexpr, HEAD_NORM: tl.constexpr):
-    """Per-head RMSNorm (weight nw [D] fp32 and its halves swapped, ``head_norm_weights``; when HEAD_NORM) and RoPE (COS, SIN [D/2] fp32, GPT-NeoX layout) of the heads
-    at X + rows [R] (D contiguous values each; rows not ``ok`` read as zeros) → [R, D] fp32. Each head is read
+    """Per-head RMSNorm (weight nw [D] fp32 and its halves swapped, from ``_head_norm_weights``; when HEAD_NORM)
+    and RoPE (COS, SIN [D/2] fp32, GPT-NeoX layout) of the heads at X + rows [R] (D contiguous values each; rows
+    not ``ok`` read as zeros) → [R, D] fp32. Each head is read
     twice, the second time with its halves swapped, so the rotation is elementwise in the layout the caller goes on
     with (no shuffle of registers between halves)."""
     cols = tl.arange(0, D)
@@ -185,7 +186,7 @@ def _gemv_kernel(
     rows = pid * BN + tl.arange(0, BN)
     row_ok = rows < N
     w_rows = _weight_rows(W1, W2, W3, rows, N1, N2, K, STACKED)  # [BN, 1] pointers
-    up_rows = _weight_rows(W2, W2, W2, rows, N, N, K, False)  # GATED: the up projection's
+    up_rows = W2 + rows.to(tl.int64)[:, None] * K  # GATED: the up projection's
     cols = tl.arange(0, BK)
     tile_ok = row_ok[:, None] & (cols < K)[None, :]
     w1 = tl.load(w_rows + cols[None, :], mask=tile_ok, other=0.0)  # weights first: see kernels.decode.pdl
@@ -266,8 +267,9 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
 
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos, sin [1, D/2] (fp32) at position ``pos`` (a 0-d int tensor on the device) for frequencies
-    ``inv_freq`` [D/2] (any float dtype; a model cast to bf16 casts it too): ``Rotary.cos_sin(pos.view(1))`` in one launch instead of six (arange, add, cast,
-    multiply, cos, sin), which at batch 1 cost a decoding step ~12 µs (H200)."""
+    ``inv_freq`` [D/2] (any float dtype; a model cast to bf16 casts it too): ``Rotary.cos_sin(pos.view(1))`` in one
+    launch instead of six (arange, add, cast, multiply, cos, sin), which at batch 1 cost a decoding step ~12 µs
+    (H200)."""
     if pos.numel() != 1 or not inv_freq.is_floating_point() or inv_freq.dim() != 1:
         raise ValueError(f"rope_cos_sin: pos must hold one position and inv_freq be a float [D/2], got "
                          f"{tuple(pos.shape)} / {inv_freq.dtype} {tuple(inv_freq.shape)}")
@@ -310,9 +312,14 @@ def autotuned(configs: list, key: list[str], interpreted: "triton.Config", prune
     return triton.autotune(configs=configs, key=key, **kwargs)
 
 
+def _input_width(named_args) -> int:
+    """The widest K block worth a tile: the input rounded up to a power of two (at least 64)."""
+    return max(64, triton.next_power_of_2(named_args["K"]))
+
+
 def _fitting_k(configs, named_args, **kwargs):
     """Drops K blocks wider than the input (past one block covering it)."""
-    width = max(64, triton.next_power_of_2(named_args["K"]))
+    width = _input_width(named_args)
     fit = [c for c in configs if c.kwargs["BK"] <= width]
     return fit or configs[:1]
 
@@ -338,7 +345,7 @@ def _prefetching_tiles(configs, named_args, **kwargs):
     chained `small` step at 1M (H200): the down projection (K = 2560) took 3.6 µs of the step with (2, 2048)
     tiles, 2.0-2.6 with (1, 4096) or (2, 4096); gate/up (K = 640) 3.4-3.6 with (4, 512) tiles, 4.7-5.9 with
     full-width ones."""
-    width = max(64, triton.next_power_of_2(named_args["K"]))
+    width = _input_width(named_args)
     gated = kwargs.get("GATED", named_args.get("GATED"))  # constexprs come as keywords
     fit = []
     for target in (width // 2 if gated else width, width):

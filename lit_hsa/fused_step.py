@@ -94,30 +94,32 @@ def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | Non
 
 def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
     """Whether an ``HSABlock``'s step takes the fused kernels (``kernels.decode.triton_hsa`` for retrieval and HSA
-    attention): plain projections and norms, no document masking, the memory on the device, power-of-two chunk size
-    and head dim, and, where the alternative is the modules compiled (``compiled``), at most ``MAX_CHUNKS`` chunks
-    (longer ones are as fast that way). Otherwise the block runs its modules, compiled with the model where it is."""
+    attention): plain projections and norms, the plain per-chunk softmax, no document masking, the memory on the
+    device, power-of-two chunk size and head dim, and, where the alternative is the modules compiled (``compiled``),
+    at most ``MAX_CHUNKS`` chunks (longer ones are as fast that way). Otherwise the block runs its modules, compiled
+    with the model where it is."""
     from kernels.decode import triton_hsa
 
     ret, cfg = block.retrieval, block.cfg
     pow2 = all(n >= 16 and n & (n - 1) == 0 for n in (cfg.chunk_size, cfg.head_dim))
     return (pow2 and not block.training and ctx.doc_ids is None and not memory.offloaded
+            and not cfg.softmax_off_by_one  # the decoding kernel has the plain per-chunk softmax only
             and 0 < memory.n_chunks and (memory.n_chunks <= triton_hsa.MAX_CHUNKS or not compiled)
             and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)
             and isinstance(ret.q_norm, (RMSNorm, nn.Identity)) and isinstance(block.hsa_norm, RMSNorm)
             and isinstance(block.q_norm, RMSNorm))
 
 
-def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory) -> torch.Tensor:
+def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieval: torch.Tensor) -> torch.Tensor:
     """h + o_proj(HSA(norm h)) of a fusable ``HSABlock`` for one token, h [B, 1, d], in five launches: retrieval
-    query (``gemv``), chunk scores and top k, selection and fusion weights (``select_chunks_decode``), HSA query
-    (``gemv``), attention to the selected chunks (``hsa_chunks_decode``), output projection summing its partial
-    outputs, plus h (``gemv``)."""
+    query from ``h_retrieval`` [B, 1, d] (the block's input; ``gemv``), chunk scores and top k, selection and
+    fusion weights (``select_chunks_decode``), HSA query (``gemv``), attention to the selected chunks
+    (``hsa_chunks_decode``), output projection summing its partial outputs, plus h (``gemv``)."""
     from kernels.decode.triton_block import gemv
     from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode
 
     cfg, ret = block.cfg, block.retrieval
-    q_slc = gemv(h, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)
+    q_slc = gemv(h_retrieval, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)
     _, indices, weights = select_chunks_decode(q_slc, _head_norm_weight(ret.q_norm), getattr(ret.q_norm, "eps", 0.0),
                                                memory.landmarks, kv.pos_t, cfg.hsa_topk, cfg.chunk_size, cfg.fusion,
                                                ret.pos_decay)
@@ -132,9 +134,10 @@ def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch
     """One decoding step of ``block`` (a ``model.Block`` or ``model.HSABlock``): h [B, 1, d] → [B, 1, d]; ``kv``:
     the ``StaticKVCache``; ``memory``: the chunk memory (HSA blocks)."""
     if hasattr(block, "retrieval"):  # an HSABlock, which steps here only where ``hsa_fusable``
+        h_in = h  # the retrieval reads the block's input, before the SWA sub-layer
         if block.swa_window is not None:
             h = attention_step(block.swa_norm, block.swa, block.swa_window, h, ctx, kv)
-        h_o = hsa_attention_step(block, h, kv, memory)
+        h_o = hsa_attention_step(block, h, kv, memory, h_in)
         if ffn_fusable(block.ffn_norm, block.ffn):
             return feed_forward(block, h_o, block.ffn_residual(h, h_o))
         return block.feed_forward(h, h_o)

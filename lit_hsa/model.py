@@ -277,7 +277,8 @@ class Retrieval(nn.Module):
 
 
 class HSABlock(nn.Module):
-    """[h += SWA(norm h)] ; retrieval ; o = HSA(norm h) ; bypass: h + FFN(norm(h + o)) | standard: h += o; h += FFN."""
+    """retrieval(h) ; [h += SWA(norm h)] ; o = HSA(norm h) ; bypass: h + FFN(norm(h + o)) | standard: h += o;
+    h += FFN."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, swa_window: int | None):
         """swa_window: window of the SWA sub-layer (None: no sub-layer, i.e. model.hsa_layer_swa is false)."""
@@ -301,23 +302,28 @@ class HSABlock(nn.Module):
         # static decoding: the step in fused kernels (lit_hsa.fused_step)
         if kv is not None and kv.fuse_blocks and hsa_fusable(self, ctx, memory, kv.compiled):
             return kv.block_step(self, h, ctx, memory)
+        h_in = h  # the retrieval reads the block's input, before the SWA sub-layer (spec §2)
         if self.swa_window is not None:
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
-        return self.feed_forward(h, h + self.hsa_output(h, ctx, memory))
+        return self.feed_forward(h, h + self.hsa_output(h, ctx, memory, h_in))
 
-    def hsa_output(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
-        """o = o_proj(HSA(norm h)) with the chunks the retrieval selects: h [B, T, d] → [B, T, d]."""
+    def hsa_output(self, h: torch.Tensor, ctx: Context, memory: Memory,
+                   h_retrieval: torch.Tensor | None = None) -> torch.Tensor:
+        """o = o_proj(HSA(norm h)) with the chunks the retrieval selects from ``h_retrieval`` (the block's input;
+        default h): h [B, T, d] → [B, T, d]."""
         cfg = self.cfg
         B, T, _ = h.shape
         if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
             return torch.zeros_like(h)
-        weights, indices = self.retrieval(h, memory, ctx.doc_ids, ctx.q_start)
+        h_retrieval = h if h_retrieval is None else h_retrieval
+        weights, indices = self.retrieval(h_retrieval, memory, ctx.doc_ids, ctx.q_start)
         self.last_selection = (weights.detach(), indices.detach())
         q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
         if memory.offloaded:
             memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
         attend = hsa_attention_reference if static_step(ctx.q_start) else hsa_attention
-        o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size)
+        o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
+                   off_by_one=cfg.softmax_off_by_one)
         return self.o_proj(o.reshape(B, T, -1))
 
     def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,10 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         out_sorted = self._run_experts(xf[token_of], counts)
         out_sorted = out_sorted * gates.flatten()[order, None].to(out_sorted.dtype)
-        y = torch.zeros_like(xf).index_add_(0, token_of, out_sorted)
+        # Under autocast the experts return bf16 while xf is fp32: the k contributions of a token are summed in the
+        # wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
+        acc_dtype = torch.promote_types(xf.dtype, out_sorted.dtype)
+        y = xf.new_zeros(xf.shape, dtype=acc_dtype).index_add_(0, token_of, out_sorted.to(acc_dtype))
 
         if self.training:
             self.load_accum += counts.to(self.load_accum.dtype)

@@ -154,6 +154,8 @@ class StaticKVCache:
                 self._slots[window] = ring_slot_and_mask(self.pos_t, window)
         return self._slots[window]
 
+    # The caches take the dtype of the step's own keys, and the prefilled ones are cast into it: a prefill under
+    # autocast leaves bf16 caches, while fused steps compute in the weights' dtype (Triton kernels ignore autocast).
     def _full(self, layer, k):
         if layer not in self.full:
             B, _, Hkv, D = k.shape
@@ -161,7 +163,8 @@ class StaticKVCache:
             ck, cv = (k.new_zeros(B, Hkv, capacity, D) for _ in range(2))
             if (grown := self.source.buffers.pop(layer, None)) is not None:
                 n = grown.length
-                ck[:, :, :n], cv[:, :, :n] = grown.k[:, :n].transpose(1, 2), grown.v[:, :n].transpose(1, 2)
+                ck[:, :, :n] = grown.k[:, :n].transpose(1, 2).to(ck.dtype)
+                cv[:, :, :n] = grown.v[:, :n].transpose(1, 2).to(cv.dtype)
             self.full[layer] = (ck, cv)
         return self.full[layer]
 
@@ -172,7 +175,8 @@ class StaticKVCache:
             if (past := self.source.layers.pop(layer, None)) is not None:  # positions pos-n .. pos-1
                 n = past[0].shape[1]
                 slots = torch.arange(self.pos - n, self.pos, device=k.device) % window
-                ck[:, :, slots], cv[:, :, slots] = past[0].transpose(1, 2), past[1].transpose(1, 2)
+                ck[:, :, slots] = past[0].transpose(1, 2).to(ck.dtype)
+                cv[:, :, slots] = past[1].transpose(1, 2).to(cv.dtype)
             self.rings[layer] = (ck, cv)
         return self.rings[layer]
 

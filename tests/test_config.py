@@ -52,6 +52,7 @@ def test_yaml_and_overrides_merge(tmp_path):
         (["model.name=huge"], "unknown preset 'huge'"),
         (["ckpt_path=missing.ckpt"], "ckpt_path 'missing.ckpt' does not exist"),
         (["trainer.max_steps"], "dotted.key=value"),
+        (["data.document_masking=true"], "needs data.align_docs_to_chunks=true"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -218,6 +218,37 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     assert len(calls) == 8 * len(blocks) and set(calls) == set(blocks)
 
 
+@kernel_test
+@pytest.mark.parametrize("variant", ["hsa", "full"])
+def test_static_decoding_after_an_autocast_prefill(variant):
+    """What ``experiment`` evaluates with: fp32 weights, prefill and steps under bf16 autocast. The prefill leaves
+    bf16 caches while the fused blocks compute in the weights' dtype (Triton ignores autocast); the static caches
+    take the steps' dtype, and the logits stay within 5% of the fp32 forward's (bf16 rounding of the prefill).
+    Before, the first step failed to copy the bf16 ring into its fp32 cache."""
+    from lit_hsa.generate import prefill
+    from lit_hsa.model import HSATransformer
+    from lit_hsa.static_decode import GraphDecoder
+    from tests.test_model import VOCAB, tiny
+    from tests.test_precision import assert_close_to_scale
+
+    # chunk size 8: the HSA blocks run their modules (no SWA sub-layer, so no bf16 ring kernel, which the
+    # interpreter cannot run); every dense block steps through the fused fp32 kernels
+    model = HSATransformer(tiny(attention=variant, hsa_topk=3, head_dim=16, swa_window=4, first_dense_layers=2))
+    model = model.to(DEV).eval()
+    x = torch.randint(0, VOCAB, (1, 21), device=DEV)
+    with torch.no_grad():
+        want = model(x)[:, 13:]
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            _, state = prefill(model, x[:, :13], segment_size=5)
+            hsa.set_backend("triton")
+            try:
+                decoder = GraphDecoder(model, state, max_len=21)
+                got = torch.stack([decoder.step(x[:, t]) for t in range(13, 21)], dim=1)
+            finally:
+                hsa.set_backend("auto")
+    assert_close_to_scale(got, want, "logits")
+
+
 def test_fused_blocks_only_where_the_backend_runs_triton():
     from lit_hsa.generate import prefill
     from lit_hsa.model import HSATransformer

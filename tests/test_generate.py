@@ -6,10 +6,11 @@ from lit_hsa.model import DecodeState, HSATransformer
 from tests.test_model import VOCAB, tiny
 
 VARIANTS = {"hsa": dict(hsa_layer_swa=True, hsa_swa_window=4), "swa": dict(attention="swa"),
-            "full": dict(attention="full")}
+            "full": dict(attention="full"), "hsa-off-by-one": dict(softmax_off_by_one=True)}
 
 
-@pytest.mark.parametrize("variant,offload", [("hsa", False), ("hsa", True), ("swa", False), ("full", False)])
+@pytest.mark.parametrize("variant,offload", [("hsa", False), ("hsa", True), ("swa", False), ("full", False),
+                                             ("hsa-off-by-one", False)])
 def test_incremental_decoding_equals_full_forward(variant, offload):
     """Segments of odd sizes and single tokens, across chunk and window boundaries, give the full forward's logits;
     also with the chunk K/V offloaded (only the selected chunks fetched)."""

@@ -168,6 +168,8 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
     memory = lambda C, offloaded=False: Memory(torch.zeros(1, C, 1, 16), torch.zeros(1, 16 * C, 1, 16),  # noqa: E731
                                                torch.zeros(1, 16 * C, 1, 16), offloaded)
     assert hsa_fusable(block, ctx, memory(4)) and not hsa_fusable(block, ctx, memory(4, offloaded=True))
+    off_by_one = HSATransformer(tiny(moe=False, chunk_size=16, head_dim=16, softmax_off_by_one=True)).eval()
+    assert not hsa_fusable(off_by_one.hsa_blocks()[0], ctx, memory(4))  # the decoding kernel has no +1
     monkeypatch.setattr(triton_hsa, "MAX_CHUNKS", 2)
     assert hsa_fusable(block, ctx, memory(2), compiled=True) and not hsa_fusable(block, ctx, memory(3), compiled=True)
     assert hsa_fusable(block, ctx, memory(3))

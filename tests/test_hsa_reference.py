@@ -7,7 +7,7 @@ import torch
 from kernels.hsa import hsa_attention, select_chunks
 
 
-def brute_force_hsa(q, k, v, weights, indices, S, sm_scale=None):
+def brute_force_hsa(q, k, v, weights, indices, S, sm_scale=None, off_by_one=False):
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv
@@ -23,7 +23,8 @@ def brute_force_hsa(q, k, v, weights, indices, S, sm_scale=None):
                         continue
                     kc = k[b, c * S : (c + 1) * S, g].double()
                     vc = v[b, c * S : (c + 1) * S, g].double()
-                    p = torch.softmax(kc @ q[b, t, h].double() * scale, dim=0)
+                    e = (kc @ q[b, t, h].double() * scale).exp()
+                    p = e / (e.sum() + (1.0 if off_by_one else 0.0))
                     out[b, t, h] += weights[b, t, g, j].double() * (p @ vc)
     return out
 
@@ -68,13 +69,18 @@ def make_problem(B, T, Hq, Hkv, D, S, K, dtype=torch.float64, seed=0):
     return q, k, v, w, idx
 
 
+@pytest.mark.parametrize("off_by_one", [False, True])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (16, 1)])
-def test_hsa_matches_brute_force(Hq, Hkv):
+def test_hsa_matches_brute_force(Hq, Hkv, off_by_one):
     S, K = 4, 3
     q, k, v, w, idx = make_problem(2, 20, Hq, Hkv, 8, S, K)
-    ref = brute_force_hsa(q, k, v, w, idx, S)
-    out = hsa_attention(q, k, v, w, idx, chunk_size=S)
+    ref = brute_force_hsa(q, k, v, w, idx, S, off_by_one=off_by_one)
+    out = hsa_attention(q, k, v, w, idx, chunk_size=S, off_by_one=off_by_one)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    # large scores: the row maximum, not the +1, sets the exponent shift
+    ref = brute_force_hsa(q * 20, k, v, w, idx, S, off_by_one=off_by_one)
+    torch.testing.assert_close(hsa_attention(q * 20, k, v, w, idx, chunk_size=S, off_by_one=off_by_one), ref,
+                               atol=1e-10, rtol=1e-10)
 
 
 def test_hsa_sm_scale_and_low_precision_dtype():

@@ -53,7 +53,7 @@ def make_problem(B, T, Hq, Hkv, D, S, K, Tk=None, dtype=torch.float32, device=DE
     return q, k, v, w, idx
 
 
-def run_both(q, k, v, w, idx, S, sm_scale=None, seed=1, strategy="auto"):
+def run_both(q, k, v, w, idx, S, sm_scale=None, seed=1, strategy="auto", off_by_one=False):
     """(out, grads) of the Triton kernel (with the given strategy) and of the reference for the same upstream
     gradient."""
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, w)]
@@ -61,10 +61,10 @@ def run_both(q, k, v, w, idx, S, sm_scale=None, seed=1, strategy="auto"):
     saved = CONFIG["strategy"]
     CONFIG["strategy"] = strategy
     try:
-        out = hsa_attention_triton(*leaves, idx, chunk_size=S, sm_scale=sm_scale)
+        out = hsa_attention_triton(*leaves, idx, chunk_size=S, sm_scale=sm_scale, off_by_one=off_by_one)
     finally:
         CONFIG["strategy"] = saved
-    ref = hsa_attention_reference(*ref_leaves, idx, chunk_size=S, sm_scale=sm_scale)
+    ref = hsa_attention_reference(*ref_leaves, idx, chunk_size=S, sm_scale=sm_scale, off_by_one=off_by_one)
     gen = torch.Generator().manual_seed(seed)
     do = torch.randn(ref.shape, generator=gen).to(q.device)
     grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
@@ -122,6 +122,19 @@ def test_large_topk_and_long_chunks(strategy):
     # top-k 20 of up to 7 visible chunks (most slots empty) with chunk size 32.
     q, k, v, w, idx = make_problem(1, 256, 4, 4, 16, 32, 20)
     assert_all_close(*run_both(q, k, v, w, idx, 32, strategy=strategy))
+
+
+@kernel_test
+@STRATEGIES
+@pytest.mark.parametrize("score_scale", [1.0, 8.0])
+def test_softmax_off_by_one_matches_reference(strategy, score_scale):
+    """The per-chunk softmax with +1 in its denominator (spec §2 option): small scores (the +1 dominates) and large
+    ones (the row maximum does, so the kernel must not overflow or lose the +1's exponent shift)."""
+    q, k, v, w, idx = make_problem(2, 64, 4, 2, 16, 16, 3, seed=3)
+    assert_all_close(*run_both(q * score_scale, k, v, w, idx, 16, strategy=strategy, off_by_one=True))
+    plain = run_both(q, k, v, w, idx, 16, strategy=strategy)[0]
+    shifted = run_both(q, k, v, w, idx, 16, strategy=strategy, off_by_one=True)[0]
+    assert not torch.allclose(plain, shifted, atol=1e-3)  # the option changes the result
 
 
 @kernel_test

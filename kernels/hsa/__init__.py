@@ -115,6 +115,7 @@ def hsa_attention(
     indices: torch.Tensor,
     chunk_size: int = 64,
     sm_scale: float | None = None,
+    off_by_one: bool = False,
 ) -> torch.Tensor:
     """q: [B, T, Hq, D], k/v: [B, Tk, Hkv, D], weights/indices: [B, T, Hkv, K] → o: [B, T, Hq, D].
 
@@ -125,8 +126,8 @@ def hsa_attention(
     if use_fast_paths(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights) and not _capturing():
         from .triton_attention import hsa_attention_triton
 
-        return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale)
-    return hsa_attention_reference(q, k, v, weights, indices, chunk_size, sm_scale)
+        return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one=off_by_one)
+    return hsa_attention_reference(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one)
 
 
 @torch.compiler.disable

@@ -51,10 +51,13 @@ def hsa_attention_reference(
     indices: torch.Tensor,
     chunk_size: int = 64,
     sm_scale: float | None = None,
+    off_by_one: bool = False,
 ) -> torch.Tensor:
     """``o[b,t,h] = Σ_j w[b,t,g,j] · softmax(q[b,t,h] · K_c^T · sm_scale) · V_c`` with ``c = indices[b,t,g,j]``.
 
-    The softmax runs over the ``chunk_size`` keys of chunk ``c`` only. Returns ``o: [B, T, Hq, D]`` in ``q.dtype``.
+    The softmax runs over the ``chunk_size`` keys of chunk ``c`` only; ``off_by_one`` adds 1 to its denominator
+    (``exp(s_i) / (1 + Σ_j exp(s_j))``, spec §2: a chunk with nothing relevant can give little instead of a
+    forced average). Returns ``o: [B, T, Hq, D]`` in ``q.dtype``.
     Differentiable in q, k, v and weights. Memory is ``O(B·T·Hq·K·S)`` for the scores plus a gather of
     ``O(B·T·Hkv·K·S·D)``: fine for CPU-sized problems and for decoding steps (a few queries), which is what this
     path is for.
@@ -83,12 +86,22 @@ def hsa_attention_reference(
 
     qg = q.to(cdt).view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4)  # [B, Hkv, T, G, D]
     scores = (qg @ k_sel.transpose(-1, -2)) * scale  # [B, Hkv, T, G, K·S]
-    probs = scores.view(B, Hkv, T, G, K, S).softmax(dim=-1)  # softmax inside each chunk separately
+    probs = chunk_softmax(scores.view(B, Hkv, T, G, K, S), off_by_one)  # inside each chunk separately
 
     w = (weights.to(cdt) * valid).permute(0, 2, 1, 3)  # [B, Hkv, T, K]; empty slots contribute exactly 0
     # Σ_j w_j · P_j V_j as one matmul: scale each chunk's probabilities by its weight, then multiply by all K·S values.
     out = (probs * w[:, :, :, None, :, None]).view(B, Hkv, T, G, K * S) @ v_sel  # [B, Hkv, T, G, D]
     return out.permute(0, 2, 1, 3, 4).reshape(B, T, Hq, D).to(q.dtype)
+
+
+def chunk_softmax(scores: torch.Tensor, off_by_one: bool = False) -> torch.Tensor:
+    """Softmax over the last dim (one chunk's keys); ``off_by_one``: ``exp(s_i) / (1 + Σ_j exp(s_j))``, i.e. a
+    virtual extra key of score 0 and value 0."""
+    if not off_by_one:
+        return scores.softmax(dim=-1)
+    m = scores.amax(dim=-1, keepdim=True).clamp_min(0)
+    e = (scores - m).exp()
+    return e / (e.sum(dim=-1, keepdim=True) + (-m).exp())
 
 
 def check_select_inputs(q_slc, landmarks, topk: int, chunk_size: int, doc_ids) -> None:

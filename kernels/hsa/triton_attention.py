@@ -83,12 +83,19 @@ def _load_chunk(K, V, b64, c, g, stride_kb, stride_kt, stride_kh, S: tl.constexp
 
 
 @triton.jit
-def _chunk_exp(q, kt, qk_scale, DOT_PREC: tl.constexpr):
+def _chunk_exp(q, kt, qk_scale, DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr):
     """Unnormalised softmax of every row over the chunk's S keys: q [M, D], kt [D, S] → (exp [M, S], row sums [M]),
-    so a row's probabilities are exp / sums (fp32)."""
+    so a row's probabilities are exp / sums (fp32). OFF_BY_ONE: the sums include a virtual key of score 0 (value 0):
+    the backward's formulas hold unchanged with these probabilities."""
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # log2 domain
-    pe = tl.math.exp2(s - tl.max(s, 1)[:, None])
-    return pe, tl.sum(pe, 1)
+    m = tl.max(s, 1)
+    if OFF_BY_ONE:
+        m = tl.maximum(m, 0.0)
+    pe = tl.math.exp2(s - m[:, None])
+    l = tl.sum(pe, 1)
+    if OFF_BY_ONE:
+        l += tl.math.exp2(-m)
+    return pe, l
 
 
 # ------------------------------------------------------------------------------------------------ chunk-major
@@ -136,7 +143,7 @@ def _hsa_fwd_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     """One item: every pair's ``w · softmax · V`` [HB heads, D] into its own row block of PART (no atomics)."""
     start, count, part, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
@@ -151,7 +158,7 @@ def _hsa_fwd_kernel(
                                                   stride_qb, stride_qt, stride_qh, HB, BP, D)
         w = tl.load(W + p, mask=row_ok, other=0.0).to(tl.float32)
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC)
+        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC, OFF_BY_ONE)
         pw = pe * (w / l)[:, None]  # [M, S] weight · softmax
         o = tl.dot(pw.to(v.dtype), v, input_precision=DOT_PREC)  # [M, D]
         tl.store(PART + part_rows[:, None] + offs_d[None, :], o.to(PART.dtype.element_ty), mask=row_ok[:, None])
@@ -164,7 +171,7 @@ def _hsa_bwd_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BP: tl.constexpr,
-    COMPUTE_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     """One item: dK/dV of its chunk (registers, added once), and with COMPUTE_DQ each pair's dq part into PART and
     its ∂L/∂w."""
@@ -186,7 +193,7 @@ def _hsa_bwd_kernel(
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
-        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC)
+        pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC, OFF_BY_ONE)
         prob = pe / l[:, None]  # [M, S] exact chunk softmax
         dpv = tl.dot(do, vt, input_precision=DOT_PREC)  # [M, S]
         delta = tl.sum(prob * dpv, 1)  # [M] = O_j · dO of the row
@@ -284,7 +291,7 @@ def _hsa_fwd_qm_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
         Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
@@ -293,7 +300,7 @@ def _hsa_fwd_qm_kernel(
     for u in range(0, n_union):
         c = tl.load(UNION + union_start + u)
         _, k, v = _load_chunk(K, V, b.to(tl.int64), c, g, stride_kb, stride_kt, stride_kh, S, D)
-        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC)
+        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC, OFF_BY_ONE)
         pw = pe * (_row_weights(idx, w, c, HB, BT) / l)[:, None]
         acc = tl.dot(pw.to(v.dtype), v, acc, input_precision=DOT_PREC)
     tl.store(O + q_rows[:, None] + offs_d[None, :], acc.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -306,7 +313,7 @@ def _hsa_bwd_qm_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
         Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
@@ -317,7 +324,7 @@ def _hsa_bwd_qm_kernel(
     for u in range(0, n_union):
         c = tl.load(UNION + union_start + u)
         _, k, v = _load_chunk(K, V, b.to(tl.int64), c, g, stride_kb, stride_kt, stride_kh, S, D)
-        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC)
+        pe, l = _chunk_exp(q, tl.trans(k), qk_scale, DOT_PREC, OFF_BY_ONE)
         prob = pe / l[:, None]
         dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         delta = tl.sum(prob * dpv, 1)  # [M] = O_c · dO per row
@@ -607,7 +614,8 @@ def _slabs(plan: HSAPlan, cfg: dict, G: int, D: int, out: torch.Tensor | None, l
             )
 
 
-def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str):
+def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str,
+             off_by_one: bool = False):
     B, T, Hq, D = q.shape
     _, Hkv, C, K, G = _common_args(q, k, weights, chunk_size)
     prec = _dot_precision(q.dtype)
@@ -620,7 +628,7 @@ def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, 
             q, k, v, weights, plan.indices, union, counts, o,
             T, Hkv, C, K, G, sm_scale * _LOG2E, counts.shape[1], union.shape[2],
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec,
+            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec, OFF_BY_ONE=off_by_one,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return o
@@ -631,7 +639,7 @@ def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, 
             q, k, v, weights, perm, items, part,
             items.shape[1], T, Hkv, C, K, G, sm_scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            S=chunk_size, D=D, HB=hb, BP=bp, DOT_PREC=prec,
+            S=chunk_size, D=D, HB=hb, BP=bp, DOT_PREC=prec, OFF_BY_ONE=off_by_one,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -639,7 +647,8 @@ def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, 
     return o
 
 
-def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str):
+def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str,
+              off_by_one: bool = False):
     """→ dq, dk, dv, dw (dq in q.dtype, dk/dv/dw fp32)."""
     B, T, Hq, D = q.shape
     _, Hkv, C, K, G = _common_args(q, k, weights, chunk_size)
@@ -657,7 +666,7 @@ def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: fl
             q, k, v, weights, plan.indices, union, counts, do, dq, dw,
             T, Hkv, C, K, G, sm_scale * _LOG2E, sm_scale, counts.shape[1], union.shape[2],
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec,
+            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec, OFF_BY_ONE=off_by_one,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = CONFIG["bwd"]
@@ -667,7 +676,7 @@ def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: fl
             q, k, v, weights, do, perm, items, dk if part is None else part, dk, dv, dw,
             items.shape[1], T, Hkv, C, K, G, sm_scale * _LOG2E, sm_scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            S=chunk_size, D=D, HB=hb, BP=bp, COMPUTE_DQ=not query, DOT_PREC=prec,
+            S=chunk_size, D=D, HB=hb, BP=bp, COMPUTE_DQ=not query, DOT_PREC=prec, OFF_BY_ONE=off_by_one,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -677,22 +686,23 @@ def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: fl
 
 class _HSATriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, plan):
+    def forward(ctx, q, k, v, weights, indices, chunk_size, sm_scale, plan, off_by_one):
         if plan is None:
             plan = build_plan(indices, k.shape[1] // chunk_size)
         strategy = _strategy(plan, q.shape[2] // k.shape[2])
-        o = _forward(q, k, v, weights, plan, chunk_size, sm_scale, strategy)
+        o = _forward(q, k, v, weights, plan, chunk_size, sm_scale, strategy, off_by_one)
         ctx.save_for_backward(q, k, v, weights)
         ctx.plan, ctx.chunk_size, ctx.sm_scale, ctx.strategy = plan, chunk_size, sm_scale, strategy
+        ctx.off_by_one = off_by_one
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, weights = ctx.saved_tensors
         dq, dk, dv, dw = _backward(
-            q, k, v, weights, do.contiguous(), ctx.plan, ctx.chunk_size, ctx.sm_scale, ctx.strategy
+            q, k, v, weights, do.contiguous(), ctx.plan, ctx.chunk_size, ctx.sm_scale, ctx.strategy, ctx.off_by_one
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(weights.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dw.to(weights.dtype), None, None, None, None, None
 
 
 def hsa_attention_triton(
@@ -704,6 +714,7 @@ def hsa_attention_triton(
     chunk_size: int = 64,
     sm_scale: float | None = None,
     plan: HSAPlan | None = None,
+    off_by_one: bool = False,
 ) -> torch.Tensor:
     """Triton HSA. q: [B, T, Hq, D], k/v: [B, Tk, Hkv, D], weights/indices: [B, T, Hkv, K] → o: [B, T, Hq, D].
 
@@ -716,5 +727,6 @@ def hsa_attention_triton(
     _check_kernel_shapes(q, chunk_size)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _HSATriton.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), weights.contiguous(), indices, chunk_size, scale, plan
+        q.contiguous(), k.contiguous(), v.contiguous(), weights.contiguous(), indices, chunk_size, scale, plan,
+        off_by_one,
     )

@@ -2,9 +2,55 @@
 auxiliary-loss-free load balancing with a per-expert selection bias, optional small balance loss."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# How the routed experts' matmuls run: "auto" (grouped where torch.grouped_mm covers the inputs, else a loop over
+# experts), "grouped" or "loop" (benchmarks and tests compare them). Env LIT_HSA_MOE_BACKEND sets the default.
+_BACKENDS = ("auto", "grouped", "loop")
+_backend = os.environ.get("LIT_HSA_MOE_BACKEND", "auto")
+if _backend not in _BACKENDS:
+    raise ValueError(f"LIT_HSA_MOE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
+
+
+def set_expert_backend(name: str) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"expert backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` serves x [n, in] @ w [E, in, out]: rows of 16-byte multiples (both widths), on
+    the CPU (a reference implementation, exact in fp32) or on CUDA for bf16 on Hopper or newer (CUTLASS kernels)."""
+    if _backend == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if not all(n * x.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2])) or x.dtype != w.dtype:
+        return False
+    if x.device.type in ("cpu", "meta"):  # meta: shapes only (memory plans, and the no-synchronisation test)
+        return True
+    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """x: [n, in] with rows grouped by expert, group e ending at row ``group_ends[e]`` (int32 [E], cumulative);
+    w: [E, in, out] → [n, out], the rows of group e times w[e]. One grouped GEMM where it applies (no host
+    synchronisation: the group sizes stay on the device); otherwise a loop over experts, which reads the sizes back
+    to the host (free on the CPU, one synchronisation per call on a GPU)."""
+    if grouped_mm_applies(x, w):
+        return torch._grouped_mm(x, w, offs=group_ends)
+    sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()
+    return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, sizes))])
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # (meta has no autocast)
+    return torch.get_autocast_dtype(device) if on else x.dtype
 
 
 class SwiGLU(nn.Module):
@@ -26,7 +72,8 @@ class MoE(nn.Module):
     Selection uses ``sigmoid(router(x)) + expert_bias``; the gates use the un-biased scores of the chosen experts,
     renormalised to sum to 1. ``expert_bias`` is moved towards balance after each optimizer step by
     ``update_bias(load)`` with the expert load summed over micro-batches and ranks (``load_accum``).
-    Tokens are sorted by expert and each expert runs once on its contiguous slice (no Python loop over tokens).
+    Tokens are sorted by expert and the experts run as grouped matmuls over their contiguous slices
+    (``grouped_matmul``): no Python loop over tokens, and where grouped GEMMs apply no host synchronisation either.
     """
 
     def __init__(self, d_model: int, n_experts: int, experts_per_token: int, expert_hidden: int,
@@ -76,8 +123,10 @@ class MoE(nn.Module):
         flat_expert = chosen.flatten()  # [N*k]
         order = flat_expert.argsort(stable=True)
         token_of = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
-        out_sorted = self._run_experts(xf[token_of], counts)
+        # scatter_add, not bincount: CUDA's bincount reads the input's range back to the host
+        counts = torch.zeros(self.n_experts, dtype=torch.int64, device=xf.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+        out_sorted = self._run_experts(xf[token_of], counts.cumsum(0).to(torch.int32))
         out_sorted = out_sorted * gates.flatten()[order, None].to(out_sorted.dtype)
         # Under autocast the experts return bf16 while xf is fp32: the k contributions of a token are summed in the
         # wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
@@ -105,20 +154,18 @@ class MoE(nn.Module):
         y = (h @ w_down).squeeze(2)  # [N, k, d]
         return (y * gates[..., None].to(y.dtype)).sum(dim=1)
 
-    def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x_sorted: [N*k, d] grouped by expert; counts: [E] → [N*k, d]."""
-        outs = []
-        for e, xe in enumerate(torch.split(x_sorted, counts.tolist())):
-            if xe.shape[0] == 0:
-                continue
-            h = F.silu(self._expert_linear("gate", xe, e)) * self._expert_linear("up", xe, e)
-            outs.append(self._expert_linear("down", h, e))
-        return torch.cat(outs) if outs else x_sorted.new_zeros(x_sorted.shape)
+    def _run_experts(self, x_sorted: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x_sorted: [N*k, d] grouped by expert, group e ending at row ``group_ends[e]`` → [N*k, d], in the matmuls'
+        dtype (autocast's, under autocast)."""
+        x = x_sorted.to(compute_dtype(x_sorted))
+        h = F.silu(self._expert_linear("gate", x, group_ends)) * self._expert_linear("up", x, group_ends)
+        return self._expert_linear("down", h, group_ends)
 
-    def _expert_linear(self, name: str, x: torch.Tensor, e: int) -> torch.Tensor:
-        """x: [n, in] @ expert e's ``w_<name>`` [in, out] → [n, out], plus its LoRA update when one is attached."""
-        y = x @ getattr(self, f"w_{name}")[e].to(x.dtype)
-        return y if self.lora_experts is None else y + self.lora_experts(name, x, e)
+    def _expert_linear(self, name: str, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """x: [n, in] grouped by expert @ each expert's ``w_<name>`` [in, out] → [n, out], plus the LoRA update when
+        one is attached."""
+        y = grouped_matmul(x, getattr(self, f"w_{name}").to(x.dtype), group_ends)
+        return y if self.lora_experts is None else y + self.lora_experts(name, x, group_ends)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -62,3 +62,153 @@ def test_aux_loss_is_optional_and_differentiable():
     assert moe.aux_loss > 0
     moe.aux_loss.backward()
     assert moe.router.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- grouped experts (no host synchronisation)
+
+import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import lit_hsa.moe as moe_module  # noqa: E402
+from lit_hsa.config import FinetuneConfig  # noqa: E402
+from lit_hsa.lora import apply_lora  # noqa: E402
+
+# Operators that read a device tensor back to the host (a GPU stream stalls until it is there): item()/tolist()
+# (_local_scalar_dense), data-dependent output sizes (nonzero, masked_select, unique, repeat_interleave without an
+# output size), and CUDA's bincount (it reads the input's range to size its output).
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_dim", "unique_consecutive",
+               "repeat_interleave", "bincount", "equal", "is_nonzero")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten operator called while active (forward and backward), as our code calls it: the ops inside an
+    operator's own implementation (e.g. the CPU reference of grouped_mm) are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def moe_training_step_ops(moe) -> list[str]:
+    x = torch.randn(2, 24, moe.router.in_features, requires_grad=True)
+    with OpRecorder() as rec:
+        moe(x).square().mean().backward()
+    return rec.ops
+
+
+def syncing(ops: list[str]) -> set[str]:
+    return {op for op in ops if any(op.split(".")[0].lstrip("_") == s.lstrip("_") for s in SYNCING_OPS)}
+
+
+@pytest.fixture
+def backend():
+    yield moe_module.set_expert_backend
+    moe_module.set_expert_backend("auto")
+
+
+def grouped_moe(lora: bool = False):
+    """Widths of 16-byte multiples (grouped GEMMs need them): d 32, 8 experts of width 16, top 2, shared expert."""
+    torch.manual_seed(0)
+    moe = MoE(32, n_experts=8, experts_per_token=2, expert_hidden=16)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, std=0.2)
+    moe.expert_bias.copy_(torch.linspace(-0.3, 0.3, 8))
+    if lora:
+        wrapper = torch.nn.Module()
+        wrapper.moe = moe
+        apply_lora(wrapper, FinetuneConfig(method="lora", lora_rank=8, lora_targets=["experts"]))
+        for name in ("gate", "up", "down"):
+            torch.nn.init.normal_(getattr(moe.lora_experts, f"lora_{name}_B"), std=0.1)
+    return moe.train()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grouped_experts_equal_the_expert_loop_in_fp32(backend, lora):
+    """Same outputs, input gradients and parameter (or adapter) gradients as the loop over experts, exactly in fp32
+    up to summation order; and the per-token definition."""
+    results = []
+    for name in ("grouped", "loop"):
+        backend(name)
+        moe = grouped_moe(lora)
+        x = torch.randn(3, 20, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = moe(x)
+        y.square().mean().backward()
+        grads = {n: p.grad for n, p in moe.named_parameters() if p.grad is not None}
+        results.append((y.detach(), x.grad, grads, moe.load_accum.clone()))
+    (y, gx, grads, load), (y_loop, gx_loop, grads_loop, load_loop) = results
+    torch.testing.assert_close(y, y_loop, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gx, gx_loop, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == grads_loop.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_loop[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert torch.equal(load, load_loop) and load.sum() == 3 * 20 * 2
+
+
+def test_grouped_moe_matches_the_per_token_definition(backend):
+    backend("grouped")
+    moe = grouped_moe()
+    x = torch.randn(40, 32)
+    torch.testing.assert_close(moe(x), naive_moe(moe, x), atol=1e-5, rtol=1e-5)
+
+
+def meta_training_step(lora: bool) -> None:
+    """A MoE layer's forward + backward on the meta device (bf16, as on GPUs): tensors there have shapes but no
+    data, so any operator that reads values back to the host (item, tolist, nonzero, ...) raises."""
+    moe = grouped_moe(lora).to("meta", torch.bfloat16)
+    x = torch.randn(2, 24, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    moe(x).float().square().mean().backward()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_moe_training_step_runs_no_host_synchronising_operator(backend, lora):
+    """A MoE layer's forward + backward with grouped experts never needs device data on the host: it runs on the
+    meta device, and the operators it calls on the CPU include none of ``SYNCING_OPS`` (on a GPU,
+    ``test_gpu_moe_step_under_sync_debug_mode`` checks the real thing). The loop over experts reads the group sizes
+    back (``tolist``), which the meta run catches: the check can fail."""
+    backend("grouped")
+    meta_training_step(lora)
+    assert syncing(moe_training_step_ops(grouped_moe(lora))) == set()
+    backend("loop")
+    with pytest.raises(NotImplementedError, match="meta"):
+        meta_training_step(lora)
+
+
+def test_grouped_experts_need_aligned_widths_and_fall_back_otherwise(backend):
+    """Widths that are not 16-byte multiples (expert width 8 in fp32 is 32 bytes, fine; rank 4 in bf16 is 8 bytes,
+    not) take the loop, with the same results."""
+    x = torch.zeros(4, 32)
+    assert moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16))
+    assert not moe_module.grouped_mm_applies(x.bfloat16(), torch.zeros(2, 32, 4, dtype=torch.bfloat16))
+    assert not moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16, dtype=torch.bfloat16))  # mixed dtypes
+    backend("loop")
+    assert not moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_moe_step_under_sync_debug_mode():
+    """On a GPU, under bf16 autocast: a MoE layer's training step with grouped experts runs with CUDA's
+    synchronisation debug mode set to raise on any synchronising call, and matches the loop within bf16 tolerance."""
+    moe = MoE(256, n_experts=16, experts_per_token=4, expert_hidden=128).cuda().train()
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, std=0.05)
+    x = torch.randn(4, 512, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        moe(x).float().square().mean().backward()  # warm-up (lazy initialisations may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = moe(x)
+            y.float().square().mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        moe_module.set_expert_backend("loop")
+        try:
+            y_loop = moe(x)
+        finally:
+            moe_module.set_expert_backend("auto")
+    torch.testing.assert_close(y.float(), y_loop.float(), atol=2e-2, rtol=2e-2)

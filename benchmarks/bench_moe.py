@@ -1,0 +1,105 @@
+"""MoE layer speed (issue 23): forward + backward of one MoE feed-forward at `moe-8b-a1b` widths (d 2048, 64 routed
+experts of width 768, top 4, one shared expert), bf16, against, in the same run, (a) the same layer with its experts
+run as a loop over experts (the implementation before grouped GEMMs) and (b) a dense SwiGLU with the same active
+FLOPs per token (width 4·768 + 768 = 3840). Target: MoE ≤ 1.5× dense. Prints a markdown table and writes JSON.
+
+    python benchmarks/bench_moe.py [--tokens 8k,32k] [--out benchmarks/results/moe_<gpu>_<date>.json]
+    python benchmarks/bench_moe.py --tokens 256 --d-model 64 --experts 8 --expert-hidden 32 --device cpu  # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lit_hsa.moe as moe_module  # noqa: E402
+from lit_hsa.eval.ruler import parse_length  # noqa: E402
+from lit_hsa.moe import MoE, SwiGLU  # noqa: E402
+
+
+def time_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
+    """Median milliseconds of forward + backward (the gradient of a sum of the output) of ``layer`` on x."""
+    cuda = x.is_cuda
+    grad = torch.randn_like(x)
+    times = []
+    for i in range(warmup + iters):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
+            y = layer(x)
+        y.backward(grad)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="8k,32k", help="tokens per step (batch × length), k suffix allowed")
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--expert-hidden", type=int, default=768)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/moe_<gpu>_<date>.json)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        moe = MoE(args.d_model, args.experts, args.top_k, args.expert_hidden, n_shared_experts=1).train()
+        # same active FLOPs per token: k routed experts + the shared one
+        dense = SwiGLU(args.d_model, args.top_k * args.expert_hidden + args.expert_hidden).train()
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, std=0.02)
+    rows = []
+    for n in (parse_length(t) for t in args.tokens.split(",")):
+        x = torch.randn(1, n, args.d_model, device=device, requires_grad=True)
+        row = {"tokens": n}
+        for name, layer, backend in (("moe_grouped", moe, "auto"), ("moe_loop", moe, "loop"),
+                                     ("dense", dense, "auto")):
+            moe_module.set_expert_backend(backend)
+            try:
+                row[f"{name}_ms"] = round(time_fwd_bwd(layer, x, args.warmup, args.iters), 3)
+            finally:
+                moe_module.set_expert_backend("auto")
+        row["grouped_vs_dense"] = round(row["moe_grouped_ms"] / row["dense_ms"], 3)
+        row["loop_vs_grouped"] = round(row["moe_loop_ms"] / row["moe_grouped_ms"], 3)
+        row["max_violation"] = round((moe.load_accum.max() / moe.load_accum.mean() - 1).item(), 3)
+        moe.load_accum.zero_()
+        rows.append(row)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"MoE layer fwd+bwd, {precision}, d {args.d_model}, {args.experts} experts × {args.expert_hidden}, top "
+          f"{args.top_k} + shared; dense SwiGLU width {args.top_k * args.expert_hidden + args.expert_hidden} ({gpu})")
+    print("| tokens | MoE grouped ms | MoE loop ms | dense ms | grouped / dense | loop / grouped |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['moe_grouped_ms']} | {r['moe_loop_ms']} | {r['dense_ms']} | "
+              f"{r['grouped_vs_dense']}× | {r['loop_vs_grouped']}× |")
+    date = datetime.date.today().isoformat()
+    tag = gpu.lower().replace("nvidia ", "").replace(" ", "_")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"moe_{tag}_{date}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "args": vars(args),
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lit_hsa.moe as moe_module  # noqa: E402
+from kernels.dispatch import set_expert_backend  # noqa: E402
 from lit_hsa.eval.ruler import parse_length  # noqa: E402
 from lit_hsa.moe import MoE, SwiGLU  # noqa: E402
 
@@ -72,11 +72,11 @@ def main() -> int:
         row = {"tokens": n}
         for name, layer, backend in (("moe_grouped", moe, "auto"), ("moe_loop", moe, "loop"),
                                      ("dense", dense, "auto")):
-            moe_module.set_expert_backend(backend)
+            set_expert_backend(backend)
             try:
                 row[f"{name}_ms"] = round(time_fwd_bwd(layer, x, args.warmup, args.iters), 3)
             finally:
-                moe_module.set_expert_backend("auto")
+                set_expert_backend("auto")
         row["grouped_vs_dense"] = round(row["moe_grouped_ms"] / row["dense_ms"], 3)
         row["loop_vs_grouped"] = round(row["moe_loop_ms"] / row["moe_grouped_ms"], 3)
         row["max_violation"] = round((moe.load_accum.max() / moe.load_accum.mean() - 1).item(), 3)

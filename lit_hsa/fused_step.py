@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.dispatch import hsa_decode_kernel_fits
+
 from .attention import RMSNorm, SelfAttention
 from .moe import SwiGLU
 
@@ -95,16 +97,13 @@ def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | Non
 def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
     """Whether an ``HSABlock``'s step takes the fused kernels (``kernels.decode.triton_hsa`` for retrieval and HSA
     attention): plain projections and norms, the plain per-chunk softmax, no document masking, the memory on the
-    device, power-of-two chunk size and head dim, and, where the alternative is the modules compiled (``compiled``),
-    at most ``MAX_CHUNKS`` chunks (longer ones are as fast that way). Otherwise the block runs its modules, compiled
-    with the model where it is."""
-    from kernels.decode import triton_hsa
-
+    device, and shapes the kernels serve (``kernels.dispatch.hsa_decode_kernel_fits``: with ``compiled``, where the
+    alternative is the modules compiled, memories up to a bound). Otherwise the block runs its modules, compiled with
+    the model where it is."""
     ret, cfg = block.retrieval, block.cfg
-    pow2 = all(n >= 16 and n & (n - 1) == 0 for n in (cfg.chunk_size, cfg.head_dim))
-    return (pow2 and not block.training and ctx.doc_ids is None and not memory.offloaded
+    return (not block.training and ctx.doc_ids is None and not memory.offloaded
             and not cfg.softmax_off_by_one  # the decoding kernel has the plain per-chunk softmax only
-            and 0 < memory.n_chunks and (memory.n_chunks <= triton_hsa.MAX_CHUNKS or not compiled)
+            and hsa_decode_kernel_fits(cfg.chunk_size, cfg.head_dim, memory.n_chunks, compiled)
             and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)
             and isinstance(ret.q_norm, (RMSNorm, nn.Identity)) and isinstance(block.hsa_norm, RMSNorm)
             and isinstance(block.q_norm, RMSNorm))

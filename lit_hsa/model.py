@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import static_step_uses_references
 from kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, select_chunks_reference
 
 from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
@@ -212,17 +213,6 @@ class ChunkMemory(nn.Module):
         return state.append_memory(self(pending[:, :n_done]))
 
 
-def static_step(q_start: int | torch.Tensor) -> bool:
-    """Whether this forward is a static-shape decoding step (``StaticDecodeState``: the position lives on the device).
-
-    Such a step selects a few dozen chunks per layer, which the PyTorch references serve anyway: the fast paths
-    size their work lists on the host, which a CUDA graph cannot hold. Called directly rather than through the
-    public ops (each a ``torch.compiler.disable`` graph break), the references are traced into a compiled decoding
-    block, so inductor fuses their casts, masks and softmax with the projections around them, and the memory's
-    dtype conversion happens on the gathered chunks only."""
-    return torch.is_tensor(q_start)
-
-
 def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
     """scores: [..., K] with −inf on empty slots, slots ordered most recent first → weights [..., K], 0 on empty.
 
@@ -263,7 +253,7 @@ class Retrieval(nn.Module):
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
         topk = max(1, min(cfg.hsa_topk, memory.landmarks.shape[1]))
-        select = select_chunks_reference if static_step(q_start) else select_chunks
+        select = select_chunks_reference if static_step_uses_references(q_start) else select_chunks
         scores, indices = select(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
                                  q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
@@ -321,7 +311,7 @@ class HSABlock(nn.Module):
         q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
         if memory.offloaded:
             memory, indices = memory.fetch(indices, cfg.chunk_size, h.device)
-        attend = hsa_attention_reference if static_step(ctx.q_start) else hsa_attention
+        attend = hsa_attention_reference if static_step_uses_references(ctx.q_start) else hsa_attention
         o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
                    off_by_one=cfg.softmax_off_by_one)
         return self.o_proj(o.reshape(B, T, -1))

@@ -2,44 +2,18 @@
 auxiliary-loss-free load balancing with a per-expert selection bias, optional small balance loss."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# How the routed experts' matmuls run: "auto" (grouped where torch.grouped_mm covers the inputs, else a loop over
-# experts), "grouped" or "loop" (benchmarks and tests compare them). Env LIT_HSA_MOE_BACKEND sets the default.
-_BACKENDS = ("auto", "grouped", "loop")
-_backend = os.environ.get("LIT_HSA_MOE_BACKEND", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"LIT_HSA_MOE_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
-
-
-def set_expert_backend(name: str) -> None:
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"expert backend must be one of {_BACKENDS}, got {name!r}")
-    _backend = name
-
-
-def grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` serves x [n, in] @ w [E, in, out]: rows of 16-byte multiples (both widths), on
-    the CPU (a reference implementation, exact in fp32) or on CUDA for bf16 on Hopper or newer (CUTLASS kernels)."""
-    if _backend == "loop" or not hasattr(torch, "_grouped_mm"):
-        return False
-    if not all(n * x.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2])) or x.dtype != w.dtype:
-        return False
-    if x.device.type in ("cpu", "meta"):  # meta: shapes only (memory plans, and the no-synchronisation test)
-        return True
-    return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+from kernels.dispatch import grouped_mm_applies
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     """x: [n, in] with rows grouped by expert, group e ending at row ``group_ends[e]`` (int32 [E], cumulative);
     w: [E, in, out] → [n, out], the rows of group e times w[e]. One grouped GEMM where it applies (no host
     synchronisation: the group sizes stay on the device); otherwise a loop over experts, which reads the sizes back
-    to the host (free on the CPU, one synchronisation per call on a GPU)."""
+    to the host (free on the CPU, one synchronisation per call on a GPU); ``kernels.dispatch`` decides."""
     if grouped_mm_applies(x, w):
         return torch._grouped_mm(x, w, offs=group_ends)
     sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()

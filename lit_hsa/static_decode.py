@@ -23,7 +23,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernels.decode import SPLIT_KEYS, ring_slot_and_mask, use_ring_kernel, write_and_attend
+from kernels.decode import SPLIT_KEYS, ring_slot_and_mask, write_and_attend
+from kernels.dispatch import fused_blocks_apply, use_ring_kernel
 
 from .attention import KVCache
 from .model import DecodeState, HSATransformer, Memory, uncompiled
@@ -53,10 +54,8 @@ class StaticKVCache:
         self.source, self.max_len = source, max_len
         self.pos = source.pos  # host copy of pos_t, for the host-side decisions (which graph, bounds)
         self.pos_t = torch.tensor(source.pos, device=device)
-        from kernels.hsa import use_fast_paths
-
         # blocks' steps in fused Triton kernels (lit_hsa.fused_step), where the backend switch allows Triton
-        self.fuse_blocks = fuse_blocks and use_fast_paths(self.pos_t)
+        self.fuse_blocks = fuse_blocks and fused_blocks_apply(self.pos_t)
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = {}  # this step's, by window
@@ -133,7 +132,7 @@ class StaticKVCache:
     def ring_kernel_applies(self, window: int | None, x: torch.Tensor, head_dim: int) -> bool:
         """Whether a step of the layer with ``window`` (None: full attention), in x's dtype and device, takes the ring
         kernel: ring caches only, where it beats the alternative (the reference, compiled when the step is;
-        ``kernels.decode.use_ring_kernel``)."""
+        ``kernels.dispatch.use_ring_kernel``)."""
         return window is not None and use_ring_kernel(x, head_dim, window, compiled_fallback=self.compiled)
 
     def _ring_locks(self, ck: torch.Tensor) -> torch.Tensor:

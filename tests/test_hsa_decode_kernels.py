@@ -155,10 +155,10 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
 
 
 def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
-    """Past ``MAX_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block of a compiled step runs its
+    """Past ``MAX_DECODE_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block of a compiled step runs its
     modules (uncompiled steps keep the kernels); so does one whose memory is offloaded to the host or whose chunk
     size is not a power of two of at least 16."""
-    import kernels.decode.triton_hsa as triton_hsa
+    import kernels.dispatch as dispatch
     from lit_hsa.fused_step import hsa_fusable
     from lit_hsa.model import Context, HSATransformer, Memory
     from tests.test_model import tiny
@@ -170,7 +170,7 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
     assert hsa_fusable(block, ctx, memory(4)) and not hsa_fusable(block, ctx, memory(4, offloaded=True))
     off_by_one = HSATransformer(tiny(moe=False, chunk_size=16, head_dim=16, softmax_off_by_one=True)).eval()
     assert not hsa_fusable(off_by_one.hsa_blocks()[0], ctx, memory(4))  # the decoding kernel has no +1
-    monkeypatch.setattr(triton_hsa, "MAX_CHUNKS", 2)
+    monkeypatch.setattr(dispatch, "MAX_DECODE_CHUNKS", 2)
     assert hsa_fusable(block, ctx, memory(2), compiled=True) and not hsa_fusable(block, ctx, memory(3), compiled=True)
     assert hsa_fusable(block, ctx, memory(3))
     small_chunks = HSATransformer(tiny(moe=False)).eval().hsa_blocks()[0]  # chunk size 8

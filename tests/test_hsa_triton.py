@@ -387,7 +387,9 @@ def test_gpu_select_chunks_vs_reference(H, K, dtype):
 def test_decoding_sized_calls_take_the_gather_first_reference(monkeypatch):
     """Under ``auto`` a decoding step (a few (token, slot) pairs) skips the kernel's work-list building; the
     reference it uses gathers only the selected chunks, so it never converts the whole memory."""
-    monkeypatch.setattr(hsa, "use_fast_paths", lambda t: True)  # as on CUDA
+    import kernels.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "use_fast_paths", lambda t: True)  # as on CUDA
     called = []
     monkeypatch.setattr(hsa, "hsa_attention_reference", lambda *a, **kw: called.append("reference"))
     import kernels.hsa.triton_attention as ta

@@ -69,7 +69,7 @@ def test_aux_loss_is_optional_and_differentiable():
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import lit_hsa.moe as moe_module  # noqa: E402
+import kernels.dispatch as dispatch  # noqa: E402
 from lit_hsa.config import FinetuneConfig  # noqa: E402
 from lit_hsa.lora import apply_lora  # noqa: E402
 
@@ -106,8 +106,8 @@ def syncing(ops: list[str]) -> set[str]:
 
 @pytest.fixture
 def backend():
-    yield moe_module.set_expert_backend
-    moe_module.set_expert_backend("auto")
+    yield dispatch.set_expert_backend
+    dispatch.set_expert_backend("auto")
 
 
 def grouped_moe(lora: bool = False):
@@ -181,11 +181,11 @@ def test_grouped_experts_need_aligned_widths_and_fall_back_otherwise(backend):
     """Widths that are not 16-byte multiples (expert width 8 in fp32 is 32 bytes, fine; rank 4 in bf16 is 8 bytes,
     not) take the loop, with the same results."""
     x = torch.zeros(4, 32)
-    assert moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16))
-    assert not moe_module.grouped_mm_applies(x.bfloat16(), torch.zeros(2, 32, 4, dtype=torch.bfloat16))
-    assert not moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16, dtype=torch.bfloat16))  # mixed dtypes
+    assert dispatch.grouped_mm_applies(x, torch.zeros(2, 32, 16))
+    assert not dispatch.grouped_mm_applies(x.bfloat16(), torch.zeros(2, 32, 4, dtype=torch.bfloat16))
+    assert not dispatch.grouped_mm_applies(x, torch.zeros(2, 32, 16, dtype=torch.bfloat16))  # mixed dtypes
     backend("loop")
-    assert not moe_module.grouped_mm_applies(x, torch.zeros(2, 32, 16))
+    assert not dispatch.grouped_mm_applies(x, torch.zeros(2, 32, 16))
 
 
 @pytest.mark.gpu
@@ -206,9 +206,9 @@ def test_gpu_moe_step_under_sync_debug_mode():
             y.float().square().mean().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        moe_module.set_expert_backend("loop")
+        dispatch.set_expert_backend("loop")
         try:
             y_loop = moe(x)
         finally:
-            moe_module.set_expert_backend("auto")
+            dispatch.set_expert_backend("auto")
     torch.testing.assert_close(y.float(), y_loop.float(), atol=2e-2, rtol=2e-2)

@@ -35,7 +35,7 @@ import triton.language as tl
 from .pdl import pdl_args, wait_for_inputs
 from .triton_block import _rstd
 
-__all__ = ["select_chunks_decode", "hsa_chunks_decode", "FUSIONS", "MAX_CHUNKS"]
+__all__ = ["select_chunks_decode", "hsa_chunks_decode", "FUSIONS"]
 
 _LOG2E = 1.4426950408889634
 FUSIONS = {"softmax": 0, "stick_breaking": 1}
@@ -43,12 +43,8 @@ FUSIONS = {"softmax": 0, "stick_breaking": 1}
 # ``benchmarks/bench_hsa_decode.py`` (LIT_HSA_PDL=0): chunk scoring and top k 13.7 µs, selection 10.9 µs, where the
 # compiled reference's scoring and staged top k took ~35. Ranges hold at most MAX_RANGE chunks (a range's top k ranks
 # its scores pairwise), so longer memories have more ranges, and the selection reads their candidates in blocks.
-# Past MAX_CHUNKS the scoring's landmark read dominates and inductor's compiled reference is as fast: a compiled
-# `small` step measured 0.49 ms through the kernels at 4M tokens against 0.56 through the modules, and 0.73 against
-# 0.70 at 16M (benchmarks/results/generate_hsa_long_*_small_h200_2026-11-29.json; 8M not measured).
 PROGRAMS = 128
 MAX_RANGE = 256
-MAX_CHUNKS = 1 << 17  # 8M tokens at S=64
 TILE = 16384  # landmark values per load
 TOPK_WARPS = 8
 SELECT_WARPS = 8

@@ -159,7 +159,7 @@ def _check(q, k, v, ck, cv, name: str) -> None:
     if n != 1 or k.shape != (B, 1, Hkv, D) or v.shape != k.shape or cv.shape != ck.shape or Hq % Hkv:
         raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"rings {tuple(ck.shape)} / {tuple(cv.shape)} do not fit [B, 1, Hq, D] / [B, Hkv, W, D]")
-    from . import ring_kernel_fits
+    from ..dispatch import ring_kernel_fits
 
     if not ring_kernel_fits(q, ck):
         raise ValueError(f"{name} needs fp32/fp16/bf16 and a power-of-two head dim in [16, 256], got "

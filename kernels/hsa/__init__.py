@@ -2,18 +2,18 @@
 
 ``hsa_attention`` and ``select_chunks`` are the public API; ``reference.py`` holds the definition of the math.
 On CUDA tensors they dispatch to the fast paths (``triton_attention.hsa_attention_triton``,
-``triton_select.select_chunks_fast``), elsewhere to the reference. ``set_backend("reference")`` (or the
-environment variable ``HSA_BACKEND=reference``) forces the reference everywhere, e.g. to compare training runs.
+``triton_select.select_chunks_fast``), elsewhere to the reference, as ``kernels.dispatch`` decides (its backend
+switch, re-exported here: ``set_backend("reference")`` or ``HSA_BACKEND=reference`` forces the reference everywhere,
+e.g. to compare training runs).
 
 The Triton modules are imported lazily, on first use: ``triton.jit`` decides at import time whether kernels are
 compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set that variable first.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..dispatch import get_backend, hsa_attention_uses_kernel, select_chunks_uses_kernel, set_backend, use_fast_paths
 from .reference import hsa_attention_reference, select_chunks_reference
 
 __all__ = [
@@ -28,24 +28,6 @@ __all__ = [
     "use_fast_paths",
 ]
 
-_BACKENDS = ("auto", "triton", "reference")
-_backend = os.environ.get("HSA_BACKEND", "auto")
-if _backend not in _BACKENDS:
-    raise ValueError(f"HSA_BACKEND must be one of {_BACKENDS}, got {_backend!r}")
-
-
-def set_backend(name: str) -> None:
-    """``auto``: fast paths on CUDA, reference elsewhere; ``triton``: fast paths wherever they run (CUDA, or CPU
-    under ``TRITON_INTERPRET=1``); ``reference``: the PyTorch reference everywhere."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
 
 def __getattr__(name: str):
     if name == "hsa_attention_triton":
@@ -57,50 +39,6 @@ def __getattr__(name: str):
 
         return select_chunks_fast
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _attention_kernel_fits(q: torch.Tensor, chunk_size: int) -> bool:
-    D = q.shape[-1]
-    return (
-        q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and 16 <= D <= 256
-        and D & (D - 1) == 0
-        and chunk_size >= 16
-        and chunk_size & (chunk_size - 1) == 0
-    )
-
-
-# (token, slot) pairs up to which the gather-first reference serves ``auto`` on CUDA too: a decoding step selects a
-# few dozen chunks, and the kernel's work list (sorts, counts, a few host synchronisations to size its grid) would
-# cost more than the attention itself, once per HSA layer and token.
-DECODE_MAX_PAIRS = 256
-
-
-def _decode_sized(weights: torch.Tensor) -> bool:
-    return _backend == "auto" and weights.numel() <= DECODE_MAX_PAIRS
-
-
-def _capturing() -> bool:
-    """Inside a CUDA-graph capture (static decoding) the fast paths' host synchronisations are not allowed."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def use_fast_paths(t: torch.Tensor) -> bool:
-    """Whether the backend switch sends ops on ``t`` to Triton: ``auto`` on CUDA with Triton installed, ``triton``
-    everywhere, ``reference`` never. Shared with ``kernels.decode``."""
-    if _backend == "reference":
-        return False
-    if _backend == "triton":
-        return True
-    return t.is_cuda and _triton_importable()
 
 
 # Both ops are opaque to torch.compile (a graph break each): their fast paths size a work list from the data (host
@@ -123,7 +61,7 @@ def hsa_attention(
     (fp64, head dims that are not a power of two in [16, 256], chunk sizes below 16) use the reference, and so do
     decoding-sized calls (at most ``DECODE_MAX_PAIRS`` (token, slot) pairs) under the ``auto`` backend.
     """
-    if use_fast_paths(q) and _attention_kernel_fits(q, chunk_size) and not _decode_sized(weights) and not _capturing():
+    if hsa_attention_uses_kernel(q, weights, chunk_size):
         from .triton_attention import hsa_attention_triton
 
         return hsa_attention_triton(q, k, v, weights, indices, chunk_size, sm_scale, off_by_one=off_by_one)
@@ -144,7 +82,7 @@ def select_chunks(
     See ``reference.select_chunks_reference`` for the exact definition and keyword options. A tensor ``q_start``
     (static-shape decoding, the position lives on the device) takes the reference.
     """
-    if use_fast_paths(q_slc) and not torch.is_tensor(kwargs.get("q_start", 0)) and not _capturing():
+    if select_chunks_uses_kernel(q_slc, kwargs.get("q_start", 0)):
         from .triton_select import select_chunks_fast
 
         return select_chunks_fast(q_slc, landmarks, topk, chunk_size, doc_ids, **kwargs)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import static_step_uses_references
-from kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, select_chunks_reference
+from kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
+                         select_chunks_reference)
 
 from .attention import AttentionMask, GrowingKV, KVCache, RMSNorm, Rotary, SelfAttention, build_mask
 from .config import ModelConfig
@@ -211,25 +212,6 @@ class ChunkMemory(nn.Module):
         if n_done == 0 and state.memory is not None:
             return state.memory  # no chunk completed (most decoding steps): nothing to encode or copy
         return state.append_memory(self(pending[:, :n_done]))
-
-
-def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
-    """scores: [..., K] with −inf on empty slots, slots ordered most recent first → weights [..., K], 0 on empty.
-
-    softmax: w = softmax over the kept chunks (paper Eq. 2). stick_breaking: w_j = σ(s_j) Π_{l<j} σ(−s_l).
-    A row with no kept chunk gets all-zero weights (never NaN).
-    """
-    valid = torch.isfinite(scores)
-    s = torch.where(valid, scores, torch.zeros_like(scores)).float()
-    if kind == "softmax":
-        s = s - torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True).nan_to_num(0, 0, 0)
-        e = torch.where(valid, s.exp(), torch.zeros_like(s))
-        w = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
-    else:
-        log_keep = torch.where(valid, F.logsigmoid(-s), torch.zeros_like(s))
-        log_before = torch.cumsum(log_keep, dim=-1) - log_keep  # Σ_{l<j} log σ(−s_l)
-        w = torch.where(valid, torch.exp(F.logsigmoid(s) + log_before), torch.zeros_like(s))
-    return w
 
 
 class Retrieval(nn.Module):

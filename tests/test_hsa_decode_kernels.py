@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode  # noqa: E402
 from kernels.hsa.reference import hsa_attention_reference, select_chunks_reference  # noqa: E402
-from lit_hsa.model import fusion_weights  # noqa: E402
+from kernels.hsa import fusion_weights  # noqa: E402
 from tests.test_fused_step import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """An HSA layer's decoding step in Triton: chunk selection and the attention to the selected chunks.
 
 The PyTorch definitions are ``kernels.hsa.reference``'s ``select_chunks_reference`` (top-k of the visible chunks'
-scores q·landmark/sqrt(Dr), slots most recent chunk first) with ``lit_hsa.model.fusion_weights`` (softmax or
+scores q·landmark/sqrt(Dr), slots most recent chunk first) with ``kernels.hsa.reference.fusion_weights`` (softmax or
 stick-breaking over the kept chunks, after the optional recency term), and ``hsa_attention_reference`` (a softmax
 inside each selected chunk, outputs summed with the fusion weights). Written as tensor operations, even compiled,
 an HSA layer's step was ~20 kernels and 85 µs at 1M cached tokens (`small`, H200), a third of them the top-k's

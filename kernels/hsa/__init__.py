@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import get_backend, hsa_attention_uses_kernel, select_chunks_uses_kernel, set_backend, use_fast_paths
-from .reference import hsa_attention_reference, select_chunks_reference
+from .reference import fusion_weights, hsa_attention_reference, select_chunks_reference
 
 __all__ = [
     "hsa_attention",
     "select_chunks",
     "hsa_attention_reference",
     "select_chunks_reference",
+    "fusion_weights",
     "hsa_attention_triton",
     "select_chunks_fast",
     "set_backend",

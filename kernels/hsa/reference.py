@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,3 +231,22 @@ def _gather_chunks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     b_ix = torch.arange(B, device=x.device)[:, None, None, None]
     h_ix = torch.arange(H, device=x.device)[None, None, :, None]
     return x[b_ix, idx, h_ix]
+
+
+def fusion_weights(scores: torch.Tensor, kind: str) -> torch.Tensor:
+    """scores: [..., K] with −inf on empty slots, slots ordered most recent first → weights [..., K], 0 on empty.
+
+    softmax: w = softmax over the kept chunks (paper Eq. 2). stick_breaking: w_j = σ(s_j) Π_{l<j} σ(−s_l).
+    A row with no kept chunk gets all-zero weights (never NaN).
+    """
+    valid = torch.isfinite(scores)
+    s = torch.where(valid, scores, torch.zeros_like(scores)).float()
+    if kind == "softmax":
+        s = s - torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True).nan_to_num(0, 0, 0)
+        e = torch.where(valid, s.exp(), torch.zeros_like(s))
+        w = e / e.sum(-1, keepdim=True).clamp_min(1e-30)
+    else:
+        log_keep = torch.where(valid, F.logsigmoid(-s), torch.zeros_like(s))
+        log_before = torch.cumsum(log_keep, dim=-1) - log_keep  # Σ_{l<j} log σ(−s_l)
+        w = torch.where(valid, torch.exp(F.logsigmoid(s) + log_before), torch.zeros_like(s))
+    return w

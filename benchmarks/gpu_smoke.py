@@ -65,13 +65,10 @@ def plan(work: Path) -> list[Step]:
     ]
     previous = None
     for stage in STAGES:
-        extra = []
-        if stage == "sft":  # the stage reads your chat data (data/sft); the smoke run uses the shipped example
-            extra = ["data.paths=[examples/sft]", "data.val_fraction=0.1"]
         # every stage starts from the previous one's weights, as the README's stage commands do
         init = [lambda p=previous: f"init_from={ckpt(f'stage-{p}')}"] if previous else []
         steps.append(Step(f"fit-stage-{stage}", [*fit, "--config", f"configs/stages/{stage}.yaml", root,
-                                                 f"trainer.run_name=stage-{stage}", *SHORT, *extra, *init],
+                                                 f"trainer.run_name=stage-{stage}", *SHORT, *init],
                           [f"fit-stage-{previous}"] if previous else []))
         previous = stage
     anneal = lambda: f"init_from={ckpt('stage-anneal')}"  # noqa: E731

@@ -20,10 +20,16 @@ from typing import Iterator
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
+SNIFF_BYTES = 8192  # a text file's first bytes looked at to tell text from binary
+MAX_UNDECODABLE = 0.01  # share of those bytes' characters that may be invalid UTF-8 in a text file
 
 
 class DataError(ValueError):
     """Input data is missing or unusable; the message names the file (and line) or key."""
+
+
+class BinaryFileError(DataError):
+    """A file read as text (one document per file) is binary or not UTF-8; ``data.skip_bad_records`` skips it."""
 
 
 def stdlib_root() -> Path:
@@ -173,8 +179,38 @@ def chat_segments(path: Path, position: int, raw: object) -> list[tuple[str, boo
     return segments
 
 
+def binary_reason(head: bytes) -> str | None:
+    """Why a file starting with ``head`` is not text, or None: NUL bytes (images, archives, compiled files, UTF-16),
+    or more than ``MAX_UNDECODABLE`` of its characters invalid UTF-8 (random bytes: ~45%). A multi-byte character
+    cut at the end of ``head`` costs one replacement character, and real U+FFFD characters in the text none."""
+    if b"\0" in head:
+        return "it contains NUL bytes"
+    text = head.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - head.count("\ufffd".encode())
+    if invalid > MAX_UNDECODABLE * max(1, len(text)):
+        return f"{invalid / len(text):.0%} of its first {len(head)} bytes are not UTF-8"
+    return None
+
+
+def check_text_file(path: Path) -> None:
+    """Raise ``BinaryFileError`` naming ``path`` when its first ``SNIFF_BYTES`` bytes do not look like text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror}") from e
+    reason = binary_reason(head)
+    if reason:
+        raise BinaryFileError(f"'{path}' looks binary ({reason}); text files must be UTF-8 text: remove it, or set "
+                              "data.skip_bad_records=true to skip such files")
+
+
 def check_first_record(path: Path, text_field: str, chat: bool = False) -> None:
-    """Pre-flight: open the file and decode its first record, so a wrong field name fails before training."""
+    """Pre-flight: open the file and decode its first record, so a wrong field name fails before training; a plain
+    text file (one document) is only sniffed for binary content, not read whole."""
+    if path.suffix.lower() not in JSONL_SUFFIXES | PARQUET_SUFFIXES:
+        check_text_file(path)
+        return
     for position, raw in raw_records(path, text_field):
         chat_segments(path, position, raw) if chat else decode_record(path, position, raw, text_field)
         return

@@ -2,8 +2,11 @@
 curriculum, in-training retrieval evaluation — all logged to TensorBoard."""
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 def retrieval_stats(weights: torch.Tensor, indices: torch.Tensor, chunk_size: int, window: int) -> dict[str, float]:
@@ -143,3 +146,47 @@ class RetrievalEval(L.Callback):
         model.train(was_training)
         for r in rows:
             pl_module.log(f"eval/{r.task}_{r.length}", r.accuracy, rank_zero_only=True)
+
+
+# Dense peak FLOP/s (NVIDIA's datasheets) of GPUs whose figure Lightning's table lacks ('NVIDIA H200' is not in it)
+# or gives at the sparse rate (its 'h200 sxm1' bf16 entry is 2 PFLOP/s): MFU is measured against dense peaks.
+DENSE_PEAK_FLOPS = {
+    "h200 nvl": {torch.float64: 30e12, torch.float32: 60e12, "tfloat32": 417.5e12, torch.bfloat16: 835e12,
+                 torch.float16: 835e12},
+    "h200": {torch.float64: 34e12, torch.float32: 67e12, "tfloat32": 494.7e12, torch.bfloat16: 989.4e12,
+             torch.float16: 989.4e12},
+}
+
+
+def dense_peak_flops(device_name: str, precision: str) -> float | None:
+    """Dense peak FLOP/s of a GPU named ``device_name`` (``torch.cuda.get_device_name``) at a Lightning precision
+    ('bf16-mixed', '32-true', ...), for the GPUs of ``DENSE_PEAK_FLOPS``; None for the others (Lightning's table)."""
+    chip = device_name.lower()
+    table = next((t for name, t in DENSE_PEAK_FLOPS.items() if name in chip), None)
+    if table is None:
+        return None
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}.get(precision.split("-")[0])
+    if dtype is None:  # 32-bit: TF32 tensor cores unless matmuls are asked to be exact (as Lightning decides)
+        dtype = "tfloat32" if torch.get_float32_matmul_precision() != "highest" else torch.float32
+    return table[dtype]
+
+
+class MFUThroughputMonitor(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` (tokens/s, FLOP/s, MFU) with the dense peaks of ``DENSE_PEAK_FLOPS``, so
+    MFU is logged on the H200 too."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        device = trainer.strategy.root_device
+        peak = dense_peak_flops(torch.cuda.get_device_name(device), str(trainer.precision)) if device.type == "cuda" \
+            else None
+        with warnings.catch_warnings():
+            if peak is not None:  # Lightning warns "FLOPs not found" for what we fill in below
+                warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
+        if peak is not None:
+            self.use_peak_flops(peak)
+
+    def use_peak_flops(self, peak: float) -> None:
+        self.available_flops = peak
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak

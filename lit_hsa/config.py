@@ -66,6 +66,7 @@ class ModelConfig:
     hsa_layer_swa: bool = False  # SWA sub-layer inside each HSA block (paper's form)
     hsa_swa_window: Optional[int] = None  # window of that sub-layer; None: swa_window
     hsa_residual: str = "bypass"  # bypass: h + FFN(norm(h + o)) | standard: h + o, then h + FFN(norm(h))
+    softmax_off_by_one: bool = False  # +1 in each chunk's softmax denominator (authors' code option)
     encoder_layers: int = 1  # bidirectional layers of the chunk encoder; 0: landmark = Linear(mean(norm(chunk)))
     # --- FFN / MoE ---
     ffn_hidden: int = 384  # dense SwiGLU width
@@ -155,6 +156,14 @@ PRESETS: dict[str, ModelConfig] = {
         n_heads=10, n_kv_heads=2, head_dim=64, swa_window=512, chunk_size=64, hsa_topk=32, hsa_kv_heads=1,
         retrieval_dim=640, ffn_hidden=2560, moe=False, n_experts=0, experts_per_token=0, expert_hidden=0,
         n_shared_experts=0, first_dense_layers=0,
+    ),
+    # One-GPU MoE: `small`'s layout (8 SWA blocks + 2 × (HSA + 4 SWA)) at width 768 with 32 routed experts of width
+    # 768, 4 active + 1 shared, dense first layer: ~1.06B total, ~0.21B active.
+    "moe-1b-a0.2b": ModelConfig(
+        name="moe-1b-a0.2b", vocab_size=32000, d_model=768, n_lower_layers=8, n_groups=2, swa_layers_per_group=4,
+        n_heads=12, n_kv_heads=2, head_dim=64, swa_window=512, chunk_size=64, hsa_topk=32, hsa_kv_heads=1,
+        retrieval_dim=768, ffn_hidden=3072, moe=True, n_experts=32, experts_per_token=4, expert_hidden=768,
+        n_shared_experts=1, first_dense_layers=1,
     ),
     # Paper small-scale dense model: ~0.5B, SWA 4K in SWA blocks, HSA blocks with an SWA-512 sub-layer, top-k 64.
     "dense-0.5b": ModelConfig(
@@ -292,7 +301,8 @@ class TrainerConfig:
     num_nodes: int = 1
     activation_checkpointing: bool = False  # recompute each block in backward (long sequences)
     compile: bool = False  # torch.compile each block
-    nan_policy: str = "stop"  # non-finite loss: stop (with a message) | skip the batch
+    nan_policy: str = "stop"  # non-finite loss or gradient norm: stop (with a message) | skip the optimizer step
+    max_consecutive_nonfinite: int = 5  # nan_policy=skip: stop with a message after this many skipped steps in a row
     retrieval_stats_every: int = 50  # steps between retrieval statistics + heat-map (HSA models)
     topk_schedule: list[list[int]] = field(default_factory=list)  # [[step, topk], ...], e.g. dense → sparse
     swa_window_schedule: list[list[int]] = field(default_factory=list)  # [[step, window], ...]
@@ -319,7 +329,7 @@ class TrainerConfig:
         for task in self.eval_tasks:
             _choice("trainer.eval_tasks", task, TASKS)
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
-                    "checkpoint_every_n_steps", "retrieval_stats_every"):
+                    "checkpoint_every_n_steps", "retrieval_stats_every", "max_consecutive_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -372,6 +382,9 @@ class Config:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
+        if self.model.attention == "hsa" and self.data.document_masking and not self.data.align_docs_to_chunks:
+            raise ConfigError("data.document_masking with model.attention=hsa needs data.align_docs_to_chunks=true: "
+                              "a chunk straddling two documents is encoded across both, so no document may retrieve it")
         self._validate_seq_len_schedule()
         for key in ("ckpt_path", "init_from"):
             if getattr(self, key) is not None and not Path(getattr(self, key)).exists():
@@ -422,7 +435,14 @@ def load_yaml(path: str):
     try:
         return OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors come in many types; report the file and the parser's first line
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:  # PyYAML's MarkedYAMLError: where the parser gave up, and what it was reading then
+            start = getattr(e, "context_mark", None)
+            context = f" ({e.context} at line {start.line + 1}, column {start.column + 1})" if start else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML: line {mark.line + 1}, column "
+                              f"{mark.column + 1}: {e.problem}{context}") from None
+        key = f" (key '{e.full_key}')" if getattr(e, "full_key", None) else ""  # OmegaConf's own parse errors
+        raise ConfigError(f"config file '{path}' is not valid YAML{key}: {str(e).splitlines()[0]}") from e
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:

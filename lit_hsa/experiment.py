@@ -164,12 +164,16 @@ def train_model(cfg: Config):
 
 def load_trained(path: Path):
     """``<model>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
+    from .checkpoint_io import load_checkpoint_file
     from .config import ModelConfig
     from .model import HSATransformer
 
     if not path.is_file():
         raise ConfigError(f"'{path}' does not exist: train the model first (run without --eval-only)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
+    if not {"model_config", "state_dict", "train"} <= saved.keys():
+        raise ConfigError(f"'{path}' is not a weights file written by `main.py experiment` (it lacks "
+                          f"{', '.join(sorted({'model_config', 'state_dict', 'train'} - saved.keys()))})")
     net = HSATransformer(ModelConfig(**saved["model_config"]))
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
     return net, saved["train"]

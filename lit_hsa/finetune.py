@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_io import load_checkpoint_file
 from .cli import checkpoint_state, state_problems
 from .config import ConfigError
 from .lora import lora_state_dict, merge_lora
@@ -43,7 +44,7 @@ def load_base(module, path: str, expected_fingerprint: str | None = None) -> Non
 def read_lora_checkpoint(path: str) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"LoRA checkpoint '{path}' does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
     if not checkpoint.get("lora_base"):
         raise ConfigError(f"'{path}' is not a LoRA checkpoint (it records no base checkpoint); "
                           "to fine-tune from a full checkpoint use init_from=")

@@ -2,7 +2,9 @@
 MoE balancing updates and their logging."""
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -19,7 +21,29 @@ from .model import HSATransformer
 from .moe import expert_load_stats
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or inf (trainer.nan_policy: stop)."""
+    """The training loss or gradient norm became NaN or inf (trainer.nan_policy: stop), or too many steps in a row
+    were skipped for it (trainer.nan_policy: skip, trainer.max_consecutive_nonfinite)."""
+
+
+class _LightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" adverts, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Silence what every run printed without saying anything about the run: Lightning's adverts for its cloud
+    products, torch's FutureWarning about Lightning's own use of ``LeafSpec``, and Lightning's warning that
+    ``training_step`` returned None (on purpose: a skipped non-finite batch, counted in train/skipped_nonfinite).
+    Idempotent."""
+    from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
+
+    if not any(isinstance(f, _LightningTips) for f in rank_zero.log.filters):
+        rank_zero.log.addFilter(_LightningTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -40,7 +64,7 @@ class HSALitModule(L.LightningModule):
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
                  tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
                  activation_checkpointing: bool = False, compile: bool = False,
-                 finetune: dict | FinetuneConfig | None = None):
+                 finetune: dict | FinetuneConfig | None = None, max_consecutive_nonfinite: int = 5):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
@@ -49,13 +73,14 @@ class HSALitModule(L.LightningModule):
         # `eval` rebuild the tokenizer from the checkpoint alone.
         hparams = {"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
                    "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy,
-                   "activation_checkpointing": activation_checkpointing, "compile": compile}
+                   "activation_checkpointing": activation_checkpointing, "compile": compile,
+                   "max_consecutive_nonfinite": max_consecutive_nonfinite}
         if ft.method != "none":  # ordinary (and merged) checkpoints keep plain hyper-parameters
             hparams["finetune"] = asdict(ft)
         self.save_hyperparameters(hparams)
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
-        self.nan_policy = nan_policy
+        self.nan_policy, self.max_consecutive_nonfinite = nan_policy, max_consecutive_nonfinite
         self.model = HSATransformer(model_cfg)
         self.finetune_cfg = ft
         # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.load_base and saved with adapters.
@@ -64,7 +89,9 @@ class HSALitModule(L.LightningModule):
             apply_lora(self.model, ft)
             self.strict_loading = False  # LoRA checkpoints omit the frozen base weights; on_load_checkpoint checks
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
-        self.nonfinite_batches = 0  # batches skipped for a NaN/inf loss (trainer.nan_policy: skip)
+        self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm (nan_policy: skip)
+        self._consecutive_nonfinite = 0
+        self._nonfinite_loss: float | None = None  # this step's non-finite loss, until on_before_optimizer_step
         self._flops_per_token: dict[int, float] = {}
         self.val_loss = MeanMetric()  # synced across ranks by torchmetrics; val/ppl = exp(val/loss)
 
@@ -83,12 +110,14 @@ class HSALitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """LoRA: keep only what training changes (adapters, buffers) and record the base checkpoint they need."""
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
         if self.finetune_cfg.method == "lora":
             keep = lora_state_dict(self).keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
             checkpoint["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         if self.finetune_cfg.method == "lora":
             from .finetune import check_adapters
 
@@ -110,16 +139,15 @@ class HSALitModule(L.LightningModule):
             return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ppl", loss.detach().exp(), batch_size=bs)
-        self.log("train/skipped_nonfinite", float(self.nonfinite_batches), batch_size=bs)
         if self.model.moe_layers():
             self.log("train/moe_aux_loss", aux, batch_size=bs)
         return loss + aux
 
     def _non_finite(self, loss: torch.Tensor) -> None:
-        """NaN/inf guard. 'skip': no backward, no optimizer step for this batch (returning None tells Lightning so);
-        'stop': end the run with a message naming the step."""
+        """NaN/inf loss. 'skip': no backward for this batch (returning None tells Lightning so); the optimizer step
+        it belongs to is skipped and counted in ``on_before_optimizer_step``. 'stop': end the run naming the step."""
         if self.nan_policy == "skip":
-            self.nonfinite_batches += 1  # logged with the next good step: a skipped step's logs are dropped
+            self._nonfinite_loss = loss.item()
             return None
         raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
                                  "lower optim.lr or set trainer.nan_policy=skip")
@@ -136,11 +164,62 @@ class HSALitModule(L.LightningModule):
         self.val_loss.reset()
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Called once per optimizer step, after gradient accumulation and before clipping: the pre-clip norm.
+        # Called once per optimizer step (also when every micro-batch was skipped), after gradient accumulation and
+        # before clipping: the pre-clip norm.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        self._update_moe_balance()
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+        problem = self._nonfinite_problem(grads, norm)
+        if problem:
+            self._skip_step(problem)
+        else:
+            self._consecutive_nonfinite = 0
+            self._update_moe_balance()
+        self.log("train/skipped_nonfinite", float(self.nonfinite_steps))
+
+    def _nonfinite_problem(self, grads: list[torch.Tensor], norm: torch.Tensor | None) -> str | None:
+        """What went non-finite in this step on any rank ('loss nan', 'gradient norm inf'), or None. Under 'stop' a
+        non-finite gradient norm ends the run here. With fp16 loss scaling, overflowing gradients are the
+        GradScaler's business (it skips the step and lowers the scale): only the loss counts then."""
+        loss = self._nonfinite_loss
+        self._nonfinite_loss = None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        if grads and any(hasattr(g, "to_local") for g in grads):  # FSDP: this rank's shards, as plain tensors
+            norm = torch.linalg.vector_norm(torch.stack([g.to_local().norm() for g in grads]))
+        if norm is None or scaler is not None:
+            norm = torch.zeros((), device=self.device)
+        flags = torch.stack([torch.tensor(float(loss is not None), device=norm.device),
+                             (~torch.isfinite(norm)).float()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips (or stops) together
+        if flags[1]:
+            if self.nan_policy == "stop":
+                raise NonFiniteLossError(f"non-finite gradient norm ({norm.item()}) at step {self.global_step}; "
+                                         "lower optim.lr or set trainer.nan_policy=skip")
+            return f"gradient norm {norm.item()}"
+        if flags[0]:
+            return "loss non-finite on another rank" if loss is None else f"loss {loss}"
+        return None
+
+    def _skip_step(self, problem: str) -> None:
+        """trainer.nan_policy=skip: drop every gradient, so clipping and the optimizer step leave the weights and
+        the optimizer state (AdamW moments, step counts) as they were, and forget the step's MoE loads. Stops the
+        run after ``max_consecutive_nonfinite`` skipped steps in a row: a model that only yields NaN is dead."""
+        for p in self.parameters():
+            p.grad = None  # AdamW skips a parameter without a gradient entirely (no decay, no moment update)
+        for moe in self.model.moe_layers():
+            moe.load_accum.zero_()
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            # This step's logs never reach the logger once we raise: write the final count directly.
+            for logger in self.loggers:
+                logger.log_metrics({"train/skipped_nonfinite": float(self.nonfinite_steps)}, step=self.global_step)
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} optimizer steps in a row skipped for a non-finite loss or gradient "
+                f"norm (the last at step {self.global_step}: {problem}); the model has diverged: lower optim.lr "
+                f"(trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite})")
 
     @torch.no_grad()
     def _update_moe_balance(self) -> None:

@@ -22,6 +22,11 @@ def test_moe_8b_a1b_size():
     assert 0.8e9 <= active <= 1.3e9
 
 
+def test_one_gpu_moe_size():
+    total, active = meta_param_counts("moe-1b-a0.2b")
+    assert 0.9e9 <= total <= 1.2e9 and 0.17e9 <= active <= 0.25e9
+
+
 def test_small_and_tiny_sizes():
     assert 100e6 <= meta_param_counts("small")[0] <= 150e6
     assert meta_param_counts("tiny")[0] < 5e6

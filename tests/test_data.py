@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 
@@ -13,6 +14,7 @@ from data_modules.packing import (
     Document,
     DocumentStream,
     PackedStream,
+    collate_with_position,
     pack_windows,
 )
 from data_modules.sources import DataError, resolve_paths, stdlib_files
@@ -133,8 +135,8 @@ def test_datamodule_resumes_from_saved_positions(corpus, num_workers):
 
 
 @pytest.fixture
-def mixed_sources(tmp_path, corpus):
-    """Text files (long ones repeated), a jsonl with blank lines and a parquet file of several row groups."""
+def mixed_files(tmp_path, corpus):
+    """(folder of text files, a jsonl with blank lines, a parquet file of several row groups)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -142,8 +144,15 @@ def mixed_sources(tmp_path, corpus):
     (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"text": [f"row {i} " * (2 + i % 13) for i in range(500)]}), tmp_path / "p.parquet",
                    row_group_size=64)
-    return [DocumentStream(resolve_paths([str(corpus)]), "text", 0.1, long_doc_chars=150, long_doc_repeat=2),
-            DocumentStream([tmp_path / "x.jsonl"], "text", 0.1), DocumentStream([tmp_path / "p.parquet"], "text", 0.1)]
+    return corpus, tmp_path / "x.jsonl", tmp_path / "p.parquet"
+
+
+@pytest.fixture
+def mixed_sources(mixed_files):
+    """Text files (long ones repeated), a jsonl with blank lines and a parquet file of several row groups."""
+    text, jsonl, parquet = mixed_files
+    return [DocumentStream(resolve_paths([str(text)]), "text", 0.1, long_doc_chars=150, long_doc_repeat=2),
+            DocumentStream([jsonl], "text", 0.1), DocumentStream([parquet], "text", 0.1)]
 
 
 def positioned_stream(sources, positions=None, **options):
@@ -151,14 +160,65 @@ def positioned_stream(sources, positions=None, **options):
                         track_position=True, start_positions=positions, **options)
 
 
-def test_stream_restored_from_any_position_continues_exactly(mixed_sources):
+def pending_repeats(position: dict) -> int:
+    """Sources whose saved cursor state holds a long document still to be repeated."""
+    return sum(source["repeat"] is not None for source in position["documents"]["sources"])
+
+
+def test_stream_restored_from_every_position_continues_exactly(mixed_sources):
+    """The position saved with each of 260 windows (≈ 12K tokens: past the first epoch of every source; shuffle
+    buffer on; long text files repeated) restores a stream that continues exactly as the uninterrupted one. Some
+    positions fall while a long document's repeat is pending: it must come back with them."""
     options = {"align": 8, "with_doc_ids": True, "synthetic_fraction": 0.2, "synthetic_tasks": ["self_copy"]}
-    full = list(itertools.islice(iter(positioned_stream(mixed_sources, **options)), 300))
-    for j in (0, 7, 133, 250):  # 250 windows ≈ 12K tokens: past the first epoch of every source
-        _, position = full[j][POSITION_KEY]
-        resumed = itertools.islice(iter(positioned_stream(mixed_sources, {0: position}, **options)), 20)
-        for a, b in zip(full[j + 1 :], resumed):
+    n, ahead = 260, 12
+    full = list(itertools.islice(iter(positioned_stream(mixed_sources, **options)), n + ahead))
+    positions = [sample[POSITION_KEY][1] for sample in full[:n]]
+    for j, position in enumerate(positions):
+        resumed = list(itertools.islice(iter(positioned_stream(mixed_sources, {0: position}, **options)), ahead))
+        for a, b in zip(full[j + 1 : j + 1 + ahead], resumed, strict=True):
             assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "doc_ids")), j
+    assert sum(pending_repeats(p) > 0 for p in positions) >= 5  # the window did test restoring pending repeats
+
+
+def loader_batches(dataset: PackedStream, n_workers: int, n: int) -> list[dict]:
+    """The first ``n`` batches a DataLoader with ``n_workers`` workers makes of ``dataset`` (batch ``b`` from worker
+    ``b % n_workers``, as ``collate_with_position`` stacks them), each worker's iterator run in this process."""
+    from types import SimpleNamespace
+
+    from data_modules import packing
+
+    per_worker = []
+    for slot in range(n_workers):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(packing, "get_worker_info", lambda: SimpleNamespace(num_workers=n_workers, id=slot))
+            count = packing.batches_of(slot, n_workers, n) * dataset.batch_size
+            per_worker.append(iter(list(itertools.islice(iter(dataset), count))))
+    return [collate_with_position([next(per_worker[b % n_workers]) for _ in range(dataset.batch_size)])
+            for b in range(n)]
+
+
+def test_datamodule_with_workers_resumes_from_every_batch(mixed_files):
+    """Two dataloader workers keep a position each: the DataModule's state after any of 100 consumed batches
+    (shuffle buffer on, long documents repeated, repeats pending at some of them) resumes exactly."""
+    text, jsonl, parquet = mixed_files
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(text)], long_doc_chars=150, long_doc_repeat=3),
+                              SourceConfig(paths=[str(jsonl)], weight=2.0, long_doc_chars=40, long_doc_repeat=2),
+                              SourceConfig(paths=[str(parquet)])],
+                     seq_len=48, batch_size=2, num_workers=2, val_fraction=0.1, shuffle_buffer=5)
+    n, ahead = 100, 6
+    dm = TextDataModule(cfg)
+    states = [copy.deepcopy(dm.state_dict())]
+    full = []
+    for batch in loader_batches(dm.train_dataset(), 2, n + ahead):
+        full.append(dm.on_before_batch_transfer(batch, 0)["input_ids"])
+        states.append(copy.deepcopy(dm.state_dict()))
+    for j in range(n):
+        resumed = TextDataModule(cfg)
+        resumed.load_state_dict(states[j])
+        for a, b in zip(full[j : j + ahead], loader_batches(resumed.train_dataset(), 2, ahead), strict=True):
+            assert torch.equal(a, b["input_ids"]), j
+    saved = [p for state in states[:n] for p in state["ranks"][0]["positions"] if p is not None]
+    assert sum(pending_repeats(p) > 0 for p in saved) >= 10  # the window did test restoring pending repeats
 
 
 def test_resume_reads_a_bounded_number_of_records(tmp_path, monkeypatch):

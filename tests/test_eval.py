@@ -1,9 +1,11 @@
 import json
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
+from data_modules.synthetic import TaskSample, score
 from data_modules.tokenizers import ByteTokenizer
 from lit_hsa.eval import ruler
 from lit_hsa.model import HSATransformer
@@ -35,10 +37,62 @@ def test_oracle_answers_score_one(monkeypatch):
     assert all(r.accuracy == 1.0 for r in rows)
 
 
+def test_score_is_the_fraction_of_answers_found():
+    """RULER's string match on known answers: the exact value scores 1 (inside other text, in any case), a wrong or
+    missing value 0, and k of a multi-value sample's 4 values k / 4."""
+    tok, rng = ByteTokenizer(), np.random.default_rng(0)
+    single = ruler.make_task("niah_single", HAYSTACK[:600], 600, tok, rng, 0.5)
+    (value,) = single.answers
+    wrong = value[:-1] + str((int(value[-1]) + 1) % 10)
+    assert score(single, value) == 1.0 and score(single, f"The value is: {value.upper()}.") == 1.0
+    assert score(single, wrong) == 0.0 and score(single, "") == 0.0 and score(single, value[:-1]) == 0.0
+    multi = ruler.make_task("niah_multivalue", HAYSTACK[:600], 600, tok, rng, 0.5)
+    assert len(multi.answers) == 4 and len(set(multi.answers)) == 4
+    for k in range(5):
+        assert score(multi, ", ".join(multi.answers[:k])) == k / 4
+
+
+def generation_spy(monkeypatch, answer: Callable[[int, TaskSample], bool]):
+    """Replace the model's generation in ``ruler.evaluate_retrieval``: call ``i`` (counted from 0) continues the
+    prompt with the sample's true answer when ``answer(i, sample)``, else with question marks."""
+    made, calls = {}, []
+
+    def make_task(*args, **kwargs):
+        made["sample"] = real_make_task(*args, **kwargs)
+        return made["sample"]
+
+    def generate(model, prompt, n, **kwargs):
+        sample = made["sample"]
+        right = answer(len(calls), sample)
+        calls.append(right)
+        continuation = sample.tokens[sample.prompt_len :] if right else np.full(n, ord("?"))
+        return torch.cat([prompt, torch.as_tensor(continuation, dtype=prompt.dtype)[None]], dim=1)
+
+    real_make_task = ruler.make_task
+    monkeypatch.setattr(ruler, "make_task", make_task)
+    monkeypatch.setattr(ruler, "generate", generate)
+    return calls
+
+
+def test_accuracy_is_the_mean_score_of_the_generated_answers(monkeypatch):
+    """Answers right in 3 of every 4 samples give 0.75 per row, never right 0."""
+    calls = generation_spy(monkeypatch, lambda i, sample: i % 4 != 3)
+    rows = ruler.evaluate_retrieval(torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single", "vt"], [600],
+                                    [0.0, 1.0], samples=4)
+    assert len(rows) == 4 and len(calls) == 16 and [r.accuracy for r in rows] == [0.75] * 4
+
+    calls = generation_spy(monkeypatch, lambda i, sample: False)
+    rows = ruler.evaluate_retrieval(torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single"], [600], [0.0],
+                                    samples=2)
+    assert len(calls) == 2 and rows[0].accuracy == 0.0
+
+
 def test_real_model_rows_and_perplexity_buckets():
+    """An untrained model emits noise: it cannot write the sample's 8-digit value, so its accuracy is 0 (a scorer
+    that also read the prompt, where the value stands, would give 1)."""
     model = HSATransformer(tiny(vocab_size=320)).eval()
     rows = ruler.evaluate_retrieval(model, ByteTokenizer(), HAYSTACK, ["niah_single"], [300], [0.5], samples=1)
-    assert len(rows) == 1 and 0.0 <= rows[0].accuracy <= 1.0
+    assert len(rows) == 1 and rows[0].accuracy == 0.0
     ppl = ruler.perplexity_by_position(model, HAYSTACK[:300], segment_size=128)
     assert [b["from"] for b in ppl] == [0, 64, 128, 256] and ppl[-1]["to"] == 299
     assert all(np.isfinite(b["loss"]) for b in ppl)

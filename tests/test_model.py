@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from lit_hsa.config import ModelConfig
-from lit_hsa.model import HSATransformer, fusion_weights
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess  # before triton
+
+import kernels.dispatch as dispatch  # noqa: E402
+import kernels.hsa as hsa  # noqa: E402
+from lit_hsa.config import ModelConfig  # noqa: E402
+from lit_hsa.model import HSATransformer, fusion_weights  # noqa: E402
 
 VOCAB = 64
 
@@ -90,11 +94,69 @@ def test_fusion_weights():
     assert w[0, 2] == 0 and torch.all(w[1] == 0)
 
 
-def test_first_chunk_rows_get_zero_hsa_and_finite_grads():
+@pytest.mark.parametrize("n_chunks", [1, 3])
+def test_first_chunk_rows_get_zero_hsa_and_finite_grads(n_chunks):
+    """Tokens of the first chunk (t < chunk_size) have no chunk to retrieve: their top-k is all −1 and
+    ``HSABlock.hsa_output`` is exactly 0 for them, with finite gradients everywhere (no NaN from an all-masked
+    selection). One chunk: nothing is retrievable anywhere; three: the later chunks' rows do retrieve."""
     model = HSATransformer(tiny())
-    x = torch.randint(0, VOCAB, (1, 8))  # exactly one chunk: nothing is ever retrievable
-    model(x).sum().backward()
+    S = model.cfg.chunk_size
+    outputs = []
+    for block in model.hsa_blocks():
+        def spy(*args, real=block.hsa_output, **kwargs):
+            o = real(*args, **kwargs)
+            o.retain_grad()
+            outputs.append(o)
+            return o
+
+        block.hsa_output = spy
+    x = torch.randint(0, VOCAB, (2, n_chunks * S))
+    model(x).logsumexp(-1).sum().backward()
+    assert len(outputs) == len(model.hsa_blocks()) > 0
+    for block, o in zip(model.hsa_blocks(), outputs):
+        assert torch.equal(o[:, :S], torch.zeros_like(o[:, :S]))
+        assert torch.isfinite(o.grad).all() and o.grad[:, :S].abs().sum() > 0  # the zero rows are on the loss path
+        if n_chunks > 1:
+            _, indices = block.last_selection
+            assert (indices[:, :S] == -1).all() and (indices[:, S:] >= 0).any()
+            assert (o[:, S:] != 0).any()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("backend,strategy", [("reference", None), pytest.param("triton", "chunk", marks=kernel_test),
+                                              pytest.param("triton", "query", marks=kernel_test)])
+def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend, strategy, monkeypatch):
+    """``kernels.hsa.hsa_attention`` with all indices −1 (rows that select no chunk) and nonzero weights: output
+    exactly 0 and gradients 0 (the output does not depend on the inputs), never NaN; reference and Triton kernel
+    (both work orders; under ``TRITON_INTERPRET=1`` on the CPU)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from kernels.hsa import triton_attention
+
+        calls = []
+        kernel = triton_attention.hsa_attention_triton
+        monkeypatch.setattr(triton_attention, "hsa_attention_triton",
+                            lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+        monkeypatch.setitem(triton_attention.CONFIG, "strategy", strategy)
+    monkeypatch.setattr(dispatch, "_backend", backend)
+    device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
+    B, T, Hq, Hkv, D, S, K = 2, 48, 4, 2, 16, 16, 3
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, generator=gen).to(device).requires_grad_() for h in (Hq, Hkv, Hkv))
+    w = (torch.rand(B, T, Hkv, K, generator=gen) + 0.5).to(device).requires_grad_()
+    idx = torch.full((B, T, Hkv, K), -1, dtype=torch.int32, device=device)
+    out = hsa.hsa_attention(q, k, v, w, idx, S)
+    assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out))
+    out.backward(torch.randn(out.shape, generator=gen).to(device))
+    for name, x in zip("qkvw", (q, k, v, w)):
+        assert torch.isfinite(x.grad).all() and torch.equal(x.grad, torch.zeros_like(x)), name
+    if backend == "triton":
+        assert calls  # the kernel ran, not the reference
+
+
+@only_if_kernels_skipped
+def test_empty_slots_kernel_in_subprocess():
+    run_module_in_subprocess(f"{__file__}::test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads")
 
 
 def test_chunked_cross_entropy_equals_full_logits():

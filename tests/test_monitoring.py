@@ -103,3 +103,23 @@ def test_set_swa_window_changes_the_attention_reach():
     assert torch.allclose(model(x)[:, 30:], model(y)[:, 30:])  # window 8, two blocks: reach < 16
     model.set_swa_window(64)
     assert not torch.allclose(model(x)[:, 30:], model(y)[:, 30:])
+
+
+def test_mfu_on_gpus_lightning_does_not_know():
+    """Lightning's FLOPs table has no 'NVIDIA H200' (its H200 SXM1 entry is the sparse rate): the monitor takes
+    NVIDIA's dense peak (989.4 TFLOP/s bf16, as the H100 SXM: same compute), so MFU = FLOP/s / peak is logged."""
+    from lightning.fabric.utilities.throughput import Throughput
+
+    from lit_hsa.callbacks import MFUThroughputMonitor, dense_peak_flops
+
+    assert dense_peak_flops("NVIDIA H200", "bf16-mixed") == 989.4e12
+    assert dense_peak_flops("NVIDIA H200 NVL", "bf16-true") == 835e12
+    assert dense_peak_flops("NVIDIA H200", "32-true") in (67e12, 494.7e12)  # fp32, or TF32 tensor cores
+    assert dense_peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed") is None  # Lightning's own table serves it
+    monitor = MFUThroughputMonitor(batch_size_fn=lambda b: 1)
+    monitor._throughputs = {"train": Throughput(window_size=2)}
+    monitor.use_peak_flops(989.4e12)
+    throughput = monitor._throughputs["train"]
+    for step in (1, 2, 3):
+        throughput.update(time=float(step), batches=step, samples=step, flops=989.4e12 / 2)
+    assert throughput.compute()["device/mfu"] == pytest.approx(0.5)

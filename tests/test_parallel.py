@@ -1,13 +1,21 @@
 """Parallelism configured from the trainer config: activation checkpointing is exact; FSDP2 over 2 CPU processes
-(gloo) trains, writes a sharded checkpoint, resumes from it and matches a single-process run."""
+(gloo), each rank reading its own documents, trains, writes a sharded checkpoint, resumes from it and matches a
+single-process run over both ranks' documents; data shards follow the rank; MoE expert load is summed over ranks."""
 import copy
+import random
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from data_modules.text import TextDataModule
+from lit_hsa.config import DataConfig, OptimConfig
 from lit_hsa.model import HSATransformer
+from lit_hsa.module import HSALitModule
 from lit_hsa.parallel import parallelize
 from tests.test_cli import ROOT, scalars
 from tests.test_model import VOCAB, tiny
@@ -28,46 +36,126 @@ def test_activation_checkpointing_is_exact():
 
 
 @pytest.fixture(scope="module")
-def same_docs(tmp_path_factory):
-    """Every document identical: each rank's shard then yields the same samples as a single process, so 2 ranks ×
-    batch 1 compute the same gradient as 1 process × batch 1 and the losses must agree."""
-    d = tmp_path_factory.mktemp("same")
-    for i in range(8):
-        (d / f"d{i}.txt").write_text("the same document text, repeated for every file. " * 20)
+def distinct_docs(tmp_path_factory):
+    """24 different documents of 63 bytes, all starting with "#": with EOS each is one window of seq_len 64 (byte
+    tokenizer), and a window's last label (the next document's first byte) is "#" whichever document comes next.
+    Training record g of the split belongs to rank g % 2, so with shuffle_buffer=1 rank r's sample s is training
+    document 2s + r, and one process at batch 2 has exactly the two ranks' samples s as the rows of its batch s."""
+    d = tmp_path_factory.mktemp("distinct")
+    for i in range(24):
+        rng = random.Random(i)  # each document its own mix of bytes, so each rank routes its tokens differently
+        alphabet = "".join(rng.sample("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:()", 12))
+        (d / f"d{i:02d}.txt").write_text("#" + "".join(rng.choice(alphabet) for _ in range(62)))
     return d
+
+
+def rank_batches(docs, rank: int, world: int, batch_size: int, n: int) -> list[torch.Tensor]:
+    """The first ``n`` training batches (input_ids) the DataModule gives rank ``rank`` of ``world``."""
+    cfg = DataConfig(paths=[str(docs)], seq_len=64, batch_size=batch_size, num_workers=0, val_fraction=0.3,
+                     shuffle_buffer=1)
+    dm = TextDataModule(cfg)
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0, accumulate_grad_batches=1)
+    it = iter(dm.train_dataloader())
+    return [dm.on_before_batch_transfer(next(it), 0)["input_ids"] for _ in range(n)]
+
+
+def test_each_rank_reads_its_own_documents(distinct_docs):
+    """Rank r of 2 at batch 1 gets row r of what one process gets at batch 2 over the same documents: the ranks'
+    batches differ and together are the single process's, step by step."""
+    single = rank_batches(distinct_docs, 0, 1, 2, 4)
+    ranks = [rank_batches(distinct_docs, r, 2, 1, 4) for r in range(2)]
+    for s in range(4):
+        assert not torch.equal(ranks[0][s], ranks[1][s]), s
+        for r in range(2):
+            assert torch.equal(ranks[r][s][0], single[s][r]), (s, r)
 
 
 def fit_cli(root, name, docs, *extra):
     args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={root}",
             f"trainer.run_name={name}", f"data.paths=[{docs}]", "data.batch_size=1", "data.seq_len=64",
-            "data.val_samples=2", "data.val_fraction=0.3", "data.num_workers=0", "trainer.limit_val_batches=1",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-            "trainer.checkpoint_every_n_steps=2", *extra]
+            "data.val_samples=2", "data.val_fraction=0.3", "data.num_workers=0", "data.shuffle_buffer=1",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2", *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sorted((root / name).glob("version_*"))[-1]
 
 
-def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, same_docs):
-    single = scalars(fit_cli(tmp_path, "single", same_docs, "trainer.max_steps=4"), "train/loss")
-    fsdp = ["trainer.strategy=fsdp", "trainer.devices=2"]
-    first = fit_cli(tmp_path, "fsdp", same_docs, "trainer.max_steps=2", *fsdp)
-    sharded = first / "checkpoints" / "last.ckpt"
-    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2  # one shard per rank
-    resumed = fit_cli(tmp_path, "resumed", same_docs, "trainer.max_steps=4", f"ckpt_path={sharded}", *fsdp)
-    losses = {**scalars(first, "train/loss"), **scalars(resumed, "train/loss")}
-    assert sorted(losses) == [0, 1, 2, 3]
-    for step, loss in single.items():
-        assert losses[step] == pytest.approx(loss, abs=1e-4), step
-
-    out = tmp_path / "one.ckpt"
-    proc = subprocess.run([sys.executable, "main.py", "consolidate", "--ckpt", str(sharded), "--out", str(out)],
+def consolidated(folder, out) -> dict:
+    """The weights and buffers of a sharded (FSDP) checkpoint folder, through ``main.py consolidate``."""
+    proc = subprocess.run([sys.executable, "main.py", "consolidate", "--ckpt", str(folder), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    from lit_hsa.module import HSALitModule
-
     module = HSALitModule.load_from_checkpoint(out, map_location="cpu")  # strict: every weight and buffer present
-    assert all(m.expert_bias.abs().sum() > 0 for m in module.model.moe_layers())  # trained balancing state came back
+    return module.state_dict()
+
+
+def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, distinct_docs):
+    """2 ranks × batch 1 over different documents, 2 steps, then resumed from the sharded checkpoint for 2 more,
+    end with the weights and MoE expert biases of 1 process × batch 2 over the same documents after 4 steps: each
+    rank read its own shard (and resumed it), gradients were averaged and expert loads summed over the ranks."""
+    single = fit_cli(tmp_path, "single", distinct_docs, "trainer.max_steps=4", "data.batch_size=2")
+    fsdp = ["trainer.strategy=fsdp", "trainer.devices=2"]
+    first = fit_cli(tmp_path, "fsdp", distinct_docs, "trainer.max_steps=2", *fsdp)
+    sharded = first / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2  # one shard per rank
+    resumed = fit_cli(tmp_path, "resumed", distinct_docs, "trainer.max_steps=4", f"ckpt_path={sharded}", *fsdp)
+    losses = {**scalars(first, "train/loss"), **scalars(resumed, "train/loss")}
+    assert sorted(losses) == [0, 1, 2, 3]
+
+    reference = torch.load(single / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert reference["global_step"] == 4
+    expected = reference["state_dict"]
+    weights = consolidated(resumed / "checkpoints" / "last.ckpt", tmp_path / "four.ckpt")
+    assert weights.keys() == expected.keys()
+    biases = [k for k in expected if k.endswith("expert_bias")]
+    assert biases and all(expected[k].abs().sum() > 0 for k in biases)  # trained balancing state came back
+    for k in biases:
+        torch.testing.assert_close(weights[k], expected[k], rtol=0, atol=1e-6, msg=k)
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def balance_step(rank: int, world: int, init_file: str, inputs: torch.Tensor, out: str) -> None:
+    """One rank: a training forward over its own rows of ``inputs`` (the MoE layers count their expert load), then
+    the balancing update; saves the load it counted and the expert biases it ends with."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it would hang)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        module = HSALitModule(tiny(), OptimConfig())
+        module.train()
+        module.model(inputs[rank])
+        moes = module.model.moe_layers()
+        loads = [m.load_accum.clone() for m in moes]
+        module._update_moe_balance()
+        torch.save({"load": loads, "bias": [m.expert_bias.clone() for m in moes]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_moe_expert_load_is_summed_over_ranks(tmp_path):
+    """Two gloo ranks, different tokens each: after the balancing update both hold the same expert biases, those
+    the update gives for the sum of the two ranks' loads (not for either rank's own)."""
+    inputs = torch.stack([torch.randint(0, VOCAB // 2, (1, 48)), torch.randint(VOCAB // 2, VOCAB, (1, 48))])
+    # fork: the ranks start in a second instead of importing Lightning again each
+    mp.start_processes(balance_step, args=(2, str(tmp_path / "init"), inputs, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    moes = HSALitModule(tiny(), OptimConfig()).model.moe_layers()
+    assert moes and len(ranks[0]["bias"]) == len(moes)
+    local_differs = False
+    for i, moe in enumerate(moes):
+        loads = [rank["load"][i] for rank in ranks]
+        alone = [copy.deepcopy(moe) for _ in loads]
+        for m, load in zip(alone, loads):
+            m.update_bias(load)
+        moe.update_bias(loads[0] + loads[1])
+        for r in range(2):
+            assert torch.equal(ranks[r]["bias"][i], moe.expert_bias), (i, r)
+            local_differs |= not torch.equal(alone[r].expert_bias, moe.expert_bias)
+    assert local_differs  # the ranks' own loads alone would have moved the biases elsewhere: the test can tell
 
 
 def test_compiled_checkpointed_blocks_match_eager_without_hitting_the_recompile_limit():

@@ -39,6 +39,26 @@ def parse_length(text: str) -> int:
         raise ValueError(f"bad length '{text}': use a number with an optional k or m suffix") from None
 
 
+def retrieval_sample(task: str, length: int, depth: float | None, i: int, seed: int, haystack: np.ndarray,
+                     tokenizer):
+    """Sample ``i`` of (task, length, depth): deterministic given ``seed``, over a random window of ``haystack``."""
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode()), length, int((depth or 0) * 1000), i])
+    start = int(rng.integers(0, max(1, len(haystack) - length)))
+    return make_task(task, haystack[start : start + length], length, tokenizer, rng, depth)
+
+
+def check_retrieval_samples(tokenizer, haystack: np.ndarray, tasks: list[str], lengths: list[int],
+                            depths: list[float], samples: int, seed: int = 0) -> None:
+    """Build every sample ``evaluate_retrieval`` would score (cheap next to decoding them), so that a length too
+    short for a task fails before hours of evaluation, not in the middle. Raises make_task's ``ValueError``
+    ("length: 64 tokens cannot hold task 'niah_single': its needles, question and answer take 123 tokens")."""
+    for task in tasks:
+        for length in lengths:
+            for depth in ([None] if task in DEPTHLESS_TASKS else depths):
+                for i in range(samples):
+                    retrieval_sample(task, length, depth, i, seed, haystack, tokenizer)
+
+
 @torch.no_grad()
 def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, tasks: list[str], lengths: list[int],
                        depths: list[float], samples: int = 4, seed: int = 0, segment_size: int = 4096,
@@ -51,9 +71,7 @@ def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, t
             for depth in ([None] if task in DEPTHLESS_TASKS else depths):
                 total = 0.0
                 for i in range(samples):
-                    rng = np.random.default_rng([seed, zlib.crc32(task.encode()), length, int((depth or 0) * 1000), i])
-                    start = int(rng.integers(0, max(1, len(haystack) - length)))
-                    sample = make_task(task, haystack[start : start + length], length, tokenizer, rng, depth)
+                    sample = retrieval_sample(task, length, depth, i, seed, haystack, tokenizer)
                     prompt = torch.as_tensor(sample.tokens[: sample.prompt_len], dtype=torch.long, device=device)
                     n_answer = length - sample.prompt_len
                     out = generate(model, prompt[None], n_answer, segment_size=segment_size)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, DataConfig, load_config
-from .ruler import evaluate_retrieval, parse_length, perplexity_by_position, plot_results, rows_as_dicts
+from .ruler import (check_retrieval_samples, evaluate_retrieval, parse_length, perplexity_by_position,
+                    plot_results, rows_as_dicts)
 
 
 def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
@@ -45,13 +46,27 @@ def run_eval(args) -> None:
         ppl_length = parse_length(args.ppl_length)
     except ValueError as e:
         raise ConfigError(f"--lengths/--ppl-length: {e}") from None
-    depths = [float(d) for d in args.depths.split(",")]
+    if any(n < 1 for n in lengths) or ppl_length < 0:
+        raise ConfigError(f"--lengths must be positive and --ppl-length >= 0, got --lengths {args.lengths} "
+                          f"--ppl-length {args.ppl_length}")
+    try:
+        depths = [float(d) for d in args.depths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--depths: use comma-separated numbers in [0, 1], got '{args.depths}'") from None
     if any(not 0 <= d <= 1 for d in depths):
         raise ConfigError(f"--depths must lie in [0, 1], got {args.depths}")
+    if args.samples < 1 or args.segment_size < 1:
+        raise ConfigError(f"--samples and --segment-size must be >= 1, got {args.samples} and {args.segment_size}")
     data_cfg = load_config(args.config).data if args.config else DataConfig()
 
     model, tokenizer = load_checkpoint(args.ckpt, args.device)
     haystack = held_out_tokens(data_cfg, tokenizer, max(lengths + [ppl_length]) * 2)
+    try:  # a length too short for a task: fail now, not after the lengths before it were evaluated
+        check_retrieval_samples(tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed)
+    except ValueError as e:
+        message = str(e)
+        raise ConfigError("--lengths: " + message.removeprefix("length: ") if message.startswith("length: ")
+                          else message) from None
     rows = evaluate_retrieval(model, tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed,
                               args.segment_size, args.device)
     ppl = perplexity_by_position(model, haystack[:ppl_length], args.segment_size, args.device) if ppl_length else []

@@ -1,4 +1,4 @@
-"""lit-hsa command line: ``python main.py {fit,validate} --config configs/tiny.yaml [dotted.key=value ...]``."""
+"""lit-hsa command line: ``python main.py {fit,validate,generate,eval,experiment,merge,consolidate} ...`` (``--help``)."""
 import sys
 
 from lit_hsa.cli import main

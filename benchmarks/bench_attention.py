@@ -16,20 +16,17 @@ flex SWA-512 from the same run. ``--merge a.json b.json`` combines partial runs 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import sync, time_ms, today, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.hsa import select_chunks, select_chunks_reference  # noqa: E402
+from kernels.hsa import select_chunks, select_chunks_reference
 
 HQ, D, S = 16, 128, 64
 ALL_T = [4096, 16384, 65536, 131072, 262144, 1048576]
@@ -103,44 +100,27 @@ def make_weights(idx: torch.Tensor, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _sync():
-    torch.cuda.synchronize()
-
-
-def time_ms(fn, budget_ms: float = 1500.0, max_reps: int = 20, min_reps: int = 3) -> float:
-    """Median over reps of CUDA-event time; one warm-up call first (compilation, autotuning, allocator)."""
-    fn()
-    _sync()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    e.synchronize()
-    first = s.elapsed_time(e)
+def time_within(fn, budget_ms: float = 1500.0, max_reps: int = 20, min_reps: int = 3) -> float:
+    """Median over reps of CUDA-event time; one warm-up call first (compilation, autotuning, allocator), then one
+    timed call that sets the number of reps to fit ``budget_ms`` (between ``min_reps`` and ``max_reps``)."""
+    first = time_ms(fn, warmup=1, iters=1, device="cuda", cuda_events=True)
     reps = int(max(min_reps, min(max_reps, budget_ms / max(first, 1e-3))))
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return time_ms(fn, warmup=0, iters=reps, device="cuda", cuda_events=True)
 
 
 def measure(fwd, fwdbwd, budget_ms) -> dict:
     """{'fwd_ms', 'fwdbwd_ms', 'peak_gib'} or {'status': 'oom'}; peak = max allocated during one fwd+bwd."""
     out = {}
     try:
-        out["fwd_ms"] = time_ms(fwd, budget_ms)
-        _sync()
+        out["fwd_ms"] = time_within(fwd, budget_ms)
+        sync("cuda")
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fwdbwd()
-        _sync()
+        sync("cuda")
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         out["extra_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        out["fwdbwd_ms"] = time_ms(fwdbwd, budget_ms)
+        out["fwdbwd_ms"] = time_within(fwdbwd, budget_ms)
         out["status"] = "ok"
     except torch.cuda.OutOfMemoryError:
         out = {"status": "oom"}
@@ -157,10 +137,10 @@ def measure(fwd, fwdbwd, budget_ms) -> dict:
 def profile_table(fn, rows: int = 15) -> str:
     """GPU kernels of one fn() call, by device time (fn runs twice first: compilation, allocator)."""
     fn(), fn()
-    _sync()
+    sync("cuda")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
-        _sync()
+        sync("cuda")
     return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
 
 
@@ -189,7 +169,7 @@ def bench_hsa(q, k, v, do, idx, w, budget_ms, profile: bool = False) -> dict:
                 with torch.no_grad():
                     return hsa_attention_triton(q, k, v, w, idx, plan=plan)
 
-            res["fwd_kernel_ms"] = time_ms(fwd_k, budget_ms / 2)
+            res["fwd_kernel_ms"] = time_within(fwd_k, budget_ms / 2)
             res["prep_ms"] = res["fwd_ms"] - res["fwd_kernel_ms"]
             del plan
         except torch.cuda.OutOfMemoryError:
@@ -310,7 +290,7 @@ def device_meta() -> dict:
         "mem_gib": round(p.total_memory / 2**30, 1),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "date": _dt.date.today().isoformat(),
+        "date": today(),
         "B": 1, "Hq": HQ, "D": D, "chunk": S, "dtype": "bf16",
     }
 
@@ -325,7 +305,7 @@ def run(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if out_path:
-            out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            write_result(out_path, {"meta": meta, "rows": rows}, indent=1, quiet=True)
 
     budget = args.budget_ms
     for T in args.T:
@@ -499,7 +479,7 @@ def tune(args) -> None:
                     else:
                         fn = lambda: ta._backward(q, k, v, w, do, plan, S, scale, strategy)  # noqa: E731
                     try:
-                        ms = time_ms(fn, 300)
+                        ms = time_within(fn, 300)
                     except Exception as exc:
                         ms = f"error {type(exc).__name__}: {str(exc)[:160]}"
                     ta.CONFIG.update({key: default[key] for key in cfg})
@@ -547,7 +527,7 @@ def main(argv=None):
             args.budget_ms = min(args.budget_ms, 300.0)
         res = run(args)
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_result(args.out, res, indent=1)
     md = markdown(res)
     if args.md:
         Path(args.md).write_text(md)

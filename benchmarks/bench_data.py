@@ -6,19 +6,17 @@ tokenizer and for a byte-level BPE `tokenizer.json` trained here on the embedded
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import write_result
 
-from data_modules.sources import stdlib_files  # noqa: E402
-from data_modules.text import TextDataModule  # noqa: E402
-from lit_hsa.config import DataConfig  # noqa: E402
+from data_modules.sources import stdlib_files
+from data_modules.text import TextDataModule
+from lit_hsa.config import DataConfig
 
 
 def train_bpe(path: Path, vocab_size: int = 8192, n_files: int = 400) -> None:
@@ -70,7 +68,7 @@ def main() -> None:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
               "rows": rows}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,47 +14,24 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import torch
+from common import gpu_name, graph_us, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels.decode import ring_attention_reference  # noqa: E402
-from kernels.decode.triton_block import gemv  # noqa: E402
-from kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton  # noqa: E402
-from kernels.hsa.reference import topk_last_dim  # noqa: E402
-from lit_hsa import fused_step  # noqa: E402
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.model import Block  # noqa: E402
-from lit_hsa.static_decode import decode_compile_options  # noqa: E402
+from kernels.decode import ring_attention_reference
+from kernels.decode.triton_block import gemv
+from kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton
+from kernels.hsa.reference import topk_last_dim
+from lit_hsa.inference import fused_step
+from lit_hsa.config import ModelConfig
+from lit_hsa.model.transformer import Block
+from lit_hsa.inference.static_decode import decode_compile_options
 
 # (name, query heads, KV heads, head dim, window)
 RING_SHAPES = [("small SWA", 10, 2, 64, 512), ("dense-0.5b SWA", 16, 4, 64, 4096),
                ("moe-8b SWA", 16, 4, 128, 4096), ("moe-8b HSA sub-layer", 16, 4, 128, 512)]
 BLOCK_KEYS = (64, 128)  # the kernel's default is 128
 TOPK_CHUNKS = [16_384, 65_536, 262_144]  # 1M, 4M, 16M cached tokens in chunks of 64
-
-
-def graph_us(fn, calls: int, replays: int = 20) -> float:
-    """µs per fn() call, replaying a CUDA graph of ``calls`` calls."""
-    for _ in range(3):
-        fn()  # warm-up: compiles, autotunes, allocates outside the graph
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * calls)
 
 
 def ring_rows(calls: int) -> list[dict]:
@@ -169,7 +146,7 @@ def main() -> None:
     ring = ring_rows(args.calls) if "ring" in parts else []
     topk = topk_rows(args.calls) if "topk" in parts else []
     blocks = block_rows(args.calls) if "blocks" in parts else []
-    gpu = torch.cuda.get_device_name()
+    gpu = gpu_name()
     print(f"\nSliding-window decoding step on {gpu}, bf16, batch 1, µs per call (CUDA graph replay)")
     print("| shape | Hq/Hkv | D | W | " + " | ".join(f"Triton BW={bw}" for bw in BLOCK_KEYS)
           + " | reference eager | reference compiled |")
@@ -196,7 +173,7 @@ def main() -> None:
               f"{r['ring_out_proj_merged_in_projection_bw64_us']} | {r['ring_out_proj_then_gemv_us']} | "
               f"{r['ring_out_proj_then_linear_us']} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": gpu, "ring": ring, "topk": topk, "blocks": blocks}, indent=2))
+        write_result(args.out, {"gpu": gpu, "ring": ring, "topk": topk, "blocks": blocks})
 
 
 if __name__ == "__main__":

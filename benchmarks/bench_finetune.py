@@ -9,28 +9,16 @@ Prints a markdown table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import re
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import gpu_name, result_path, sync, today, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lit_hsa.config import FinetuneConfig, ModelConfig  # noqa: E402
-from lit_hsa.eval.ruler import parse_length  # noqa: E402
-from lit_hsa.lora import apply_lora  # noqa: E402
-from lit_hsa.model import HSATransformer  # noqa: E402
-from lit_hsa.parallel import parallelize  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from lit_hsa.config import FinetuneConfig, ModelConfig
+from lit_hsa.eval.ruler import parse_length
+from lit_hsa.model.lora import apply_lora
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.parallel import parallelize
 
 
 def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup: int, steps: int,
@@ -52,14 +40,14 @@ def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup
         x = torch.randint(0, cfg.vocab_size, (1, T + 1), device=device)
         for i in range(warmup + steps):
             if i == warmup:
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         elapsed = (time.perf_counter() - start) / steps
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
         return {"ok": True, "tokens_per_s": round(T / elapsed), "s_per_step": round(elapsed, 4), "peak_gib": peak,
@@ -70,15 +58,6 @@ def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup
         del model, opt
         if cuda:
             torch.cuda.empty_cache()
-
-
-def device_slug(device: torch.device) -> str:
-    """'h100' for "NVIDIA H100 80GB HBM3", 'cpu' on CPU: the name used in benchmarks/results/."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    model = re.search(r"\b([a-z]+\d{2,4}[a-z]?)\b", name)
-    return model.group(1) if model else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def _cell(result: dict, key: str) -> str:
@@ -125,17 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"T={T} {method}: {row[method]}", flush=True)
         rows.append(row)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = gpu_name(device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{args.preset} on {name}, {precision}, activation checkpointing, batch 1, "
           f"LoRA rank {args.rank} on {args.targets}\n{table(rows)}")
-    result = {"device": name, "preset": args.preset, "precision": precision, "date": datetime.date.today().isoformat(),
+    result = {"device": name, "preset": args.preset, "precision": precision, "date": today(),
               "lora": {"rank": args.rank, "alpha": args.alpha, "targets": lora.lora_targets},
               "warmup": args.warmup, "steps": args.steps, "rows": rows}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"finetune_{device_slug(device)}_{result['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out or result_path("finetune", device), result)
     return result
 
 

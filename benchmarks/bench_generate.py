@@ -12,38 +12,25 @@
                                         [--compile | --compile-only] [--block-steps fused,modules] [--pdl on,off]
                                         [--out f.json]
 
-``--block-steps``: dense blocks step in fused Triton kernels (``lit_hsa.fused_step``, the default) and/or through
+``--block-steps``: dense blocks step in fused Triton kernels (``lit_hsa.inference.fused_step``, the default) and/or through
 their modules (``GraphDecoder(fuse_blocks=False)``); ``--pdl``: the decoding kernels launch with programmatic
 dependent launch (``kernels.decode.pdl``, the default on Hopper) and/or without. Both models of a row use the same.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from common import gpu_name, loop_ms, sync, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels.decode.pdl as pdl  # noqa: E402
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.eval.ruler import parse_length  # noqa: E402
-from lit_hsa.generate import prefill  # noqa: E402
-from lit_hsa.model import HSATransformer  # noqa: E402
-from lit_hsa.static_decode import GraphDecoder  # noqa: E402
-
-
-def timed(fn, steps: int) -> float:
-    """ms per call of fn() over ``steps`` calls."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
+import kernels.decode.pdl as pdl
+from lit_hsa.inference.decode import decode_forward
+from lit_hsa.config import ModelConfig
+from lit_hsa.eval.ruler import parse_length
+from lit_hsa.inference.generate import prefill
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.inference.static_decode import GraphDecoder
 
 
 def graph_decode_ms(decoder: GraphDecoder, token: torch.Tensor, steps: int) -> float:
@@ -51,7 +38,7 @@ def graph_decode_ms(decoder: GraphDecoder, token: torch.Tensor, steps: int) -> f
     chunk = decoder.model.cfg.chunk_size
     for _ in range(2 * chunk + 2):
         decoder.step(token)
-    return timed(lambda: decoder.step(token), steps)
+    return loop_ms(lambda: decoder.step(token), steps, "cuda")
 
 
 @torch.no_grad()
@@ -63,15 +50,15 @@ def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, 
     try:
         # warm-up: the first segments compile and tune the Triton kernels, which is not prefill time
         prefill(model, prompt[:, : min(T, 2 * segment)], segment, offload_memory=offload)
-        torch.cuda.synchronize()
+        sync("cuda")
         start = time.perf_counter()
         logits, state = prefill(model, prompt, segment, offload_memory=offload)
-        torch.cuda.synchronize()
+        sync("cuda")
         prefill_s = time.perf_counter() - start
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
         token = logits.argmax(-1, keepdim=True)
-        model(token, state=state)  # warm-up of the one-token path
-        eager_ms = timed(lambda: model(token, state=state), steps)
+        decode_forward(model, token, state)  # warm-up of the one-token path
+        eager_ms = loop_ms(lambda: decode_forward(model, token, state), steps, "cuda")
         row = {"ok": True, "prefill_s": round(prefill_s, 3), "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
                "peak_gib": round(peak, 3), "decode_eager_ms": round(eager_ms, 3)}
         if not offload:
@@ -184,7 +171,7 @@ def main() -> None:
                 print(r, flush=True)
         del model
 
-    gpu = torch.cuda.get_device_name()
+    gpu = gpu_name()
     print(f"\n{args.preset} on {gpu}, bf16 weights, batch 1, prefill segments of {segment:,}")
     print("| model | K/V | context | prefill s | µs/token | peak GiB | decode ms/token eager | with CUDA graphs |")
     print("|---|---|---|---|---|---|---|---|")
@@ -210,8 +197,8 @@ def main() -> None:
             print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
                   f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": gpu, "preset": args.preset, "dtype": "bfloat16",
-                                              "prefill": rows, "synthetic_decode": synthetic}, indent=2))
+        write_result(args.out, {"gpu": gpu, "preset": args.preset, "dtype": "bfloat16", "prefill": rows,
+                                "synthetic_decode": synthetic})
 
 
 if __name__ == "__main__":

@@ -9,16 +9,11 @@ than the L2 holds). Run with LIT_HSA_PDL=0 for each call's own time. (The commit
 """
 import argparse
 import itertools
-import json
-import sys
-from pathlib import Path
 
 import torch
+from common import gpu_name, graph_us, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels.decode.triton_hsa as th  # noqa: E402
-from benchmarks.bench_decode_kernels import graph_us  # noqa: E402
+import kernels.decode.triton_hsa as th
 
 
 def main() -> None:
@@ -50,7 +45,7 @@ def main() -> None:
         rows.append({"slots": slots, "attention_us": round(us, 2)})
         print(rows[-1], flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows}, indent=2))
+        write_result(args.out, {"gpu": gpu_name(), "rows": rows})
 
 
 if __name__ == "__main__":

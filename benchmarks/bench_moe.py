@@ -9,41 +9,31 @@ FLOPs per token (width 4·768 + 768 = 3840). Target: MoE ≤ 1.5× dense. Prints
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
+from common import gpu_name, result_path, time_ms, today, write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kernels.dispatch import set_expert_backend  # noqa: E402
-from lit_hsa.eval.ruler import parse_length  # noqa: E402
-from lit_hsa.moe import MoE, SwiGLU  # noqa: E402
+from kernels.dispatch import set_expert_backend
+from lit_hsa.eval.ruler import parse_length
+from lit_hsa.model.moe import MoE, SwiGLU
 
 
 def time_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
-    """Median milliseconds of forward + backward (the gradient of a sum of the output) of ``layer`` on x."""
+    """Median milliseconds of forward + backward (the gradient ``grad``, random, of the output) of ``layer`` on x."""
     cuda = x.is_cuda
     grad = torch.randn_like(x)
-    times = []
-    for i in range(warmup + iters):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def fwd_bwd():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda):
             y = layer(x)
         y.backward(grad)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+
+    def clear():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-    return sorted(times)[len(times) // 2]
+
+    return time_ms(fwd_bwd, warmup, iters, x.device, after=clear)
 
 
 def main() -> int:
@@ -82,7 +72,7 @@ def main() -> int:
         row["max_violation"] = round((moe.load_accum.max() / moe.load_accum.mean() - 1).item(), 3)
         moe.load_accum.zero_()
         rows.append(row)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = gpu_name(device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"MoE layer fwd+bwd, {precision}, d {args.d_model}, {args.experts} experts × {args.expert_hidden}, top "
           f"{args.top_k} + shared; dense SwiGLU width {args.top_k * args.expert_hidden + args.expert_hidden} ({gpu})")
@@ -91,13 +81,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['tokens']} | {r['moe_grouped_ms']} | {r['moe_loop_ms']} | {r['dense_ms']} | "
               f"{r['grouped_vs_dense']}× | {r['loop_vs_grouped']}× |")
-    date = datetime.date.today().isoformat()
-    tag = gpu.lower().replace("nvidia ", "").replace(" ", "_")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"moe_{tag}_{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "date": date, "torch": torch.__version__, "args": vars(args),
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out or result_path("moe", device), {"gpu": gpu, "date": today(), "torch": torch.__version__,
+                                                           "args": vars(args), "rows": rows})
     return 0
 
 

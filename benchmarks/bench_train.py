@@ -10,22 +10,18 @@ checkpointing. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import triton
+from common import gpu_name, sync, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.eval.ruler import parse_length  # noqa: E402
-from lit_hsa.model import HSATransformer  # noqa: E402
-from lit_hsa.parallel import parallelize  # noqa: E402
+from lit_hsa.config import ModelConfig
+from lit_hsa.eval.ruler import parse_length
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.parallel import parallelize
 
 
 def _record_triton_compiles(stop: bool = False) -> list[str]:
@@ -59,7 +55,7 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
     try:
         for i in range(warmup + steps):
             if i == warmup:
-                torch.cuda.synchronize()
+                sync("cuda")
                 start = time.perf_counter()
                 prof.__enter__()
             if i >= warmup:
@@ -71,7 +67,7 @@ def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True
             opt.step()
             opt.zero_grad(set_to_none=True)
         marks[-1].record()
-        torch.cuda.synchronize()
+        sync("cuda")
         if profile:
             prof.__exit__(None, None, None)
             print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
@@ -129,7 +125,7 @@ def main() -> None:
         if not r["ok"]:
             break
 
-    print(f"\n{args.preset} on {torch.cuda.get_device_name()}, bf16, activation checkpointing, batch 1"
+    print(f"\n{args.preset} on {gpu_name()}, bf16, activation checkpointing, batch 1"
           + (", torch.compile per block" if args.compile else ""))
     print("| T | HSA tokens/s | full tokens/s | HSA / full | HSA peak GiB | full peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
@@ -139,8 +135,8 @@ def main() -> None:
     ok = [r["T"] for r in longest if r["ok"]]
     print(f"longest trainable sequence: {max(ok):,} tokens" if ok else "no tried length fitted")
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "preset": args.preset,
-                                              "compile": args.compile, "rows": rows, "longest": longest}, indent=2))
+        write_result(args.out, {"gpu": gpu_name(), "preset": args.preset, "compile": args.compile, "rows": rows,
+                                "longest": longest})
 
 
 if __name__ == "__main__":

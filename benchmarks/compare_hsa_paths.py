@@ -6,20 +6,16 @@ initialisation and data, once with the Triton kernels and once with the PyTorch 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import torch
+from common import gpu_name, write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels.hsa as hsa  # noqa: E402
-from data_modules.packing import DocumentStream, pack_windows, tokenize  # noqa: E402
-from data_modules.sources import stdlib_files  # noqa: E402
-from data_modules.tokenizers import ByteTokenizer  # noqa: E402
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.model import HSATransformer  # noqa: E402
+import kernels.hsa as hsa
+from data_modules.packing import DocumentStream, pack_windows, tokenize
+from data_modules.sources import stdlib_files
+from data_modules.tokenizers import ByteTokenizer
+from lit_hsa.config import ModelConfig
+from lit_hsa.model.transformer import HSATransformer
 
 
 def batches(n: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
@@ -66,8 +62,8 @@ def main() -> None:
         print(f"| {i} | {a:.4f} | {b:.4f} | {d:.4f} |")
     print(f"max |diff| = {max(diffs):.4f}, final losses {triton_losses[-1]:.4f} vs {reference_losses[-1]:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "preset": args.preset,
-                                              "triton": triton_losses, "reference": reference_losses}, indent=2))
+        write_result(args.out, {"gpu": gpu_name(), "preset": args.preset, "triton": triton_losses,
+                                "reference": reference_losses})
 
 
 if __name__ == "__main__":

@@ -10,18 +10,14 @@ the table shows accuracy on fresh batches by step (chance: 1/16), and the first 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from common import write_result
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.model import HSATransformer  # noqa: E402
+from lit_hsa.config import ModelConfig
+from lit_hsa.model.transformer import HSATransformer
 
 VOCAB, N_FILLER, N_KEYS = 64, 32, 16  # filler 0..31, keys 32..47, values 48..63
 DEFAULT_VARIANTS = ["full:attention=full", "swa:attention=swa", "hsa:attention=hsa",
@@ -100,7 +96,7 @@ def main() -> None:
         print(f"| {name} | {r['solved_at'] or '—'} | " + " ".join(f"{a:.2f}" for _, a in r["curve"])
               + f" | {r['seconds']:.0f} s |", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "device": str(device), "results": results}, indent=2))
+        write_result(args.out, {"args": vars(args), "device": str(device), "results": results})
 
 
 if __name__ == "__main__":

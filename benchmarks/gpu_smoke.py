@@ -13,7 +13,6 @@ Run it before any stop whose change touches code that runs on GPUs.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
+from common import ROOT, gpu_name, today, write_result
 
 # Shortening only: a few optimizer steps, one validation batch, progress bar off.
 SHORT = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
@@ -131,8 +131,6 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per command")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to check the plan; slow)")
     args = parser.parse_args()
-    import torch
-
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_smoke: no CUDA device (--allow-cpu runs the commands on the CPU)", file=sys.stderr)
         return 2
@@ -164,12 +162,10 @@ def main() -> int:
         print(f"{status}  {step.name:<24} {row['seconds']:7.1f} s", flush=True)
         if status == "FAIL":
             print("      " + row["tail"].strip().splitlines()[-1][:300] if row["tail"].strip() else "", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"gpu": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+    result = {"gpu": gpu_name(), "date": today(), "torch": torch.__version__,
               "passed": sum(r["rc"] == 0 for r in rows), "total": len(rows), "steps": rows}
     out = Path(args.out or work)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_smoke.json").write_text(json.dumps(result, indent=2))
+    write_result(out / "gpu_smoke.json", result, quiet=True)
     print(f"{result['passed']}/{result['total']} passed on {result['gpu']} -> {out / 'gpu_smoke.json'}")
     return 0 if result["passed"] == result["total"] else 1
 

@@ -10,15 +10,26 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
-from typing import TYPE_CHECKING
+from typing import Iterator, Protocol
 
 from .sources import DataError
 
-if TYPE_CHECKING:
-    from .packing import DocumentStream
-
 Ref = tuple  # (file index, Start): one record, read again alone by DocumentStream.decode
 Cursor = tuple  # (index in the epoch's file order, Start inside that file, split records counted before it)
+
+
+class DocumentSource(Protocol):
+    """What a cursor reads (``packing.DocumentStream``): a split's records owned by a shard, in an epoch's order
+    from a cursor on, one record read again by its reference, and how often a document is repeated."""
+
+    files: list
+
+    def owned(self, split: str, epoch: int, seed: int, shard: int, n_shards: int,
+              cursor: Cursor) -> Iterator[tuple[Cursor, Ref, object]]: ...
+
+    def decode(self, ref: Ref) -> object: ...
+
+    def copies(self, doc) -> int: ...
 
 
 def unit_hash(key: tuple) -> float:
@@ -34,7 +45,7 @@ class SourceCursor:
     there, reading only the buffered records again.
     """
 
-    def __init__(self, stream: DocumentStream, seed: int, shard: int, n_shards: int, buffer_size: int,
+    def __init__(self, stream: DocumentSource, seed: int, shard: int, n_shards: int, buffer_size: int,
                  state: dict | None = None):
         self.stream, self.seed, self.shard, self.n_shards, self.buffer_size = stream, seed, shard, n_shards, buffer_size
         state = state or {"epoch": 0, "cursor": (0, (0, 0), 0), "produced": False, "draws": 0, "buffer": [],

@@ -16,6 +16,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
+
 # Third-party packages live inside the stdlib folder on many installs; they differ per machine, so leave them out.
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -104,8 +106,6 @@ def _jsonl_records(path: Path, start: Start) -> Iterator[tuple[int, object, Star
 
 
 def _parquet_records(path: Path, text_field: str, row: int) -> Iterator[tuple[int, object, Start, Start]]:
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(path)
     if text_field not in pf.schema_arrow.names:
         raise DataError(f"{path}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .sources import DataError
+
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "self_copy")
 # The authors' small-scale recipe mixes these three into pre-training (spec §5).
 TRAINING_TASKS = ("niah_single", "niah_multiquery", "vt")
@@ -185,8 +187,6 @@ def make_random_task(haystack: np.ndarray, length: int, tokenizer, rng: np.rando
 def check_tasks_fit(tasks, length: int, tokenizer) -> None:
     """Raise ``DataError`` naming the first task whose needles, question and answer do not fit in ``length`` tokens
     (checked once up front instead of failing inside a dataloader worker mid-run)."""
-    from .sources import DataError
-
     filler = np.asarray(tokenizer.encode("text "), dtype=np.int32)
     for task in tasks:
         try:

@@ -7,11 +7,11 @@ import os
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from lit_hsa.config import DataConfig, seq_len_stages
-
+from .curriculum import seq_len_stages
 from .packing import (
     POSITION_KEY,
     DocumentStream,
@@ -34,8 +34,9 @@ from .tokenizers import build_tokenizer
 log = logging.getLogger(__name__)
 
 
-def build_document_streams(cfg: DataConfig) -> tuple[list[DocumentStream], list[float]]:
-    """The configured sources as document streams and their mixture weights. Files are resolved, the first record
+def build_document_streams(cfg) -> tuple[list[DocumentStream], list[float]]:
+    """The configured sources (``cfg``: the ``data`` section, ``lit_hsa.config.DataConfig``) as document streams and
+    their mixture weights. Files are resolved, the first record
     of every structured file is decoded and every text file is sniffed for binary content here, so a missing path, a
     wrong field name or a binary file fails up front (or, with ``data.skip_bad_records``, binary files are left out
     and counted)."""
@@ -118,7 +119,7 @@ class TextDataModule(L.LightningDataModule):
     position in tokens, so the data continues exactly where the previous shape stopped.
     """
 
-    def __init__(self, cfg: DataConfig, chunk_size: int | None = None, seq_len_schedule: list | tuple = ()):
+    def __init__(self, cfg, chunk_size: int | None = None, seq_len_schedule: list | tuple = ()):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.eos_token)
@@ -215,8 +216,6 @@ class TextDataModule(L.LightningDataModule):
 
 def gather_objects(obj, world: int) -> list:
     """``obj`` of every rank, by rank. A collective: every rank calls it (Lightning saves checkpoints on all)."""
-    import torch.distributed as dist
-
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj]
     gathered = [None] * world

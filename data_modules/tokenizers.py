@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from .sources import DataError
 
@@ -38,8 +39,6 @@ class HFTokenizer:
     """A ``tokenizers`` ``tokenizer.json`` (BPE, Unigram, …). ``encode_batch`` runs in Rust threads."""
 
     def __init__(self, path: str, eos_token: str | None = None):
-        from tokenizers import Tokenizer
-
         if not Path(path).is_file():
             raise DataError(f"data.tokenizer: tokenizer file '{path}' does not exist")
         try:

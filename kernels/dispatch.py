@@ -149,7 +149,7 @@ def use_ring_kernel(x: torch.Tensor, head_dim: int, window: int, compiled_fallba
 
 
 def fused_blocks_apply(t: torch.Tensor) -> bool:
-    """Whether static decoding's blocks may step in fused Triton kernels (``lit_hsa.fused_step``), for caches on
+    """Whether static decoding's blocks may step in fused Triton kernels (``lit_hsa.inference.fused_step``), for caches on
     t's device: where the backend switch sends ops to Triton."""
     return use_fast_paths(t)
 

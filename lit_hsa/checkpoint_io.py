@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+from data_modules.tokenizers import build_tokenizer
+from lit_hsa.config import ConfigError, ModelConfig
+from lit_hsa.model.lora import is_adapter_key
+from lit_hsa.model.transformer import HSATransformer
 
 # Lightning's loaders (Trainer.fit/validate, load_from_checkpoint) take this too: their default (None) defers to
 # torch's default, which an environment variable (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn off.
@@ -55,3 +60,59 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
 
 def unreadable(path: str | Path) -> str:
     return f"checkpoint '{path}' is not a readable checkpoint (truncated or not a PyTorch file)"
+
+
+def consolidate(folder: str, out: str) -> None:
+    """Gather every rank's shard of a distributed checkpoint into one file that `generate`, `eval`, `init_from=` and
+    `HSALitModule.load_from_checkpoint` read like any other (weights, hyper-parameters, optimizer state, step)."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"--ckpt '{folder}' is not a sharded checkpoint folder")
+    checkpoint = _load_distributed_checkpoint(Path(folder))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    print(f"wrote {out} ({sum(v.numel() for v in checkpoint['state_dict'].values()):,} parameters)")
+
+
+def checkpoint_state(path: str, module) -> dict:
+    """The model weights of a checkpoint, checked against ``module``: mismatches raise one ConfigError naming them."""
+    checkpoint = load_checkpoint_file(path)
+    if checkpoint.get("lora_base"):
+        raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: resume it with finetune.method=lora, or "
+                          f"make a full one with `python main.py merge --ckpt {path} --out merged.ckpt`")
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ConfigError(f"checkpoint '{path}' holds no state_dict: not a checkpoint written by `main.py fit`")
+    state = checkpoint["state_dict"]
+    problems = state_problems(state, {k: v for k, v in module.state_dict().items() if not is_adapter_key(k)})
+    if problems:
+        raise ConfigError(f"checkpoint '{path}' does not fit this model config ({problems}); check the model.* keys")
+    return state
+
+
+def state_problems(state: dict, own: dict) -> str:
+    """The first differences in keys and shapes between a loaded ``state`` and a module's ``own``, one line ('' if
+    none)."""
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    return "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
+
+
+def load_model(path: str, device: str):
+    """A full checkpoint (``fit``, ``merge``, ``consolidate``) → (``HSATransformer`` in eval mode on ``device``,
+    tokenizer), from the weights and the plain hyper-parameters it records; no Lightning involved."""
+    checkpoint = load_checkpoint_file(path)
+    if checkpoint.get("lora_base"):
+        raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: make a full one with "
+                          f"`python main.py merge --ckpt {path} --out merged.ckpt`")
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict):
+        raise ConfigError(f"checkpoint '{path}' records no model hyper-parameters: not a checkpoint of `main.py fit`")
+    model = HSATransformer(ModelConfig(**hparams["model"]))
+    state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
+    problems = state_problems(state, model.state_dict())
+    if problems:
+        raise ConfigError(f"checkpoint '{path}' does not hold this model's weights ({problems})")
+    model.load_state_dict(state)
+    tokenizer = build_tokenizer(hparams.get("tokenizer", "byte"), hparams.get("eos_token"))
+    return model.to(device).eval(), tokenizer

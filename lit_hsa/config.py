@@ -13,13 +13,20 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from data_modules.curriculum import seq_len_stages
+from data_modules.sources import DataError
+from data_modules.synthetic import TASKS
+
 ATTENTION_KINDS = ("hsa", "swa", "full")
 HSA_RESIDUALS = ("bypass", "standard")
 FUSIONS = ("softmax", "stick_breaking")
 LR_SCHEDULES = ("constant", "cosine")
 ATTN_BACKENDS = ("auto", "sdpa", "flex")
 FINETUNE_METHODS = ("none", "full", "lora")
-# LoRA module groups (lit_hsa/lora.py maps them to modules): attention = q/k/v/o of SWA, full and HSA attention;
+# LoRA module groups (lit_hsa/model/lora.py maps them to modules): attention = q/k/v/o of SWA, full and HSA attention;
 # retrieval = retrieval query + chunk encoder (its layers, landmark and HSA key/value projections); experts = routed
 # MoE experts + shared expert; router = MoE router; ffn = dense SwiGLU of the blocks.
 LORA_TARGETS = ("attention", "retrieval", "experts", "router", "ffn")
@@ -106,10 +113,10 @@ class ModelConfig:
         return replace(PRESETS[name], **overrides)
 
     def validate(self) -> None:
-        _choice("model.attention", self.attention, ATTENTION_KINDS)
-        _choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
-        _choice("model.hsa_residual", self.hsa_residual, HSA_RESIDUALS)
-        _choice("model.fusion", self.fusion, FUSIONS)
+        check_choice("model.attention", self.attention, ATTENTION_KINDS)
+        check_choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
+        check_choice("model.hsa_residual", self.hsa_residual, HSA_RESIDUALS)
+        check_choice("model.fusion", self.fusion, FUSIONS)
         for key in ("d_model", "n_heads", "n_kv_heads", "head_dim", "swa_window", "chunk_size", "hsa_topk",
                     "hsa_kv_heads", "ffn_hidden"):
             if getattr(self, key) < 1:
@@ -198,8 +205,8 @@ class SourceConfig:
     long_doc_repeat: int = 1
 
     def validate(self, key: str) -> None:
-        _choice(f"{key}.kind", self.kind, ("files", "stdlib"))
-        _choice(f"{key}.format", self.format, ("text", "chat"))
+        check_choice(f"{key}.kind", self.kind, ("files", "stdlib"))
+        check_choice(f"{key}.format", self.format, ("text", "chat"))
         if self.kind == "files" and not self.paths:
             raise ConfigError(f"{key}.paths is empty (a 'files' source needs at least one file, folder or glob)")
         if self.weight <= 0:
@@ -254,10 +261,8 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
         if self.answer_loss_weight <= 0:
             raise ConfigError(f"data.answer_loss_weight must be > 0, got {self.answer_loss_weight}")
-        from data_modules.synthetic import TASKS
-
         for task in self.synthetic_tasks:
-            _choice("data.synthetic_tasks", task, TASKS)
+            check_choice("data.synthetic_tasks", task, TASKS)
 
 
 @dataclass
@@ -272,7 +277,7 @@ class OptimConfig:
     schedule: str = "constant"  # linear warm-up, then constant | cosine (to min_lr at trainer.max_steps)
 
     def validate(self) -> None:
-        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -314,8 +319,8 @@ class TrainerConfig:
     eval_samples: int = 2  # per task × length (depth drawn at random)
 
     def validate(self) -> None:
-        _choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
-        _choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
+        check_choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
+        check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
         for key in ("topk_schedule", "swa_window_schedule", "seq_len_schedule"):
             entries = getattr(self, key)
             if any(len(e) != 2 or e[0] < 0 or e[1] < 1 for e in entries):
@@ -324,10 +329,8 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} steps must be increasing")
         if self.eval_every_n_steps < 0 or self.eval_samples < 1 or any(n < 64 for n in self.eval_lengths):
             raise ConfigError("trainer.eval_every_n_steps must be >= 0, eval_samples >= 1, eval_lengths >= 64")
-        from data_modules.synthetic import TASKS
-
         for task in self.eval_tasks:
-            _choice("trainer.eval_tasks", task, TASKS)
+            check_choice("trainer.eval_tasks", task, TASKS)
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
                     "checkpoint_every_n_steps", "retrieval_stats_every", "max_consecutive_nonfinite"):
             if getattr(self, key) < 1:
@@ -337,7 +340,7 @@ class TrainerConfig:
 @dataclass
 class FinetuneConfig:
     """Fine-tuning of a trained checkpoint (``init_from``): ``none`` = ordinary training, ``full`` = every weight
-    trains, ``lora`` = the checkpoint's weights are frozen and low-rank adapters (``lit_hsa/lora.py``) train on the
+    trains, ``lora`` = the checkpoint's weights are frozen and low-rank adapters (``lit_hsa/model/lora.py``) train on the
     module groups in ``lora_targets`` (see ``LORA_TARGETS``)."""
 
     method: str = "none"  # none | full | lora
@@ -347,9 +350,9 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "retrieval"])
 
     def validate(self, cfg: "Config") -> None:
-        _choice("finetune.method", self.method, FINETUNE_METHODS)
+        check_choice("finetune.method", self.method, FINETUNE_METHODS)
         for target in self.lora_targets:
-            _choice("finetune.lora_targets", target, LORA_TARGETS)
+            check_choice("finetune.lora_targets", target, LORA_TARGETS)
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("finetune: lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         if self.method != "none" and not (cfg.init_from or cfg.ckpt_path):
@@ -403,33 +406,17 @@ class Config:
             if chunked and seq_len % self.model.chunk_size:
                 raise ConfigError(f"trainer.seq_len_schedule: seq_len {seq_len} must be a multiple of "
                                   f"model.chunk_size ({self.model.chunk_size})")
-        seq_len_stages(self.trainer.seq_len_schedule, self.data.seq_len, self.data.batch_size)
+        try:
+            seq_len_stages(self.trainer.seq_len_schedule, self.data.seq_len, self.data.batch_size)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def seq_len_stages(schedule: list[list[int]], seq_len: int, batch_size: int) -> list[tuple[int, int, int]]:
-    """``trainer.seq_len_schedule`` → ``[(first_step, seq_len, batch_size), ...]`` sorted by step, the first at step 0
-    (``data.seq_len`` until the schedule's first entry). Tokens per step stay ``batch_size × seq_len`` of the data
-    config, so a stage's batch size is that divided by its seq_len, which must divide it exactly."""
-    tokens = seq_len * batch_size
-    lengths = {0: seq_len}
-    for step, length in schedule:  # a later entry for the same step wins
-        lengths[step] = length
-    stages = []
-    for step, length in sorted(lengths.items()):
-        if tokens % length:
-            raise ConfigError(f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
-                              f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole")
-        stages.append((step, length, tokens // length))
-    return stages
-
-
 def load_yaml(path: str):
     """A YAML file as an OmegaConf node; a missing file or a syntax error is one ConfigError naming the file."""
-    from omegaconf import OmegaConf
-
     if not Path(path).is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -452,8 +439,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
     The model preset is chosen first (``model.name`` from the overrides, else the file, else ``tiny``) and the
     remaining ``model.*`` keys override it. Raises ``ConfigError`` with a one-line message naming the bad key.
     """
-    from omegaconf import OmegaConf
-
     file_cfg = load_yaml(path) if path else OmegaConf.create(base if base is not None else {})
     cli_cfg = parse_overrides(overrides)
     preset = OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny"
@@ -466,8 +451,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
 
 def parse_overrides(overrides: list[str] | None):
     """``dotted.key=value`` strings → an OmegaConf node; an item without ``=`` is one ConfigError."""
-    from omegaconf import OmegaConf
-
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like dotted.key=value")
@@ -477,9 +460,6 @@ def parse_overrides(overrides: list[str] | None):
 def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
     """Merge ``nodes`` onto a structured ``schema`` → its dataclass. An unknown key is one ConfigError with the
     message ``unknown_key(full key)``; a value of the wrong type names its key."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, *nodes))
     except ConfigKeyError as e:
@@ -489,12 +469,10 @@ def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from omegaconf import OmegaConf
-
     OmegaConf.save(OmegaConf.structured(cfg), str(path))
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}{_suggest(value, allowed)}")
 

@@ -23,8 +23,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, _choice, load_config, load_yaml, merge_onto, parse_overrides
-from .eval.ruler import EvalRow, _short, evaluate_retrieval, parse_length, rows_as_dicts
+from omegaconf import OmegaConf
+
+from data_modules.synthetic import TASKS
+from data_modules.tokenizers import build_tokenizer
+from lit_hsa.checkpoint_io import load_checkpoint_file
+from lit_hsa.config import (Config, ConfigError, ModelConfig, check_choice, load_config, load_yaml, merge_onto,
+                            parse_overrides)
+from lit_hsa.eval.ruler import EvalRow, evaluate_retrieval, parse_length, rows_as_dicts, short_length
+from lit_hsa.eval.run import held_out_tokens
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.run import build_run
 
 
 @dataclass
@@ -59,12 +68,10 @@ class Experiment:
         return [n for n in lengths if cap is None or n <= parse_length(cap)]
 
     def validate(self) -> None:
-        from data_modules.synthetic import TASKS
-
         if not self.models:
             raise ConfigError("models is empty: name at least one model, e.g. hsa: [model.attention=hsa]")
         for task in self.eval.tasks:
-            _choice("eval.tasks", task, TASKS)
+            check_choice("eval.tasks", task, TASKS)
         for key, values in (("eval.lengths", self.eval.lengths), ("eval.max_length", self.eval.max_length.values())):
             for v in values:
                 try:
@@ -72,7 +79,7 @@ class Experiment:
                 except ValueError as e:
                     raise ConfigError(f"{key}: {e}") from None
         for model in self.eval.max_length:
-            _choice("eval.max_length", model, tuple(self.models))
+            check_choice("eval.max_length", model, tuple(self.models))
         if any(not 0 <= d <= 1 for d in self.eval.depths) or not self.eval.depths:
             raise ConfigError(f"eval.depths must be non-empty and lie in [0, 1], got {self.eval.depths}")
         if self.eval.samples < 1 or self.eval.segment_size < 1:
@@ -83,8 +90,6 @@ class Experiment:
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment:
     """An experiment YAML + ``dotted.key=value`` overrides (e.g. ``train.trainer.max_steps=10``) → ``Experiment``."""
-    from omegaconf import OmegaConf
-
     exp: Experiment = merge_onto(
         OmegaConf.structured(Experiment), load_yaml(path), parse_overrides(overrides),
         unknown_key=lambda key: f"unknown experiment key '{key}' (sections: name, out_dir, train, models, eval)")
@@ -97,10 +102,6 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
     length by length, and write ``<out>/<model>.json`` after every length, so a run cut short keeps what it measured.
     With ``eval_only``, rows of an existing ``<model>.json`` at lengths not evaluated again are kept.
     Training also leaves ``<out>/<model>.weights.pt`` (bf16 weights + model config) for a later ``eval_only``."""
-    from data_modules.tokenizers import build_tokenizer
-
-    from .eval.run import held_out_tokens
-
     cfg = exp.model_config(model)
     out = Path(exp.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +143,7 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
         result["eval_seconds"] = round(result["eval_seconds"] + seconds, 1)
         json_path.write_text(json.dumps(result, indent=2))
         table = accuracy_table([{"model": model, "retrieval": rows_as_dicts(rows)}])
-        print(f"{model} @ {_short(length)}: " + ", ".join(f"{task} {per[model][length]:.2f}"
+        print(f"{model} @ {short_length(length)}: " + ", ".join(f"{task} {per[model][length]:.2f}"
                                                           for task, per in table.items())
               + f" ({seconds:.0f} s)", flush=True)
     return result
@@ -150,8 +151,6 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
 
 def train_model(cfg: Config):
     """``fit`` one config → (the trained HSATransformer, training summary)."""
-    from .cli import build_run
-
     module, datamodule, trainer = build_run(cfg)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -164,10 +163,6 @@ def train_model(cfg: Config):
 
 def load_trained(path: Path):
     """``<model>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
-    from .checkpoint_io import load_checkpoint_file
-    from .config import ModelConfig
-    from .model import HSATransformer
-
     if not path.is_file():
         raise ConfigError(f"'{path}' does not exist: train the model first (run without --eval-only)")
     saved = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
@@ -212,7 +207,7 @@ def summarize(out_dir: str | Path) -> Optional[dict]:
 
 def markdown_table(table: dict, results: list[dict]) -> str:
     lengths = sorted({n for per in table.values() for acc in per.values() for n in acc})
-    lines = ["| task | model | " + " | ".join(_short(n) for n in lengths) + " |",
+    lines = ["| task | model | " + " | ".join(short_length(n) for n in lengths) + " |",
              "|---|---|" + "---|" * len(lengths)]
     for task, per in table.items():
         for model, acc in per.items():
@@ -257,7 +252,7 @@ def run_experiment(path: str, overrides: list[str], models: Optional[list[str]] 
     exp = load_experiment(path, overrides)
     chosen = models or list(exp.models)
     for model in chosen:
-        _choice("--models", model, tuple(exp.models))
+        check_choice("--models", model, tuple(exp.models))
     if not summarize_only:
         for model in chosen:
             result = run_model(exp, model, eval_only)

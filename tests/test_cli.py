@@ -1,29 +1,11 @@
 """What a user sees: `main.py fit` end to end on tiny settings, resume, validate, and one-line config errors."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_hsa.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["data.seq_len=64", "data.batch_size=2", "data.val_samples=2", "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=2"]
-
-
-def fit(tmp_path, name, *extra):
-    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
-            f"trainer.run_name={name}", *FAST, *extra]
-    assert main(args) == 0
-    return sorted((tmp_path / name).glob("version_*"))[-1]
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+from tests.helpers import FAST, ROOT, fit, scalars
 
 
 def test_fit_leaves_events_checkpoint_and_config(tmp_path):
@@ -64,6 +46,7 @@ def test_validate_from_checkpoint(tmp_path):
     [("model.no_such_key=1", "no_such_key"), ("data.sources=[{kind: files}]", "data.sources[0].paths"),
      ("data.paths=[missing.txt]", "missing.txt"), ("data.tokenizer=missing/tokenizer.json", "missing/tokenizer.json")],
 )
+@pytest.mark.slow
 def test_bad_config_exits_nonzero_with_one_line(override, needle):
     proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -102,7 +85,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import lightning as L
 sys.path.insert(0, {root!r})
-from lit_hsa.cli import build_run
+from lit_hsa.training.run import build_run
 from lit_hsa.config import load_config
 
 class KillAt(L.Callback):
@@ -117,6 +100,7 @@ trainer.fit(module, datamodule=datamodule)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_from_last_matches_uninterrupted_run(tmp_path):
     common = ["trainer.val_check_interval=100", "data.num_workers=2", "trainer.checkpoint_every_n_steps=3",
               "optim.schedule=constant", "trainer.max_steps=8"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lit_hsa.config import PRESETS, ConfigError, ModelConfig, load_config
-from lit_hsa.model import HSATransformer
+from lit_hsa.model.transformer import HSATransformer
 
 
 def meta_param_counts(name: str) -> tuple[int, int]:

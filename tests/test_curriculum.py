@@ -7,7 +7,7 @@ import torch
 
 from data_modules.text import TextDataModule
 from lit_hsa.config import ConfigError, DataConfig, load_config
-from tests.test_cli import fit, scalars
+from tests.helpers import fit, scalars
 
 
 @pytest.mark.parametrize("schedule, needle", [

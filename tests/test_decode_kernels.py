@@ -15,6 +15,7 @@ import kernels.hsa as hsa  # noqa: E402
 from kernels.decode import ring_attention_reference  # noqa: E402
 from kernels.decode import triton_ring  # noqa: E402
 from kernels.decode.triton_ring import ring_attention_triton  # noqa: E402
+from tests.helpers import VOCAB, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -107,32 +108,13 @@ def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
             hsa.set_backend("auto")
 
 
-def static_decode_with_triton(model, x, prompt: int, **decoder_kwargs):
-    """Prefills x[:, :prompt], then decodes the rest with ``GraphDecoder`` under the Triton backend → (logits of the
-    decoded positions [B, T-prompt, V], the full forward's for them)."""
-    from lit_hsa.generate import prefill
-    from lit_hsa.static_decode import GraphDecoder
-
-    with torch.no_grad():
-        ref = model(x)
-        _, state = prefill(model, x[:, :prompt], segment_size=5)
-    hsa.set_backend("triton")
-    try:
-        decoder = GraphDecoder(model, state, max_len=x.shape[1], **decoder_kwargs)
-        outs = [decoder.step(x[:, t]) for t in range(prompt, x.shape[1])]
-    finally:
-        hsa.set_backend("auto")
-    return torch.stack(outs, dim=1), ref[:, prompt:]
-
-
 @kernel_test
 @pytest.mark.parametrize("variant", ["swa", "hsa"])
 def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, monkeypatch):
     """With the Triton backend, blocks running their modules (``fuse_blocks=False``; ``test_fused_step`` covers the
     fused blocks), every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA sub-layer) runs
     the kernel, and the logits are the full forward's."""
-    from lit_hsa.model import HSATransformer
-    from tests.test_model import VOCAB, tiny
+    from lit_hsa.model.transformer import HSATransformer
 
     calls = []
     monkeypatch.setattr(triton_ring, "ring_attention_triton",
@@ -147,6 +129,7 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
 
 
 @only_if_kernels_skipped
+@pytest.mark.slow
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
 

@@ -8,8 +8,8 @@ import torch
 from data_modules.synthetic import TaskSample, score
 from data_modules.tokenizers import ByteTokenizer
 from lit_hsa.eval import ruler
-from lit_hsa.model import HSATransformer
-from tests.test_model import tiny
+from lit_hsa.model.transformer import HSATransformer
+from tests.helpers import fit, tiny
 
 HAYSTACK = ByteTokenizer().encode("The quick brown fox jumps over the lazy dog.\n" * 200)
 
@@ -100,7 +100,6 @@ def test_real_model_rows_and_perplexity_buckets():
 
 def test_eval_cli_writes_json_plots_and_events(tmp_path):
     from lit_hsa.cli import main
-    from tests.test_cli import fit
 
     run = fit(tmp_path, "ev", "trainer.max_steps=2")
     out = tmp_path / "eval"

@@ -8,11 +8,12 @@ import torch
 from data_modules.packing import PackedStream
 from data_modules.sources import DataError
 from data_modules.tokenizers import build_tokenizer
-from lit_hsa.attention import AttentionMask, _sliding_window_blocks, attend
+from lit_hsa.model.attention import AttentionMask, sliding_window_blocks, attend
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError, DataConfig
 from lit_hsa.experiment import load_experiment
-from lit_hsa.loss import IGNORE_INDEX, chunked_cross_entropy
+from lit_hsa.model.loss import IGNORE_INDEX, chunked_cross_entropy
+from tests.helpers import load_benchmark
 
 EXPERIMENT = "configs/experiments/length_generalization.yaml"
 # The shipped recipe shrunk to seconds on a CPU: same sections, tiny model, 3 steps, two short eval lengths.
@@ -24,6 +25,7 @@ TINY = ["train.data.seq_len=512", "train.data.batch_size=2", "train.data.num_wor
         "eval.depths=[0.5]", "eval.tasks=[niah_single]", "eval.max_length.full=512"]
 
 
+@pytest.mark.slow
 def test_experiment_trains_every_model_and_summarizes(tmp_path, capsys, monkeypatch):
     from lit_hsa.eval import ruler
 
@@ -59,6 +61,7 @@ def test_experiment_trains_every_model_and_summarizes(tmp_path, capsys, monkeypa
     assert "hsa @ 1K" in capsys.readouterr().out  # progress is printed length by length
 
 
+@pytest.mark.slow
 def test_experiment_eval_only_reuses_the_trained_weights(tmp_path):
     out = tmp_path / "exp"
     assert main(["experiment", "--config", EXPERIMENT, "--models", "swa", f"out_dir={out}", *TINY]) == 0
@@ -137,12 +140,12 @@ def test_blocked_sliding_window_equals_the_masked_computation(n, past):
     q_pos, k_pos = torch.arange(past, L), torch.arange(L)
     allowed = (k_pos[None] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None] < window)
     expected = attend(q, k, v, AttentionMask(window, dense=allowed[None, None]))
-    torch.testing.assert_close(_sliding_window_blocks(q, k, v, window, block=64), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sliding_window_blocks(q, k, v, window, block=64), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_retrieval_norm_normalises_queries_and_landmarks():
     from lit_hsa.config import ModelConfig
-    from lit_hsa.model import HSATransformer
+    from lit_hsa.model.transformer import HSATransformer
 
     cfg = ModelConfig(vocab_size=64, retrieval_norm=True, hsa_topk=2)
     model = HSATransformer(cfg)
@@ -156,11 +159,7 @@ def test_retrieval_norm_normalises_queries_and_landmarks():
 
 
 def test_recall_probe_batches_put_the_answer_far_back():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("diag_recall", "benchmarks/diag_recall.py")
-    diag = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(diag)
+    diag = load_benchmark("diag_recall")
     x, labels = diag.recall_batch(8, 64, torch.Generator().manual_seed(0), "cpu")
     assert (labels != -100).sum() == 8 and (labels[:, -2] == x[:, -1]).all()
     for row in x:  # the key appears once in the first half, followed by its value

@@ -1,5 +1,4 @@
 """Fine-tuning (issue 9): LoRA adapters on the tiny model, LoRA checkpoints, resume, merge, full fine-tuning."""
-import importlib.util
 import json
 
 import pytest
@@ -7,10 +6,10 @@ import torch
 
 from lit_hsa.cli import main
 from lit_hsa.config import LORA_TARGETS, ConfigError, FinetuneConfig, ModelConfig, load_config
-from lit_hsa.lora import ExpertLoRA, apply_lora, is_adapter_key, lora_state_dict, merge_lora
-from lit_hsa.model import HSATransformer
-from lit_hsa.module import HSALitModule
-from tests.test_cli import FAST, ROOT, scalars
+from lit_hsa.model.lora import ExpertLoRA, apply_lora, is_adapter_key, lora_state_dict, merge_lora
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.module import HSALitModule
+from tests.helpers import FAST, ROOT, load_benchmark, run_dir, scalars
 
 CHAT = ROOT / "examples" / "sft" / "chat.jsonl"
 # The shipped LoRA config on the tiny model and the example chat file; CPU-sized.
@@ -18,10 +17,6 @@ LORA = ["fit", "--config", str(ROOT / "configs/finetune/lora.yaml"), *FAST, "mod
         f"data.sources=[{{kind: files, format: chat, paths: [{CHAT}]}}]", "data.val_fraction=0.2",
         "data.batch_size=2", "trainer.accumulate_grad_batches=1", "trainer.precision=32-true",
         "trainer.val_check_interval=100", "optim.schedule=constant"]
-
-
-def run_dir(tmp_path, name):
-    return max((tmp_path / name).glob("version_*"))
 
 
 def lora_fit(tmp_path, name, *extra):
@@ -213,9 +208,7 @@ def test_full_finetuning_trains_every_weight(tmp_path, base_ckpt):
 
 
 def test_bench_finetune_smoke_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "bench_finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_finetune")
     result = bench.main(["--preset", "tiny", "--lengths", "256", "--warmup", "1", "--steps", "1", "--device", "cpu",
                          "--out", str(tmp_path / "bench.json")])
     assert json.loads((tmp_path / "bench.json").read_text()) == result

@@ -1,5 +1,5 @@
 """A dense block's decoding step in fused kernels (``kernels/decode/triton_block.py``, ``ring_attention_out_proj``,
-``lit_hsa/fused_step.py``).
+``lit_hsa/inference/fused_step.py``).
 
 CPU: the kernels run under the Triton interpreter in fp32 against their PyTorch references (atol/rtol 1e-5), and
 static decoding with fused blocks gives the full forward's logits (1e-4). GPU (``gpu``): bf16 kernels against the
@@ -17,6 +17,7 @@ from kernels.decode import ring_attention_reference  # noqa: E402
 from kernels.decode.reference import gemv_reference, qkv_rope_reference  # noqa: E402
 from kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
 from kernels.decode.triton_ring import ring_attention_out_proj  # noqa: E402
+from tests.helpers import VOCAB, assert_close_to_scale, rel_err, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,7 +132,7 @@ def test_rope_table_matches_rotary_at_large_positions():
     """RoPE's cos, sin of one position in one kernel, as ``Rotary.cos_sin``, up to 16M (angles of millions of
     radians, reduced before the cosine)."""
     from kernels.decode.triton_block import rope_cos_sin
-    from lit_hsa.attention import Rotary
+    from lit_hsa.model.attention import Rotary
 
     for dtype in (torch.float32, torch.bfloat16):  # a model cast to bf16 casts the frequencies too
         rotary = Rotary(64).to(DEV, dtype)
@@ -178,10 +179,9 @@ def test_fusable_parts_are_the_plain_modules():
     """The kernels skip what they do not compute: a LoRA-adapted projection, a bias, a MoE feed-forward or norms
     with different epsilons leave that part of the block to its modules."""
     from lit_hsa.config import FinetuneConfig
-    from lit_hsa.fused_step import attention_fusable, ffn_fusable
-    from lit_hsa.lora import apply_lora
-    from lit_hsa.model import HSATransformer
-    from tests.test_model import tiny
+    from lit_hsa.inference.fused_step import attention_fusable, ffn_fusable
+    from lit_hsa.model.lora import apply_lora
+    from lit_hsa.model.transformer import HSATransformer
 
     dense = HSATransformer(tiny(moe=False)).lower[0]
     assert attention_fusable(dense.attn_norm, dense.attn) and ffn_fusable(dense.ffn_norm, dense.ffn)
@@ -201,10 +201,8 @@ def test_static_decoding_with_fused_blocks_equals_full_forward(variant, monkeypa
     """With the Triton backend, GraphDecoder's dense blocks step through the fused kernels (each once per step), and
     the logits are the full forward's: across a chunk completion and the ring's wrap-around (hsa), and against a
     full-attention cache (attend, then ``gemv``). MoE feed-forwards (the tiny preset's) run their modules."""
-    import lit_hsa.fused_step as fused_step
-    from lit_hsa.model import Block, HSATransformer
-    from tests.test_decode_kernels import static_decode_with_triton
-    from tests.test_model import VOCAB, tiny
+    import lit_hsa.inference.fused_step as fused_step
+    from lit_hsa.model.transformer import Block, HSATransformer
 
     calls = []
     original = fused_step.block_step
@@ -225,11 +223,9 @@ def test_static_decoding_after_an_autocast_prefill(variant):
     bf16 caches while the fused blocks compute in the weights' dtype (Triton ignores autocast); the static caches
     take the steps' dtype, and the logits stay within 5% of the fp32 forward's (bf16 rounding of the prefill).
     Before, the first step failed to copy the bf16 ring into its fp32 cache."""
-    from lit_hsa.generate import prefill
-    from lit_hsa.model import HSATransformer
-    from lit_hsa.static_decode import GraphDecoder
-    from tests.test_model import VOCAB, tiny
-    from tests.test_precision import assert_close_to_scale
+    from lit_hsa.inference.generate import prefill
+    from lit_hsa.model.transformer import HSATransformer
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     # chunk size 8: the HSA blocks run their modules (no SWA sub-layer, so no bf16 ring kernel, which the
     # interpreter cannot run); every dense block steps through the fused fp32 kernels
@@ -250,10 +246,9 @@ def test_static_decoding_after_an_autocast_prefill(variant):
 
 
 def test_fused_blocks_only_where_the_backend_runs_triton():
-    from lit_hsa.generate import prefill
-    from lit_hsa.model import HSATransformer
-    from lit_hsa.static_decode import GraphDecoder
-    from tests.test_model import VOCAB, tiny
+    from lit_hsa.inference.generate import prefill
+    from lit_hsa.model.transformer import HSATransformer
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     model = HSATransformer(tiny()).eval()
     x = torch.randint(0, VOCAB, (1, 9))
@@ -278,12 +273,9 @@ def test_pdl_only_on_cuda_and_when_enabled(monkeypatch):
 
 
 @only_if_kernels_skipped
+@pytest.mark.slow
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
-
-
-def rel_err(got, want):
-    return ((got.float() - want).norm() / want.norm()).item()
 
 
 @pytest.mark.gpu

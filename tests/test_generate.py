@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from lit_hsa.generate import generate, prefill, sample_next
-from lit_hsa.model import DecodeState, HSATransformer
-from tests.test_model import VOCAB, tiny
+from lit_hsa.inference.generate import generate, prefill, sample_next
+from lit_hsa.inference.decode import DecodeState, OffloadedMemory, decode_forward
+from lit_hsa.model.transformer import HSATransformer
+from tests.helpers import VOCAB, tiny
 
 VARIANTS = {"hsa": dict(hsa_layer_swa=True, hsa_swa_window=4), "swa": dict(attention="swa"),
             "full": dict(attention="full"), "hsa-off-by-one": dict(softmax_off_by_one=True)}
@@ -20,7 +21,7 @@ def test_incremental_decoding_equals_full_forward(variant, offload):
         ref = model(x)
         state, outs = DecodeState(offload_memory=offload), []
         for seg in (5, 1, 1, 9, 3, 16, 10):
-            outs.append(model(x[:, state.pos : state.pos + seg], state=state))
+            outs.append(decode_forward(model, x[:, state.pos : state.pos + seg], state))
     torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)
     if variant != "full":  # sliding-window caches stay bounded by the window
         assert all(k.shape[1] <= 8 for k, _ in state.kv.layers.values())
@@ -58,7 +59,7 @@ def test_top_p_keeps_the_nucleus_only():
 def test_full_attention_cache_grows_in_place():
     """The full-attention KV cache appends into a buffer that grows geometrically: every position is kept in order,
     and most decoding steps write only their own position (the buffer is reused, not reallocated)."""
-    from lit_hsa.attention import GrowingKV
+    from lit_hsa.inference.decode import GrowingKV
 
     cache, buffers = GrowingKV(), set()
     parts = [torch.randn(2, n, 3, 4) for n in (5000, 1, 1, 3, 7000)]
@@ -74,7 +75,7 @@ def test_full_attention_cache_grows_in_place():
 def test_static_decoding_equals_full_forward(variant):
     """Static-shape decoding (ring caches, preallocated chunk memory, position on the device; what CUDA graphs
     replay) gives the full forward's logits token by token, across chunk completions and window wrap-arounds."""
-    from lit_hsa.static_decode import GraphDecoder
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
     x = torch.randint(0, VOCAB, (2, 45))
@@ -97,8 +98,8 @@ def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(va
     model runs eagerly: it compiles no graph (its growing caches would recompile per layer and segment length)."""
     from torch._dynamo.utils import counters
 
-    from lit_hsa.parallel import is_compiled
-    from lit_hsa.static_decode import GraphDecoder
+    from lit_hsa.model.units import is_compiled
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     torch._dynamo.reset()
     model = HSATransformer(tiny(**VARIANTS[variant], hsa_topk=3)).eval()
@@ -126,8 +127,8 @@ def test_compiled_static_decoding_equals_full_forward_and_prefill_stays_eager(va
 def test_inductor_decoding_compiles_with_coordinate_descent_tuning(monkeypatch):
     """With inductor, GraphDecoder compiles the blocks and the cache attention with coordinate-descent tuning (batch-1
     matrix-vector products become tuned reductions instead of cuBLAS calls); other backends take no options."""
-    from lit_hsa import static_decode
-    from lit_hsa.static_decode import GraphDecoder, decode_compile_options
+    from lit_hsa.inference import static_decode
+    from lit_hsa.inference.static_decode import GraphDecoder, decode_compile_options
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw.get("options")) or fn)
@@ -145,7 +146,7 @@ def test_inductor_decoding_compiles_with_coordinate_descent_tuning(monkeypatch):
 
 
 def test_static_decoding_rejects_what_it_cannot_hold():
-    from lit_hsa.static_decode import StaticDecodeState
+    from lit_hsa.inference.static_decode import StaticDecodeState
 
     model = HSATransformer(tiny()).eval()
     prompt = torch.randint(0, VOCAB, (1, 9))
@@ -192,7 +193,7 @@ def test_static_decoding_step_has_no_host_synchronisation(variant):
     has MoE layers, so their decoding path is covered too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lit_hsa.static_decode import GraphDecoder
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -226,12 +227,12 @@ def test_chunk_memory_changes_only_when_a_chunk_completes_and_grows_in_place(off
         _, state = prefill(model, x[:, :9], offload_memory=offload)  # chunk 0 done, position 8 pending
         memory, buffer = state.memory, state.kv_store.k.data_ptr()
         for t in range(9, 15):
-            model(x[:, t : t + 1], state=state)
+            decode_forward(model, x[:, t : t + 1], state)
             assert state.memory is memory
-        model(x[:, 15:16], state=state)  # completes chunk 1
+        decode_forward(model, x[:, 15:16], state)  # completes chunk 1
     assert state.memory.n_chunks == 2 and state.memory.k.shape[1] == 16
     assert state.kv_store.k.data_ptr() == buffer
-    assert state.memory.k.device.type == "cpu" and state.memory.offloaded == offload
+    assert state.memory.k.device.type == "cpu" and isinstance(state.memory, OffloadedMemory) == offload
 
 
 def test_static_decoding_step_copies_no_memory_sized_tensor():
@@ -240,7 +241,7 @@ def test_static_decoding_step_copies_no_memory_sized_tensor():
     selected chunks are gathered)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from lit_hsa.static_decode import GraphDecoder, StaticDecodeState
+    from lit_hsa.inference.static_decode import GraphDecoder, StaticDecodeState
 
     class LargestCopy(TorchDispatchMode):
         def __init__(self):

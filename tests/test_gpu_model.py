@@ -3,9 +3,10 @@ and a realistic preset runs forward + backward in bf16."""
 import pytest
 import torch
 
-from lit_hsa.attention import attend, build_mask
 from lit_hsa.config import ModelConfig
-from lit_hsa.model import HSATransformer
+from lit_hsa.inference.decode import decode_forward
+from lit_hsa.model.attention import attend, build_mask
+from lit_hsa.model.transformer import HSATransformer
 
 pytestmark = pytest.mark.gpu
 
@@ -38,7 +39,7 @@ def test_compiled_training_step_matches_eager_on_cuda():
     tolerance. Inductor tracing into the selection op once gave NaN gradients everywhere upstream of it."""
     import copy
 
-    from lit_hsa.parallel import parallelize
+    from lit_hsa.training.parallel import parallelize
 
     torch.manual_seed(0)
     model = HSATransformer(ModelConfig.from_name("small", vocab_size=512, n_lower_layers=2, swa_layers_per_group=1)).cuda()
@@ -69,8 +70,8 @@ def test_cuda_graph_decoding_equals_eager_decoding(attention, moe, compile):
     ``compile``: the replayed graphs run inductor's fused kernels (bf16 rounding differs from the uncompiled steps)."""
     import copy
 
-    from lit_hsa.generate import prefill
-    from lit_hsa.static_decode import GraphDecoder
+    from lit_hsa.inference.generate import prefill
+    from lit_hsa.inference.static_decode import GraphDecoder
 
     torch.manual_seed(0)
     experts = dict(moe=True, n_experts=8, experts_per_token=2, expert_hidden=256, n_shared_experts=1) if moe else {}
@@ -84,7 +85,7 @@ def test_cuda_graph_decoding_equals_eager_decoding(attention, moe, compile):
     # the memo keeps the caches keyed by the model's own layers
     states = [copy.deepcopy(state, memo={id(m): m for m in model.modules()}) for _ in range(2)]
     with torch.no_grad():
-        eager = [model(x[:, t : t + 1], state=state)[:, -1] for t in range(1000, 1300)]
+        eager = [decode_forward(model, x[:, t : t + 1], state)[:, -1] for t in range(1000, 1300)]
     static = GraphDecoder(model, states[0], max_len=1300)
     static.use_graphs = False
     decoder = GraphDecoder(model, states[1], max_len=1300, compile=compile)

@@ -11,7 +11,7 @@ from data_modules.sources import DataError
 from lit_hsa.checkpoint_io import load_checkpoint_file
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError
-from tests.test_cli import FAST, ROOT, scalars
+from tests.helpers import FAST, ROOT, scalars
 
 TINY = ["--config", str(ROOT / "configs/tiny.yaml"), *FAST, "data.num_workers=0", "trainer.val_check_interval=100"]
 UNSAFE = "holds objects other than tensors and plain data: refusing to unpickle it (weights_only)"
@@ -58,6 +58,7 @@ def one_line_error(args: list[str] | subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("command", ["init_from", "ckpt_path", "generate", "merge", "experiment"])
+@pytest.mark.slow
 def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / ("swa.weights.pt" if command == "experiment" else "evil.ckpt")
@@ -79,6 +80,7 @@ def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["init_from", "ckpt_path", "generate"])
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_one_line(command, truncated, tmp_path):
     args = {"init_from": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"init_from={truncated}"],
             "ckpt_path": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"ckpt_path={truncated}"],
@@ -88,6 +90,7 @@ def test_a_truncated_checkpoint_is_one_line(command, truncated, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "eval length too short", "eval length 0", "run folder"])
+@pytest.mark.slow
 def test_bad_inputs_are_one_line(case, ckpt, tmp_path):
     evaluate = ["eval", "--ckpt", str(ckpt), "--device", "cpu", "--tasks", "niah_single", "--samples", "1",
                 "--out", str(tmp_path / "eval")]
@@ -107,6 +110,7 @@ def test_bad_inputs_are_one_line(case, ckpt, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  name: tiny\n  hsa_topk: [1, 2\ndata:\n  seq_len: 64\n")

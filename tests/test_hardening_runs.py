@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError, ModelConfig, OptimConfig, load_config
-from lit_hsa.module import HSALitModule
-from tests.test_cli import ROOT, scalars
+from lit_hsa.training.module import HSALitModule
+from tests.helpers import ROOT, run_dir, scalars
 
 # CPU-sized overrides of configs/tiny.yaml.
 SMALL = ["data.seq_len=64", "data.batch_size=2", "data.num_workers=0", "data.val_samples=2",
@@ -39,10 +39,6 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1]
 
 
-def run_dir(root: Path, name: str) -> Path:
-    return max((root / name).glob("version_*"))
-
-
 # --- non-finite guard -----------------------------------------------------------------------------------------
 
 
@@ -53,6 +49,7 @@ def absurd_lr_run(tmp_path: Path, policy: str) -> subprocess.CompletedProcess:
                "optim.lr=1e6", f"trainer.nan_policy={policy}")
 
 
+@pytest.mark.slow
 def test_absurd_lr_under_skip_stops_after_consecutive_skips_counted_truthfully(tmp_path):
     proc = absurd_lr_run(tmp_path, "skip")
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -69,6 +66,7 @@ def test_absurd_lr_under_skip_stops_after_consecutive_skips_counted_truthfully(t
     assert not list(run.glob("checkpoints/*.ckpt"))  # nothing of the dead model is kept as a result
 
 
+@pytest.mark.slow
 def test_absurd_lr_under_stop_names_the_step(tmp_path):
     proc = absurd_lr_run(tmp_path, "stop")
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -235,16 +233,17 @@ def test_shipped_finetune_configs_run_as_shipped(tmp_path):
 # --- first run on CPU -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_import_train_and_generate_without_triton():
     """Triton is no base dependency: everything outside the Triton kernel files imports and runs without it."""
     code = """
 import sys
 sys.modules["triton"] = None  # as on a machine without triton: `import triton` raises ImportError
 import torch
-import data_modules.text, kernels.decode, kernels.hsa, lit_hsa.cli, lit_hsa.module  # noqa: F401
+import data_modules.text, kernels.decode, kernels.hsa, lit_hsa.cli, lit_hsa.training.module  # noqa: F401
 from lit_hsa.config import ModelConfig
-from lit_hsa.generate import generate
-from lit_hsa.model import HSATransformer
+from lit_hsa.inference.generate import generate
+from lit_hsa.model.transformer import HSATransformer
 model = HSATransformer(ModelConfig.from_name("tiny", vocab_size=320))
 x = torch.randint(0, 320, (2, 129))
 model(x[:, :-1], labels=x[:, 1:]).backward()
@@ -281,6 +280,7 @@ def test_training_threads_leave_the_workers_their_cores(monkeypatch):
     assert len(calls) == (1 if cores > 1 else 0)
 
 
+@pytest.mark.slow
 def test_runs_print_no_library_adverts_or_deprecations(tmp_path):
     proc = cli("fit", "--config", "configs/tiny.yaml", *SMALL, f"trainer.root_dir={tmp_path}", "trainer.max_steps=2",
                "trainer.val_check_interval=100")

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode  # noqa: E402
 from kernels.hsa.reference import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from kernels.hsa import fusion_weights  # noqa: E402
-from tests.test_fused_step import rel_err  # noqa: E402
+from tests.helpers import VARIANTS, VOCAB, rel_err, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -133,10 +133,9 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
     chunk selection and attention kernels, and the logits are the full forward's, across a chunk completion: the
     plain HSA block (bypass residual, softmax fusion), and one with an SWA sub-layer, the standard residual,
     stick-breaking fusion, the recency term and a selection shared by two KV heads."""
-    import lit_hsa.fused_step as fused_step
-    from lit_hsa.model import HSABlock, HSATransformer
-    from tests.test_decode_kernels import static_decode_with_triton
-    from tests.test_model import VARIANTS, VOCAB, tiny
+    import lit_hsa.inference.fused_step as fused_step
+    from lit_hsa.model.hsa import HSABlock
+    from lit_hsa.model.transformer import HSATransformer
 
     calls = []
     original = fused_step.hsa_attention_step
@@ -159,14 +158,18 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
     modules (uncompiled steps keep the kernels); so does one whose memory is offloaded to the host or whose chunk
     size is not a power of two of at least 16."""
     import kernels.dispatch as dispatch
-    from lit_hsa.fused_step import hsa_fusable
-    from lit_hsa.model import Context, HSATransformer, Memory
-    from tests.test_model import tiny
+    from lit_hsa.inference.fused_step import hsa_fusable
+    from lit_hsa.model.attention import Context
+    from lit_hsa.model.transformer import HSATransformer
+    from lit_hsa.inference.decode import OffloadedMemory
+    from lit_hsa.model.hsa import Memory
 
     block = HSATransformer(tiny(moe=False, chunk_size=16, head_dim=16)).eval().hsa_blocks()[0]
     ctx = Context(torch.zeros(1), torch.zeros(1), {}, None)
-    memory = lambda C, offloaded=False: Memory(torch.zeros(1, C, 1, 16), torch.zeros(1, 16 * C, 1, 16),  # noqa: E731
-                                               torch.zeros(1, 16 * C, 1, 16), offloaded)
+    def memory(C: int, offloaded: bool = False) -> Memory:
+        kind = OffloadedMemory if offloaded else Memory
+        return kind(torch.zeros(1, C, 1, 16), torch.zeros(1, 16 * C, 1, 16), torch.zeros(1, 16 * C, 1, 16))
+
     assert hsa_fusable(block, ctx, memory(4)) and not hsa_fusable(block, ctx, memory(4, offloaded=True))
     off_by_one = HSATransformer(tiny(moe=False, chunk_size=16, head_dim=16, softmax_off_by_one=True)).eval()
     assert not hsa_fusable(off_by_one.hsa_blocks()[0], ctx, memory(4))  # the decoding kernel has no +1
@@ -178,6 +181,7 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
 
 
 @only_if_kernels_skipped
+@pytest.mark.slow
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
 

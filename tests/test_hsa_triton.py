@@ -23,6 +23,7 @@ import kernels.hsa as hsa  # noqa: E402
 from kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_triton  # noqa: E402
 from kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -211,10 +212,12 @@ def test_dispatch_uses_triton_when_asked():
 
 
 @only_if_kernels_skipped
+@pytest.mark.slow
 def test_cpu_kernels_in_subprocess():
     run_module_in_subprocess(__file__)
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as Python; compiling them for an H100 also checks what only the compiler sees."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -270,10 +273,6 @@ def test_select_chunks_fast_gumbel_and_topk_beyond_chunks():
 
 
 # ---------------------------------------------------------------- GPU: low precision at realistic shapes
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu

@@ -5,28 +5,9 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 
 import kernels.dispatch as dispatch  # noqa: E402
 import kernels.hsa as hsa  # noqa: E402
-from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.model import HSATransformer, fusion_weights  # noqa: E402
-
-VOCAB = 64
-
-
-def tiny(**overrides) -> ModelConfig:
-    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, chunk_size=8, hsa_topk=2,
-                swa_window=8, ffn_hidden=64, expert_hidden=32, retrieval_dim=16)
-    base.update(overrides)
-    return ModelConfig.from_name("tiny", **base)
-
-
-VARIANTS = {
-    "hsa": {},
-    "hsa-standard-stick-swa": dict(hsa_residual="standard", fusion="stick_breaking", hsa_layer_swa=True,
-                                   hsa_swa_window=4, pos_decay=True, hsa_kv_heads=2, shared_selection=True),
-    "hsa-no-encoder-per-head": dict(encoder_layers=0, hsa_kv_heads=2, hsa_heads=4),
-    "hsa-off-by-one": dict(softmax_off_by_one=True, hsa_layer_swa=True),
-    "swa": dict(attention="swa"),
-    "full": dict(attention="full"),
-}
+from lit_hsa.model.transformer import HSATransformer  # noqa: E402
+from kernels.hsa import fusion_weights  # noqa: E402
+from tests.helpers import VARIANTS, VOCAB, tiny  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -155,12 +136,13 @@ def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend
 
 
 @only_if_kernels_skipped
+@pytest.mark.slow
 def test_empty_slots_kernel_in_subprocess():
     run_module_in_subprocess(f"{__file__}::test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads")
 
 
 def test_chunked_cross_entropy_equals_full_logits():
-    from lit_hsa.loss import chunked_cross_entropy
+    from lit_hsa.model.loss import chunked_cross_entropy
 
     h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)

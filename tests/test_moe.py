@@ -1,6 +1,6 @@
 import torch
 
-from lit_hsa.moe import MoE, expert_load_stats
+from lit_hsa.model.moe import MoE, expert_load_stats
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import kernels.dispatch as dispatch  # noqa: E402
 from lit_hsa.config import FinetuneConfig  # noqa: E402
-from lit_hsa.lora import apply_lora  # noqa: E402
+from lit_hsa.model.lora import apply_lora  # noqa: E402
 
 # Operators that read a device tensor back to the host (a GPU stream stalls until it is there): item()/tolist()
 # (_local_scalar_dense), data-dependent output sizes (nonzero, masked_select, unique, repeat_interleave without an

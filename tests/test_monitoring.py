@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from lit_hsa.callbacks import retrieval_stats, selection_heatmap
+from lit_hsa.training.callbacks import retrieval_stats, selection_heatmap
 from lit_hsa.cli import main
 from lit_hsa.config import ModelConfig
-from lit_hsa.flops import mean_keys_causal, mean_keys_hsa, training_flops_per_token
-from lit_hsa.module import HSALitModule
-from tests.test_cli import FAST, ROOT, scalars
+from lit_hsa.training.flops import mean_keys_causal, mean_keys_hsa, training_flops_per_token
+from lit_hsa.training.module import HSALitModule
+from tests.helpers import FAST, ROOT, VOCAB, scalars, tiny
 
 
 def test_attention_key_counts():
@@ -72,7 +72,7 @@ def test_nan_policy_skip_and_stop(tmp_path, nan_on_step_one, capsys):
 
 
 def test_scheduled_value():
-    from lit_hsa.callbacks import scheduled_value
+    from lit_hsa.training.callbacks import scheduled_value
 
     schedule = [[0, 16], [5, 4]]
     assert [scheduled_value(schedule, s) for s in (0, 4, 5, 9)] == [16, 16, 4, 4]
@@ -93,8 +93,7 @@ def test_schedules_and_in_training_eval_reach_tensorboard(tmp_path):
 
 
 def test_set_swa_window_changes_the_attention_reach():
-    from lit_hsa.model import HSATransformer
-    from tests.test_model import VOCAB, tiny
+    from lit_hsa.model.transformer import HSATransformer
 
     model = HSATransformer(tiny(attention="swa", n_lower_layers=1, n_groups=1, swa_layers_per_group=0)).eval()
     x = torch.randint(0, VOCAB, (1, 40))
@@ -110,7 +109,7 @@ def test_mfu_on_gpus_lightning_does_not_know():
     NVIDIA's dense peak (989.4 TFLOP/s bf16, as the H100 SXM: same compute), so MFU = FLOP/s / peak is logged."""
     from lightning.fabric.utilities.throughput import Throughput
 
-    from lit_hsa.callbacks import MFUThroughputMonitor, dense_peak_flops
+    from lit_hsa.training.callbacks import MFUThroughputMonitor, dense_peak_flops
 
     assert dense_peak_flops("NVIDIA H200", "bf16-mixed") == 989.4e12
     assert dense_peak_flops("NVIDIA H200 NVL", "bf16-true") == 835e12

@@ -14,11 +14,10 @@ import torch.multiprocessing as mp
 
 from data_modules.text import TextDataModule
 from lit_hsa.config import DataConfig, OptimConfig
-from lit_hsa.model import HSATransformer
-from lit_hsa.module import HSALitModule
-from lit_hsa.parallel import parallelize
-from tests.test_cli import ROOT, scalars
-from tests.test_model import VOCAB, tiny
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.module import HSALitModule
+from lit_hsa.training.parallel import parallelize
+from tests.helpers import ROOT, VOCAB, scalars, tiny
 
 
 def test_activation_checkpointing_is_exact():
@@ -90,6 +89,7 @@ def consolidated(folder, out) -> dict:
     return module.state_dict()
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_single_process_and_resume(tmp_path, distinct_docs):
     """2 ranks × batch 1 over different documents, 2 steps, then resumed from the sharded checkpoint for 2 more,
     end with the weights and MoE expert biases of 1 process × batch 2 over the same documents after 4 steps: each
@@ -158,6 +158,7 @@ def test_moe_expert_load_is_summed_over_ranks(tmp_path):
     assert local_differs  # the ranks' own loads alone would have moved the biases elsewhere: the test can tell
 
 
+@pytest.mark.slow
 def test_compiled_checkpointed_blocks_match_eager_without_hitting_the_recompile_limit():
     """trainer.compile with activation checkpointing: same loss and gradients as eager, at two lengths, and no unit
     falls back to eager because dynamo ran out of recompiles (all checkpoint wrappers share one forward). The

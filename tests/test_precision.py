@@ -17,16 +17,15 @@ import pytest
 import torch
 
 from lit_hsa.config import FinetuneConfig
-from lit_hsa.generate import prefill
-from lit_hsa.lora import apply_lora
-from lit_hsa.model import HSATransformer
-from lit_hsa.static_decode import GraphDecoder
-from tests.test_model import VOCAB, tiny
+from lit_hsa.inference.generate import prefill
+from lit_hsa.model.lora import apply_lora
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.inference.static_decode import GraphDecoder
+from tests.helpers import VOCAB, assert_close_to_scale, tiny
 
 ATTENTION = ("hsa", "swa", "full")
 FFN = ("dense", "moe")
 ADAPTERS = ("plain", "lora")
-SCALE_TOLERANCE = 0.05
 
 
 def build(attention: str, ffn: str, adapters: str) -> HSATransformer:
@@ -39,13 +38,6 @@ def build(attention: str, ffn: str, adapters: str) -> HSATransformer:
             if "lora_B" in name or "lora_down_B" in name:
                 torch.nn.init.normal_(p, 0.0, 0.02)
     return model
-
-
-def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    scale = want.abs().max().clamp_min(1e-6)
-    err = (got.float() - want.float()).abs().max()
-    assert err <= SCALE_TOLERANCE * scale, f"{what}: max error {err:.4g} > {SCALE_TOLERANCE} × {scale:.4g}"
 
 
 def grads(model: HSATransformer) -> dict[str, torch.Tensor]:

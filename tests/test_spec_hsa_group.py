@@ -3,7 +3,7 @@
 The reference below is written from the spec with plain loops and einsum: its own RMSNorm, RoPE, softmax, top-k,
 attention, chunk encoder, retrieval, fusion and HSA operator. It reads only the model's *weights* (state_dict, by
 parameter name); no code path of the project computes any reference value. Conventions that the spec leaves to the
-implementation are matched to lit_hsa/attention.py: RMSNorm ``x / sqrt(mean(x²) + eps) · weight``; RoPE in the
+implementation are matched to lit_hsa/model/attention.py: RMSNorm ``x / sqrt(mean(x²) + eps) · weight``; RoPE in the
 GPT-NeoX half-split layout with ``inv_freq = base^(-2i/D)``; QK-norm = RMSNorm per head before RoPE; attention scale
 1/sqrt(head_dim); GQA query head h reads KV head h // (Hq/Hkv). Spec decisions followed:
 - chunk memory (§2): [chunk ; CLS] with the learned [CLS] vector LAST (position S), RoPE over 0..S, bidirectional,
@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from lit_hsa.config import ModelConfig
-from lit_hsa.model import HSATransformer
+from lit_hsa.model.transformer import HSATransformer
 
 VOCAB = 48
 B, S = 2, 4

@@ -3,7 +3,7 @@ import pytest
 
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError, load_config
-from tests.test_cli import FAST, ROOT, fit, scalars
+from tests.helpers import FAST, ROOT, fit, scalars
 
 STAGES = ["warmup", "pretrain", "midtrain", "anneal", "sft"]
 

@@ -6,7 +6,7 @@ A sliding-window layer's step (write the ring slot, attend to the last W positio
 ``reference`` never). Elsewhere, and for full-attention caches, the references run (split-KV matmuls).
 
 ``triton_block.py`` holds a block's projections fused with the work around them, and ``triton_ring``'s
-``ring_attention_out_proj`` merges the ring step inside the output projection (``lit_hsa.fused_step`` puts them
+``ring_attention_out_proj`` merges the ring step inside the output projection (``lit_hsa.inference.fused_step`` puts them
 together); ``pdl.py`` lets these kernels overlap the one before them (programmatic dependent launch).
 """
 from __future__ import annotations

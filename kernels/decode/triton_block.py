@@ -13,7 +13,7 @@ norm, gate/up, down. Two kernels here cover every projection of such a block:
   split over programs. Each program recomputes the input's norm (d values: cheaper than a kernel of its own).
 
 So a dense block's step is five kernels: ``gemv`` of the stacked q/k/v projections (the ring kernel then applies
-the head norms and RoPE: ``_norm_rope_rows``; ``qkv_rope`` where another attention follows), attention, ``gemv``
+the head norms and RoPE: ``norm_rope_rows``; ``qkv_rope`` where another attention follows), attention, ``gemv``
 (o_proj + residual), ``gemv`` (norm, gate, up, SwiGLU), ``gemv`` (down + residual). ``rope_cos_sin`` and
 ``write_slot`` save a step's launches around the blocks. Weights are ``nn.Linear``'s ``[out, in]``, contiguous;
 products accumulate in fp32; outputs take the input's dtype (the residual's where one is added).
@@ -42,7 +42,7 @@ def _load_x(X, cols, ok, parts, stride_xp):
 
 
 @triton.jit
-def _rstd(X, K, eps, BK: tl.constexpr, parts=1, stride_xp=0):
+def rms_rstd(X, K, eps, BK: tl.constexpr, parts=1, stride_xp=0):
     """1 / RMS of the K input values at X (fp32)."""
     acc = tl.zeros([BK], tl.float32)
     for k0 in range(0, K, BK):
@@ -92,7 +92,7 @@ def _qkv_rope_kernel(
     w1 = tl.load(rows1 + cols[None, :], mask=(cols < K)[None, :], other=0.0)  # weights first: see kernels.decode.pdl
     w2 = tl.load(rows2 + cols[None, :], mask=(cols < K)[None, :], other=0.0)
     wait_for_inputs(PDL)
-    rstd = _rstd(X, K, eps, BK)
+    rstd = rms_rstd(X, K, eps, BK)
     y1 = tl.zeros([D // 2], tl.float32)
     y2 = tl.zeros([D // 2], tl.float32)
     for k0 in range(0, K, BK):  # w1, w2 hold the tile at k0; the next one is loaded before this one is reduced
@@ -117,8 +117,8 @@ def _qkv_rope_kernel(
 
 
 @triton.jit
-def _head_norm_weights(NW, D: tl.constexpr, LOAD: tl.constexpr):
-    """A per-head norm's weight [D] in fp32, and the same with its halves swapped (``_norm_rope_rows``); zeros
+def head_norm_weights(NW, D: tl.constexpr, LOAD: tl.constexpr):
+    """A per-head norm's weight [D] in fp32, and the same with its halves swapped (``norm_rope_rows``); zeros
     unless LOAD."""
     cols = tl.arange(0, D)
     if LOAD:
@@ -127,8 +127,8 @@ def _head_norm_weights(NW, D: tl.constexpr, LOAD: tl.constexpr):
 
 
 @triton.jit
-def _norm_rope_rows(X, rows, ok, nw, nw_swapped, COS, SIN, eps, D: tl.constexpr, HEAD_NORM: tl.constexpr):
-    """Per-head RMSNorm (weight nw [D] fp32 and its halves swapped, from ``_head_norm_weights``; when HEAD_NORM)
+def norm_rope_rows(X, rows, ok, nw, nw_swapped, COS, SIN, eps, D: tl.constexpr, HEAD_NORM: tl.constexpr):
+    """Per-head RMSNorm (weight nw [D] fp32 and its halves swapped, from ``head_norm_weights``; when HEAD_NORM)
     and RoPE (COS, SIN [D/2] fp32, GPT-NeoX layout) of the heads at X + rows [R] (D contiguous values each; rows
     not ``ok`` read as zeros) → [R, D] fp32. Each head is read
     twice, the second time with its halves swapped, so the rotation is elementwise in the layout the caller goes on
@@ -196,7 +196,7 @@ def _gemv_kernel(
     wait_for_inputs(PDL)
     rstd = 1.0
     if NORM:
-        rstd = _rstd(X, K, eps, BK, parts, stride_xp)
+        rstd = rms_rstd(X, K, eps, BK, parts, stride_xp)
     y1 = tl.zeros([BN], tl.float32)
     y2 = tl.zeros([BN], tl.float32)
     for k0 in range(0, K, BK):  # w1 (w2) hold the tile at k0; the next one is loaded before this one is reduced
@@ -231,7 +231,7 @@ def _check_weights(name: str, K: int, *weights: torch.Tensor) -> None:
                              f"(contiguous={w.is_contiguous()})")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """[B, 1, K] or [B, K] → [B, K] with unit stride along K."""
     x = x.reshape(x.shape[0], x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -243,7 +243,7 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
     """x: [B, 1, d] (one token per sequence); norm_w [d]; wq [Hq·D, d], wk, wv [Hkv·D, d]; q/k_norm_w [D] or None
     (no per-head norm); cos, sin [1, D/2] (fp32, the token's position) → q [B, 1, Hq, D], k, v [B, 1, Hkv, D] in
     x's dtype: q = rope(n_q(wq·n(x))), k = rope(n_k(wk·n(x))), v = wv·n(x), n = RMSNorm with ``eps``."""
-    xr = _rows(x)
+    xr = unit_stride_rows(x)
     B, K = xr.shape
     D = 2 * cos.shape[-1]
     _check_weights("qkv_rope", K, wq, wk, wv)
@@ -294,7 +294,7 @@ def write_slot(buf: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> None:
     """buf [B, S, N][:, pos mod S] = x [B, 1, N] (cast to buf's dtype), pos a 0-d int tensor on the device: one launch
     where ``index_copy_`` at a device position takes two (the remainder, the copy)."""
     B, S, N = buf.shape
-    xr = _rows(x)
+    xr = unit_stride_rows(x)
     if xr.shape != (B, N) or buf.stride(-1) != 1 or pos.numel() != 1:
         raise ValueError(f"write_slot: x {tuple(x.shape)} must be [{B}, 1, {N}] for buf {tuple(buf.shape)} (unit "
                          f"stride in the last dim), pos one position, got {tuple(pos.shape)}")
@@ -378,7 +378,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor | list[torch.Tensor], *, norm_w: torch
         xr = x if x.stride(-1) == 1 else x.contiguous()
         B, _, K = xr.shape
     else:
-        xr = _rows(x)
+        xr = unit_stride_rows(x)
         B, K = xr.shape
     stack = list(w) if isinstance(w, (list, tuple)) else [w]
     if not 1 <= len(stack) <= 3 or (len(stack) > 1 and w_up is not None):
@@ -389,7 +389,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor | list[torch.Tensor], *, norm_w: torch
     if w_up is not None and w_up.shape != stack[0].shape:
         raise ValueError(f"gemv: w_up {tuple(w_up.shape)} must match w {tuple(stack[0].shape)}")
     if residual is not None:
-        residual = _rows(residual)
+        residual = unit_stride_rows(residual)
         if residual.shape != (B, N):
             raise ValueError(f"gemv: residual {tuple(residual.shape)} must be [{B}, {N}]")
     y = torch.empty(B, N, device=x.device, dtype=(residual if residual is not None else x).dtype)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .pdl import pdl_args, wait_for_inputs
-from .triton_block import _rstd
+from .triton_block import rms_rstd
 
 __all__ = ["select_chunks_decode", "hsa_chunks_decode", "FUSIONS"]
 
@@ -151,7 +151,7 @@ def _chunk_topk_kernel(
     q_row = QS + b.to(tl.int64) * stride_qb + h * DR
     rq = 1.0
     if QNORM:
-        rq = _rstd(q_row, DR, eps, BD)
+        rq = rms_rstd(q_row, DR, eps, BD)
     s = tl.zeros([CPP], tl.float32)
     for d0 in range(0, DR, BD):  # ``tile`` holds columns d0..; the next tile is loaded before this one is reduced
         nxt = d0 + BD + cols

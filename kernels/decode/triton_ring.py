@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .pdl import pdl_args, wait_for_inputs
 from .reference import HeadRope
-from .triton_block import _head_norm_weights, _norm_rope_rows, _rows, autotuned, gemv
+from .triton_block import autotuned, gemv, head_norm_weights, norm_rope_rows, unit_stride_rows
 
 __all__ = ["ring_attention_triton", "ring_attention_out_proj", "ring_splits"]
 
@@ -55,8 +55,8 @@ def _ring_decode_kernel(
     rows = ring + s_idx.to(tl.int64)[:, None] * stride_cw + offs_d[None, :]
     k = tl.load(CK + rows, mask=(s_idx < W)[:, None], other=0.0)
     v = tl.load(CV + rows, mask=(s_idx < W)[:, None], other=0.0)
-    q_nw, q_nws = _head_norm_weights(QNW, D, ROPE and HEAD_NORM)  # weights: before the wait too
-    k_nw, k_nws = _head_norm_weights(KNW, D, ROPE and HEAD_NORM)
+    q_nw, q_nws = head_norm_weights(QNW, D, ROPE and HEAD_NORM)  # weights: before the wait too
+    k_nw, k_nws = head_norm_weights(KNW, D, ROPE and HEAD_NORM)
     wait_for_inputs(PDL)
     pos = tl.load(POS).to(tl.int64)
     slot = pos % W
@@ -65,9 +65,9 @@ def _ring_decode_kernel(
     q_rows = b.to(tl.int64) * stride_qb + (g * G + heads).to(tl.int64) * stride_qh
     new_row = b.to(tl.int64) * stride_nb + g * stride_nh
     if ROPE:  # raw projections (a plain matrix-vector kernel made them): the heads' norms and RoPE happen here
-        q = _norm_rope_rows(Q, q_rows, head_ok, q_nw, q_nws, COS, SIN, eps, D, HEAD_NORM)
+        q = norm_rope_rows(Q, q_rows, head_ok, q_nw, q_nws, COS, SIN, eps, D, HEAD_NORM)
         one = tl.arange(0, 1)
-        kn = tl.sum(_norm_rope_rows(KN, new_row + one, one < 1, k_nw, k_nws, COS, SIN, eps, D, HEAD_NORM), 0)
+        kn = tl.sum(norm_rope_rows(KN, new_row + one, one < 1, k_nw, k_nws, COS, SIN, eps, D, HEAD_NORM), 0)
     else:
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=head_ok[:, None], other=0.0)
         kn = tl.load(KN + new_row + offs_d)
@@ -290,7 +290,7 @@ def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Ten
     if w_out.shape != (d, Hq * D) or not w_out.is_contiguous() or residual.numel() != B * d:
         raise ValueError(f"ring_attention_out_proj: w_out {tuple(w_out.shape)} must be contiguous [{d}, {Hq * D}] "
                          f"and residual {tuple(residual.shape)} [{B}, 1, {d}]")
-    res = _rows(residual)  # [B, d], unit stride along d
+    res = unit_stride_rows(residual)  # [B, d], unit stride along d
     HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
     if HP * SP * D > MERGE_IN_PROJECTION_MAX:
         o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps, rope)

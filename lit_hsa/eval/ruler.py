@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from data_modules.synthetic import make_task, score
 
-from ..generate import generate
-from ..model import DecodeState, HSATransformer, uncompiled
+from lit_hsa.inference.generate import generate
+from lit_hsa.inference.decode import DecodeState, decode_forward, uncompiled
+from lit_hsa.model.transformer import HSATransformer
 
 DEPTHLESS_TASKS = ("self_copy",)
 
@@ -91,7 +92,7 @@ def perplexity_by_position(model: HSATransformer, tokens: np.ndarray, segment_si
     for start in range(0, x.shape[1] - 1, segment_size):
         seg = x[:, start : min(start + segment_size, x.shape[1] - 1)]
         with uncompiled():
-            logits = model(seg, state=state)
+            logits = decode_forward(model, seg, state)
         target = x[:, start + 1 : start + 1 + seg.shape[1]]
         losses.append(F.cross_entropy(logits[0].float(), target[0], reduction="none").cpu())
     loss = torch.cat(losses)
@@ -135,7 +136,7 @@ def plot_results(rows: list[EvalRow], out_dir) -> list[str]:
                           for n in lengths] for d in depths])
         fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 1.2 + 0.5 * len(depths)))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [short_length(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length")
         ax.set_ylabel("needle depth")
@@ -149,7 +150,7 @@ def plot_results(rows: list[EvalRow], out_dir) -> list[str]:
     return written
 
 
-def _short(n: int) -> str:
+def short_length(n: int) -> str:
     return f"{n // 1024**2}M" if n >= 1024**2 and n % 1024**2 == 0 else f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 

@@ -6,18 +6,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
 
-from ..config import ConfigError, DataConfig, load_config
-from .ruler import (check_retrieval_samples, evaluate_retrieval, parse_length, perplexity_by_position,
-                    plot_results, rows_as_dicts)
+from data_modules.packing import tokenize
+from data_modules.synthetic import TASKS
+from data_modules.text import build_document_streams
+from lit_hsa.checkpoint_io import load_model
+from lit_hsa.config import ConfigError, DataConfig, load_config
+from lit_hsa.eval.ruler import (check_retrieval_samples, evaluate_retrieval, parse_length, perplexity_by_position,
+                                plot_results, rows_as_dicts)
 
 
 def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
     """At least ``n_tokens`` tokens of the validation split of the data config's sources (documents joined with
     EOS, cycled if the split is smaller)."""
-    from data_modules.packing import tokenize
-    from data_modules.text import build_document_streams
-
     pieces, total = [], 0
     for stream in build_document_streams(data_cfg)[0]:
         for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
@@ -31,12 +33,6 @@ def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarra
 
 
 def run_eval(args) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from data_modules.synthetic import TASKS
-
-    from ..cli import load_checkpoint
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
@@ -59,7 +55,7 @@ def run_eval(args) -> None:
         raise ConfigError(f"--samples and --segment-size must be >= 1, got {args.samples} and {args.segment_size}")
     data_cfg = load_config(args.config).data if args.config else DataConfig()
 
-    model, tokenizer = load_checkpoint(args.ckpt, args.device)
+    model, tokenizer = load_model(args.ckpt, args.device)
     haystack = held_out_tokens(data_cfg, tokenizer, max(lengths + [ppl_length]) * 2)
     try:  # a length too short for a task: fail now, not after the lengths before it were evaluated
         check_retrieval_samples(tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed)

@@ -8,6 +8,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from lit_hsa.eval.ruler import evaluate_retrieval
+from lit_hsa.eval.run import held_out_tokens
+
 
 def retrieval_stats(weights: torch.Tensor, indices: torch.Tensor, chunk_size: int, window: int) -> dict[str, float]:
     """weights, indices: [B, T, H, K] of one HSA block → scalar summaries.
@@ -132,9 +135,6 @@ class RetrievalEval(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step == 0 or step % self.every_n_steps:
             return
-        from .eval.ruler import evaluate_retrieval
-        from .eval.run import held_out_tokens
-
         tokenizer = trainer.datamodule.tokenizer
         if self._haystack is None:
             self._haystack = held_out_tokens(self.data_cfg, tokenizer, 2 * max(self.lengths))

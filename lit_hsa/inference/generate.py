@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .model import DecodeState, HSATransformer, uncompiled
-from .static_decode import GraphDecoder
+from lit_hsa.inference.decode import DecodeState, decode_forward, uncompiled
+from lit_hsa.inference.static_decode import GraphDecoder
+from lit_hsa.model.transformer import HSATransformer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -35,7 +36,7 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
     state = state or DecodeState(offload_memory=offload_memory)
     with uncompiled():
         for start in range(0, prompt.shape[1], segment_size):
-            logits = model(prompt[:, start : start + segment_size], state=state)
+            logits = decode_forward(model, prompt[:, start : start + segment_size], state)
     return logits[:, -1], state
 
 
@@ -72,5 +73,5 @@ def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, t
             logits = decoder.step(token)
         else:
             with uncompiled():
-                logits = model(token[:, None], state=state)[:, -1]
+                logits = decode_forward(model, token[:, None], state)[:, -1]
     return torch.cat(out, dim=1)

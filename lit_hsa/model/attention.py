@@ -48,98 +48,18 @@ class AttentionMask:
     """Which keys each query may see: causal, optionally within ``window`` tokens and the same document.
 
     Built once per forward and shared by every layer with the same window. ``dense``: bool [B|1, 1, T, T] for SDPA
-    (True = attend); ``block``: a flex_attention BlockMask (CUDA). With ``kv_cache`` (incremental decoding) each
-    layer keeps its past keys/values there and builds its own mask from the absolute positions.
+    (True = attend); ``block``: a flex_attention BlockMask (CUDA). A layer attends through its mask (``attend``), so
+    whoever builds the masks decides how attention reads its keys (``lit_hsa.inference`` passes masks that read and
+    extend decoding caches).
     """
 
     window: int | None
     dense: torch.Tensor | None = None
     block: object | None = None
-    kv_cache: "KVCache | None" = None
 
-
-@dataclass
-class KVCache:
-    """Past keys/values of every attention layer during decoding: sliding-window layers keep their last ``window``
-    positions in ``layers[module] = (k, v)`` ``[B, L, Hkv, D]`` (bounded memory); full-attention layers keep all of
-    them in ``buffers[module]`` (a ``GrowingKV``). ``pos``: absolute position of the first new token."""
-
-    pos: int = 0
-    layers: dict = field(default_factory=dict)
-    buffers: dict = field(default_factory=dict)
-    fuse_blocks = False  # blocks run their modules (``StaticKVCache`` may fuse a block's step)
-    compiled = False  # decoding steps run uncompiled (``StaticKVCache.compile`` sets it)
-
-    def positions(self, n: int, device) -> torch.Tensor:
-        """Absolute positions of the next n tokens: [n]."""
-        return torch.arange(self.pos, self.pos + n, device=device)
-
-    def cos_sin(self, rotary: "Rotary", n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rotary``'s cos, sin [n, D/2] at the next n positions."""
-        return rotary.cos_sin(self.positions(n, device))
-
-    @property
-    def q_start(self) -> int:
-        return self.pos
-
-    def attend(self, layer: nn.Module, q, k, v, window: int | None) -> torch.Tensor:
-        """New queries q [B, n, Hq, D] at positions pos..pos+n-1 against the layer's cached + new keys k, v
-        [B, n, Hkv, D]; a sliding-window cache is then trimmed to the last ``window`` positions (all a later query
-        can still see)."""
-        if window is None:
-            k, v = self.buffers.setdefault(layer, GrowingKV()).append(k, v)
-            # Full attention over a long cache: a lower-right causal bias keeps SDPA on its fused kernels instead
-            # of an explicit [n, L] mask (64 GB for a 64K segment against 1M cached tokens).
-            from torch.nn.attention.bias import causal_lower_right
-
-            return attend(q, k, v, AttentionMask(window, dense=causal_lower_right(q.shape[1], k.shape[1])))
-        if (past := self.layers.get(layer)) is not None:  # at most `window` positions: a copy is cheap
-            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
-        self.layers[layer] = (k[:, -window:], v[:, -window:])
-        return _sliding_window_blocks(q, k, v, window)
-
-
-class GrowingKV:
-    """Tensors appended along dim 1 (time) into buffers that grow by a quarter when full, so a step writes only its
-    new positions: concatenating the whole cache each token would copy all of it (gigabytes at a million cached
-    tokens) per layer and token. Holds keys and values of a full-attention layer, or the chunk memory's landmarks
-    and K/V. ``host``: keep the buffers in (pinned) host memory, whatever device the appended parts are on."""
-
-    def __init__(self, host: bool = False):
-        self.host = host
-        self.buffers: list[torch.Tensor] = []
-        self.length = 0
-
-    @property
-    def k(self) -> torch.Tensor:
-        return self.buffers[0]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.buffers[1]
-
-    def append(self, *parts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """parts: [B, n, ...] each → every position so far, [B, length, ...] each (views)."""
-        end = self.length + parts[0].shape[1]
-        if not self.buffers or end > self.buffers[0].shape[1]:
-            # +25% and at least 4096 positions: few regrowths in decoding and segment prefill alike, without
-            # doubling the memory that decides where full attention runs out.
-            old = self.buffers[0].shape[1] if self.buffers else 0
-            capacity = max(end + 4096, old + old // 4)
-            grown = [self._empty(x, capacity) for x in parts]
-            for new, buffer in zip(grown, self.buffers):
-                new[:, : self.length] = buffer[:, : self.length]
-            self.buffers = grown
-        for buffer, x in zip(self.buffers, parts):
-            buffer[:, self.length : end] = x
-        self.length = end
-        return tuple(buffer[:, :end] for buffer in self.buffers)
-
-    def _empty(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        shape = (like.shape[0], capacity, *like.shape[2:])
-        if self.host:  # pinned: fetching selected chunks back to the accelerator is then a plain async copy
-            return torch.empty(shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
-        return like.new_empty(shape)
+    def attend(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [B, T, Hq, D], k/v: [B, T, Hkv, D] of ``layer`` → [B, T, Hq, D]."""
+        return attend(q, k, v, self)
 
 
 def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device, backend: str) -> AttentionMask:
@@ -193,7 +113,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.transpose(1, 2)
 
 
-def _sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+def sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                            block: int = 1024) -> torch.Tensor:
     """Sliding-window attention of the n newest positions: q [B, n, Hq, D] against k/v [B, L, Hkv, D] (L >= n; the
     last n keys belong to the queries). Queries go ``block`` at a time against only the keys their window reaches,
@@ -240,8 +160,17 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x, cos, sin)
         if mask is None:
             out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(1, 2)
-        elif mask.kv_cache is not None:
-            out = mask.kv_cache.attend(self, q, k, v, mask.window)
         else:
-            out = attend(q, k, v, mask)
+            out = mask.attend(self, q, k, v)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+
+@dataclass
+class Context:
+    """Per-forward state shared by all blocks: rotary tables, attention masks by window, document ids."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    masks: dict
+    doc_ids: torch.Tensor | None
+    q_start: int | torch.Tensor = 0  # absolute position of the first token (decoding)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.dispatch import grouped_mm_applies
+from lit_hsa.config import ModelConfig
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update (summed over micro-batches; reduced over ranks).
         self.register_buffer("load_accum", torch.zeros(n_experts), persistent=False)
         self.aux_loss = torch.zeros(())
-        # Low-rank updates of the routed experts while LoRA fine-tuning (lit_hsa/lora.py attaches an ExpertLoRA).
+        # Low-rank updates of the routed experts while LoRA fine-tuning (lit_hsa/model/lora.py attaches an ExpertLoRA).
         self.lora_experts: nn.Module | None = None
 
     def routed_parameters(self) -> int:
@@ -157,3 +158,10 @@ def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
         "min_share": float(load.min() / load.sum().clamp_min(1e-9)),
         "max_share": float(load.max() / load.sum().clamp_min(1e-9)),
     }
+
+
+def make_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    if cfg.moe and layer_idx >= cfg.first_dense_layers:
+        return MoE(cfg.d_model, cfg.n_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.n_shared_experts,
+                   cfg.router_bias_update_rate, cfg.aux_loss_coef)
+    return SwiGLU(cfg.d_model, cfg.ffn_hidden)

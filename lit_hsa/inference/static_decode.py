@@ -6,7 +6,7 @@ lives on the device, so a step has the same shapes and addresses every time:
 
 - sliding-window layers: a ring of W slots per layer, ``[B, Hkv, W, D]``; position p lives in slot p mod W (on CUDA
   a layer's step, write and attention, is one Triton kernel: ``kernels.decode``; a dense block's whole step is five,
-  an HSA block's eight: ``lit_hsa.fused_step``);
+  an HSA block's eight: ``lit_hsa.inference.fused_step``);
 - full-attention layers: ``[B, Hkv, max_len, D]``, positions after the current one masked;
 - the chunk memory: landmarks ``[B, max_len/S, Hr, Dr]`` and K/V ``[B, max_len, Hkv, D]``; chunks not yet written are
   in the future, so the usual visibility rule (chunk i is visible at t ≥ (i+1)·S) hides them; the lower-stack
@@ -26,8 +26,11 @@ from torch import nn
 from kernels.decode import SPLIT_KEYS, ring_slot_and_mask, write_and_attend
 from kernels.dispatch import fused_blocks_apply, use_ring_kernel
 
-from .attention import KVCache
-from .model import DecodeState, HSATransformer, Memory, uncompiled
+from lit_hsa.inference.decode import CacheMask, DecodeState, KVCache, decode_forward, uncompiled
+from lit_hsa.inference import fused_step
+from lit_hsa.model.hsa import Memory
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.model.units import apply_compile, is_compiled
 
 
 def decode_compile_options(backend: str) -> dict | None:
@@ -54,7 +57,7 @@ class StaticKVCache:
         self.source, self.max_len = source, max_len
         self.pos = source.pos  # host copy of pos_t, for the host-side decisions (which graph, bounds)
         self.pos_t = torch.tensor(source.pos, device=device)
-        # blocks' steps in fused Triton kernels (lit_hsa.fused_step), where the backend switch allows Triton
+        # blocks' steps in fused Triton kernels (lit_hsa.inference.fused_step), where the backend switch allows Triton
         self.fuse_blocks = fuse_blocks and fused_blocks_apply(self.pos_t)
         self.rings: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self.full: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -103,12 +106,21 @@ class StaticKVCache:
         slot, valid = self._slot_and_mask(window, ck.shape[2])
         return self.step_attention(q, k, v, ck, cv, slot, valid)
 
+    def mask(self, window: int | None) -> CacheMask:
+        """The attention mask of layers with ``window``: it attends through these static caches."""
+        return CacheMask(window, cache=self)
+
+    def steps_block(self, block: nn.Module, ctx, memory: Memory | None) -> bool:
+        """Whether ``block``'s step runs in fused kernels here (``block_step``) rather than through its modules: dense
+        blocks wherever blocks fuse, HSA blocks where ``fused_step.hsa_fusable`` also holds."""
+        if not self.fuse_blocks:
+            return False
+        return not hasattr(block, "retrieval") or fused_step.hsa_fusable(block, ctx, memory, self.compiled)
+
     @torch.compiler.disable
     def block_step(self, block: nn.Module, h: torch.Tensor, ctx, memory: Memory | None = None) -> torch.Tensor:
-        """A block's whole step (dense or HSA), h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.fused_step``)."""
-        from .fused_step import block_step
-
-        return block_step(block, h, ctx, self, memory)
+        """A block's whole step (dense or HSA), h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.inference.fused_step``)."""
+        return fused_step.block_step(block, h, ctx, self, memory)
 
     def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
                            residual: torch.Tensor, rope=None) -> torch.Tensor:
@@ -181,11 +193,11 @@ class StaticKVCache:
 
 
 class StaticDecodeState:
-    """Drop-in for ``DecodeState`` in ``model(tokens [B, 1], state=...)``, with the static caches of the module
-    docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
+    """Drop-in for ``DecodeState`` in ``decode_forward(model, tokens [B, 1], state)``, with the static caches of the
+    module docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
     (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose kernels
     convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense and
-    HSA blocks step in fused Triton kernels where the backend switch allows (``lit_hsa.fused_step``)."""
+    HSA blocks step in fused Triton kernels where the backend switch allows (``lit_hsa.inference.fused_step``)."""
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False,
                  fuse_blocks: bool = False):
@@ -267,7 +279,7 @@ class GraphDecoder:
 
     ``fuse_blocks``: on CUDA (or wherever ``kernels.hsa``'s backend switch sends ops to Triton) the dense blocks' steps
     run in five fused Triton launches each, the HSA blocks' in eight where ``fused_step.hsa_fusable`` holds
-    (``lit_hsa.fused_step``), whether or not the rest is compiled.
+    (``lit_hsa.inference.fused_step``), whether or not the rest is compiled.
     """
 
     def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None,
@@ -277,8 +289,6 @@ class GraphDecoder:
                                        fuse_blocks=fuse_blocks)
         self.compile = compile
         if compile is not None:
-            from .parallel import apply_compile, is_compiled
-
             if not is_compiled(model):  # compiling again would pile up dynamo cache entries for the same blocks
                 apply_compile(model, compile, decode_compile_options(compile))
             self.state.kv.compile(compile)
@@ -291,7 +301,7 @@ class GraphDecoder:
 
     def _forward(self) -> torch.Tensor:
         with uncompiled() if self.compile is None else nullcontext():  # blocks compiled for training stay eager
-            return self.model(self.tokens, state=self.state)[:, -1]
+            return decode_forward(self.model, self.tokens, self.state)[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import SelfAttention
-from .config import ConfigError, FinetuneConfig
-from .model import ChunkMemory, HSABlock, Retrieval
-from .moe import MoE, SwiGLU, grouped_matmul
+from lit_hsa.config import ConfigError, FinetuneConfig
+from lit_hsa.model.attention import SelfAttention
+from lit_hsa.model.hsa import ChunkMemory, HSABlock, Retrieval
+from lit_hsa.model.moe import MoE, SwiGLU, grouped_matmul
 
 
 class LoRALinear(nn.Linear):

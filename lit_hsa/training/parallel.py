@@ -5,15 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .loss import chunk_loss_sum
-
-
-def transformer_units(model: nn.Module) -> list[nn.Module]:
-    """The repeated units: every block, and the chunk encoder (it holds as many weights as a block)."""
-    units = list(model.blocks())
-    if model.memory is not None:
-        units.append(model.memory)
-    return units
+from lit_hsa.model.units import apply_compile, transformer_units
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -26,21 +18,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             parent[i] = checkpoint_wrapper(block, preserve_rng_state=True)
     if model.memory is not None:
         model.memory = checkpoint_wrapper(model.memory, preserve_rng_state=True)
-
-
-def apply_compile(model: nn.Module, backend: str = "inductor", options: dict | None = None) -> None:
-    """Compile each block separately: small graphs compile fast and are reused by every identical block.
-    ``backend``: a torch.compile backend (``aot_eager`` captures the same graphs without generating code);
-    ``options``: the backend's options (inductor config), for everything compiled here.
-    The loss's row chunks are compiled too: eagerly, the [rows, vocab] logits go through memory three times in fp32
-    (cast, log-softmax, pick), a noticeable share of a long-context step."""
-    for unit in transformer_units(model):
-        unit.compile(backend=backend, options=options)
-    model.chunk_loss = torch.compile(chunk_loss_sum, backend=backend, dynamic=False, options=options)
-
-
-def is_compiled(model: nn.Module) -> bool:
-    return any(getattr(unit, "_compiled_call_impl", None) is not None for unit in transformer_units(model))
 
 
 def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> None:

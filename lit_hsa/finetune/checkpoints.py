@@ -11,11 +11,12 @@ import hashlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .checkpoint_io import load_checkpoint_file
-from .cli import checkpoint_state, state_problems
-from .config import ConfigError
-from .lora import lora_state_dict, merge_lora
+from lit_hsa.checkpoint_io import checkpoint_state, load_checkpoint_file, state_problems
+from lit_hsa.config import ConfigError, FinetuneConfig, ModelConfig
+from lit_hsa.model.lora import apply_lora, lora_state_dict, merge_lora
+from lit_hsa.model.transformer import HSATransformer
 
 
 def fingerprint(state: dict[str, torch.Tensor]) -> str:
@@ -82,14 +83,22 @@ def check_adapters(module, checkpoint: dict) -> None:
                           "check finetune.lora_targets and finetune.lora_rank")
 
 
+def adapted_model(hparams: dict) -> nn.Module:
+    """The model of a LoRA run's hyper-parameters with its adapters, held as ``HSALitModule`` holds it (attribute
+    ``model``: state-dict keys ``model.…``, and a ``lora_base`` record), so base and LoRA checkpoints load into it."""
+    holder = nn.Module()
+    holder.model = HSATransformer(ModelConfig(**hparams["model"]))
+    apply_lora(holder.model, FinetuneConfig(**hparams["finetune"]))
+    holder.lora_base = None
+    return holder
+
+
 def merge_checkpoint(ckpt_path: str, out: str, base: str | None = None) -> None:
     """LoRA checkpoint + its base → a full single-file checkpoint with plain hyper-parameters (no ``finetune``), which
     ``generate``, ``eval``, ``init_from=`` and ``HSALitModule.load_from_checkpoint`` read like any other."""
-    from .module import HSALitModule
-
     checkpoint = read_lora_checkpoint(ckpt_path)
     hparams = dict(checkpoint["hyper_parameters"])
-    module = HSALitModule(**hparams)  # rebuilds the adapters from hparams["finetune"]
+    module = adapted_model(hparams)
     load_base(module, *_recorded_base(checkpoint, ckpt_path, base))
     check_adapters(module, checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=False)

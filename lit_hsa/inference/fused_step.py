@@ -24,10 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.decode.reference import HeadRope
 from kernels.dispatch import hsa_decode_kernel_fits
 
-from .attention import RMSNorm, SelfAttention
-from .moe import SwiGLU
+from lit_hsa.inference.decode import OffloadedMemory
+from lit_hsa.model.attention import RMSNorm, SelfAttention
+from lit_hsa.model.moe import SwiGLU
 
 
 def _plain(*linears: nn.Module) -> bool:
@@ -72,7 +74,6 @@ def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: 
     if not attention_fusable(norm, attn):
         return h + attn(norm(h), ctx.cos, ctx.sin, ctx.masks[window])
     if kv.ring_kernel_applies(window, h, attn.head_dim):
-        from kernels.decode.reference import HeadRope
         from kernels.decode.triton_block import gemv
 
         qkv = gemv(h, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], norm_w=norm.weight, eps=norm.eps)
@@ -101,7 +102,7 @@ def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
     alternative is the modules compiled, memories up to a bound). Otherwise the block runs its modules, compiled with
     the model where it is."""
     ret, cfg = block.retrieval, block.cfg
-    return (not block.training and ctx.doc_ids is None and not memory.offloaded
+    return (not block.training and ctx.doc_ids is None and not isinstance(memory, OffloadedMemory)
             and not cfg.softmax_off_by_one  # the decoding kernel has the plain per-chunk softmax only
             and hsa_decode_kernel_fits(cfg.chunk_size, cfg.head_dim, memory.n_chunks, compiled)
             and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)

@@ -2,7 +2,7 @@
 parameters; attention 12 × (keys actually read per query) × head_dim × heads (QKᵀ and PV, forward + backward)."""
 from __future__ import annotations
 
-from .config import ModelConfig
+from lit_hsa.config import ModelConfig
 
 
 def mean_keys_causal(seq_len: int, window: int | None) -> float:

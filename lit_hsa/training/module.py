@@ -10,15 +10,17 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
 from torchmetrics import MeanMetric
 
-from .config import FinetuneConfig, ModelConfig, OptimConfig
-from .flops import training_flops_per_token
-from .lora import apply_lora, lora_state_dict
-from .loss import IGNORE_INDEX
-from .parallel import parallelize
-from .model import HSATransformer
-from .moe import expert_load_stats
+from lit_hsa.config import FinetuneConfig, ModelConfig, OptimConfig
+from lit_hsa.finetune.checkpoints import check_adapters
+from lit_hsa.model.lora import apply_lora, lora_state_dict
+from lit_hsa.model.loss import IGNORE_INDEX
+from lit_hsa.model.moe import expert_load_stats
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.flops import training_flops_per_token
+from lit_hsa.training.parallel import parallelize
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient norm became NaN or inf (trainer.nan_policy: stop), or too many steps in a row
@@ -37,8 +39,6 @@ def quiet_library_notices() -> None:
     products, torch's FutureWarning about Lightning's own use of ``LeafSpec``, and Lightning's warning that
     ``training_step`` returned None (on purpose: a skipped non-finite batch, counted in train/skipped_nonfinite).
     Idempotent."""
-    from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
-
     if not any(isinstance(f, _LightningTips) for f in rank_zero.log.filters):
         rank_zero.log.addFilter(_LightningTips())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -83,7 +83,8 @@ class HSALitModule(L.LightningModule):
         self.nan_policy, self.max_consecutive_nonfinite = nan_policy, max_consecutive_nonfinite
         self.model = HSATransformer(model_cfg)
         self.finetune_cfg = ft
-        # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.load_base and saved with adapters.
+        # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.checkpoints.load_base, saved with
+        # the adapters.
         self.lora_base: dict | None = None
         if ft.method == "lora":
             apply_lora(self.model, ft)
@@ -100,7 +101,7 @@ class HSALitModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Called by Lightning inside the strategy's context: activation checkpointing, compile and (with
-        ModelParallelStrategy) FSDP2 sharding over the data-parallel mesh, all in ``lit_hsa.parallel``."""
+        ModelParallelStrategy) FSDP2 sharding over the data-parallel mesh, all in ``lit_hsa.training.parallel``."""
         if getattr(self, "_parallelized", False):
             return
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
@@ -119,8 +120,6 @@ class HSALitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
         if self.finetune_cfg.method == "lora":
-            from .finetune import check_adapters
-
             check_adapters(self, checkpoint)
 
     def _lm_loss(self, batch: dict) -> torch.Tensor:

@@ -4,8 +4,8 @@ A decoding step at batch 1 is a chain of short kernels, each waiting for the pre
 kernels the GPU drains, launches, and the new kernel then waits for its first loads from memory. Launched with PDL,
 a kernel may start while the previous one still runs; it loads what does not depend on it (its weights, the key
 blocks of past positions), then waits (``gdc_wait``) for every earlier kernel to finish before it reads their
-outputs or writes anything. Measured on an H200 in a CUDA graph (a chain of 64 matrix-vector kernels of 1024 x 1024
-bf16 weights): 2.87 µs per kernel without, 1.55 with.
+outputs or writes anything, which hides most of the gap between kernels
+(benchmarks/results/generate_pdl_on_off_small_h200_2026-11-29.json).
 
 Rules for a kernel taking part: call ``wait_for_inputs(PDL)`` before its first read of anything an earlier kernel
 of the step may write (activations, the position, scratch buffers) and before its first write; before it, read only

@@ -268,8 +268,7 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.
 def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos, sin [1, D/2] (fp32) at position ``pos`` (a 0-d int tensor on the device) for frequencies
     ``inv_freq`` [D/2] (any float dtype; a model cast to bf16 casts it too): ``Rotary.cos_sin(pos.view(1))`` in one
-    launch instead of six (arange, add, cast, multiply, cos, sin), which at batch 1 cost a decoding step ~12 µs
-    (H200)."""
+    launch instead of six (arange, add, cast, multiply, cos, sin): at batch 1 a step pays per launch."""
     if pos.numel() != 1 or not inv_freq.is_floating_point() or inv_freq.dim() != 1:
         raise ValueError(f"rope_cos_sin: pos must hold one position and inv_freq be a float [D/2], got "
                          f"{tuple(pos.shape)} / {inv_freq.dtype} {tuple(inv_freq.shape)}")
@@ -325,12 +324,10 @@ def _fitting_k(configs, named_args, **kwargs):
 
 
 # A matrix-vector product is bound by how many bytes are in flight, so the candidates load tiles of 2K-16K weights
-# per program and iteration: the first version's 16 x 128 tiles kept too little in flight and ran at half the speed
-# of inductor's reductions (H200: `small`'s feed-forward 21 µs against 10.5). Tuned over every tile of 2K-16K weights
-# with 4 or 8 warps (34 candidates; with the other kernels ~9 s of tuning at a model's first step), `small` on an H200
-# took (16, 256, 8 warps) for gate/up, (2, 2048, 4) for down and (2, 1024, 4) for the output projection; the list
-# keeps those and a spread around them, plus tiles as wide as 4096 for ``_prefetching_tiles``, which then keeps only
-# the tiles of one width per shape.
+# per program and iteration (smaller tiles kept too little in flight). The list keeps the tiles that tuning over
+# every 2K-16K tile with 4 or 8 warps picked for `small`, a spread around them, and tiles as wide as 4096 for
+# ``_prefetching_tiles``, which then keeps only the tiles of one width per shape; a short list keeps the first
+# step's tuning to seconds (benchmarks/results/decode_kernels_blocks_h200_2026-11-29.json).
 _GEMV_TILES = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8),
                (16, 256, 8), (16, 512, 8), (32, 128, 4), (1, 4096, 4), (2, 4096, 8), (8, 1024, 8)]
 _TILE_VALUES_PER_THREAD = 32  # weights (both matrices, gated) a tile puts in each thread's registers, at most
@@ -341,10 +338,8 @@ def _prefetching_tiles(configs, named_args, **kwargs):
     within ``_TILE_VALUES_PER_THREAD`` (else the widest that fit). A program loads its first tile before it waits
     for the previous kernel (``kernels.decode.pdl``) and the rest of its weights only after that kernel has
     finished, so in a step the first tile should hold (nearly) all of them. The autotuner times kernels alone, where
-    that does not show, and its picks among tiles of similar isolated speed varied run to run by up to 15% of a
-    chained `small` step at 1M (H200): the down projection (K = 2560) took 3.6 µs of the step with (2, 2048)
-    tiles, 2.0-2.6 with (1, 4096) or (2, 4096); gate/up (K = 640) 3.4-3.6 with (4, 512) tiles, 4.7-5.9 with
-    full-width ones."""
+    that does not show: its picks among tiles of similar isolated speed changed a chained step's time by up to 15%
+    (benchmarks/results/generate_qkv_gemv_small_h200_2026-11-29.json; docs/performance.md)."""
     width = _input_width(named_args)
     gated = kwargs.get("GATED", named_args.get("GATED"))  # constexprs come as keywords
     fit = []

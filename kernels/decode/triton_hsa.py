@@ -4,8 +4,8 @@ The PyTorch definitions are ``kernels.hsa.reference``'s ``select_chunks_referenc
 scores q·landmark/sqrt(Dr), slots most recent chunk first) with ``kernels.hsa.reference.fusion_weights`` (softmax or
 stick-breaking over the kept chunks, after the optional recency term), and ``hsa_attention_reference`` (a softmax
 inside each selected chunk, outputs summed with the fusion weights). Written as tensor operations, even compiled,
-an HSA layer's step was ~20 kernels and 85 µs at 1M cached tokens (`small`, H200), a third of them the top-k's
-staged radix selects; here it is three launches (the whole HSA block, projections included, ~47 µs):
+an HSA layer's step is about twenty kernels, a third of them the top-k's radix selects; here it is three launches
+(timings: benchmarks/results/hsa_decode_kernels_sweep_h200_2026-11-29.json and docs/performance.md):
 
 - ``_chunk_topk_kernel``, program (sequence·retrieval head, range of chunks): scores its range of landmarks (the
   step's largest read: 16K landmarks × 640 dims at 1M tokens) and keeps the range's top k as candidates;
@@ -21,8 +21,7 @@ below by the k-th best of the ranges' maxima (k distinct chunks reach it), so on
 (a few dozen) are ranked; when more pass (scores bunched in few ranges), the exact k-th key is found first by
 bisection over its 32 bits. (Many ranges — memories of millions of tokens — are bounded by bisection over their
 maxima, and the candidates are read in blocks.) Slots are then ranked by chunk index (most recent first). Ties at
-the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified). Radix rounds over the keys
-(16 digits counted at once) were tried first: 3 µs per round over 8K candidates, 35 µs per call.
+the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified).
 """
 from __future__ import annotations
 
@@ -39,10 +38,10 @@ __all__ = ["select_chunks_decode", "hsa_chunks_decode", "FUSIONS"]
 
 _LOG2E = 1.4426950408889634
 FUSIONS = {"softmax": 0, "stick_breaking": 1}
-# Launch shapes, tuned on an H200 for `small` at 1M tokens (16K chunks: 65 ranges of 256 → 2,080 candidates) with
-# ``benchmarks/bench_hsa_decode.py`` (LIT_HSA_PDL=0): chunk scoring and top k 13.7 µs, selection 10.9 µs, where the
-# compiled reference's scoring and staged top k took ~35. Ranges hold at most MAX_RANGE chunks (a range's top k ranks
-# its scores pairwise), so longer memories have more ranges, and the selection reads their candidates in blocks.
+# Launch shapes tuned for `small` at 1M tokens with ``benchmarks/bench_hsa_decode.py``
+# (benchmarks/results/hsa_decode_kernels_sweep_h200_2026-11-29.json). Ranges hold at most MAX_RANGE chunks (a range's
+# top k ranks its scores pairwise), so longer memories have more ranges, and the selection reads their candidates in
+# blocks.
 PROGRAMS = 128
 MAX_RANGE = 256
 TILE = 16384  # landmark values per load

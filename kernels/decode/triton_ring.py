@@ -7,13 +7,13 @@ and program (sequence·KV head, range) runs an online softmax over its range for
 (the program whose range holds this step's slot writes the new key/value there and takes them from registers: its
 own store need not be visible to its loads). Each program leaves its partial (max, sum, weighted values) in a
 scratch buffer and counts itself done on a per-(sequence, KV head) counter; the last one merges the partials, writes
-the output and resets the counter, so no second kernel is launched. (One program per KV head streaming the whole
-ring ran 26 µs per layer on an H200 for W=512, in four ranges of 128 slots 8 µs; the step is latency bound, so the
-ring is spread over the SMs. Of those 8 µs the merge — counter, then the partials read back — takes about 4.)
+the output and resets the counter, so no second kernel is launched. The step is latency bound, so the ring is
+spread over the SMs rather than streamed by one program per KV head
+(benchmarks/results/decode_kernels_h200_2026-11-29.json).
 
 ``ring_attention_out_proj`` skips the counter: the output projection's programs merge the partials as they load the
-attention output (ring step + projection + residual: 9.1 µs for `small` on an H200, against 11.0 with the in-kernel
-merge and a separate projection).
+attention output, faster than the in-kernel merge and a separate projection
+(benchmarks/results/decode_kernels_blocks_h200_2026-11-29.json).
 """
 from __future__ import annotations
 

@@ -36,9 +36,9 @@ from lit_hsa.model.units import apply_compile, is_compiled
 def decode_compile_options(backend: str) -> dict | None:
     """Inductor options for decoding steps. Coordinate-descent tuning makes inductor write a batch-1 step's
     matrix-vector products as its own tuned reductions (``mm`` of one row decomposes into multiply + sum, fused with
-    the neighbouring norms, casts and activations) instead of cuBLAS calls, which at one row ran ~4 µs each: the
-    projections of a `small` step at 1M tokens took 0.48 ms of GPU time as cuBLAS calls, 0.27 ms as tuned reductions
-    (H200). It also tunes every fused kernel's launch shape. Costs compile time once (under a minute on an H200)."""
+    the neighbouring norms, casts and activations) instead of cuBLAS calls, which are slow at one row
+    (benchmarks/results/generate_compiled_small_h200_2026-11-29_landmarks.json). It also tunes every fused kernel's
+    launch shape. Costs compile time once (under a minute)."""
     return {"coordinate_descent_tuning": True} if backend == "inductor" else None
 
 

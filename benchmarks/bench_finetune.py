@@ -16,7 +16,7 @@ from common import gpu_name, result_path, sync, today, write_result
 
 from lit_hsa.config import FinetuneConfig, ModelConfig
 from lit_hsa.eval.ruler import parse_length
-from lit_hsa.model.lora import apply_lora
+from lit_hsa.model.lora import apply_lora, cast_frozen_matrices
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.parallel import parallelize
 
@@ -35,6 +35,8 @@ def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup
         with torch.device(device):
             model = HSATransformer(cfg)
         trainable = apply_lora(model, lora) if lora else sum(p.numel() for p in model.parameters())
+        if lora is not None and lora.lora_base_dtype == "bf16":
+            cast_frozen_matrices(model, torch.bfloat16)
         parallelize(model, activation_checkpointing=True, compile=False)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
         x = torch.randint(0, cfg.vocab_size, (1, T + 1), device=device)
@@ -42,7 +44,9 @@ def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup
             if i == warmup:
                 sync(device)
                 start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            # bf16 autocast on GPUs (bf16-mixed), and wherever the frozen base is bf16 (its matmuls need it)
+            bf16_base = lora is not None and lora.lora_base_dtype == "bf16"
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda or bf16_base):
                 loss = model(x[:, :-1], labels=x[:, 1:])
             loss.backward()
             opt.step()
@@ -71,7 +75,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| T | full tokens/s | LoRA tokens/s | full peak GiB | LoRA peak GiB | trainable full | trainable LoRA |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        f, lo = r["full"], r["lora"]
+        f, lo = r.get("full", {}), r.get("lora", {})
         cells = [_cell(x, key) for key in ("tokens_per_s", "peak_gib", "trainable_params") for x in (f, lo)]
         lines.append(f"| {r['T']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", default="attention,retrieval", help="LoRA module groups (finetune.lora_targets)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--base-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="LoRA's frozen base matrices (finetune.lora_base_dtype)")
+    parser.add_argument("--methods", default="full,lora", help="which of full, lora to run (a large preset: lora)")
     # The first configuration of a process needed more than 2 untimed steps on an H100 (compilation, autotuning).
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=5)
@@ -95,21 +102,24 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = ModelConfig.from_name(args.preset)
     cfg.vocab_size = cfg.vocab_size or 32000
     lora = FinetuneConfig(method="lora", lora_rank=args.rank, lora_alpha=args.alpha,
-                          lora_targets=args.targets.split(","))
+                          lora_targets=args.targets.split(","), lora_base_dtype=args.base_dtype)
     rows = []
     for T in (parse_length(x) for x in args.lengths.split(",")):
         row = {"T": T}
         for method, ft in (("full", None), ("lora", lora)):
+            if method not in args.methods.split(","):
+                continue
             row[method] = finetune_steps(cfg, T, ft, args.warmup, args.steps, device)
             print(f"T={T} {method}: {row[method]}", flush=True)
         rows.append(row)
 
     name = gpu_name(device)
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    precision = "bf16 autocast" if device.type == "cuda" or args.base_dtype == "bf16" else "fp32"
     print(f"\n{args.preset} on {name}, {precision}, activation checkpointing, batch 1, "
           f"LoRA rank {args.rank} on {args.targets}\n{table(rows)}")
     result = {"device": name, "preset": args.preset, "precision": precision, "date": today(),
-              "lora": {"rank": args.rank, "alpha": args.alpha, "targets": lora.lora_targets},
+              "lora": {"rank": args.rank, "alpha": args.alpha, "targets": lora.lora_targets,
+                       "base_dtype": args.base_dtype},
               "warmup": args.warmup, "steps": args.steps, "rows": rows}
     write_result(args.out or result_path("finetune", device), result)
     return result

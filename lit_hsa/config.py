@@ -348,6 +348,7 @@ class FinetuneConfig:
     lora_alpha: float = 32.0  # the update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # dropout on the adapter's input
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "retrieval"])
+    lora_base_dtype: str = "fp32"  # fp32 | bf16: frozen base matrices in bf16, half their memory (bf16 precision)
 
     def validate(self, cfg: "Config") -> None:
         check_choice("finetune.method", self.method, FINETUNE_METHODS)
@@ -360,6 +361,11 @@ class FinetuneConfig:
                               "(or ckpt_path=<fine-tuning checkpoint> to resume)")
         if self.method == "lora" and not self.lora_targets:
             raise ConfigError(f"finetune.lora_targets is empty; choose from {', '.join(LORA_TARGETS)}")
+        check_choice("finetune.lora_base_dtype", self.lora_base_dtype, ("fp32", "bf16"))
+        if self.lora_base_dtype == "bf16" and (self.method != "lora" or not cfg.trainer.precision.startswith("bf16")):
+            raise ConfigError("finetune.lora_base_dtype=bf16 keeps a LoRA run's frozen base in bf16: it needs "
+                              f"finetune.method=lora and a bf16 trainer.precision, got {self.method} and "
+                              f"{cfg.trainer.precision}")
         if self.method == "lora" and cfg.trainer.strategy == "fsdp":
             raise ConfigError("finetune.method=lora runs on one device (or DDP), not with trainer.strategy=fsdp")
 

@@ -105,6 +105,40 @@ def test_expert_lora_changes_moe_outputs_and_trains():
     assert moe.router.weight.grad is None and moe.w_gate.grad is None  # router and base experts stay frozen
 
 
+def test_lora_with_a_bf16_base_halves_its_matrices_and_trains_like_fp32():
+    """finetune.lora_base_dtype=bf16: the frozen matrices (linears, stacked experts) are bf16, the embedding, norms
+    and adapters keep fp32; under bf16 autocast (what bf16-mixed runs) the loss equals the fp32 base's within bf16
+    rounding and the adapters' gradients are fp32 and finite."""
+    def module(base_dtype):
+        torch.manual_seed(0)
+        ft = FinetuneConfig(method="lora", lora_targets=["attention", "retrieval", "experts"], lora_rank=8,
+                            lora_base_dtype=base_dtype)
+        return HSALitModule(ModelConfig.from_name("tiny", vocab_size=320), {}, finetune=ft)
+
+    fp32, bf16 = module("fp32"), module("bf16")
+    for m in (fp32, bf16):
+        torch.manual_seed(2)
+        randomise_adapters(m.model)  # the same adapters in both
+    frozen = {n for n, p in bf16.named_parameters() if not p.requires_grad and p.dim() >= 2}
+    for name, p in bf16.named_parameters():
+        want = torch.bfloat16 if name in frozen and name != "model.embed.weight" else torch.float32
+        assert p.dtype == want, name
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(bf16) < 0.7 * bytes_of(fp32)
+    x = torch.randint(0, 320, (2, 97), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (fp32, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.model(x[:, :-1], labels=x[:, 1:])
+        loss.backward()
+        losses.append(loss.detach())
+    assert abs(losses[1] - losses[0]) <= 1e-2 * losses[0]
+    grads = [p.grad for p in bf16.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ConfigError, match="lora_base_dtype=bf16 keeps a LoRA run's frozen base in bf16"):
+        load_config(None, ["init_from=configs/tiny.yaml", "finetune.method=lora", "finetune.lora_base_dtype=bf16"])
+
+
 def test_bad_finetune_config_is_a_clear_error(tmp_path, base_ckpt):
     with pytest.raises(ConfigError, match=r"finetune.lora_targets: 'attn' is not one of .*did you mean 'attention'"):
         load_config(None, [f"init_from={base_ckpt}", "finetune.method=lora", "finetune.lora_targets=[attn]"])

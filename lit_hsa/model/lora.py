@@ -139,6 +139,20 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> int:
     return n_trainable
 
 
+def cast_frozen_matrices(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen matrices of a LoRA-adapted ``model`` (linear weights and stacked experts) to ``dtype``, in
+    place; the input embedding (it feeds the fp32 residual stream, and is the head too when tied), norms, biases and
+    the adapters keep their dtype. Returns the bytes saved."""
+    saved = 0
+    embedding = model.embed.weight
+    for p in model.parameters():
+        if not p.requires_grad and p.dim() >= 2 and p is not embedding and p.dtype != dtype:
+            before = p.numel() * p.element_size()
+            p.data = p.data.to(dtype)
+            saved += before - p.numel() * p.element_size()
+    return saved
+
+
 def is_adapter_key(key: str) -> bool:
     """True for the state-dict keys of adapter weights (a dotted component starting with ``lora_``)."""
     return any(part.startswith("lora_") for part in key.split("."))

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 
 from lit_hsa.config import FinetuneConfig, ModelConfig, OptimConfig
 from lit_hsa.finetune.checkpoints import check_adapters
-from lit_hsa.model.lora import apply_lora, lora_state_dict
+from lit_hsa.model.lora import apply_lora, cast_frozen_matrices, lora_state_dict
 from lit_hsa.model.loss import IGNORE_INDEX
 from lit_hsa.model.moe import expert_load_stats
 from lit_hsa.model.transformer import HSATransformer
@@ -88,6 +88,8 @@ class HSALitModule(L.LightningModule):
         self.lora_base: dict | None = None
         if ft.method == "lora":
             apply_lora(self.model, ft)
+            if ft.lora_base_dtype == "bf16":  # the base is frozen: bf16 copies are all its matmuls need
+                cast_frozen_matrices(self.model, torch.bfloat16)
             self.strict_loading = False  # LoRA checkpoints omit the frozen base weights; on_load_checkpoint checks
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm (nan_policy: skip)

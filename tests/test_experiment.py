@@ -47,13 +47,14 @@ def test_experiment_trains_every_model_and_summarizes(tmp_path, capsys, monkeypa
     out = tmp_path / "exp"
     assert main(["experiment", "--config", EXPERIMENT, f"out_dir={out}", *TINY]) == 0
     summary = json.loads((out / "length_generalization.json").read_text())
-    assert set(summary["models"]) == {"hsa", "full", "swa"}
+    assert set(summary["models"]) == {"hsa", "hsa-moe", "full", "swa"}
     acc = summary["accuracy"]["niah_single"]
     assert set(acc["hsa"]) == {"512", "1024"} and set(acc["full"]) == {"512"}  # full is capped at 512
     # Right answers score 1 and the answers of models trained 3 steps (noise: no 8-digit value) 0, each in its own
     # model's and length's cell: a scorer reading the prompt (where the value stands), or one that cannot score a
     # right answer, or a summary mixing models or lengths up, fails here.
-    assert acc == {"hsa": {"512": 1.0, "1024": 1.0}, "full": {"512": 0.0}, "swa": {"512": 0.0, "1024": 0.0}}
+    assert acc == {"hsa": {"512": 1.0, "1024": 1.0}, "hsa-moe": {"512": 1.0, "1024": 1.0}, "full": {"512": 0.0},
+                   "swa": {"512": 0.0, "1024": 0.0}}
     assert (out / "accuracy_vs_length.png").stat().st_size > 0
     assert "| niah_single | hsa |" in (out / "summary.md").read_text()
     hsa = json.loads((out / "hsa.json").read_text())

@@ -24,7 +24,7 @@ from torch import nn
 from lit_hsa.config import ConfigError, FinetuneConfig
 from lit_hsa.model.attention import SelfAttention
 from lit_hsa.model.hsa import ChunkMemory, HSABlock, Retrieval
-from lit_hsa.model.moe import MoE, SwiGLU, grouped_matmul
+from lit_hsa.model.moe import ExpertGroups, MoE, SwiGLU, grouped_matmul
 
 
 class LoRALinear(nn.Linear):
@@ -72,12 +72,12 @@ class ExpertLoRA(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, name: str, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    def forward(self, name: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x: [n, in] grouped by expert (``moe.grouped_matmul``'s layout) → the updates [n, out] of each row's
         expert's ``w_<name>``: two grouped matmuls through the rank-r space."""
         A, B = getattr(self, f"lora_{name}_A"), getattr(self, f"lora_{name}_B")
-        low = grouped_matmul(self.dropout(x), A.to(x.dtype), group_ends)
-        return grouped_matmul(low, B.to(x.dtype), group_ends) * self.scale
+        low = grouped_matmul(self.dropout(x), A.to(x.dtype), groups)
+        return grouped_matmul(low, B.to(x.dtype), groups) * self.scale
 
     def delta(self, name: str) -> torch.Tensor:
         """[E, in, out]: what merging adds to ``w_<name>``."""

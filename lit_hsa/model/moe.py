@@ -2,6 +2,8 @@
 auxiliary-loss-free load balancing with a per-expert selection bias, optional small balance loss."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,15 +12,27 @@ from kernels.dispatch import grouped_mm_applies
 from lit_hsa.config import ModelConfig
 
 
-def grouped_matmul(x: torch.Tensor, w: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-    """x: [n, in] with rows grouped by expert, group e ending at row ``group_ends[e]`` (int32 [E], cumulative);
-    w: [E, in, out] → [n, out], the rows of group e times w[e]. One grouped GEMM where it applies (no host
-    synchronisation: the group sizes stay on the device); otherwise a loop over experts, which reads the sizes back
-    to the host (free on the CPU, one synchronisation per call on a GPU); ``kernels.dispatch`` decides."""
+class ExpertGroups:
+    """Rows sorted by expert, ``counts`` [E] of them per expert (on the device). ``ends`` (cumulative, int32) serves
+    grouped GEMMs without leaving the device; ``sizes`` serves the loop over experts and is read back to the host
+    once (one synchronisation on a GPU), however many matmuls of the layer use it."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.counts = counts
+        self.ends = counts.cumsum(0).to(torch.int32)
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        return self.counts.tolist()
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """x: [n, in] with rows grouped by expert (``groups``), w: [E, in, out] → [n, out], the rows of group e times
+    w[e]. One grouped GEMM where it applies (no host synchronisation); otherwise a loop over experts (free of it on
+    the CPU); ``kernels.dispatch`` decides."""
     if grouped_mm_applies(x, w):
-        return torch._grouped_mm(x, w, offs=group_ends)
-    sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()
-    return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, sizes))])
+        return torch._grouped_mm(x, w, offs=groups.ends)
+    return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, groups.sizes))])
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -101,7 +115,7 @@ class MoE(nn.Module):
         # scatter_add, not bincount: CUDA's bincount reads the input's range back to the host
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=xf.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
-        out_sorted = self._run_experts(xf[token_of], counts.cumsum(0).to(torch.int32))
+        out_sorted = self._run_experts(xf[token_of], ExpertGroups(counts))
         out_sorted = out_sorted * gates.flatten()[order, None].to(out_sorted.dtype)
         # Under autocast the experts return bf16 while xf is fp32: the k contributions of a token are summed in the
         # wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
@@ -129,18 +143,18 @@ class MoE(nn.Module):
         y = (h @ w_down).squeeze(2)  # [N, k, d]
         return (y * gates[..., None].to(y.dtype)).sum(dim=1)
 
-    def _run_experts(self, x_sorted: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-        """x_sorted: [N*k, d] grouped by expert, group e ending at row ``group_ends[e]`` → [N*k, d], in the matmuls'
-        dtype (autocast's, under autocast)."""
+    def _run_experts(self, x_sorted: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+        """x_sorted: [N*k, d] grouped by expert (``groups``) → [N*k, d], in the matmuls' dtype (autocast's, under
+        autocast)."""
         x = x_sorted.to(compute_dtype(x_sorted))
-        h = F.silu(self._expert_linear("gate", x, group_ends)) * self._expert_linear("up", x, group_ends)
-        return self._expert_linear("down", h, group_ends)
+        h = F.silu(self._expert_linear("gate", x, groups)) * self._expert_linear("up", x, groups)
+        return self._expert_linear("down", h, groups)
 
-    def _expert_linear(self, name: str, x: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    def _expert_linear(self, name: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
         """x: [n, in] grouped by expert @ each expert's ``w_<name>`` [in, out] → [n, out], plus the LoRA update when
         one is attached."""
-        y = grouped_matmul(x, getattr(self, f"w_{name}").to(x.dtype), group_ends)
-        return y if self.lora_experts is None else y + self.lora_experts(name, x, group_ends)
+        y = grouped_matmul(x, getattr(self, f"w_{name}").to(x.dtype), groups)
+        return y if self.lora_experts is None else y + self.lora_experts(name, x, groups)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -13,11 +13,11 @@ Sharded (folder) checkpoints (FSDP resume, ``main.py consolidate``) are read by 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
 from data_modules.tokenizers import build_tokenizer
@@ -30,8 +30,9 @@ from lit_hsa.model.transformer import HSATransformer
 WEIGHTS_ONLY = True
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
-    """The dict saved in checkpoint file ``path``, loaded with ``weights_only=True``.
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """The dict saved in checkpoint file ``path``, loaded with ``weights_only=True``. ``mmap``: tensors are mapped
+    from the file, not read (for checks of keys and shapes; files of torch's zip format, every other one is read).
 
     Raises one-line ``ConfigError``s: the file does not exist; it holds objects other than tensors and plain data
     (a pickle that would import and call code: refused, nothing of it runs); it cannot be read (truncated, not a
@@ -41,7 +42,8 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=WEIGHTS_ONLY)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=WEIGHTS_ONLY,
+                                mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names the first global it refuses ("Unsupported global: GLOBAL os.system");
         # any other unpickling failure is a file that is not a checkpoint at all.
@@ -73,9 +75,10 @@ def consolidate(folder: str, out: str) -> None:
     print(f"wrote {out} ({sum(v.numel() for v in checkpoint['state_dict'].values()):,} parameters)")
 
 
-def checkpoint_state(path: str, module) -> dict:
-    """The model weights of a checkpoint, checked against ``module``: mismatches raise one ConfigError naming them."""
-    checkpoint = load_checkpoint_file(path)
+def checkpoint_state(path: str, module, mmap: bool = False) -> dict:
+    """The model weights of a checkpoint, checked against ``module``: mismatches raise one ConfigError naming them.
+    ``mmap``: mapped, not read (``load_checkpoint_file``), for a check whose weights are not used."""
+    checkpoint = load_checkpoint_file(path, mmap=mmap)
     if checkpoint.get("lora_base"):
         raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: resume it with finetune.method=lora, or "
                           f"make a full one with `python main.py merge --ckpt {path} --out merged.ckpt`")

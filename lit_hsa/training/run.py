@@ -85,11 +85,12 @@ def load_start_weights(module, cfg: Config) -> None:
     if cfg.finetune.method == "lora":
         load_lora_base(module, cfg.init_from, cfg.ckpt_path)
         return
-    for path in (cfg.ckpt_path, cfg.init_from):
-        if path and Path(path).is_file():  # a sharded (folder) checkpoint is checked by the strategy on load
-            state = checkpoint_state(path, module)
-    if cfg.init_from:
-        module.load_state_dict(state)  # weights (and MoE balancing biases) only: fresh optimizer and schedule
+    if cfg.ckpt_path and Path(cfg.ckpt_path).is_file():  # a sharded (folder) checkpoint: the strategy checks it
+        # keys and shapes only, so mapped rather than read: Lightning reads the whole file (optimizer state too) to
+        # resume
+        checkpoint_state(cfg.ckpt_path, module, mmap=True)
+    if cfg.init_from:  # weights (and MoE balancing biases) only: fresh optimizer and schedule
+        module.load_state_dict(checkpoint_state(cfg.init_from, module))
 
 
 def run_logger(cfg: Config, command: str):

@@ -36,10 +36,9 @@ log = logging.getLogger(__name__)
 
 def build_document_streams(cfg) -> tuple[list[DocumentStream], list[float]]:
     """The configured sources (``cfg``: the ``data`` section, ``lit_hsa.config.DataConfig``) as document streams and
-    their mixture weights. Files are resolved, the first record
-    of every structured file is decoded and every text file is sniffed for binary content here, so a missing path, a
-    wrong field name or a binary file fails up front (or, with ``data.skip_bad_records``, binary files are left out
-    and counted)."""
+    their mixture weights. Files are resolved, the first record of every structured file is decoded and every text
+    file is sniffed for binary content here, so a missing path, a wrong field name or a binary file fails up front
+    (or, with ``data.skip_bad_records``, binary files are left out and counted)."""
     streams, weights, binary = [], [], []
     for i, src in enumerate(cfg.resolved_sources()):
         chat = src.format == "chat"
@@ -83,8 +82,8 @@ def checked_files(src, skip_binary: bool) -> tuple[list, list]:
 def share_cores_with_workers(num_workers: int) -> None:
     """Intra-op threads of this (training) process: the cores the DataLoader workers leave, unless the user chose
     (``OMP_NUM_THREADS``). torch starts a thread per core and each worker keeps one busy (torch gives workers one
-    intra-op thread each), so on a small CPU machine the extra threads only wait on each other: 30 steps of
-    configs/tiny.yaml on 2 cores took 104 s with the default threads, 36 s with OMP_NUM_THREADS=1."""
+    intra-op thread each), so on a small CPU machine the extra threads only wait on each other (measured:
+    docs/performance.md, "CPU threads")."""
     if num_workers == 0 or "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -18,9 +18,9 @@ import torch
 
 from lit_hsa.config import FinetuneConfig
 from lit_hsa.inference.generate import prefill
-from lit_hsa.model.lora import apply_lora
-from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.inference.static_decode import GraphDecoder
+from lit_hsa.model.lora import apply_lora, is_adapter_key
+from lit_hsa.model.transformer import HSATransformer
 from tests.helpers import VOCAB, assert_close_to_scale, tiny
 
 ATTENTION = ("hsa", "swa", "full")
@@ -35,7 +35,7 @@ def build(attention: str, ffn: str, adapters: str) -> HSATransformer:
         apply_lora(model, FinetuneConfig(method="lora", lora_rank=4,
                                          lora_targets=["attention", "retrieval", "experts", "ffn"]))
         for name, p in model.named_parameters():  # non-zero updates, so the adapters' own precision path counts
-            if "lora_B" in name or "lora_down_B" in name:
+            if is_adapter_key(name) and name.endswith("_B"):  # LoRALinear's lora_B, the experts' lora_<w>_B
                 torch.nn.init.normal_(p, 0.0, 0.02)
     return model
 

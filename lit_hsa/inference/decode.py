@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from lit_hsa.model.attention import AttentionMask, Context, attend, sliding_window_blocks
+from lit_hsa.model.attention import AttentionMask, Context, Rotary, attend, sliding_window_blocks
 from lit_hsa.model.hsa import ChunkMemory, Memory
 from lit_hsa.model.transformer import HSATransformer
 
@@ -53,7 +53,7 @@ class KVCache:
         """Absolute positions of the next n tokens: [n]."""
         return torch.arange(self.pos, self.pos + n, device=device)
 
-    def cos_sin(self, rotary: "Rotary", n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, rotary: Rotary, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``rotary``'s cos, sin [n, D/2] at the next n positions."""
         return rotary.cos_sin(self.positions(n, device))
 

@@ -3,7 +3,7 @@ and the backend that computes them (SDPA with an explicit mask on CPU, flex_atte
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

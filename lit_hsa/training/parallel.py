@@ -2,7 +2,6 @@
 FSDP2 ``fully_shard`` per block, applied in one place from the trainer config. The model code knows nothing of it."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from lit_hsa.model.units import apply_compile, transformer_units

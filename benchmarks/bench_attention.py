@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from common import sync, time_ms, today, write_result
 
-from kernels.hsa import select_chunks, select_chunks_reference
+from lit_hsa.kernels.hsa import select_chunks, select_chunks_reference
 
 HQ, D, S = 16, 128, 64
 ALL_T = [4096, 16384, 65536, 131072, 262144, 1048576]
@@ -145,7 +145,7 @@ def profile_table(fn, rows: int = 15) -> str:
 
 
 def bench_hsa(q, k, v, do, idx, w, budget_ms, profile: bool = False) -> dict:
-    from kernels.hsa.triton_attention import _strategy, build_plan, hsa_attention_triton
+    from lit_hsa.kernels.hsa.triton_attention import _strategy, build_plan, hsa_attention_triton
 
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v, w)]
 
@@ -442,7 +442,7 @@ def markdown(res: dict) -> str:
 
 def tune(args) -> None:
     """Time the forward and backward kernels alone (plan prebuilt) for strategy/tile variants; one JSON line each."""
-    from kernels.hsa import triton_attention as ta
+    from lit_hsa.kernels.hsa import triton_attention as ta
 
     V = []  # (pass, strategy, CONFIG overrides)
     V += [("fwd", "chunk", {"fwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})

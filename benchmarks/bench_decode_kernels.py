@@ -18,10 +18,10 @@ import argparse
 import torch
 from common import gpu_name, graph_us, write_result
 
-from kernels.decode import ring_attention_reference
-from kernels.decode.triton_block import gemv
-from kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton
-from kernels.hsa.reference import topk_last_dim
+from lit_hsa.kernels.decode import ring_attention_reference
+from lit_hsa.kernels.decode.triton_block import gemv
+from lit_hsa.kernels.decode.triton_ring import ring_attention_out_proj, ring_attention_triton
+from lit_hsa.kernels.hsa.reference import topk_last_dim
 from lit_hsa.inference import fused_step
 from lit_hsa.config import ModelConfig
 from lit_hsa.model.transformer import Block

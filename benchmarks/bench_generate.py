@@ -24,7 +24,7 @@ import time
 import torch
 from common import gpu_name, loop_ms, sync, write_result
 
-import kernels.decode.pdl as pdl
+import lit_hsa.kernels.decode.pdl as pdl
 from lit_hsa.inference.decode import decode_forward
 from lit_hsa.config import ModelConfig
 from lit_hsa.eval.ruler import parse_length

@@ -13,7 +13,7 @@ import itertools
 import torch
 from common import gpu_name, graph_us, write_result
 
-import kernels.decode.triton_hsa as th
+import lit_hsa.kernels.decode.triton_hsa as th
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 import torch
 from common import gpu_name, write_result
 
-import kernels.hsa as hsa
+import lit_hsa.kernels.hsa as hsa
 from data_modules.packing import DocumentStream, pack_windows, tokenize
 from data_modules.sources import stdlib_files
 from data_modules.tokenizers import ByteTokenizer

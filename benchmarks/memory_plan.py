@@ -29,7 +29,7 @@ from common import result_path, today, write_result
 
 import torch  # noqa: E402
 
-from kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
+from lit_hsa.kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from lit_hsa.config import ModelConfig  # noqa: E402
 from lit_hsa.eval.ruler import parse_length  # noqa: E402
 from lit_hsa.model import attention as attention_module  # noqa: E402

@@ -15,10 +15,10 @@ except ImportError as e:
     print(f"no ahead-of-time compilation in this triton: {e}")
     sys.exit(77)
 
-import kernels.decode.triton_block as tb  # noqa: E402
-import kernels.decode.triton_hsa as th  # noqa: E402
-import kernels.decode.triton_ring as tr  # noqa: E402
-import kernels.hsa.triton_attention as ta  # noqa: E402
+import lit_hsa.kernels.decode.triton_block as tb  # noqa: E402
+import lit_hsa.kernels.decode.triton_hsa as th  # noqa: E402
+import lit_hsa.kernels.decode.triton_ring as tr  # noqa: E402
+import lit_hsa.kernels.hsa.triton_attention as ta  # noqa: E402
 
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 COMMON = dict(S=64, D=128, DOT_PREC="tf32")  # the benchmark's shapes: chunk 64, head dim 128, bf16

@@ -77,7 +77,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 def static_decode_with_triton(model, x: torch.Tensor, prompt: int, **decoder_kwargs):
     """Prefills x[:, :prompt], then decodes the rest with ``GraphDecoder`` under the Triton backend → (logits of the
     decoded positions [B, T-prompt, V], the full forward's for them)."""
-    import kernels.hsa as hsa
+    import lit_hsa.kernels.hsa as hsa
     from lit_hsa.inference.generate import prefill
     from lit_hsa.inference.static_decode import GraphDecoder
 

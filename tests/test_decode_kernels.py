@@ -11,10 +11,10 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 
 pytest.importorskip("triton")
 
-import kernels.hsa as hsa  # noqa: E402
-from kernels.decode import ring_attention_reference  # noqa: E402
-from kernels.decode import triton_ring  # noqa: E402
-from kernels.decode.triton_ring import ring_attention_triton  # noqa: E402
+import lit_hsa.kernels.hsa as hsa  # noqa: E402
+from lit_hsa.kernels.decode import ring_attention_reference  # noqa: E402
+from lit_hsa.kernels.decode import triton_ring  # noqa: E402
+from lit_hsa.kernels.decode.triton_ring import ring_attention_triton  # noqa: E402
 from tests.helpers import VOCAB, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,7 +48,7 @@ def test_ring_step_matches_reference_around_the_ring(B, Hq, Hkv, D, W, block_key
     range or several (W=130 in blocks of 16: 9 ranges, the last partly past the ring; W=1100: 69 blocks in 23 ranges
     of three, so ranges hold several blocks), and positions from the first (one valid slot, most ranges empty) through
     the lap boundary to several laps later. A merge tile of 512 values merges the 9 ranges two at a time."""
-    from kernels.decode.triton_ring import ring_splits
+    from lit_hsa.kernels.decode.triton_ring import ring_splits
 
     if merge_tile:
         monkeypatch.setattr(triton_ring, "MERGE_TILE", merge_tile)
@@ -91,7 +91,7 @@ def test_ring_kernel_rejects_what_it_does_not_cover():
 
 
 def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
-    from kernels.decode import RING_KERNEL_MAX_WINDOW, use_ring_kernel
+    from lit_hsa.kernels.decode import RING_KERNEL_MAX_WINDOW, use_ring_kernel
 
     x = torch.zeros(1, 1, 4, 16)
     long = RING_KERNEL_MAX_WINDOW + 1

@@ -3,7 +3,7 @@ reads it (``use_fast_paths`` under ``auto``), so the branches run on the CPU."""
 import pytest
 import torch
 
-import kernels.dispatch as dispatch
+import lit_hsa.kernels.dispatch as dispatch
 
 
 @pytest.fixture

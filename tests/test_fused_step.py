@@ -12,11 +12,11 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 
 pytest.importorskip("triton")
 
-import kernels.hsa as hsa  # noqa: E402
-from kernels.decode import ring_attention_reference  # noqa: E402
-from kernels.decode.reference import gemv_reference, qkv_rope_reference  # noqa: E402
-from kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
-from kernels.decode.triton_ring import ring_attention_out_proj  # noqa: E402
+import lit_hsa.kernels.hsa as hsa  # noqa: E402
+from lit_hsa.kernels.decode import ring_attention_reference  # noqa: E402
+from lit_hsa.kernels.decode.reference import gemv_reference, qkv_rope_reference  # noqa: E402
+from lit_hsa.kernels.decode.triton_block import gemv, qkv_rope  # noqa: E402
+from lit_hsa.kernels.decode.triton_ring import ring_attention_out_proj  # noqa: E402
 from tests.helpers import VOCAB, assert_close_to_scale, rel_err, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,8 +100,8 @@ def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys,
     more partials than the projection merges (a bound of 0 here), the ring kernel merges and ``gemv`` projects.
     With ``rope``, q, k are raw projections (views into one [B, (Hq + 2Hkv)·D] buffer, as ``gemv`` of the stacked
     projections leaves them) and the kernel applies the per-head norms ("norm") or only RoPE ("plain")."""
-    from kernels.decode import triton_ring
-    from kernels.decode.reference import HeadRope, norm_rope_reference
+    from lit_hsa.kernels.decode import triton_ring
+    from lit_hsa.kernels.decode.reference import HeadRope, norm_rope_reference
 
     if merge_max is not None:
         monkeypatch.setattr(triton_ring, "MERGE_IN_PROJECTION_MAX", merge_max)
@@ -131,7 +131,7 @@ def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys,
 def test_rope_table_matches_rotary_at_large_positions():
     """RoPE's cos, sin of one position in one kernel, as ``Rotary.cos_sin``, up to 16M (angles of millions of
     radians, reduced before the cosine)."""
-    from kernels.decode.triton_block import rope_cos_sin
+    from lit_hsa.kernels.decode.triton_block import rope_cos_sin
     from lit_hsa.model.attention import Rotary
 
     for dtype in (torch.float32, torch.bfloat16):  # a model cast to bf16 casts the frequencies too
@@ -147,7 +147,7 @@ def test_rope_table_matches_rotary_at_large_positions():
 
 @kernel_test
 def test_write_slot_writes_the_row_of_the_device_position():
-    from kernels.decode.triton_block import write_slot
+    from lit_hsa.kernels.decode.triton_block import write_slot
 
     gen = torch.Generator().manual_seed(5)
     buf, x = randn(2, 8, 24, gen=gen), randn(2, 1, 24, gen=gen)
@@ -265,7 +265,7 @@ def test_fused_blocks_only_where_the_backend_runs_triton():
 def test_pdl_only_on_cuda_and_when_enabled(monkeypatch):
     """Programmatic dependent launch is a CUDA launch option: CPU tensors (the interpreter) launch without it, and
     ``LIT_HSA_PDL=0`` (``ENABLED``) turns it off everywhere."""
-    from kernels.decode import pdl
+    from lit_hsa.kernels.decode import pdl
 
     assert pdl.pdl_args(torch.zeros(1)) == {"PDL": False}
     monkeypatch.setattr(pdl, "ENABLED", False)

@@ -170,7 +170,7 @@ def test_generation_with_static_caches_matches_eager():
 
 def test_decode_attention_splits_long_caches_exactly():
     """Past 2·SPLIT_KEYS keys the probabilities·values product runs as summed slices: same result as SDPA."""
-    from kernels.decode import SPLIT_KEYS, decode_attention
+    from lit_hsa.kernels.decode import SPLIT_KEYS, decode_attention
 
     L = 3 * SPLIT_KEYS
     q, k, v = torch.randn(2, 1, 6, 16), torch.randn(2, 3, L, 16), torch.randn(2, 3, L, 16)

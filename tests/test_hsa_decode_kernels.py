@@ -13,9 +13,9 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 
 pytest.importorskip("triton")
 
-from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode  # noqa: E402
-from kernels.hsa.reference import hsa_attention_reference, select_chunks_reference  # noqa: E402
-from kernels.hsa import fusion_weights  # noqa: E402
+from lit_hsa.kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode  # noqa: E402
+from lit_hsa.kernels.hsa.reference import hsa_attention_reference, select_chunks_reference  # noqa: E402
+from lit_hsa.kernels.hsa import fusion_weights  # noqa: E402
 from tests.helpers import VARIANTS, VOCAB, rel_err, static_decode_with_triton, tiny  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +55,7 @@ def test_select_chunks_decode_cuts_many_candidates_by_bisection(blocks, monkeypa
     in the first range (8 chunks), so the 8th best range maximum is low and ~15 candidates pass it. The exact K-th
     score is then found by bisection first. ``blocks``: as for memories of millions of tokens, more ranges (75) than
     the selection ranks (16 here: their bound comes from bisection too) and candidates read 64 at a time."""
-    import kernels.decode.triton_hsa as triton_hsa
+    import lit_hsa.kernels.decode.triton_hsa as triton_hsa
 
     monkeypatch.setattr(triton_hsa, "KEPT", 8)
     if blocks:
@@ -69,7 +69,7 @@ def test_select_chunks_decode_cuts_many_candidates_by_bisection(blocks, monkeypa
 def test_select_chunks_decode_bounds_many_ranges_by_bisection(monkeypatch):
     """More ranges (38) than the selection ranks (16 here): the ranges' bound by bisection over their maxima in
     registers, candidates read 64 at a time, survivors ranked (no cut)."""
-    import kernels.decode.triton_hsa as triton_hsa
+    import lit_hsa.kernels.decode.triton_hsa as triton_hsa
 
     monkeypatch.setattr(triton_hsa, "RANK_MAX", 16)
     monkeypatch.setattr(triton_hsa, "CAND_BLOCK", 64)
@@ -157,7 +157,7 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
     """Past ``MAX_DECODE_CHUNKS`` chunks (8M tokens at S=64 by default; 2 here) an HSA block of a compiled step runs its
     modules (uncompiled steps keep the kernels); so does one whose memory is offloaded to the host or whose chunk
     size is not a power of two of at least 16."""
-    import kernels.dispatch as dispatch
+    import lit_hsa.kernels.dispatch as dispatch
     from lit_hsa.inference.fused_step import hsa_fusable
     from lit_hsa.model.attention import Context
     from lit_hsa.model.transformer import HSATransformer

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.hsa import hsa_attention, select_chunks
+from lit_hsa.kernels.hsa import hsa_attention, select_chunks
 
 
 def brute_force_hsa(q, k, v, weights, indices, S, sm_scale=None, off_by_one=False):
@@ -183,7 +183,7 @@ def test_select_chunks_gumbel_noise_changes_choice_not_scores():
 def test_staged_topk_keeps_the_same_entries_as_topk(C, group):
     """Few rows of many entries take the staged path (C=5000 with groups of 16 runs three stages, C=300 one); the kept
     values equal ``topk``'s and the indices point at them, also where -inf entries (invisible chunks) abound."""
-    from kernels.hsa.reference import topk_last_dim
+    from lit_hsa.kernels.hsa.reference import topk_last_dim
 
     g = torch.Generator().manual_seed(C)
     s = torch.randn(2, 1, 3, C, generator=g)

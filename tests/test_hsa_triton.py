@@ -19,10 +19,10 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 
 pytest.importorskip("triton")
 
-import kernels.hsa as hsa  # noqa: E402
-from kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
-from kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_triton  # noqa: E402
-from kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
+import lit_hsa.kernels.hsa as hsa  # noqa: E402
+from lit_hsa.kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
+from lit_hsa.kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_triton  # noqa: E402
+from lit_hsa.kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,7 +184,7 @@ def test_plan_groups_every_valid_pair_once(n_slab):
 def test_chunk_major_in_token_slabs(budget):
     """A partial-buffer budget below the whole sequence's parts cuts the chunk-major passes into slabs (here the
     256 MiB floor is lowered too); every slab count gives the reference's output and gradients."""
-    from kernels.hsa import triton_attention as ta
+    from lit_hsa.kernels.hsa import triton_attention as ta
 
     q, k, v, w, idx = make_problem(2, 96, 8, 2, 16, 16, 4)
     saved = ta.CONFIG["partial_budget"], ta._MIN_PARTIAL_BYTES
@@ -313,7 +313,7 @@ def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
     """The work list's real length changes with the indices at every call; a length that is a multiple of 16 must
     not compile the kernels again (it did, seconds into training runs, until ``do_not_specialize``; the list is now
     padded to a bound that depends on shapes only, too)."""
-    from kernels.hsa import triton_attention as ta
+    from lit_hsa.kernels.hsa import triton_attention as ta
 
     S, T = 64, 64 + 2048
     q, k, v, w, _ = make_problem(1, T, 16, 1, 64, S, 1, dtype=torch.bfloat16, device="cuda")
@@ -338,7 +338,7 @@ def test_gpu_chunk_major_kernels_compile_once_whatever_the_work_list_size():
 @pytest.mark.gpu
 def test_gpu_graphed_plans_equal_eager_ones_for_every_call():
     """Plans are built by replaying a CUDA graph captured once per shape: each call must see its own indices."""
-    from kernels.hsa import triton_attention as ta
+    from lit_hsa.kernels.hsa import triton_attention as ta
 
     plans = []
     for seed in (0, 1, 0):
@@ -386,12 +386,12 @@ def test_gpu_select_chunks_vs_reference(H, K, dtype):
 def test_decoding_sized_calls_take_the_gather_first_reference(monkeypatch):
     """Under ``auto`` a decoding step (a few (token, slot) pairs) skips the kernel's work-list building; the
     reference it uses gathers only the selected chunks, so it never converts the whole memory."""
-    import kernels.dispatch as dispatch
+    import lit_hsa.kernels.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "use_fast_paths", lambda t: True)  # as on CUDA
     called = []
     monkeypatch.setattr(hsa, "hsa_attention_reference", lambda *a, **kw: called.append("reference"))
-    import kernels.hsa.triton_attention as ta
+    import lit_hsa.kernels.hsa.triton_attention as ta
 
     monkeypatch.setattr(ta, "hsa_attention_triton", lambda *a, **kw: called.append("triton"))
     q, k, v, w, idx = make_problem(1, 4, 8, 2, 16, 16, 8, Tk=256, device="cpu")  # 4 tokens × 2 heads × 8 slots

@@ -3,10 +3,10 @@ import torch
 
 from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess  # before triton
 
-import kernels.dispatch as dispatch  # noqa: E402
-import kernels.hsa as hsa  # noqa: E402
+import lit_hsa.kernels.dispatch as dispatch  # noqa: E402
+import lit_hsa.kernels.hsa as hsa  # noqa: E402
 from lit_hsa.model.transformer import HSATransformer  # noqa: E402
-from kernels.hsa import fusion_weights  # noqa: E402
+from lit_hsa.kernels.hsa import fusion_weights  # noqa: E402
 from tests.helpers import VARIANTS, VOCAB, tiny  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend
     (both work orders; under ``TRITON_INTERPRET=1`` on the CPU)."""
     if backend == "triton":
         pytest.importorskip("triton")
-        from kernels.hsa import triton_attention
+        from lit_hsa.kernels.hsa import triton_attention
 
         calls = []
         kernel = triton_attention.hsa_attention_triton

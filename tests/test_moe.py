@@ -69,7 +69,7 @@ def test_aux_loss_is_optional_and_differentiable():
 import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import kernels.dispatch as dispatch  # noqa: E402
+import lit_hsa.kernels.dispatch as dispatch  # noqa: E402
 from lit_hsa.config import FinetuneConfig  # noqa: E402
 from lit_hsa.model.lora import apply_lora  # noqa: E402
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.decode.reference import HeadRope
-from kernels.dispatch import hsa_decode_kernel_fits
+from lit_hsa.kernels.decode.reference import HeadRope
+from lit_hsa.kernels.dispatch import hsa_decode_kernel_fits
 
 from lit_hsa.inference.decode import OffloadedMemory
 from lit_hsa.model.attention import RMSNorm, SelfAttention
@@ -60,7 +60,7 @@ def _head_norm_weight(norm: nn.Module) -> torch.Tensor | None:
 
 def attention_inputs(norm: nn.Module, attn: SelfAttention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q, k, v of a fusable attention (``norm``, ``attn``) from h [B, 1, d], in one launch (``qkv_rope``)."""
-    from kernels.decode.triton_block import qkv_rope
+    from lit_hsa.kernels.decode.triton_block import qkv_rope
 
     return qkv_rope(h, norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                     _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), cos, sin, norm.eps)
@@ -74,7 +74,7 @@ def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: 
     if not attention_fusable(norm, attn):
         return h + attn(norm(h), ctx.cos, ctx.sin, ctx.masks[window])
     if kv.ring_kernel_applies(window, h, attn.head_dim):
-        from kernels.decode.triton_block import gemv
+        from lit_hsa.kernels.decode.triton_block import gemv
 
         qkv = gemv(h, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], norm_w=norm.weight, eps=norm.eps)
         B, D = h.shape[0], attn.head_dim
@@ -88,7 +88,7 @@ def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: 
 def feed_forward(block: nn.Module, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """residual + FFN(norm h) of a block (``ffn_norm``, ``ffn``) whose feed-forward is fusable, h [B, 1, d] →
     [B, 1, d], in two launches; the residual is h unless given."""
-    from kernels.decode.triton_block import gemv
+    from lit_hsa.kernels.decode.triton_block import gemv
 
     ffn, norm = block.ffn, block.ffn_norm
     act = gemv(h, ffn.w_gate.weight, norm_w=norm.weight, eps=norm.eps, w_up=ffn.w_up.weight)
@@ -115,8 +115,8 @@ def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieva
     query from ``h_retrieval`` [B, 1, d] (the block's input; ``gemv``), chunk scores and top k, selection and
     fusion weights (``select_chunks_decode``), HSA query (``gemv``), attention to the selected chunks
     (``hsa_chunks_decode``), output projection summing its partial outputs, plus h (``gemv``)."""
-    from kernels.decode.triton_block import gemv
-    from kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode
+    from lit_hsa.kernels.decode.triton_block import gemv
+    from lit_hsa.kernels.decode.triton_hsa import hsa_chunks_decode, select_chunks_decode
 
     cfg, ret = block.cfg, block.retrieval
     q_slc = gemv(h_retrieval, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)

@@ -23,8 +23,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from kernels.decode import SPLIT_KEYS, ring_slot_and_mask, write_and_attend
-from kernels.dispatch import fused_blocks_apply, use_ring_kernel
+from lit_hsa.kernels.decode import SPLIT_KEYS, ring_slot_and_mask, write_and_attend
+from lit_hsa.kernels.dispatch import fused_blocks_apply, use_ring_kernel
 
 from lit_hsa.inference.decode import CacheMask, DecodeState, KVCache, decode_forward, uncompiled
 from lit_hsa.inference import fused_step
@@ -81,7 +81,7 @@ class StaticKVCache:
     def cos_sin(self, rotary: nn.Module, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``rotary``'s cos, sin [n, D/2] at the next n positions: one kernel for a fused step's token."""
         if self.fuse_blocks and n == 1:
-            from kernels.decode.triton_block import rope_cos_sin
+            from lit_hsa.kernels.decode.triton_block import rope_cos_sin
 
             return rope_cos_sin(self.pos_t, rotary.inv_freq)
         return rotary.cos_sin(self.positions(n, device))
@@ -100,7 +100,7 @@ class StaticKVCache:
             raise ValueError(f"static decoding takes one token per step, got {q.shape[1]}")
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
         if self.ring_kernel_applies(window, q, q.shape[-1]):
-            from kernels.decode.triton_ring import ring_attention_triton
+            from lit_hsa.kernels.decode.triton_ring import ring_attention_triton
 
             return ring_attention_triton(q, k, v, ck, cv, self.pos_t, self._ring_locks(ck))
         slot, valid = self._slot_and_mask(window, ck.shape[2])
@@ -130,13 +130,13 @@ class StaticKVCache:
         whose per-head norms and RoPE the ring kernel applies."""
         ck, cv = self._full(layer, k) if window is None else self._ring(layer, k, window)
         if self.ring_kernel_applies(window, q, q.shape[-1]):
-            from kernels.decode.triton_ring import ring_attention_out_proj
+            from lit_hsa.kernels.decode.triton_ring import ring_attention_out_proj
 
             return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck),
                                            rope=rope)
         if rope is not None:
             raise ValueError("attend_and_project: raw q/k (rope) are for steps on the ring kernel only")
-        from kernels.decode.triton_block import gemv
+        from lit_hsa.kernels.decode.triton_block import gemv
 
         o = self.attend(layer, q, k, v, window)
         return gemv(o.flatten(2), w_out, residual=residual).view_as(residual)
@@ -242,7 +242,7 @@ class StaticDecodeState:
         """h: [B, 1, d] joins the current chunk; on the step that completes it, the chunk is encoded into its slot."""
         S, pos = self.chunk_size, self.kv.pos_t
         if self.kv.fuse_blocks:  # the fused step's kernels: one launch, which the next kernel's prefetch overlaps
-            from kernels.decode.triton_block import write_slot
+            from lit_hsa.kernels.decode.triton_block import write_slot
 
             write_slot(self.pending, h, pos)
         else:

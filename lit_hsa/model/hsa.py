@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.dispatch import static_step_uses_references
-from kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
+from lit_hsa.kernels.dispatch import static_step_uses_references
+from lit_hsa.kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
                          select_chunks_reference)
 from lit_hsa.config import ModelConfig
 from lit_hsa.model.attention import Context, RMSNorm, Rotary, SelfAttention

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import grouped_mm_applies
+from lit_hsa.kernels.dispatch import grouped_mm_applies
 from lit_hsa.config import ModelConfig
 
 

@@ -1,0 +1,1 @@
+"""Hugging Face interoperability: import dense checkpoints (``convert``), export lit-hsa models (``export``)."""

@@ -100,6 +100,18 @@ def plan(work: Path) -> list[Step]:
                                  "configs/experiments/length_generalization.yaml", "--models", "hsa",
                                  f"out_dir={work / 'experiment'}", "train.trainer.max_time=00:00:01:00",
                                  "eval.lengths=[1k,4k]", "eval.samples=1"]),
+        # Hugging Face round trip (docs/interop.md): a full-attention model out to HF format (native Qwen3), back
+        # in as HSA, continued with the shipped recipe in bf16
+        Step("fit-tiny-full", [*fit, "--config", "configs/tiny.yaml", root, "model.attention=full", "model.moe=false",
+                               "trainer.run_name=tiny-full", *SHORT]),
+        Step("export", ["main.py", "export", "--ckpt", lambda: ckpt("tiny-full"), "--out", str(work / "hf")],
+             ["fit-tiny-full"]),
+        Step("convert-to-hsa", ["main.py", "convert", "--hf", str(work / "hf"), "--out",
+                                str(work / "converted" / "model.ckpt"), "--to", "hsa", "model.swa_window=64",
+                                "model.chunk_size=32"], ["export"]),
+        Step("fit-converted", [*fit, "--config", str(work / "converted" / "model.yaml"), "--config",
+                               "configs/convert/hsa_from_dense.yaml", root, "data.seq_len=1024",
+                               "trainer.run_name=converted", *SHORT], ["convert-to-hsa"]),
         Step("fit-fsdp-1gpu", [*fit, "--config", "configs/tiny.yaml", root, "trainer.strategy=fsdp",
                                "trainer.devices=1", "trainer.run_name=tiny-fsdp", *SHORT]),
         Step("consolidate", ["main.py", "consolidate", "--ckpt", lambda: ckpt("tiny-fsdp"), "--out",

@@ -1,5 +1,5 @@
 """Command-line entry, argument parsing and dispatch only (nothing imports this module):
-``python main.py {fit,validate,generate,eval,experiment,merge,consolidate} ...`` (``--help`` on each).
+``python main.py {fit,validate,generate,eval,experiment,merge,consolidate,convert,export} ...`` (``--help`` on each).
 
 Configuration, checkpoint and data problems are reported as one line on stderr with exit code 2, before any training
 starts; a diverged run (non-finite loss or gradients) with exit code 3.
@@ -19,9 +19,11 @@ from lit_hsa.eval.run import run_eval
 from lit_hsa.experiment import run_experiment
 from lit_hsa.finetune.checkpoints import merge_checkpoint
 from lit_hsa.inference.generate import generate
+from lit_hsa.interop.convert import convert
+from lit_hsa.interop.hf_export import export_checkpoint
 from lit_hsa.training.run import run
 
-COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", "merge")
+COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", "merge", "convert", "export")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +42,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args = parser.parse_args(argv[1:])
         args.command = "merge"
         return args
+    if argv and argv[0] == "convert":
+        parser = argparse.ArgumentParser(prog="main.py convert",
+                                         description="A local Hugging Face model directory → a lit-hsa checkpoint.")
+        parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
+        parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
+        parser.add_argument("--to", default="full", choices=("full", "hsa"),
+                            help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="--to hsa: model.* keys, e.g. "
+                            "model.swa_window=1024 model.hsa_topk=16")
+        args = parser.parse_intermixed_args(argv[1:])
+        args.command = "convert"
+        return args
+    if argv and argv[0] == "export":
+        parser = argparse.ArgumentParser(prog="main.py export",
+                                         description="A lit-hsa checkpoint → a Hugging Face model directory.")
+        parser.add_argument("--ckpt", required=True, help="a full checkpoint (LoRA: `main.py merge` it first)")
+        parser.add_argument("--out", required=True, help="the directory to write")
+        parser.add_argument("--native", default="auto", choices=("auto", "never"),
+                            help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
+                            "architecture; never: always the lit_hsa format (trust_remote_code)")
+        parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
+        args = parser.parse_args(argv[1:])
+        args.command = "export"
+        return args
     if argv and argv[0] == "consolidate":
         parser = argparse.ArgumentParser(prog="main.py consolidate",
                                          description="Turn a sharded (FSDP) checkpoint folder into one file.")
@@ -50,7 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         return args
     parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--config", "-c", help="YAML config (configs/tiny.yaml); omitted keys keep their defaults")
+    parser.add_argument("--config", "-c", action="append",
+                        help="YAML config (configs/tiny.yaml); omitted keys keep their defaults. Repeat it to merge "
+                        "several files in order (later keys win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=30")
     return parser.parse_intermixed_args(argv)
 
@@ -142,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+            return 0
+        if args.command == "convert":
+            convert(args.hf, args.out, args.to, args.overrides, args.seed)
+            return 0
+        if args.command == "export":
+            export_checkpoint(args.ckpt, args.out, args.native, args.overwrite)
             return 0
         if args.command == "consolidate":
             consolidate(args.ckpt, args.out)

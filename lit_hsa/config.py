@@ -11,7 +11,7 @@ import re
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -30,6 +30,13 @@ FINETUNE_METHODS = ("none", "full", "lora")
 # retrieval = retrieval query + chunk encoder (its layers, landmark and HSA key/value projections); experts = routed
 # MoE experts + shared expert; router = MoE router; ffn = dense SwiGLU of the blocks.
 LORA_TARGETS = ("attention", "retrieval", "experts", "router", "ffn")
+# model.rope_scaling: rope_type → (required keys, optional keys), as transformers' modeling_rope_utils reads them.
+ROPE_SCALING_KEYS = {
+    "linear": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")),
+}
 
 
 class ConfigError(ValueError):
@@ -56,7 +63,14 @@ class ModelConfig:
     head_dim: int = 32
     swa_window: int = 64
     rope_base: float = 10000.0
+    # RoPE frequency scaling, Hugging Face's `rope_scaling` / `rope_parameters` ({rope_type, factor, ...}): linear;
+    # llama3 (low_freq_factor, high_freq_factor, original_max_position_embeddings); yarn
+    # (original_max_position_embeddings; optional beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim,
+    # truncate). Every RoPE of the model uses it (blocks, chunk encoder, decoding). null: plain RoPE
+    rope_scaling: Optional[Dict[str, Any]] = None
     qk_norm: bool = True
+    qkv_bias: bool = False  # biases on q/k/v of the SWA / full attention and the HSA blocks' SWA sub-layer (Qwen2)
+    attn_out_bias: bool = False  # bias on their output projection (Llama / Qwen3 attention_bias)
     attention: str = "hsa"  # hsa | swa | full
     attn_backend: str = "auto"  # auto (flex_attention on CUDA, SDPA elsewhere) | sdpa | flex
     # --- HSA ---
@@ -138,6 +152,7 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        check_rope_scaling(self.rope_scaling)
         if self.attention == "hsa" and self.n_groups < 1:
             raise ConfigError("model.n_groups must be >= 1 when model.attention is 'hsa'")
         if min(self.n_lower_layers, self.n_groups, self.swa_layers_per_group, self.encoder_layers) < 0:
@@ -438,17 +453,31 @@ def load_yaml(path: str):
         raise ConfigError(f"config file '{path}' is not valid YAML{key}: {str(e).splitlines()[0]}") from e
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
-    """Merge a YAML file (or ``base``: a dict / OmegaConf node of the same shape, e.g. a section of an experiment
-    file) and ``dotted.key=value`` overrides onto the schema; validate; return a ``Config``.
+# A model section holding these describes a whole network by itself: its name need not be a preset.
+MODEL_SHAPE_KEYS = frozenset({"vocab_size", "d_model", "n_lower_layers", "n_groups", "swa_layers_per_group", "n_heads",
+                              "n_kv_heads", "head_dim", "attention", "ffn_hidden", "moe"})
 
-    The model preset is chosen first (``model.name`` from the overrides, else the file, else ``tiny``) and the
-    remaining ``model.*`` keys override it. Raises ``ConfigError`` with a one-line message naming the bad key.
+
+def load_config(path: str | list[str] | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
+    """Merge YAML files (``path``: one, or several merged in order, later keys winning; or ``base``: a dict /
+    OmegaConf node of the same shape, e.g. a section of an experiment file) and ``dotted.key=value`` overrides onto
+    the schema; validate; return a ``Config``.
+
+    The model preset is chosen first (``model.name`` from the overrides, else the files, else ``tiny``) and the
+    remaining ``model.*`` keys override it. A name that is no preset is accepted when the files give every key of
+    ``MODEL_SHAPE_KEYS`` (as the ``.yaml`` that ``main.py convert`` writes beside its checkpoint does; keys left out
+    take the schema's defaults). Raises ``ConfigError`` with a
+    one-line message naming the bad key.
     """
-    file_cfg = load_yaml(path) if path else OmegaConf.create(base if base is not None else {})
+    paths = [path] if isinstance(path, str) else list(path or [])
+    file_cfg = (OmegaConf.merge(*(load_yaml(p) for p in paths)) if paths
+                else OmegaConf.create(base if base is not None else {}))
     cli_cfg = parse_overrides(overrides)
-    preset = OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny"
-    schema = OmegaConf.structured(Config(model=ModelConfig.from_name(str(preset))))
+    preset = str(OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny")
+    given = set(OmegaConf.select(file_cfg, "model") or {}) | set(OmegaConf.select(cli_cfg, "model") or {})
+    complete = preset not in PRESETS and given >= MODEL_SHAPE_KEYS
+    model = ModelConfig(name=preset) if complete else ModelConfig.from_name(preset)
+    schema = OmegaConf.structured(Config(model=model))
     cfg: Config = merge_onto(schema, file_cfg, cli_cfg,
                              unknown_key=lambda key: f"unknown config key '{key}'{_suggest_key(key)}")
     cfg.validate()
@@ -476,6 +505,39 @@ def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
 
 def save_config(cfg: Config, path: str | Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), str(path))
+
+
+def check_rope_scaling(scaling: Any) -> None:
+    """``model.rope_scaling``: null, or a mapping with a supported ``rope_type`` and exactly its keys (numbers; yarn's
+    ``truncate`` a bool). Raises one-line ``ConfigError``s naming the key."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"model.rope_scaling must be a mapping with a rope_type, or null; got {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"model.rope_scaling.rope_type: {kind!r} is not supported; supported: "
+                          f"{', '.join(ROPE_SCALING_KEYS)} (or rope_scaling: null for plain RoPE)")
+    required, optional = ROPE_SCALING_KEYS[kind]
+    for key in scaling:
+        if key != "rope_type" and key not in required + optional:
+            raise ConfigError(f"model.rope_scaling.{key}: unknown key for rope_type {kind} (keys: "
+                              f"{', '.join(required + optional)})")
+    for key in required:
+        if scaling.get(key) is None:
+            raise ConfigError(f"model.rope_scaling.{key} is required for rope_type {kind}")
+    for key, value in scaling.items():
+        if key == "rope_type" or value is None:
+            continue
+        expected = bool if key == "truncate" else (int, float)
+        if not isinstance(value, expected) or (key != "truncate" and isinstance(value, bool)):
+            raise ConfigError(f"model.rope_scaling.{key} must be a {'bool' if key == 'truncate' else 'number'}, "
+                              f"got {value!r}")
+    if scaling["factor"] <= 0 or scaling.get("original_max_position_embeddings", 1) < 1:
+        raise ConfigError("model.rope_scaling: factor must be > 0 and original_max_position_embeddings >= 1")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must be greater than "
+                          f"low_freq_factor ({scaling['low_freq_factor']})")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

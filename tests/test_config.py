@@ -1,5 +1,8 @@
+from dataclasses import asdict
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lit_hsa.config import PRESETS, ConfigError, ModelConfig, load_config
 from lit_hsa.model.transformer import HSATransformer
@@ -65,3 +68,28 @@ def test_bad_config_names_the_key(overrides, message):
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_several_config_files_merge_in_order(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("model:\n  name: small\n  swa_window: 256\ntrainer:\n  max_steps: 5\n  run_name: a\n")
+    second.write_text("trainer:\n  run_name: b\n")
+    cfg = load_config([str(first), str(second)], ["trainer.max_steps=7"])
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.swa_window) == ("small", 640, 256)  # preset from file 1
+    assert (cfg.trainer.run_name, cfg.trainer.max_steps) == ("b", 7)
+
+
+def test_a_model_name_that_is_no_preset_needs_the_shape_keys(tmp_path):
+    model = {**asdict(ModelConfig.from_name("small")), "name": "qwen3-hsa", "d_model": 320}
+    complete = tmp_path / "converted.yaml"
+    OmegaConf.save(OmegaConf.create({"model": model}), complete)
+    cfg = load_config(str(complete))
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_heads) == ("qwen3-hsa", 320, 10)
+    del model["qk_norm"]  # a key outside the shape: its default
+    OmegaConf.save(OmegaConf.create({"model": model}), complete)
+    assert load_config(str(complete)).model.qk_norm is ModelConfig().qk_norm
+    del model["n_heads"]
+    partial = tmp_path / "partial.yaml"
+    OmegaConf.save(OmegaConf.create({"model": model}), partial)
+    with pytest.raises(ConfigError, match="unknown preset 'qwen3-hsa'"):
+        load_config(str(partial))

@@ -83,7 +83,7 @@ class StaticKVCache:
         if self.fuse_blocks and n == 1:
             from lit_hsa.kernels.decode.triton_block import rope_cos_sin
 
-            return rope_cos_sin(self.pos_t, rotary.inv_freq)
+            return rotary.scale(*rope_cos_sin(self.pos_t, rotary.inv_freq))  # YaRN's factor: one more kernel
         return rotary.cos_sin(self.positions(n, device))
 
     def compile(self, backend: str = "inductor") -> None:

@@ -3,6 +3,7 @@ and the backend that computes them (SDPA with an explicit mask on CPU, flex_atte
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,17 +23,79 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding; ``cos_sin(T, offset)`` → cos, sin: [T, D/2] in fp32."""
+def rope_frequencies(head_dim: int, base: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [D/2] (fp32) and the factor that multiplies cos and sin (YaRN's attention factor,
+    else 1.0), for ``model.rope_scaling`` ``scaling`` (validated by ``config.check_rope_scaling``; None: plain RoPE).
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    Each formula is transformers' ``modeling_rope_utils`` (``_compute_{linear_scaling,llama3,yarn}_parameters``)
+    operation for operation, so an imported model's tables equal its Hugging Face original's bit for bit."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    kind, factor = scaling["rope_type"], scaling["factor"]
+    if kind == "linear":  # positions / factor, folded into the frequencies
+        return inv_freq / factor, 1.0
+    original = scaling["original_max_position_embeddings"]
+    if kind == "llama3":  # long wavelengths / factor, short ones kept, a smooth blend between
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) * ~(wavelen > original / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # interpolate slow dimensions, extrapolate fast ones, linear ramp between; scale attention
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = (float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+                                if mscale and mscale_all_dim else _yarn_mscale(factor))
+        # HF reads these with `or`: 0 or None means the paper's defaults
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times in `original`
+            return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, head_dim - 1)
+        if lo == hi:
+            hi += 0.001  # HF's guard against a zero-width ramp
+        ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - lo) / (hi - lo), 0, 1)
+        pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        extrapolation = 1 - ramp  # share of the unscaled frequency
+        inv_freq = 1.0 / (factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+        return inv_freq, float(attention_factor)
+    raise ValueError(f"rope_scaling: unsupported rope_type {kind!r}")
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature (paper Eq. 21), HF's ``yarn_get_mscale``."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding; ``cos_sin(positions)`` → cos, sin: [T, D/2] in fp32.
+
+    ``scaling``: ``model.rope_scaling`` (``rope_frequencies``). The scaled frequencies are the ``inv_freq`` buffer
+    every consumer reads (the decoding kernels' ``rope_cos_sin`` too); a factor other than 1
+    (``attention_scaling``, YaRN) multiplies cos and sin, as in Hugging Face's rotary embeddings."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq, self.attention_scaling = rope_frequencies(head_dim, base, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos(), freqs.sin()
+        return self.scale(freqs.cos(), freqs.sin())
+
+    def scale(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin × ``attention_scaling`` (untouched, no kernel, when it is 1)."""
+        if self.attention_scaling == 1.0:
+            return cos, sin
+        return cos * self.attention_scaling, sin * self.attention_scaling
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -132,19 +195,20 @@ def sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head attention with GQA, QK-RMSNorm and RoPE; the mask decides full vs sliding window.
+    """Causal multi-head attention with GQA, QK-RMSNorm and RoPE; the mask decides full vs sliding window. ``bias``:
+    biases on the q/k/v projections; ``out_bias``: on the output projection.
 
     ``bidirectional=True`` (the chunk encoder) attends to every position with no mask.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool = True,
-                 bias: bool = False, eps: float = 1e-6):
+                 bias: bool = False, eps: float = 1e-6, out_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 

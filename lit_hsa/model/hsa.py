@@ -61,7 +61,7 @@ class ChunkMemory(nn.Module):
         self.n_r, self.dr = cfg.retrieval_heads, cfg.retrieval_head_dim
         self.cls = nn.Parameter(torch.zeros(cfg.d_model))
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.landmark = nn.Linear(cfg.d_model, self.n_r * self.dr, bias=False)
         self.landmark_norm = RMSNorm(self.dr, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
@@ -138,7 +138,8 @@ class HSABlock(nn.Module):
         self.swa_window = swa_window
         if swa_window is not None:
             self.swa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
+            self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm,
+                                     cfg.qkv_bias, cfg.norm_eps, cfg.attn_out_bias)
         self.retrieval = Retrieval(cfg)
         self.hsa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.q_proj = nn.Linear(cfg.d_model, cfg.hsa_q_heads * cfg.head_dim, bias=False)

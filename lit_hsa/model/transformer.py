@@ -26,7 +26,8 @@ class Block(nn.Module):
         super().__init__()
         self.window = window
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, eps=cfg.norm_eps)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias,
+                                  cfg.norm_eps, cfg.attn_out_bias)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = make_ffn(cfg, layer_idx)
 
@@ -47,7 +48,7 @@ class HSATransformer(nn.Module):
         self.cfg = cfg
         window = None if cfg.attention == "full" else cfg.swa_window
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         self.lower = nn.ModuleList(Block(cfg, i, window) for i in range(cfg.n_lower_layers))
         self.memory = ChunkMemory(cfg) if cfg.attention == "hsa" else None
         # Window of the HSA blocks' own SWA sub-layer: fixed at build (set_swa_window changes the SWA blocks only).

@@ -16,7 +16,7 @@ from data_modules.sources import DataError
 from lit_hsa.checkpoint_io import consolidate, load_model
 from lit_hsa.config import ConfigError, load_config
 from lit_hsa.eval.run import run_eval
-from lit_hsa.experiment import run_experiment
+from lit_hsa.experiment import run_experiment, seed_list
 from lit_hsa.finetune.checkpoints import merge_checkpoint
 from lit_hsa.inference.generate import generate
 from lit_hsa.interop.convert import convert
@@ -114,6 +114,7 @@ def parse_experiment_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated subset of the file's models (default: all)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from <out_dir>/*.json")
     parser.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/<model>.weights.pt, no training")
+    parser.add_argument("--seeds", type=seed_list, help="comma-separated subset of the file's seeds (default: all)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.trainer.max_steps=10 out_dir=x")
     args = parser.parse_intermixed_args(argv)
     args.command = "experiment"
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "experiment":
             models = [m.strip() for m in args.models.split(",")] if args.models else None
-            run_experiment(args.config, args.overrides, models, args.summarize_only, args.eval_only)
+            run_experiment(args.config, args.overrides, models, args.summarize_only, args.eval_only, args.seeds)
             return 0
         if args.command == "eval":
             run_eval(args)

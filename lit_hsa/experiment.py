@@ -1,22 +1,39 @@
-"""``python main.py experiment``: train several same-size models with one recipe, then measure how far their
-retrieval reaches beyond the training length (issue 7: HSA against full-attention and SWA baselines).
+"""``python main.py experiment``: train several same-size models with one recipe, then measure their held-out
+perplexity and how far their retrieval reaches beyond the training length (issues 7 and 26: HSA against
+full-attention and SWA baselines).
 
-An experiment file has three sections::
+An experiment file has these sections (only ``models`` is required)::
 
+    name: paper_recipe
+    out_dir: experiments/paper_recipe
     train:   {model: …, data: …, optim: …, trainer: …}   # a `fit` config shared by every model
-    models:  {hsa: [dotted=overrides], full: [...], …}   # what differs per model
-    eval:    {tasks, lengths, depths, samples, …}         # RULER-style retrieval eval after training
+    models:  {hsa: [dotted=overrides], full: [...], …}   # what differs per model; "<phase>:key=value" items
+                                                         #   apply in that phase only, after the phase's own overrides
+    phases:                                              # optional training stages, in order (spec §5)
+      - {name: warmup, max_steps: 200, overrides: [dotted=overrides]}
+      - {name: main, max_steps: 800, overrides: [...]}
+    seeds: [0, 1]                                        # optional: every model trains once per seed
+    resume: false                                        # true: reuse the phases an interrupted run completed
+    eval:    {tasks, lengths, depths, samples, segment_size, max_length, seed,
+              ppl_windows, ppl_lengths, reference_model}
 
-Each model trains, is evaluated in the same process, and writes ``<out>/<model>.json``; the summary
-(``length_generalization.json``, ``accuracy_vs_length.png``, ``summary.md``) is rebuilt from every ``<model>.json``
-in ``<out>``, so models run in separate commands (one GPU session each) combine into one report.
+A run is one model with one seed (``<model>-s<seed>``, or ``<model>`` without ``seeds``). Its phase i+1 starts from
+phase i's final weights (``init_from`` of the ``end.pt`` that phase i leaves in its run folder) with a fresh
+optimizer and schedule, as ``configs/stages/`` chains stages. Each run writes ``<out>/<run>.json`` (training per
+phase, parameters, FLOPs, held-out perplexity, perplexity by position, retrieval by length) and
+``<out>/<run>.weights.pt``; the summary (``length_generalization.json``, ``summary.md``, ``accuracy_vs_length.png``,
+``loss_vs_position.png``) is rebuilt from every ``<run>.json`` in ``<out>``: runs made in separate commands (one GPU
+session each) combine into one report, with the mean and spread over seeds of every metric.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import time
+import zlib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,16 +41,35 @@ import numpy as np
 import torch
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from data_modules.packing import tokenize
 from data_modules.synthetic import TASKS
+from data_modules.text import build_document_streams
 from data_modules.tokenizers import build_tokenizer
-from lit_hsa.checkpoint_io import load_checkpoint_file
+from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, state_problems
 from lit_hsa.config import (Config, ConfigError, ModelConfig, check_choice, load_config, load_yaml, merge_onto,
                             parse_overrides)
-from lit_hsa.eval.ruler import EvalRow, evaluate_retrieval, parse_length, rows_as_dicts, short_length
+from lit_hsa.eval.ruler import (EvalRow, evaluate_retrieval, parse_length, perplexity_by_position, rows_as_dicts,
+                                short_length)
 from lit_hsa.eval.run import held_out_tokens
 from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.callbacks import scheduled_value
+from lit_hsa.training.flops import training_flops_per_token
 from lit_hsa.training.run import build_run
+
+PHASE_KEYS = ("name", "max_steps", "overrides")
+SECTIONS = "name, out_dir, runs_dir, train, models, phases, seeds, resume, eval"
+
+
+@dataclass
+class Phase:
+    """One training stage that every model runs: ``max_steps`` optimizer steps with ``overrides`` applied on top of
+    ``train`` and the model's overrides; it starts from the previous phase's final weights."""
+
+    name: str = ""
+    max_steps: int = 0
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -43,8 +79,12 @@ class ExperimentEval:
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     samples: int = 1  # per task × length × depth
     segment_size: int = 16384  # prefill segment (bounds activation memory)
-    max_length: dict[str, str] = field(default_factory=dict)  # per model: skip longer lengths (time), e.g. full: 256k
+    # per model: skip longer lengths (time), e.g. full: 256k; caps ppl_lengths too
+    max_length: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    ppl_windows: int = 0  # held-out windows of the training length for mean loss / perplexity (0: off)
+    ppl_lengths: list[str] = field(default_factory=list)  # perplexity by position on one held-out sequence each
+    reference_model: Optional[str] = None  # summary: every model's held-out perplexity / this model's (parity)
 
 
 @dataclass
@@ -54,115 +94,299 @@ class Experiment:
     runs_dir: Optional[str] = None  # training runs (checkpoints, TensorBoard); None: <out_dir>/runs
     train: dict[str, Any] = field(default_factory=dict)
     models: dict[str, list[str]] = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
+    seeds: Optional[list[int]] = None  # None: one run per model with the seeds of `train`
+    resume: bool = False  # skip phases whose end.pt recorded the same config; continue a cut phase from last.ckpt
     eval: ExperimentEval = field(default_factory=ExperimentEval)
 
-    def model_config(self, model: str) -> Config:
-        """The `fit` config of one model: ``train`` + that model's overrides, with its own run folder."""
-        overrides = list(self.models[model]) + [f"trainer.root_dir={self.runs_dir or Path(self.out_dir) / 'runs'}",
-                                                f"trainer.run_name={model}"]
-        return load_config(base=self.train, overrides=overrides)
+    def model_config(self, model: str, seed: Optional[int] = None, phase: Optional[int] = None) -> Config:
+        """The `fit` config of one model (one seed, one phase): ``train`` ← the model's overrides ← the phase's
+        overrides and ``max_steps`` ← the model's ``<phase>:`` overrides ← seed and run folder."""
+        common, per_phase = split_model_overrides(model, self.models[model], [p.name for p in self.phases])
+        overrides, name, where = list(common), run_name(model, seed), f"model '{model}'"
+        if phase is not None:
+            p = self.phases[phase]
+            overrides += [*p.overrides, f"trainer.max_steps={p.max_steps}", *per_phase.get(p.name, [])]
+            name, where = f"{name}-{p.name}", f"{where}, phase '{p.name}'"
+        if seed is not None:  # the seed wins over every override: it is what makes the runs differ
+            overrides += [f"trainer.seed={seed}", f"data.seed={seed}"]
+        overrides += [f"trainer.root_dir={self.runs_dir or Path(self.out_dir) / 'runs'}", f"trainer.run_name={name}"]
+        try:
+            return load_config(base=self.train, overrides=overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def phase_configs(self, model: str, seed: Optional[int] = None) -> list[tuple[str, Config]]:
+        """(phase name, `fit` config) of every phase of one run; without ``phases``, one unnamed phase."""
+        if not self.phases:
+            return [("", self.model_config(model, seed))]
+        return [(p.name, self.model_config(model, seed, i)) for i, p in enumerate(self.phases)]
+
+    def runs(self, models: Optional[list[str]] = None, seeds: Optional[list[int]] = None):
+        """(model, seed) of every run, model by model; seed None without ``seeds``."""
+        return [(m, s) for m in models or list(self.models) for s in (seeds or self.seeds or [None])]
+
+    def capped(self, model: str, lengths: list[str]) -> list[int]:
+        """``lengths`` in tokens, without those over ``eval.max_length[model]``."""
+        cap = self.eval.max_length.get(model)
+        return [n for n in map(parse_length, lengths) if cap is None or n <= parse_length(cap)]
 
     def lengths(self, model: str) -> list[int]:
-        lengths = [parse_length(n) for n in self.eval.lengths]
-        cap = self.eval.max_length.get(model)
-        return [n for n in lengths if cap is None or n <= parse_length(cap)]
+        return self.capped(model, self.eval.lengths)
+
+    def ppl_lengths(self, model: str) -> list[int]:
+        return self.capped(model, self.eval.ppl_lengths)
 
     def validate(self) -> None:
         if not self.models:
             raise ConfigError("models is empty: name at least one model, e.g. hsa: [model.attention=hsa]")
-        for task in self.eval.tasks:
+        self.validate_eval()
+        self.validate_phases()
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("seeds is empty: list at least one seed (seeds: [0, 1]) or leave seeds out")
+        if self.seeds and (len(set(self.seeds)) < len(self.seeds) or min(self.seeds) < 0):
+            raise ConfigError(f"seeds must be distinct integers >= 0, got {self.seeds}")
+        for model in self.models:  # every model's config is checked before the first one trains
+            check_phase_chain(model, self.phase_configs(model, (self.seeds or [None])[0]))
+
+    def validate_eval(self) -> None:
+        ev = self.eval
+        for task in ev.tasks:
             check_choice("eval.tasks", task, TASKS)
-        for key, values in (("eval.lengths", self.eval.lengths), ("eval.max_length", self.eval.max_length.values())):
+        for key, values in (("eval.lengths", ev.lengths), ("eval.max_length", ev.max_length.values()),
+                            ("eval.ppl_lengths", ev.ppl_lengths)):
             for v in values:
                 try:
                     parse_length(v)
                 except ValueError as e:
                     raise ConfigError(f"{key}: {e}") from None
-        for model in self.eval.max_length:
+        for model in ev.max_length:
             check_choice("eval.max_length", model, tuple(self.models))
-        if any(not 0 <= d <= 1 for d in self.eval.depths) or not self.eval.depths:
-            raise ConfigError(f"eval.depths must be non-empty and lie in [0, 1], got {self.eval.depths}")
-        if self.eval.samples < 1 or self.eval.segment_size < 1:
+        if ev.reference_model is not None:
+            check_choice("eval.reference_model", ev.reference_model, tuple(self.models))
+        if any(not 0 <= d <= 1 for d in ev.depths) or not ev.depths:
+            raise ConfigError(f"eval.depths must be non-empty and lie in [0, 1], got {ev.depths}")
+        if ev.samples < 1 or ev.segment_size < 1:
             raise ConfigError("eval.samples and eval.segment_size must be >= 1")
-        for model in self.models:  # every model's config is checked before the first one trains
-            self.model_config(model)
+        if ev.ppl_windows < 0 or any(parse_length(n) < 2 for n in ev.ppl_lengths):
+            raise ConfigError(f"eval.ppl_windows must be >= 0 and eval.ppl_lengths >= 2 tokens, got "
+                              f"{ev.ppl_windows} and {ev.ppl_lengths}")
+
+    def validate_phases(self) -> None:
+        names = [p.name for p in self.phases]
+        for i, p in enumerate(self.phases):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):  # it names run folders
+                raise ConfigError(f"phases[{i}].name must be a word of letters, digits, '_', '.' or '-', got "
+                                  f"'{p.name}'")
+            if names.index(p.name) != i:
+                raise ConfigError(f"phases: two phases are named '{p.name}'")
+            if p.max_steps < 1:
+                raise ConfigError(f"phases[{i}] '{p.name}': max_steps must be >= 1, got {p.max_steps}")
+
+
+def split_model_overrides(model: str, overrides: list[str], phases: list[str]) -> tuple[list[str], dict]:
+    """A model's overrides → (those of every phase, {phase: those of that phase only}). ``warmup:key=value`` is
+    ``key=value`` in phase ``warmup`` only (the prefix is what stands before '=' and holds a ':')."""
+    common, per_phase = [], {}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if ":" not in key:
+            common.append(item)
+            continue
+        phase, rest = item.split(":", 1)
+        if phase not in phases:
+            raise ConfigError(f"models.{model}: '{item}' names no phase (phases: {', '.join(phases) or 'none'})")
+        per_phase.setdefault(phase, []).append(rest)
+    return common, per_phase
+
+
+def check_phase_chain(model: str, configs: list[tuple[str, Config]]) -> None:
+    """Each phase starts from the previous one's weights: same tokenizer and parameter shapes in every phase (a
+    mismatch would otherwise surface after the first phase trained). A full-attention model has no window to
+    schedule."""
+    first_name, first = configs[0]
+    reference = shapes(first.model)
+    for name, cfg in configs:
+        if cfg.model.attention == "full" and cfg.trainer.swa_window_schedule:
+            raise ConfigError(f"model '{model}'{f', phase {name!r}' if name else ''}: trainer.swa_window_schedule "
+                              f"needs a sliding window, model.attention is 'full' (add "
+                              f"'{name + ':' if name else ''}trainer.swa_window_schedule=[]' to its overrides)")
+        if cfg.data.tokenizer != first.data.tokenizer:
+            raise ConfigError(f"model '{model}', phase '{name}': data.tokenizer '{cfg.data.tokenizer}' differs from "
+                              f"phase '{first_name}' ('{first.data.tokenizer}'): phases share one model")
+        problems = state_problems(shapes(cfg.model), reference)
+        if problems:
+            raise ConfigError(f"model '{model}', phase '{name}': its model.* keys change parameter shapes against "
+                              f"phase '{first_name}' ({problems}): phases continue one model")
+
+
+def shapes(model_cfg: ModelConfig) -> dict:
+    """Parameter and buffer shapes of a model config, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        net = HSATransformer(replace(model_cfg, vocab_size=model_cfg.vocab_size or 64))
+    return net.state_dict()
+
+
+def run_name(model: str, seed: Optional[int]) -> str:
+    return model if seed is None else f"{model}-s{seed}"
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1`` → [0, 1] (argparse ``type``)."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of integers (e.g. 0,1)") from None
 
 
 def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment:
-    """An experiment YAML + ``dotted.key=value`` overrides (e.g. ``train.trainer.max_steps=10``) → ``Experiment``."""
-    exp: Experiment = merge_onto(
-        OmegaConf.structured(Experiment), load_yaml(path), parse_overrides(overrides),
-        unknown_key=lambda key: f"unknown experiment key '{key}' (sections: name, out_dir, train, models, eval)")
+    """An experiment YAML + ``dotted.key=value`` overrides (``train.trainer.max_steps=10``, ``phases.0.max_steps=5``)
+    → ``Experiment``."""
+    raw = load_yaml(path)
+    container = OmegaConf.to_container(raw)
+    check_phase_keys((container.get("phases") if isinstance(container, dict) else None) or [])
+    node = OmegaConf.structured(merge_onto(OmegaConf.structured(Experiment), raw, unknown_key=unknown_experiment_key))
+    parse_overrides(overrides)  # an item without '=' is one ConfigError
+    for item in overrides or []:
+        apply_override(node, item)
+    exp: Experiment = OmegaConf.to_object(node)
     exp.validate()
     return exp
 
 
-def run_model(exp: Experiment, model: str, eval_only: bool = False) -> dict:
-    """Train one model (or, with ``eval_only``, load ``<out>/<model>.weights.pt`` from an earlier run), evaluate it
-    length by length, and write ``<out>/<model>.json`` after every length, so a run cut short keeps what it measured.
-    With ``eval_only``, rows of an existing ``<model>.json`` at lengths not evaluated again are kept.
-    Training also leaves ``<out>/<model>.weights.pt`` (bf16 weights + model config) for a later ``eval_only``."""
-    cfg = exp.model_config(model)
-    out = Path(exp.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{model}.weights.pt"
-    json_path = out / f"{model}.json"
-    if eval_only:
-        net, train_info = load_trained(weights)
-    else:
-        net, train_info = train_model(cfg)
-        torch.save({"model_config": asdict(net.cfg), "train": train_info,
-                    "state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                                   for k, v in net.state_dict().items()}}, weights)
-    # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
-    net.to(device).eval()
-    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
-    lengths = exp.lengths(model)
-    haystack = held_out_tokens(cfg.data, tokenizer, 2 * max(lengths))
-    result = {
-        "experiment": exp.name, "model": model, "overrides": list(exp.models[model]),
-        "model_config": asdict(net.cfg), "train_seq_len": cfg.data.seq_len, "train": train_info,
-        "eval_seconds": 0.0, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"), "retrieval": [],
-    }
-    if eval_only and json_path.is_file():
-        # An eval-only run (e.g. longer lengths in a later GPU session) adds to what the earlier runs measured and
-        # replaces only the lengths it evaluates again.
-        earlier = json.loads(json_path.read_text())
-        result["retrieval"] = [r for r in earlier.get("retrieval", []) if r["length"] not in lengths]
-        result["eval_seconds"] = earlier.get("eval_seconds", 0.0)
-    for length in lengths:
-        start = time.perf_counter()
-        # bf16 autocast on CUDA, as the models train
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-            rows = evaluate_retrieval(net, tokenizer, haystack, exp.eval.tasks, [length], exp.eval.depths,
-                                      exp.eval.samples, exp.eval.seed, exp.eval.segment_size, device)
-        seconds = time.perf_counter() - start
-        result["retrieval"] += rows_as_dicts(rows)
-        result["eval_seconds"] = round(result["eval_seconds"] + seconds, 1)
-        json_path.write_text(json.dumps(result, indent=2))
-        table = accuracy_table([{"model": model, "retrieval": rows_as_dicts(rows)}])
-        print(f"{model} @ {short_length(length)}: " + ", ".join(f"{task} {per[model][length]:.2f}"
-                                                          for task, per in table.items())
-              + f" ({seconds:.0f} s)", flush=True)
-    return result
+def unknown_experiment_key(key: str) -> str:
+    return f"unknown experiment key '{key}' (sections: {SECTIONS})"
+
+
+def check_phase_keys(phases: Any) -> None:
+    """Every phase is a mapping of PHASE_KEYS (OmegaConf's own error loses the phase's index)."""
+    if not isinstance(phases, list):
+        raise ConfigError("phases must be a list of {name, max_steps, overrides}")
+    for i, p in enumerate(phases):
+        if not isinstance(p, dict):
+            raise ConfigError(f"phases[{i}] must be a mapping with keys {', '.join(PHASE_KEYS)}, got {p!r}")
+        for key in p:
+            if key not in PHASE_KEYS:
+                raise ConfigError(f"phases[{i}]: unknown phase key '{key}' (keys: {', '.join(PHASE_KEYS)})")
+
+
+def apply_override(node, item: str) -> None:
+    """One ``dotted.key=value`` onto the structured experiment ``node``. Applied key by key (not merged) so that list
+    items can be addressed: ``phases.1.max_steps=5``."""
+    key = item.split("=", 1)[0]
+    value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+    try:
+        OmegaConf.update(node, key, value, merge=True)
+    except (ConfigAttributeError, ConfigKeyError) as e:
+        raise ConfigError(unknown_experiment_key(e.full_key or key)) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad value for '{e.full_key or key}': {str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def train_run(exp: Experiment, model: str, seed: Optional[int]):
+    """Train one run phase by phase → (the trained HSATransformer, training summary). Each phase leaves its final
+    weights in ``<runs>/<run>-<phase>/end.pt``; the next one starts from them (``init_from``: weights only, so a
+    fresh optimizer and schedule). With ``exp.resume``, leading phases whose ``end.pt`` recorded the same config
+    are not trained again, and the first one to train continues from its ``last.ckpt`` when there is one."""
+    phases, net, start, reusing = [], None, None, exp.resume
+    for i, (name, cfg) in enumerate(exp.phase_configs(model, seed)):
+        if i > 0:
+            cfg.init_from, cfg.ckpt_path = str(start), None
+        end = Path(cfg.trainer.root_dir, cfg.trainer.run_name, "end.pt")
+        identity = asdict(cfg)  # before training: build_run and the schedules change the config in place
+        recorded = completed_phase(end, identity) if reusing else None
+        if recorded is not None:
+            print(f"{run_name(model, seed)}: phase '{name}' already trained ({end}), reused", flush=True)
+            phases.append(recorded)
+            start = end
+            continue
+        # A phase cut short (no end.pt) continues from its last checkpoint, which holds the weights to go on from;
+        # one whose end.pt recorded another config trains afresh.
+        if reusing and not end.is_file() and (last := latest_last_checkpoint(cfg)) is not None:
+            cfg.ckpt_path, cfg.init_from = str(last), None
+        reusing = False  # a phase trained again: every later phase must be trained again too
+        cfg.validate()
+        net, info = train_model(cfg)
+        info = {"name": name, **info}
+        torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
+                    "model_config": asdict(net.cfg), "config": identity, "train": info}, end)
+        phases.append(info)
+        start = end
+    if net is None:  # every phase was reused: the last one's weights
+        net = load_phase_end(start)
+    return net, combine_phases(phases, named=bool(exp.phases))
+
+
+def completed_phase(end: Path, identity: dict) -> Optional[dict]:
+    """The training record of a phase's ``end.pt`` when it was trained with this very config, else None."""
+    if not end.is_file():
+        return None
+    saved = load_checkpoint_file(end)
+    return saved.get("train") if saved.get("config") == identity else None
+
+
+def latest_last_checkpoint(cfg: Config) -> Optional[Path]:
+    found = list(Path(cfg.trainer.root_dir, cfg.trainer.run_name).glob("version_*/checkpoints/last.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def load_phase_end(path: Path) -> HSATransformer:
+    saved = load_checkpoint_file(path)
+    net = HSATransformer(ModelConfig(**saved["model_config"]))
+    net.load_state_dict({k.removeprefix("model."): v for k, v in saved["state_dict"].items()})
+    return net
+
+
+def combine_phases(phases: list[dict], named: bool) -> dict:
+    """Per-phase training records → the run's: sums of steps, tokens, seconds and FLOPs, the last phase's final
+    metrics, and (with named phases) the per-phase records."""
+    total = {key: sum(p[key] for p in phases) for key in ("steps", "tokens", "seconds", "flops")}
+    total["seconds"] = round(total["seconds"], 1)
+    total["flops_per_token"] = total["flops"] / total["tokens"] if total["tokens"] else 0.0
+    total["final_metrics"] = phases[-1]["final_metrics"]
+    if named:
+        total["phases"] = phases
+    return total
 
 
 def train_model(cfg: Config):
-    """``fit`` one config → (the trained HSATransformer, training summary)."""
+    """``fit`` one config (resuming ``cfg.ckpt_path`` when set) → (the trained HSATransformer, training summary)."""
     module, datamodule, trainer = build_run(cfg)
+    model_cfg = replace(module.model.cfg)  # the values the schedules start from: training changes them in place
+    active = module.model.num_parameters()[1]
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
     steps = trainer.global_step
-    info = {"steps": steps, "tokens": steps * cfg.data.batch_size * cfg.data.seq_len
-            * cfg.trainer.accumulate_grad_batches, "seconds": round(time.perf_counter() - start, 1),
+    info = {"steps": steps, "tokens": steps * tokens_per_step(cfg), "seconds": round(time.perf_counter() - start, 1),
+            "flops": training_flops(model_cfg, cfg, active, steps),
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     return module.model, info
 
 
+def tokens_per_step(cfg: Config) -> int:
+    # the context-length curriculum keeps data.batch_size × data.seq_len tokens per batch
+    return cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches
+
+
+def training_flops(model_cfg: ModelConfig, cfg: Config, active: int, steps: int) -> float:
+    """Training FLOPs of the first ``steps`` optimizer steps: tokens × ``training_flops_per_token``, piecewise over
+    the schedules that change it (HSA top-k, SWA window, context length)."""
+    t = cfg.trainer
+    changes = sorted({0, *(s for s, _ in [*t.topk_schedule, *t.swa_window_schedule, *t.seq_len_schedule])})
+    starts = [s for s in changes if s < steps]
+    total = 0.0
+    for a, b in zip(starts, starts[1:] + [steps]):
+        stage = replace(model_cfg, hsa_topk=scheduled_value(t.topk_schedule, a) or model_cfg.hsa_topk,
+                        swa_window=scheduled_value(t.swa_window_schedule, a) or model_cfg.swa_window)
+        seq_len = scheduled_value(t.seq_len_schedule, a) or cfg.data.seq_len
+        total += (b - a) * tokens_per_step(cfg) * training_flops_per_token(stage, active, seq_len)
+    return total
+
+
 def load_trained(path: Path):
-    """``<model>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
+    """``<run>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
     if not path.is_file():
         raise ConfigError(f"'{path}' does not exist: train the model first (run without --eval-only)")
     saved = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
@@ -174,66 +398,364 @@ def load_trained(path: Path):
     return net, saved["train"]
 
 
-def accuracy_table(results: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
-    """results (one per model) → {task: {model: {length: accuracy averaged over depths and samples}}}."""
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def held_out_size(data_cfg, tokenizer, limit: int) -> int:
+    """Tokens in the held-out split of the data config's sources (documents + EOS, as ``held_out_tokens`` joins
+    them), counted up to ``limit``."""
+    total = 0
+    for stream in build_document_streams(data_cfg)[0]:
+        for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
+            total += len(doc.tokens) + 1
+            if total >= limit:
+                return total
+    return total
+
+
+def check_held_out(exp: Experiment, model: str, cfg: Config) -> None:
+    """Perplexity on a held-out split too small for it would run over repeated text (``held_out_tokens`` cycles):
+    refuse before training."""
+    need = max([exp.eval.ppl_windows * cfg.data.seq_len + 1 if exp.eval.ppl_windows else 0,
+                *(n + 1 for n in exp.ppl_lengths(model))])
+    if not need:
+        return
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+    have = held_out_size(cfg.data, tokenizer, need)
+    if have < need:
+        raise ConfigError(f"model '{model}': eval.ppl_windows × data.seq_len and eval.ppl_lengths need {need:,} "
+                          f"held-out tokens, the held-out split has {have:,}: raise data.val_fraction (it is "
+                          f"{cfg.data.val_fraction}) or lower them")
+
+
+@torch.no_grad()
+def held_out_perplexity(net: HSATransformer, tokens: np.ndarray, n_windows: int, window: int,
+                        device: torch.device, batch_tokens: int = 65536) -> dict:
+    """Mean next-token loss over ``n_windows`` consecutive windows of ``window`` tokens (window i: inputs
+    ``tokens[i·W : (i+1)·W]``, targets shifted by one; each window starts without context, as in training).
+    tokens: [≥ n_windows·W + 1] int → {windows, window_length, tokens, tokens_crc32, loss, ppl}."""
+    net.eval()
+    x = torch.as_tensor(tokens[: n_windows * window + 1].astype(np.int64))
+    inputs, targets = x[:-1].view(n_windows, window), x[1:].view(n_windows, window)
+    per_batch = max(1, batch_tokens // window)
+    total = 0.0
+    for i in range(0, n_windows, per_batch):
+        rows = slice(i, i + per_batch)
+        with autocast(device):  # the model returns the mean over the batch's tokens (every label counts)
+            loss = net(inputs[rows].to(device), labels=targets[rows].to(device))
+        total += float(loss) * inputs[rows].numel()
+    loss = total / inputs.numel()
+    return {"windows": n_windows, "window_length": window, "tokens": inputs.numel(),
+            "tokens_crc32": zlib.crc32(x.numpy().tobytes()), "loss": loss, "ppl": float(np.exp(loss))}
+
+
+def autocast(device: torch.device):
+    # bf16 autocast on CUDA, as the models train
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Optional[int] = None) -> dict:
+    """Train one run (or, with ``eval_only``, load ``<out>/<run>.weights.pt`` from an earlier run), evaluate it
+    (held-out perplexity, perplexity by position, retrieval length by length) and write ``<out>/<run>.json`` after
+    every step, so a run cut short keeps what it measured. With ``eval_only``, what an existing ``<run>.json``
+    holds and this evaluation does not redo is kept (other lengths; the held-out perplexity with
+    ``eval.ppl_windows=0``). Training also leaves ``<out>/<run>.weights.pt`` (bf16 weights + model config)."""
+    cfg = exp.phase_configs(model, seed)[-1][1]  # the last phase's: its context length is the training length
+    run = run_name(model, seed)
+    out = Path(exp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, json_path = out / f"{run}.weights.pt", out / f"{run}.json"
+    if eval_only:
+        net, train_info = load_trained(weights)
+    else:
+        net, train_info = train_run(exp, model, seed)
+        torch.save({"model_config": asdict(net.cfg), "train": train_info,
+                    "state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                   for k, v in net.state_dict().items()}}, weights)
+    # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    net.to(device).eval()
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
+    total, active = net.num_parameters()
+    result = {
+        "experiment": exp.name, "model": model, "run": run, "seed": seed, "overrides": list(exp.models[model]),
+        "model_config": asdict(net.cfg), "train_seq_len": cfg.data.seq_len, "train": train_info,
+        "parameters": {"total": total, "active": active}, "eval_seconds": 0.0,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+        "perplexity": None, "perplexity_by_position": {}, "retrieval": [],
+    }
+    if eval_only and json_path.is_file():
+        keep_earlier(result, json.loads(json_path.read_text()), exp, model)
+
+    def timed(measure):
+        start = time.perf_counter()
+        with autocast(device):
+            value = measure()
+        seconds = time.perf_counter() - start
+        result["eval_seconds"] = round(result["eval_seconds"] + seconds, 1)
+        return value, seconds
+
+    ppl_lengths = exp.ppl_lengths(model)
+    if exp.eval.ppl_windows or ppl_lengths:
+        n = max([exp.eval.ppl_windows * cfg.data.seq_len + 1, *(n + 1 for n in ppl_lengths)])
+        text = held_out_tokens(cfg.data, tokenizer, n)
+    if exp.eval.ppl_windows:
+        result["perplexity"], seconds = timed(
+            lambda: held_out_perplexity(net, text, exp.eval.ppl_windows, cfg.data.seq_len, device))
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"{run}: held-out loss {result['perplexity']['loss']:.4f}, perplexity {result['perplexity']['ppl']:.3f} "
+              f"({exp.eval.ppl_windows} × {cfg.data.seq_len} tokens, {seconds:.0f} s)", flush=True)
+    for length in ppl_lengths:
+        # length + 1 tokens: ``length`` predictions, so the last bucket ends at the length itself
+        rows, seconds = timed(lambda: perplexity_by_position(net, text[: length + 1], exp.eval.segment_size, device))
+        result["perplexity_by_position"][str(length)] = rows
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"{run}: loss by position over {short_length(length)}: "
+              + ", ".join(f"<{short_length(r['to'])} {r['loss']:.3f}" for r in rows) + f" ({seconds:.0f} s)", flush=True)
+    lengths = exp.lengths(model)
+    haystack = held_out_tokens(cfg.data, tokenizer, 2 * max(lengths)) if lengths else None
+    for length in lengths:
+        rows, seconds = timed(lambda: evaluate_retrieval(
+            net, tokenizer, haystack, exp.eval.tasks, [length], exp.eval.depths, exp.eval.samples, exp.eval.seed,
+            exp.eval.segment_size, device))
+        result["retrieval"] += rows_as_dicts(rows)
+        json_path.write_text(json.dumps(result, indent=2))
+        print(f"{run} @ {short_length(length)}: " + ", ".join(f"{task} {acc:.2f}" for task, acc in
+                                                              task_means(rows_as_dicts(rows)).items())
+              + f" ({seconds:.0f} s)", flush=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def keep_earlier(result: dict, earlier: dict, exp: Experiment, model: str) -> None:
+    """An eval-only run (e.g. longer lengths in a later GPU session) adds to what the earlier runs measured and
+    replaces only what it evaluates again."""
+    lengths, ppl_lengths = exp.lengths(model), {str(n) for n in exp.ppl_lengths(model)}
+    result["retrieval"] = [r for r in earlier.get("retrieval", []) if r["length"] not in lengths]
+    result["eval_seconds"] = earlier.get("eval_seconds", 0.0)
+    if not exp.eval.ppl_windows:
+        result["perplexity"] = earlier.get("perplexity")
+    result["perplexity_by_position"] = {n: rows for n, rows in earlier.get("perplexity_by_position", {}).items()
+                                        if n not in ppl_lengths}
+
+
+def task_means(rows: list[dict]) -> dict[str, float]:
+    """Retrieval rows → {task: accuracy averaged over lengths, depths and samples}."""
+    return {task: float(np.mean([r["accuracy"] for r in rows if r["task"] == task]))
+            for task in sorted({r["task"] for r in rows})}
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+def spread(values: list[float]) -> dict:
+    """mean, min, max and the sample standard deviation (0 for one value) over runs, and their number."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": len(v)}
+
+
+def run_scalars(r: dict) -> dict[str, float]:
+    """One run's scalar metrics: training (per phase too), evaluation time, held-out loss and perplexity."""
+    t = r["train"]
+    s = {"train_steps": t["steps"], "train_tokens": t["tokens"], "train_seconds": t["seconds"],
+         "eval_seconds": r["eval_seconds"]}
+    if "flops" in t:
+        s.update(train_flops=t["flops"], flops_per_token=t["flops_per_token"])
+    for p in t.get("phases", []):
+        s.update({f"{p['name']}_{k}": p[k] for k in ("steps", "tokens", "seconds", "flops")})
+    if r.get("perplexity"):
+        s.update(heldout_loss=r["perplexity"]["loss"], heldout_ppl=r["perplexity"]["ppl"])
+    return s
+
+
+def accuracy_by_run(results: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """results → {task: {run: {length: accuracy averaged over depths and samples}}}."""
     table: dict[str, dict[str, dict[int, float]]] = {}
     for res in results:
         rows = [EvalRow(**r) for r in res["retrieval"]]
         for task in sorted({r.task for r in rows}):
-            per_length = table.setdefault(task, {}).setdefault(res["model"], {})
+            per_length = table.setdefault(task, {}).setdefault(res.get("run", res["model"]), {})
             for n in sorted({r.length for r in rows if r.task == task}):
                 per_length[n] = float(np.mean([r.accuracy for r in rows if (r.task, r.length) == (task, n)]))
     return table
 
 
-def summarize(out_dir: str | Path) -> Optional[dict]:
-    """Combine every ``<model>.json`` in ``out_dir`` into ``length_generalization.json``, ``summary.md`` and
-    ``accuracy_vs_length.png`` (one panel per task, one line per model). Returns the summary (None: no results)."""
+def accuracy_stats(results: list[dict]) -> dict[str, dict[str, dict[int, dict]]]:
+    """results → {task: {model: {length: spread of the runs' accuracies}}}."""
+    model_of = {r.get("run", r["model"]): r["model"] for r in results}
+    stats: dict = {}
+    for task, per_run in accuracy_by_run(results).items():
+        values: dict = {}
+        for run, acc in per_run.items():
+            for n, a in acc.items():
+                values.setdefault(model_of[run], {}).setdefault(n, []).append(a)
+        stats[task] = {m: {n: spread(v) for n, v in sorted(per.items())} for m, per in values.items()}
+    return stats
+
+
+def perplexity_stats(by_model: dict[str, list[dict]], reference: Optional[str]) -> dict:
+    """{model: held-out loss and perplexity over its runs, and the ratio of its mean perplexity to the reference
+    model's (the parity number; per seed too where both ran it)}. No ratio where the held-out windows differ."""
+    stats = {}
+    for model, runs in by_model.items():
+        ppl = [r["perplexity"] for r in runs if r.get("perplexity")]
+        if ppl:
+            stats[model] = {"loss": spread([p["loss"] for p in ppl]), "ppl": spread([p["ppl"] for p in ppl]),
+                            "windows": ppl[0]["windows"], "window_length": ppl[0]["window_length"],
+                            "tokens_crc32": ppl[0]["tokens_crc32"],
+                            "same_windows": len({p["tokens_crc32"] for p in ppl}) == 1}
+    ref = stats.get(reference) if reference else None
+    for model, s in stats.items():
+        comparable = ref is not None and s["same_windows"] and ref["same_windows"] \
+            and s["tokens_crc32"] == ref["tokens_crc32"]
+        s["ratio_to_reference"] = s["ppl"]["mean"] / ref["ppl"]["mean"] if comparable else None
+        ref_by_seed = {r.get("seed"): r["perplexity"]["ppl"] for r in by_model[reference] if r.get("perplexity")} \
+            if comparable else {}
+        paired = [r["perplexity"]["ppl"] / ref_by_seed[r.get("seed")] for r in by_model[model]
+                  if r.get("perplexity") and r.get("seed") in ref_by_seed]
+        s["ratio_by_seed"] = spread(paired) if paired else None
+    return stats
+
+
+def position_stats(by_model: dict[str, list[dict]]) -> dict:
+    """{model: {length: [{from, to, loss: spread, ppl: spread}, ...]}} over the runs that measured that length."""
+    stats: dict = {}
+    for model, runs in by_model.items():
+        for length in sorted({n for r in runs for n in r.get("perplexity_by_position", {})}, key=int):
+            measured = [r["perplexity_by_position"][length] for r in runs if length in r.get("perplexity_by_position", {})]
+            stats.setdefault(model, {})[length] = [
+                {"from": b["from"], "to": b["to"], "loss": spread([m[i]["loss"] for m in measured]),
+                 "ppl": spread([m[i]["ppl"] for m in measured])} for i, b in enumerate(measured[0])]
+    return stats
+
+
+def model_summary(runs: list[dict]) -> dict:
+    """What a model's runs share (first run), which runs there are, and every scalar metric's spread over them."""
+    scalars = [run_scalars(r) for r in runs]
+    names = [k for k in scalars[0] if all(k in s for s in scalars)]
+    first = runs[0]
+    return {"runs": [r.get("run", r["model"]) for r in runs], "seeds": [r.get("seed") for r in runs],
+            "train_seq_len": first["train_seq_len"], "overrides": first["overrides"],
+            "parameters": first.get("parameters"), "device": first["device"], "date": max(r["date"] for r in runs),
+            "metrics": {k: spread([s[k] for s in scalars]) for k in names}}
+
+
+def summarize(out_dir: str | Path, reference_model: Optional[str] = None) -> Optional[dict]:
+    """Combine every ``<run>.json`` in ``out_dir`` into ``length_generalization.json``, ``summary.md``,
+    ``accuracy_vs_length.png`` (one panel per task, one line per model) and ``loss_vs_position.png``; every metric
+    is the mean over a model's runs (seeds) with its spread. Returns the summary (None: no results)."""
     out = Path(out_dir)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    results = [r for r in results if "retrieval" in r and "model" in r]  # model results, not the summary itself
+    results = [r for r in results if "retrieval" in r and "model" in r]  # run results, not the summary itself
     if not results:
         return None
-    table = accuracy_table(results)
-    summary = {"models": {r["model"]: {k: r[k] for k in ("train_seq_len", "train", "eval_seconds", "device", "date",
-                                                          "overrides")} for r in results},
-               "accuracy": {task: {m: {str(n): a for n, a in acc.items()} for m, acc in per.items()}
-                            for task, per in table.items()}}
+    by_model: dict[str, list[dict]] = {}
+    for r in sorted(results, key=lambda r: (r["model"], r.get("seed") is not None, r.get("seed") or 0)):
+        by_model.setdefault(r["model"], []).append(r)
+    accuracy = accuracy_stats(results)
+    summary = {"models": {m: model_summary(runs) for m, runs in by_model.items()},
+               "reference_model": reference_model,
+               "perplexity": perplexity_stats(by_model, reference_model),
+               "perplexity_by_position": position_stats(by_model),
+               "accuracy": {task: {m: {str(n): s["mean"] for n, s in acc.items()} for m, acc in per.items()}
+                            for task, per in accuracy.items()},
+               "accuracy_spread": {task: {m: {str(n): s for n, s in acc.items()} for m, acc in per.items()}
+                                   for task, per in accuracy.items()}}
     (out / "length_generalization.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(markdown_table(table, results))
-    plot_models(table, out / "accuracy_vs_length.png", {r["model"]: r["train_seq_len"] for r in results})
+    (out / "summary.md").write_text(markdown_summary(summary, results))
+    train_lengths = {m: s["train_seq_len"] for m, s in summary["models"].items()}
+    if accuracy:
+        plot_accuracy(accuracy, out / "accuracy_vs_length.png", train_lengths)
+    if summary["perplexity_by_position"]:
+        plot_positions(summary["perplexity_by_position"], out / "loss_vs_position.png", train_lengths)
     return summary
 
 
-def markdown_table(table: dict, results: list[dict]) -> str:
-    lengths = sorted({n for per in table.values() for acc in per.values() for n in acc})
+def cell(s: dict, fmt: str = ".2f") -> str:
+    """A spread as 'mean' (one run) or 'mean (min–max)'."""
+    return f"{s['mean']:{fmt}}" if s["n"] == 1 else f"{s['mean']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+def markdown_summary(summary: dict, results: list[dict]) -> str:
+    return "\n".join([*models_table(summary), *accuracy_markdown(summary["accuracy_spread"]),
+                      *positions_table(summary["perplexity_by_position"]), *run_lines(results)]) + "\n"
+
+
+def models_table(summary: dict) -> list[str]:
+    """Parameters, compute and held-out perplexity per model (mean (min–max) over seeds; ± the std)."""
+    ref = summary["reference_model"]
+    lines = [f"| model | seeds | parameters (active) | train tokens | FLOPs/token | train FLOPs | held-out loss | "
+             f"held-out ppl | ppl / {ref or 'reference'} |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, s in summary["models"].items():
+        m, p, ppl = s["metrics"], s["parameters"], summary["perplexity"].get(model)
+        params = f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)" if p else "—"
+        flops = [f"{m[k]['mean']:.3g}" if k in m else "—" for k in ("flops_per_token", "train_flops")]
+        loss = "—" if not ppl else cell(ppl["loss"], ".4f") + (f" ± {ppl['loss']['std']:.4f}"
+                                                                 if ppl["loss"]["n"] > 1 else "")
+        ratio = "—"
+        if ppl and ppl["ratio_to_reference"] is not None:
+            by_seed = ppl["ratio_by_seed"]
+            ratio = f"{ppl['ratio_to_reference']:.4f}" + (f" ({by_seed['min']:.4f}–{by_seed['max']:.4f} by seed)"
+                                                          if by_seed and by_seed["n"] > 1 else "")
+        lines.append(f"| {model} | {len(s['runs'])} | {params} | {cell(m['train_tokens'], ',.0f')} | {flops[0]} | "
+                     f"{flops[1]} | {loss} | {cell(ppl['ppl'], '.3f') if ppl else '—'} | {ratio} |")
+    windows = [p for p in summary["perplexity"].values()]
+    if windows:
+        lines.append(f"\nHeld-out perplexity: {windows[0]['windows']} windows of {windows[0]['window_length']} tokens "
+                     "of the held-out split; mean (min–max) ± std over seeds.")
+    return lines + [""]
+
+
+def accuracy_markdown(accuracy: dict) -> list[str]:
+    """Retrieval accuracy by task, model and length (mean (min–max) over seeds)."""
+    lengths = sorted({int(n) for per in accuracy.values() for acc in per.values() for n in acc})
+    if not lengths:
+        return []
     lines = ["| task | model | " + " | ".join(short_length(n) for n in lengths) + " |",
              "|---|---|" + "---|" * len(lengths)]
-    for task, per in table.items():
+    for task, per in accuracy.items():
         for model, acc in per.items():
-            cells = [f"{acc[n]:.2f}" if n in acc else "—" for n in lengths]
-            lines.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
-    lines.append("")
+            lines.append(f"| {task} | {model} | " + " | ".join(cell(acc[str(n)]) if str(n) in acc else "—"
+                                                              for n in lengths) + " |")
+    return lines + [""]
+
+
+def positions_table(positions: dict) -> list[str]:
+    """Loss by position of each model's longest held-out sequence."""
+    if not positions:
+        return []
+    longest = {m: per[max(per, key=int)] for m, per in positions.items()}
+    edges = sorted({b["to"] for rows in longest.values() for b in rows})
+    lines = ["Loss by position (held-out sequence; bucket = positions up to the column's length):", "",
+             "| model | " + " | ".join(f"<{short_length(n)}" for n in edges) + " |", "|---|" + "---|" * len(edges)]
+    for model, rows in longest.items():
+        by_edge = {b["to"]: b["loss"] for b in rows}
+        lines.append(f"| {model} | " + " | ".join(cell(by_edge[n], ".3f") if n in by_edge else "—" for n in edges)
+                     + " |")
+    return lines + [""]
+
+
+def run_lines(results: list[dict]) -> list[str]:
+    lines = []
     for r in results:
         t = r["train"]
-        lines.append(f"- {r['model']}: trained at {r['train_seq_len']} tokens, {t['steps']} steps, "
-                     f"{t['tokens'] / 1e6:.1f}M tokens, {t['seconds']:.0f} s; eval {r['eval_seconds']:.0f} s "
-                     f"({r['device']}, {r['date']})")
-    return "\n".join(lines) + "\n"
+        phases = ", ".join(f"{p['name']} {p['steps']} steps" for p in t.get("phases", []))
+        lines.append(f"- {r.get('run', r['model'])}: trained at {r['train_seq_len']} tokens, {t['steps']} steps"
+                     + (f" ({phases})" if phases else "") + f", {t['tokens'] / 1e6:.1f}M tokens, {t['seconds']:.0f} s; "
+                     f"eval {r['eval_seconds']:.0f} s ({r['device']}, {r['date']})")
+    return lines
 
 
-def plot_models(table: dict, path: Path, train_lengths: dict[str, int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(table)
+def plot_accuracy(accuracy: dict, path: Path, train_lengths: dict[str, int]) -> None:
+    """One panel per task, one line per model (mean over seeds, min–max band)."""
+    plt = pyplot()
+    tasks = list(accuracy)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for model, acc in table[task].items():
+        for model, acc in accuracy[task].items():
             lengths = sorted(acc)
-            line, = ax.plot(lengths, [acc[n] for n in lengths], marker="o", label=model)
+            line, = ax.plot(lengths, [acc[n]["mean"] for n in lengths], marker="o", label=model)
+            ax.fill_between(lengths, [acc[n]["min"] for n in lengths], [acc[n]["max"] for n in lengths],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
             ax.axvline(train_lengths[model], color=line.get_color(), linestyle=":", alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_title(task)
@@ -247,18 +769,57 @@ def plot_models(table: dict, path: Path, train_lengths: dict[str, int]) -> None:
     plt.close(fig)
 
 
+def plot_positions(positions: dict, path: Path, train_lengths: dict[str, int]) -> None:
+    """Held-out loss by position bucket, one line per model (its longest sequence; mean over seeds, min–max band),
+    training length dotted: a loss that keeps falling past it is length generalisation."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for model, per in positions.items():
+        rows = per[max(per, key=int)]
+        ends = [b["to"] for b in rows]
+        line, = ax.plot(ends, [b["loss"]["mean"] for b in rows], marker="o", label=model)
+        ax.fill_between(ends, [b["loss"]["min"] for b in rows], [b["loss"]["max"] for b in rows],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.axvline(train_lengths[model], color=line.get_color(), linestyle=":", alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position bucket end (tokens); dotted: training length")
+    ax.set_ylabel("next-token loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def run_experiment(path: str, overrides: list[str], models: Optional[list[str]] = None,
-                   summarize_only: bool = False, eval_only: bool = False) -> Optional[dict]:
+                   summarize_only: bool = False, eval_only: bool = False,
+                   seeds: Optional[list[int]] = None) -> Optional[dict]:
     exp = load_experiment(path, overrides)
     chosen = models or list(exp.models)
     for model in chosen:
         check_choice("--models", model, tuple(exp.models))
+    if seeds is not None and exp.seeds is None:
+        raise ConfigError("--seeds: the experiment has no seeds list (add seeds: [0, 1] to it, or seeds=[0,1])")
+    for seed in seeds or []:
+        check_choice("--seeds", str(seed), tuple(str(s) for s in exp.seeds))
     if not summarize_only:
-        for model in chosen:
-            result = run_model(exp, model, eval_only)
-            print(f"{model}: trained {result['train']['steps']} steps in {result['train']['seconds']:.0f} s, "
+        runs = exp.runs(chosen, seeds)
+        for model in dict.fromkeys(m for m, _ in runs):  # held-out text large enough, before anything trains
+            check_held_out(exp, model, exp.phase_configs(model, runs[0][1])[-1][1])
+        for model, seed in runs:
+            result = run_model(exp, model, eval_only, seed)
+            print(f"{result['run']}: trained {result['train']['steps']} steps in {result['train']['seconds']:.0f} s, "
                   f"evaluated in {result['eval_seconds']:.0f} s", flush=True)
-    summary = summarize(exp.out_dir)
+    summary = summarize(exp.out_dir, exp.eval.reference_model)
     if summary is None:
         raise ConfigError(f"no model results in '{exp.out_dir}' to summarize")
     print((Path(exp.out_dir) / "summary.md").read_text())

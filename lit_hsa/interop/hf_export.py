@@ -33,6 +33,7 @@ from data_modules.sources import DataError
 from lit_hsa.checkpoint_io import load_checkpoint_file, load_model, state_problems
 from lit_hsa.config import ConfigError, ModelConfig, check_choice
 from lit_hsa.interop.byte_tokenizer import EOS_TOKEN, PAD_TOKEN, byte_tokenizer
+from lit_hsa.interop.hf_import import read_json
 from lit_hsa.interop.names import ours_to_hf
 from lit_hsa.model.transformer import HSATransformer
 
@@ -280,7 +281,7 @@ def read_lit_hsa_dir(hf_dir: str) -> tuple[ModelConfig, dict[str, torch.Tensor],
     from safetensors.torch import load_file
 
     path = Path(hf_dir)
-    config = read_json(path / "config.json", f"'{hf_dir}' has no config.json: not a Hugging Face model directory")
+    config = read_json(path / "config.json", what="config.json (not a Hugging Face model folder?)")
     model_type = config.get("model_type")
     if model_type != "lit_hsa":
         raise ConfigError(f"'{hf_dir}' holds a '{model_type}' model, not a lit_hsa export (native models are "
@@ -312,15 +313,3 @@ def read_lit_hsa_dir(hf_dir: str) -> tuple[ModelConfig, dict[str, torch.Tensor],
     if eos is None:
         raise ConfigError(f"'{hf_dir}/config.json': eos_token_id {eos_id!r} is not a token of its tokenizer.json")
     return cfg, state, str(tokenizer), eos
-
-
-def read_json(path: Path, missing: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(missing)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"'{path}' is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{path}' holds no JSON object")
-    return data

@@ -271,8 +271,8 @@ def check_phase_keys(phases: Any) -> None:
 
 
 def apply_override(node, item: str) -> None:
-    """One ``dotted.key=value`` onto the structured experiment ``node``. Applied key by key (not merged) so that list
-    items can be addressed: ``phases.1.max_steps=5``."""
+    """One ``dotted.key=value`` onto the structured experiment ``node``, by its key path (``OmegaConf.update``) rather
+    than by merging a tree of overrides, so that list items can be addressed: ``phases.1.max_steps=5``."""
     key = item.split("=", 1)[0]
     value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
     try:

@@ -28,52 +28,10 @@ COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "generate":
-        return parse_generate_args(argv[1:])
-    if argv and argv[0] == "eval":
-        return parse_eval_args(argv[1:])
-    if argv and argv[0] == "experiment":
-        return parse_experiment_args(argv[1:])
-    if argv and argv[0] == "merge":
-        parser = argparse.ArgumentParser(prog="main.py merge", description="Fold LoRA adapters into a full checkpoint.")
-        parser.add_argument("--ckpt", required=True, help="a LoRA fine-tuning checkpoint (finetune.method=lora)")
-        parser.add_argument("--base", help="its base checkpoint (default: the one recorded in --ckpt)")
-        parser.add_argument("--out", required=True, help="the full single-file checkpoint to write")
-        args = parser.parse_args(argv[1:])
-        args.command = "merge"
-        return args
-    if argv and argv[0] == "convert":
-        parser = argparse.ArgumentParser(prog="main.py convert",
-                                         description="A local Hugging Face model directory → a lit-hsa checkpoint.")
-        parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
-        parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
-        parser.add_argument("--to", default="full", choices=("full", "hsa"),
-                            help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
-        parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
-        parser.add_argument("overrides", nargs="*", metavar="key=value", help="--to hsa: model.* keys, e.g. "
-                            "model.swa_window=1024 model.hsa_topk=16")
-        args = parser.parse_intermixed_args(argv[1:])
-        args.command = "convert"
-        return args
-    if argv and argv[0] == "export":
-        parser = argparse.ArgumentParser(prog="main.py export",
-                                         description="A lit-hsa checkpoint → a Hugging Face model directory.")
-        parser.add_argument("--ckpt", required=True, help="a full checkpoint (LoRA: `main.py merge` it first)")
-        parser.add_argument("--out", required=True, help="the directory to write")
-        parser.add_argument("--native", default="auto", choices=("auto", "never"),
-                            help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
-                            "architecture; never: always the lit_hsa format (trust_remote_code)")
-        parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
-        args = parser.parse_args(argv[1:])
-        args.command = "export"
-        return args
-    if argv and argv[0] == "consolidate":
-        parser = argparse.ArgumentParser(prog="main.py consolidate",
-                                         description="Turn a sharded (FSDP) checkpoint folder into one file.")
-        parser.add_argument("--ckpt", required=True, help="the checkpoint folder (…/checkpoints/last.ckpt/)")
-        parser.add_argument("--out", required=True, help="the single-file checkpoint to write")
-        args = parser.parse_args(argv[1:])
-        args.command = "consolidate"
+    if argv and argv[0] in SUBCOMMANDS:
+        parser, intermixed = SUBCOMMANDS[argv[0]]()
+        args = parser.parse_intermixed_args(argv[1:]) if intermixed else parser.parse_args(argv[1:])
+        args.command = argv[0]
         return args
     parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
     parser.add_argument("command", choices=COMMANDS)
@@ -93,7 +51,10 @@ def _checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_eval_args(argv: list[str]) -> argparse.Namespace:
+# Each subcommand's parser → (parser, whether positional overrides may be mixed with options).
+
+
+def eval_parser():
     parser = _checkpoint_parser("main.py eval", "RULER-style retrieval accuracy and perplexity by position.")
     parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt")
     parser.add_argument("--lengths", default="1k,4k", help="comma-separated, k/m suffixes: 4k,64k,1m")
@@ -102,12 +63,10 @@ def parse_eval_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ppl-length", default="0", help="tokens of held-out text for perplexity by position (0: skip)")
     parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus)")
     parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
-    args = parser.parse_args(argv)
-    args.command = "eval"
-    return args
+    return parser, False
 
 
-def parse_experiment_args(argv: list[str]) -> argparse.Namespace:
+def experiment_parser():
     parser = argparse.ArgumentParser(prog="main.py experiment",
                                      description="Train several models with one recipe, evaluate retrieval by length.")
     parser.add_argument("--config", "-c", required=True, help="experiment YAML (configs/experiments/*.yaml)")
@@ -116,12 +75,10 @@ def parse_experiment_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/<model>.weights.pt, no training")
     parser.add_argument("--seeds", type=seed_list, help="comma-separated subset of the file's seeds (default: all)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.trainer.max_steps=10 out_dir=x")
-    args = parser.parse_intermixed_args(argv)
-    args.command = "experiment"
-    return args
+    return parser, True
 
 
-def parse_generate_args(argv: list[str]) -> argparse.Namespace:
+def generate_parser():
     parser = _checkpoint_parser("main.py generate", "Generate text from a checkpoint.")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -131,9 +88,56 @@ def parse_generate_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--compile", action="store_const", const="inductor", default=None,
                         help="compile the decoding step's blocks (CUDA; tens of seconds once, then faster tokens)")
-    args = parser.parse_args(argv)
-    args.command = "generate"
-    return args
+    return parser, False
+
+
+def _ckpt_to_out_parser(command: str, description: str, ckpt: str, out: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"main.py {command}", description=description)
+    parser.add_argument("--ckpt", required=True, help=ckpt)
+    parser.add_argument("--out", required=True, help=out)
+    return parser
+
+
+def merge_parser():
+    parser = _ckpt_to_out_parser("merge", "Fold LoRA adapters into a full checkpoint.",
+                                 "a LoRA fine-tuning checkpoint (finetune.method=lora)",
+                                 "the full single-file checkpoint to write")
+    parser.add_argument("--base", help="its base checkpoint (default: the one recorded in --ckpt)")
+    return parser, False
+
+
+def consolidate_parser():
+    return _ckpt_to_out_parser("consolidate", "Turn a sharded (FSDP) checkpoint folder into one file.",
+                               "the checkpoint folder (…/checkpoints/last.ckpt/)",
+                               "the single-file checkpoint to write"), False
+
+
+def convert_parser():
+    parser = argparse.ArgumentParser(prog="main.py convert",
+                                     description="A local Hugging Face model directory → a lit-hsa checkpoint.")
+    parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
+    parser.add_argument("--to", default="full", choices=("full", "hsa"),
+                        help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16")
+    return parser, True
+
+
+def export_parser():
+    parser = _ckpt_to_out_parser("export", "A lit-hsa checkpoint → a Hugging Face model directory.",
+                                 "a full checkpoint (LoRA: `main.py merge` it first)", "the directory to write")
+    parser.add_argument("--native", default="auto", choices=("auto", "never"),
+                        help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
+                        "architecture; never: always the lit_hsa format (trust_remote_code)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
+    return parser, False
+
+
+SUBCOMMANDS = {"generate": generate_parser, "eval": eval_parser, "experiment": experiment_parser,
+               "merge": merge_parser, "consolidate": consolidate_parser, "convert": convert_parser,
+               "export": export_parser}
 
 
 def _cuda() -> bool:

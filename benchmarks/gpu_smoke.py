@@ -112,6 +112,11 @@ def plan(work: Path) -> list[Step]:
         Step("fit-converted", [*fit, "--config", str(work / "converted" / "model.yaml"), "--config",
                                "configs/convert/hsa_from_dense.yaml", root, "data.seq_len=1024",
                                "trainer.run_name=converted", *SHORT], ["convert-to-hsa"]),
+        # the paper recipe's phases (self-copy warm-up, then the main stage), BPE tokens, held-out perplexity
+        Step("experiment-paper-recipe", ["main.py", "experiment", "--config", "configs/experiments/paper_recipe.yaml",
+                                         "--models", "hsa", "--seeds", "0", f"out_dir={work / 'paper_recipe'}",
+                                         "phases.0.max_steps=3", "phases.1.max_steps=3", "eval.lengths=[4k]",
+                                         "eval.samples=1", "eval.ppl_windows=2", "eval.ppl_lengths=[4k]"]),
         Step("fit-fsdp-1gpu", [*fit, "--config", "configs/tiny.yaml", root, "trainer.strategy=fsdp",
                                "trainer.devices=1", "trainer.run_name=tiny-fsdp", *SHORT]),
         Step("consolidate", ["main.py", "consolidate", "--ckpt", lambda: ckpt("tiny-fsdp"), "--out",

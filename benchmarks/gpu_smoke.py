@@ -61,6 +61,8 @@ def plan(work: Path) -> list[Step]:
                                    "trainer.run_name=tiny-bf16", *SHORT]),
         # `small` with MoE feed-forwards at 4K under bf16-mixed (the paper's model is MoE)
         Step("fit-small-moe-bf16", [*fit, "--config", "configs/stages/pretrain.yaml", root, "model.moe=true",
+                                    "model.n_experts=8", "model.experts_per_token=2", "model.expert_hidden=640",
+                                    "model.n_shared_experts=1",
                                     "trainer.run_name=small-moe", *SHORT]),
     ]
     previous = None

@@ -101,21 +101,31 @@ def state_problems(state: dict, own: dict) -> str:
     return "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
 
 
-def load_model(path: str, device: str):
-    """A full checkpoint (``fit``, ``merge``, ``consolidate``) → (``HSATransformer`` in eval mode on ``device``,
-    tokenizer), from the weights and the plain hyper-parameters it records; no Lightning involved."""
-    checkpoint = load_checkpoint_file(path)
+def full_checkpoint(path: str, mmap: bool = False) -> tuple[ModelConfig, dict, dict]:
+    """A full checkpoint (``fit``, ``merge``, ``consolidate``) → (its model config, its weights by the model's
+    state-dict names in the dtypes saved, its hyper-parameters), checked against the model the config builds (on the
+    meta device). ``mmap``: tensors mapped from the file, not read (``load_checkpoint_file``)."""
+    checkpoint = load_checkpoint_file(path, mmap=mmap)
     if checkpoint.get("lora_base"):
         raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: make a full one with "
                           f"`python main.py merge --ckpt {path} --out merged.ckpt`")
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict):
         raise ConfigError(f"checkpoint '{path}' records no model hyper-parameters: not a checkpoint of `main.py fit`")
-    model = HSATransformer(ModelConfig(**hparams["model"]))
+    cfg = ModelConfig(**hparams["model"])
     state = {k[len("model."):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("model.")}
-    problems = state_problems(state, model.state_dict())
+    with torch.device("meta"):  # names and shapes only
+        problems = state_problems(state, HSATransformer(cfg).state_dict())
     if problems:
         raise ConfigError(f"checkpoint '{path}' does not hold this model's weights ({problems})")
+    return cfg, state, hparams
+
+
+def load_model(path: str, device: str):
+    """A full checkpoint → (``HSATransformer`` in eval mode on ``device``, tokenizer), from the weights and the plain
+    hyper-parameters it records (``full_checkpoint``); no Lightning involved."""
+    cfg, state, hparams = full_checkpoint(path)
+    model = HSATransformer(cfg)
     model.load_state_dict(state)
     tokenizer = build_tokenizer(hparams.get("tokenizer", "byte"), hparams.get("eos_token"))
     return model.to(device).eval(), tokenizer

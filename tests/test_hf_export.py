@@ -29,8 +29,6 @@ from tests.helpers import tiny  # noqa: E402
 
 VOCAB = 320  # the byte tokenizer's 258 ids, padded to a multiple of 64
 EOS, PAD = ByteTokenizer.eos_id, ByteTokenizer.pad_id
-HAS_BIAS_FIELDS = "qkv_bias" in ModelConfig.__dataclass_fields__
-HAS_ROPE_SCALING = "rope_scaling" in ModelConfig.__dataclass_fields__
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,30 +180,23 @@ NATIVE = {  # overrides of `tiny` → (model_type, class); T = 40 > every window
     "swa-no-qknorm": (dict(attention="swa", moe=False, qk_norm=False), "mistral", "MistralForCausalLM"),
     "swa-qknorm-untied": (dict(attention="swa", moe=False, tie_embeddings=False), "qwen3", "Qwen3ForCausalLM"),
     "hsa-shape-all-dense": (dict(attention="full", first_dense_layers=4), "qwen3", "Qwen3ForCausalLM"),
+    "full-qkv-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True), "qwen2",
+                      "Qwen2ForCausalLM"),
+    "swa-qkv-bias": (dict(attention="swa", moe=False, qk_norm=False, qkv_bias=True), "qwen2", "Qwen2ForCausalLM"),
+    "full-all-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True, attn_out_bias=True),
+                      "llama", "LlamaForCausalLM"),
+    "full-qknorm-all-bias": (dict(attention="full", moe=False, qkv_bias=True, attn_out_bias=True), "qwen3",
+                             "Qwen3ForCausalLM"),
+    "full-llama3-rope": (dict(attention="full", moe=False, qk_norm=False, rope_base=500000.0,
+                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=16)),
+                         "llama", "LlamaForCausalLM"),
+    "swa-yarn-rope": (dict(attention="swa", moe=False, qk_norm=False,
+                           rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+                      "mistral", "MistralForCausalLM"),
+    "full-linear-rope": (dict(attention="full", moe=False, rope_scaling=dict(rope_type="linear", factor=2.0)),
+                         "qwen3", "Qwen3ForCausalLM"),
 }
-if HAS_BIAS_FIELDS:
-    NATIVE.update({
-        "full-qkv-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True), "qwen2",
-                          "Qwen2ForCausalLM"),
-        "swa-qkv-bias": (dict(attention="swa", moe=False, qk_norm=False, qkv_bias=True), "qwen2", "Qwen2ForCausalLM"),
-        "full-all-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True, attn_out_bias=True),
-                          "llama", "LlamaForCausalLM"),
-        "full-qknorm-all-bias": (dict(attention="full", moe=False, qkv_bias=True, attn_out_bias=True), "qwen3",
-                                 "Qwen3ForCausalLM"),
-    })
-if HAS_ROPE_SCALING:
-    NATIVE.update({
-        "full-llama3-rope": (dict(attention="full", moe=False, qk_norm=False, rope_base=500000.0,
-                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                    high_freq_factor=4.0, original_max_position_embeddings=16)),
-                             "llama", "LlamaForCausalLM"),
-        "swa-yarn-rope": (dict(attention="swa", moe=False, qk_norm=False,
-                               rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
-                          "mistral", "MistralForCausalLM"),
-        "full-linear-rope": (dict(attention="full", moe=False, rope_scaling=dict(rope_type="linear", factor=2.0)),
-                             "qwen3", "Qwen3ForCausalLM"),
-    })
-
 
 @pytest.mark.parametrize("variant", NATIVE)
 def test_native_export_loads_without_remote_code_and_matches(tmp_path, variant):
@@ -225,14 +216,11 @@ def test_native_export_loads_without_remote_code_and_matches(tmp_path, variant):
 
 
 def test_native_plan_maps_only_exact_architectures():
-    """The choices without building anything, bias combinations included (set as attributes, so they are checked
-    whether or not this ModelConfig has the fields yet)."""
+    """The choices without building anything, bias combinations included."""
 
     def plan(qkv_bias=False, out_bias=False, **overrides):
-        cfg = tiny(vocab_size=VOCAB, **overrides)
-        state = HSATransformer(cfg).state_dict()
-        cfg.qkv_bias, cfg.attn_out_bias = qkv_bias, out_bias
-        return native_plan(cfg, state)
+        cfg = tiny(vocab_size=VOCAB, qkv_bias=qkv_bias, attn_out_bias=out_bias, **overrides)
+        return native_plan(cfg, HSATransformer(cfg).state_dict())
 
     dense = dict(moe=False)
     assert plan(attention="full", **dense)[0] == "qwen3"

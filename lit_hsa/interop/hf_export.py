@@ -30,7 +30,8 @@ import torch
 from tokenizers import Tokenizer
 
 from data_modules.sources import DataError
-from lit_hsa.checkpoint_io import load_checkpoint_file, load_model, state_problems
+from data_modules.tokenizers import build_tokenizer
+from lit_hsa.checkpoint_io import full_checkpoint, state_problems
 from lit_hsa.config import ConfigError, ModelConfig, check_choice
 from lit_hsa.interop.byte_tokenizer import EOS_TOKEN, PAD_TOKEN, byte_tokenizer
 from lit_hsa.interop.hf_import import read_json
@@ -107,17 +108,15 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def read_checkpoint(ckpt: str) -> tuple[ModelConfig, dict[str, torch.Tensor], str, object]:
     """(model config, weights by our names in the checkpoint's own dtypes, tokenizer spec, tokenizer).
-    ``load_model`` checks the file (missing, LoRA adapters only, weights that do not fit) and the tokenizer."""
+    ``full_checkpoint`` checks the file (missing, LoRA adapters only, weights that do not fit); the weights are
+    mapped from it, not read."""
+    cfg, state, hparams = full_checkpoint(ckpt, mmap=True)
+    spec = hparams.get("tokenizer", "byte")
     try:
-        model, tokenizer = load_model(ckpt, "cpu")
+        tokenizer = build_tokenizer(spec, hparams.get("eos_token"))
     except DataError as e:  # the tokenizer the checkpoint names (e.g. a tokenizer.json that has moved)
         raise ConfigError(f"checkpoint '{ckpt}': {e}") from None
-    cfg = model.cfg
-    del model
-    # The weights as saved (mapped, not read twice): load_model's copies are fp32 whatever the checkpoint holds.
-    checkpoint = load_checkpoint_file(ckpt, mmap=True)
-    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return cfg, state, checkpoint["hyper_parameters"].get("tokenizer", "byte"), tokenizer
+    return cfg, state, spec, tokenizer
 
 
 def weights_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
@@ -157,10 +156,8 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def native_plan(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[str | None, str]:
-    """(transformers model_type, "") when the model maps exactly onto a native architecture, else (None, why not).
-    The bias and RoPE-scaling fields may be absent from older ``ModelConfig``s: read with defaults."""
-    qkv_bias, out_bias = getattr(cfg, "qkv_bias", False), getattr(cfg, "attn_out_bias", False)
-    scaling = getattr(cfg, "rope_scaling", None)
+    """(transformers model_type, "") when the model maps exactly onto a native architecture, else (None, why not)."""
+    qkv_bias, out_bias, scaling = cfg.qkv_bias, cfg.attn_out_bias, cfg.rope_scaling
     if cfg.attention == "hsa":
         return None, "HSA attention has no transformers equivalent"
     if cfg.moe and cfg.first_dense_layers < cfg.n_layers:
@@ -200,7 +197,7 @@ def native_config(model_type: str, cfg: ModelConfig, tokens: dict, dtype) -> Pre
         dtype=str(dtype).removeprefix("torch."), **tokens, **rope_kwargs(model_type, cfg),
     )
     if model_type in ("llama", "qwen3"):
-        kwargs["attention_bias"] = getattr(cfg, "qkv_bias", False)  # (then also o's: native_plan checked)
+        kwargs["attention_bias"] = cfg.qkv_bias  # (then also o's: native_plan checked)
     if model_type == "mistral":
         kwargs["sliding_window"] = window
     if model_type in ("qwen2", "qwen3"):  # sliding window in every layer or none
@@ -216,7 +213,7 @@ def rope_kwargs(model_type: str, cfg: ModelConfig) -> dict:
     ``rope_theta`` + ``rope_scaling`` (before)."""
     from transformers import AutoConfig
 
-    scaling = dict(getattr(cfg, "rope_scaling", None) or {})
+    scaling = dict(cfg.rope_scaling or {})
     if hasattr(AutoConfig.for_model(model_type), "rope_parameters"):
         rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
         return {"rope_parameters": {**scaling, "rope_type": rope_type, "rope_theta": cfg.rope_base}}

@@ -22,49 +22,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import ROOT, gpu_name, result_path, write_result
 
 from lit_hsa.checkpoint_io import load_model
 from lit_hsa.config import DataConfig
 from lit_hsa.eval.run import held_out_tokens
 from lit_hsa.eval.ruler import evaluate_retrieval
+from lit_hsa.experiment import held_out_perplexity
+
+
+def scale(data: list[str], dense: list[str], convert: list[str], continued: list[str], **evaluation) -> dict:
+    """One scale's overrides: ``data`` for both trainings (the continuation reads the dense model's data), then
+    each training's own, the conversion's, and the evaluation settings."""
+    return {"dense": [*data, *dense], "convert": convert, "continue": [*data, *continued], **evaluation}
+
 
 # Model, data and budget per scale. Both models see retrieval tasks in training (the dense one learns NIAH within
 # its training length), so the comparison beyond it isolates what the architecture adds.
 SCALES = {
-    "gpu": {
-        "dense": ["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=2", "model.head_dim=64",
-                  "model.n_lower_layers=8", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=1536",
-                  "model.qk_norm=true", "data.seq_len=1024", "data.batch_size=64", "data.num_workers=4",
-                  "data.synthetic_fraction=0.5", "data.synthetic_tasks=[niah_single,niah_multiquery,self_copy]",
-                  "data.answer_loss_weight=10.0", "optim.lr=5e-4", "trainer.max_steps=3000",
-                  "trainer.max_time=00:00:03:00", "trainer.precision=bf16-mixed", "trainer.val_check_interval=1000"],
-        "convert": ["model.swa_window=128", "model.chunk_size=64", "model.hsa_topk=8", "model.hsa_kv_heads=1"],
-        "continue": ["data.seq_len=1024", "data.batch_size=64", "data.num_workers=4", "data.synthetic_fraction=0.5",
-                     "data.synthetic_tasks=[niah_single,niah_multiquery,self_copy]", "data.answer_loss_weight=10.0",
-                     "trainer.topk_schedule=[[0,16],[300,8]]", "trainer.max_steps=1500",
-                     "trainer.max_time=00:00:02:00", "trainer.accumulate_grad_batches=1",
-                     "trainer.activation_checkpointing=false", "trainer.val_check_interval=500",
-                     "optim.warmup_steps=50"],
-        "eval_windows": 64, "lengths": [1024, 4096, 16384], "samples": 4,
-        "tasks": ["niah_single", "niah_multiquery"],
-    },
-    "cpu": {
-        "dense": ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
-                  "model.n_lower_layers=4", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=128",
-                  "model.moe=false", "data.seq_len=256", "data.batch_size=4", "data.num_workers=1",
-                  "data.synthetic_fraction=0.5", "data.synthetic_tasks=[niah_single,self_copy]",
-                  "trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.limit_val_batches=1",
-                  "data.val_samples=2"],
-        "convert": ["model.swa_window=64", "model.chunk_size=32", "model.hsa_topk=2", "model.hsa_kv_heads=1"],
-        "continue": ["data.seq_len=256", "data.batch_size=4", "data.num_workers=1", "data.synthetic_fraction=0.5",
-                     "data.synthetic_tasks=[niah_single,self_copy]", "trainer.topk_schedule=[[0,8],[10,2]]",
-                     "trainer.max_steps=20", "trainer.precision=32-true", "trainer.accumulate_grad_batches=1",
-                     "trainer.activation_checkpointing=false", "trainer.val_check_interval=20",
-                     "trainer.limit_val_batches=1", "data.val_samples=2", "optim.warmup_steps=5"],
-        "eval_windows": 4, "lengths": [256, 1024], "samples": 1, "tasks": ["niah_single"],
-    },
+    "gpu": scale(
+        data=["data.seq_len=1024", "data.batch_size=64", "data.num_workers=4", "data.synthetic_fraction=0.5",
+              "data.synthetic_tasks=[niah_single,niah_multiquery,self_copy]", "data.answer_loss_weight=10.0"],
+        dense=["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=2", "model.head_dim=64",
+               "model.n_lower_layers=8", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=1536",
+               "model.qk_norm=true", "optim.lr=5e-4", "trainer.max_steps=3000", "trainer.max_time=00:00:03:00",
+               "trainer.precision=bf16-mixed", "trainer.val_check_interval=1000"],
+        convert=["model.swa_window=128", "model.chunk_size=64", "model.hsa_topk=8", "model.hsa_kv_heads=1"],
+        continued=["trainer.topk_schedule=[[0,16],[300,8]]", "trainer.max_steps=1500", "trainer.max_time=00:00:02:00",
+                   "trainer.accumulate_grad_batches=1", "trainer.activation_checkpointing=false",
+                   "trainer.val_check_interval=500", "optim.warmup_steps=50"],
+        eval_windows=64, lengths=[1024, 4096, 16384], samples=4, tasks=["niah_single", "niah_multiquery"]),
+    "cpu": scale(
+        data=["data.seq_len=256", "data.batch_size=4", "data.num_workers=1", "data.synthetic_fraction=0.5",
+              "data.synthetic_tasks=[niah_single,self_copy]", "data.val_samples=2"],
+        dense=["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+               "model.n_lower_layers=4", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=128",
+               "model.moe=false", "trainer.max_steps=20", "trainer.val_check_interval=20",
+               "trainer.limit_val_batches=1"],
+        convert=["model.swa_window=64", "model.chunk_size=32", "model.hsa_topk=2", "model.hsa_kv_heads=1"],
+        continued=["trainer.topk_schedule=[[0,8],[10,2]]", "trainer.max_steps=20", "trainer.precision=32-true",
+                   "trainer.accumulate_grad_batches=1", "trainer.activation_checkpointing=false",
+                   "trainer.val_check_interval=20", "trainer.limit_val_batches=1", "optim.warmup_steps=5"],
+        eval_windows=4, lengths=[256, 1024], samples=1, tasks=["niah_single"]),
 }
 COMMON = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10", "model.attention=full", "model.moe=false"]
 
@@ -80,17 +79,12 @@ def last_checkpoint(runs: Path, run_name: str) -> Path:
 
 
 def held_out_loss(ckpt: Path, length: int, windows: int, device: str) -> float:
-    """Mean next-token loss over ``windows`` held-out windows of ``length`` tokens (the same windows for every
-    model that shares a tokenizer: the embedded corpus's validation split)."""
+    """Mean next-token loss over ``windows`` held-out windows of ``length`` tokens, as ``main.py experiment``
+    measures it (``held_out_perplexity``; the same windows for every model that shares a tokenizer: the embedded
+    corpus's validation split)."""
     model, tokenizer = load_model(str(ckpt), device)
     tokens = held_out_tokens(DataConfig(), tokenizer, windows * length + 1)
-    x = torch.as_tensor(tokens[: windows * length].astype(np.int64), device=device).view(windows, length)
-    losses = []
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-        for row in x.split(8):
-            logits = model(row[:, :-1])
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), row[:, 1:].flatten(), reduction="sum"))
-    return float(torch.stack(losses).sum() / (windows * (length - 1)))
+    return held_out_perplexity(model, tokens, windows, length, torch.device(device))["loss"]
 
 
 def retrieval(ckpt: Path, tasks: list[str], lengths: list[int], samples: int, device: str) -> dict:

@@ -44,16 +44,14 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from data_modules.packing import tokenize
 from data_modules.synthetic import TASKS
-from data_modules.text import build_document_streams
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, state_problems
 from lit_hsa.config import (Config, ConfigError, ModelConfig, check_choice, load_config, load_yaml, merge_onto,
                             parse_overrides)
 from lit_hsa.eval.experiment_report import summarize
 from lit_hsa.eval.ruler import evaluate_retrieval, parse_length, perplexity_by_position, rows_as_dicts, short_length
-from lit_hsa.eval.run import held_out_tokens
+from lit_hsa.eval.run import held_out_prefix, held_out_tokens
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.callbacks import scheduled_value
 from lit_hsa.training.flops import training_flops_per_token
@@ -401,18 +399,6 @@ def load_trained(path: Path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-def held_out_size(data_cfg, tokenizer, limit: int) -> int:
-    """Tokens in the held-out split of the data config's sources (documents + EOS, as ``held_out_tokens`` joins
-    them), counted up to ``limit``."""
-    total = 0
-    for stream in build_document_streams(data_cfg)[0]:
-        for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
-            total += len(doc.tokens) + 1
-            if total >= limit:
-                return total
-    return total
-
-
 def check_held_out(exp: Experiment, model: str, cfg: Config) -> None:
     """Perplexity on a held-out split too small for it would run over repeated text (``held_out_tokens`` cycles):
     refuse before training."""
@@ -421,7 +407,7 @@ def check_held_out(exp: Experiment, model: str, cfg: Config) -> None:
     if not need:
         return
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
-    have = held_out_size(cfg.data, tokenizer, need)
+    have = len(held_out_prefix(cfg.data, tokenizer, need))
     if have < need:
         raise ConfigError(f"model '{model}': eval.ppl_windows × data.seq_len and eval.ppl_lengths need {need:,} "
                           f"held-out tokens, the held-out split has {have:,}: raise data.val_fraction (it is "

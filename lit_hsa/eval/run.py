@@ -17,9 +17,9 @@ from lit_hsa.eval.ruler import (check_retrieval_samples, evaluate_retrieval, par
                                 plot_results, rows_as_dicts)
 
 
-def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
-    """At least ``n_tokens`` tokens of the validation split of the data config's sources (documents joined with
-    EOS, cycled if the split is smaller)."""
+def held_out_prefix(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
+    """The validation split of the data config's sources (documents joined with EOS) up to the first document that
+    reaches ``n_tokens`` tokens; all of it, shorter, when the split is smaller."""
     pieces, total = [], 0
     for stream in build_document_streams(data_cfg)[0]:
         for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
@@ -27,9 +27,15 @@ def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarra
             total += len(doc.tokens) + 1
             if total >= n_tokens:
                 return np.concatenate(pieces)
-    if not pieces:
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
+    """At least ``n_tokens`` tokens of the validation split (``held_out_prefix``), cycled if the split is smaller."""
+    tokens = held_out_prefix(data_cfg, tokenizer, n_tokens)
+    if not len(tokens):
         raise ConfigError("the held-out split of data.sources is empty")
-    return np.resize(np.concatenate(pieces), n_tokens)
+    return tokens if len(tokens) >= n_tokens else np.resize(tokens, n_tokens)
 
 
 def run_eval(args) -> None:

@@ -60,7 +60,7 @@ def test_hsa_blocks_open_with_training():
 
 
 def test_dense_weights_land_where_documented():
-    dense_cfg, dense = dense_model(qkv_bias=True) if "qkv_bias" in tiny().__dataclass_fields__ else dense_model()
+    dense_cfg, dense = dense_model(qkv_bias=True)
     cfg, hsa = converted(dense_cfg, dense, swa_window=16, chunk_size=8, hsa_kv_heads=1)
     d, h = dense.state_dict(), hsa.state_dict()
     first = cfg.n_lower_layers  # the first HSA block is dense layer 3

@@ -2,7 +2,6 @@
 config to continue training from it), as the same network (``--to full``) or as an HSA model (``--to hsa``)."""
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lit_hsa.config import ConfigError, ModelConfig, parse_overrides
 from lit_hsa.interop.hf_export import read_lit_hsa_dir
-from lit_hsa.interop.hf_import import read_dense, write_checkpoint
+from lit_hsa.interop.hf_import import read_dense, read_json, write_checkpoint
 from lit_hsa.interop.to_hsa import dense_to_hsa
 
 TARGETS = ("full", "hsa")
@@ -33,9 +32,8 @@ def model_overrides(overrides: list[str] | None) -> dict:
 def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None = None, seed: int = 0) -> None:
     if to not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
-    config_json = Path(hf_dir, "config.json")
-    is_ours = config_json.is_file() and json.loads(config_json.read_text()).get("model_type") == "lit_hsa"
-    if is_ours:  # a directory `main.py export` wrote: read back exactly
+    config = read_json(Path(hf_dir, "config.json"), what="config.json (not a Hugging Face model folder?)")
+    if config.get("model_type") == "lit_hsa":  # a directory `main.py export` wrote: read back exactly
         cfg, state, tokenizer, eos_token = read_lit_hsa_dir(hf_dir)
         source = {"hf_dir": str(Path(hf_dir).resolve()), "model_type": "lit_hsa"}
     else:

@@ -83,14 +83,18 @@ def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int =
     def layer(i: int, name: str) -> torch.Tensor:
         return state[f"{block_name(i, dense.n_lower_layers)}.{name}"]
 
+    def layer_names(i: int) -> list[str]:
+        """The names of dense layer i's weights inside its block."""
+        prefix = block_name(i, dense.n_lower_layers) + "."
+        return [k[len(prefix):] for k in state if k.startswith(prefix)]
+
     hsa_layers = [cfg.n_lower_layers + g * (1 + cfg.swa_layers_per_group) for g in range(cfg.n_groups)]
     for key in ("embed.weight", "norm.weight", "lm_head.weight"):
         if key in state:
             out[key] = state[key]
     for i in range(cfg.n_layers):
         ours = block_name(i, cfg.n_lower_layers)
-        dense_keys = [k[len(block_name(i, dense.n_lower_layers)) + 1:] for k in state
-                      if k.startswith(block_name(i, dense.n_lower_layers) + ".")]
+        dense_keys = layer_names(i)
         if i not in hsa_layers:  # an SWA block: the same module names
             out.update({f"{ours}.{k}": layer(i, k) for k in dense_keys})
             continue
@@ -111,11 +115,10 @@ def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int =
                                                   dense.head_dim, cfg.hsa_kv_heads)
     if dense.qk_norm:
         out["memory.k_norm.weight"] = layer(first, "attn.k_norm.weight")
+    first_attention = [k for k in layer_names(first) if k.startswith("attn.")]
     for j in range(cfg.encoder_layers):
         enc = f"memory.layers.{j}"
-        first_keys = [k[len(block_name(first, dense.n_lower_layers)) + 1:] for k in state
-                      if k.startswith(block_name(first, dense.n_lower_layers) + ".attn.")]
-        for k in first_keys:  # q/k/v/o, the QK norms and q/k/v biases where the dense model has them
+        for k in first_attention:  # q/k/v/o, the QK norms and q/k/v biases where the dense model has them
             if f"{enc}.{k}" in fresh:
                 out[f"{enc}.{k}"] = layer(first, k)
         out[f"{enc}.attn_norm.weight"] = layer(first, "attn_norm.weight")

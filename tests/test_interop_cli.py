@@ -80,6 +80,7 @@ def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
     (["convert", "--hf", "{tmp}/nowhere", "--out", "{tmp}/o.ckpt"], "nowhere"),
     (["convert", "--hf", "{tmp}/empty", "--out", "{tmp}/o.ckpt"], "config.json"),
     (["convert", "--hf", "{tmp}/gpt2", "--out", "{tmp}/o.ckpt"], "gpt2"),
+    (["convert", "--hf", "{tmp}/broken", "--out", "{tmp}/o.ckpt"], "is not readable JSON"),
     (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "model.swa_window=8"], "apply with --to hsa"),
     (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "trainer.max_steps=3"],
      "model.* overrides only"),
@@ -93,6 +94,8 @@ def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_pa
     (tmp_path / "empty").mkdir()
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama",')
     argv = [a.format(tmp=tmp_path, qwen3=qwen3_dir[0]) for a in args]
     assert main(argv) == 2
     assert message in error_line(capsys)

@@ -22,6 +22,7 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.config import ConfigError, ModelConfig
+from lit_hsa.model.hsa import upgrade_pos_decay
 from lit_hsa.model.lora import is_adapter_key
 from lit_hsa.model.transformer import HSATransformer
 
@@ -57,6 +58,8 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
         raise ConfigError(unreadable(path)) from None
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a checkpoint's dict")
+    if isinstance(checkpoint.get("state_dict"), dict):
+        upgrade_pos_decay(checkpoint["state_dict"])
     return checkpoint
 
 

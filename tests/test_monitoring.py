@@ -3,7 +3,7 @@ import torch
 
 from lit_hsa.training.callbacks import retrieval_stats, selection_heatmap
 from lit_hsa.cli import main
-from lit_hsa.config import ModelConfig
+from lit_hsa.config import ModelConfig, OptimConfig
 from lit_hsa.training.flops import mean_keys_causal, mean_keys_hsa, training_flops_per_token
 from lit_hsa.training.module import HSALitModule
 from tests.helpers import FAST, ROOT, VOCAB, scalars, tiny
@@ -21,6 +21,41 @@ def test_sparse_attention_flops_grow_linearly():
             for T in (16384, 65536)]
     assert hsa[1] / hsa[0] < 1.1  # per-token cost ~constant: window and top-k bound the keys
     assert full[1] / full[0] > 2.0  # full attention's per-token cost grows with T
+
+
+def test_logged_flops_follow_topk_and_window_schedules():
+    """The FLOPs behind train/device/flops_per_sec and MFU, after a schedule changes top-k or the SWA window,
+    against a count written here from the definitions: each query of an HSA block reads min(topk, t // S) chunks
+    of S keys, each query of an SWA block min(t + 1, W) keys, each key 12 · heads · head_dim FLOPs (QKᵀ and PV,
+    forward + backward). A cache keyed on the sequence length alone kept the first values for the whole run."""
+    cfg = tiny(hsa_topk=4, swa_window=16)
+    module = HSALitModule(cfg, OptimConfig())
+    B, T, S = 2, 128, cfg.chunk_size
+    batch = {"input_ids": torch.randint(0, VOCAB, (B, T)), "labels": torch.randint(0, VOCAB, (B, T))}
+
+    def flops() -> float:
+        module.training_step(batch, 0)
+        return module.flops_per_batch
+
+    def hsa_keys(topk):  # summed over the batch's tokens
+        return B * sum(min(topk, t // S) * S for t in range(T))
+
+    def swa_keys(window):
+        return B * sum(min(t + 1, window) for t in range(T))
+
+    per_key_hsa = 12 * cfg.hsa_q_heads * cfg.head_dim * cfg.n_groups
+    n_swa_blocks = cfg.n_lower_layers + cfg.n_groups * cfg.swa_layers_per_group
+    per_key_swa = 12 * cfg.n_heads * cfg.head_dim * n_swa_blocks
+    start = flops()
+    module.model.set_hsa_topk(1)
+    after_topk = flops()
+    assert start - after_topk == pytest.approx(per_key_hsa * (hsa_keys(4) - hsa_keys(1)), rel=1e-9)
+    module.model.set_swa_window(4)
+    after_window = flops()
+    assert after_topk - after_window == pytest.approx(per_key_swa * (swa_keys(16) - swa_keys(4)), rel=1e-9)
+    module.model.set_hsa_topk(4)
+    module.model.set_swa_window(16)
+    assert flops() == start  # back to the first schedule values: the first count again
 
 
 def test_retrieval_stats_and_heatmap():

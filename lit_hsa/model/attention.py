@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The weight in x's dtype (bf16 under autocast): with mixed dtypes torch falls back from its fused kernel
         # to ~8 elementwise kernels per call, a large share of a long-context training step.
@@ -84,8 +87,14 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0, scaling: dict | None = None):
         super().__init__()
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
         inv_freq, self.attention_scaling = rope_frequencies(head_dim, base, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the frequencies in place (a model built on the meta device has none yet)."""
+        with torch.no_grad():
+            self.inv_freq.copy_(rope_frequencies(self.head_dim, self.base, self.scaling)[0])
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -142,8 +151,6 @@ def build_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device,
 
 
 def _flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     def mask_mod(b, h, q_idx, kv_idx):
         keep = q_idx >= kv_idx
         if window is not None:
@@ -152,9 +159,50 @@ def _flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, d
             keep = keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
         return keep
 
-    B = doc_ids.shape[0] if doc_ids is not None else None
-    # _compile: evaluate mask_mod block by block; eagerly it is evaluated on all T×T pairs (tens of GB at 64K).
-    return create_block_mask(mask_mod, B, None, T, T, device=device, _compile=True)
+    return block_mask_from_rules(T, window, doc_ids, device, mask_mod)
+
+
+FLEX_BLOCK = 128  # flex_attention's default block size (queries and keys)
+
+
+def block_mask_from_rules(T: int, window: int | None, doc_ids: torch.Tensor | None, device, mask_mod,
+                          block: int = FLEX_BLOCK):
+    """The flex_attention ``BlockMask`` of causal attention (within ``window`` when given, within documents when
+    ``doc_ids`` [B, T] is given), classified block by block from the rules with a few tensor ops: a [q-block,
+    kv-block] pair is skipped when no query of the one may see a key of the other, *full* when every query sees
+    every key (no mask_mod evaluated), *partial* otherwise (``mask_mod`` decides per element).
+
+    Why not ``create_block_mask``: it evaluates mask_mod on every element, which needs ``_compile=True`` beyond a
+    few thousand tokens, and that inductor compilation took 3.5 minutes on a fresh H100 at 16K tokens
+    (benchmarks/results/moe_fit_timeline_h100_2026-12-07.log), again for every new sequence length."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = -(-T // block)
+    first = torch.arange(n, device=device) * block
+    last = (first + block).clamp(max=T) - 1
+    complete = (last - first + 1) == block  # a ragged last block is never full
+    q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
+    some = k_first <= q_last  # [nq, nk]: some query sees some key
+    every = (k_last <= q_first) & complete[:, None] & complete[None, :]
+    if window is not None:
+        some = some & (q_first - k_last < window)
+        every = every & (q_last - k_first < window)
+    some, every = some[None], every[None]  # [B (1 without documents), nq, nk]
+    if doc_ids is not None:
+        ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, n * block - T)], dim=1).view(-1, n, block)
+        low, high = ids.amin(-1), ids.amax(-1)  # [B, n]: a block holds ids in [low, high]
+        some = some & (low[:, :, None] <= high[:, None, :]) & (low[:, None, :] <= high[:, :, None])
+        one_doc = low == high
+        every = every & one_doc[:, :, None] & one_doc[:, None, :] & (low[:, :, None] == low[:, None, :])
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nq, nk] bool → (count [B, 1, nq], kv block indices [B, 1, nq, nk], the chosen first, ascending)."""
+        counts = blocks.sum(-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None], indices[:, None]
+
+    partial, full = ordered(some & ~every), ordered(every)
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
 
 
 @functools.cache

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from lit_hsa.kernels.dispatch import static_step_uses_references
 from lit_hsa.kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
@@ -40,6 +41,7 @@ class Memory:
     landmarks: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+
     @property
     def n_chunks(self) -> int:
         return self.landmarks.shape[1]
@@ -48,6 +50,14 @@ class Memory:
         """The memory holding the chunks that ``indices`` [B, T, H, K] select, on ``device``, and the indices into
         it: this memory itself (``lit_hsa.inference`` keeps chunk K/V in host memory and fetches only those)."""
         return self, indices
+
+
+# A pytree node, so code that walks a module's outputs finds the tensors inside: FSDP2 registers its pre-backward
+# hook (which re-gathers the chunk encoder's weights) on the tensors tree_flatten finds in a unit's output; as an
+# opaque leaf, torch <= 2.11 hooked nothing and backward read the encoder's freed shards.
+pytree.register_pytree_node(
+    Memory, lambda m: ((m.landmarks, m.k, m.v), type(m)), lambda children, cls: cls(*children),
+    serialized_type_name="lit_hsa.Memory")
 
 
 class ChunkMemory(nn.Module):
@@ -68,6 +78,9 @@ class ChunkMemory(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.hd, bias=False)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.cls)  # as built; the model's initialisation draws it
 
     def forward(self, h: torch.Tensor) -> Memory:
         """h: [B, T, d]; only the C = T // S complete chunks are encoded (a partial chunk is never visible)."""
@@ -93,6 +106,13 @@ class ChunkMemory(nn.Module):
         return Memory(landmarks, k, v)
 
 
+def upgrade_pos_decay(state: dict) -> None:
+    """Checkpoints written before ``pos_decay`` became [1] hold it as a 0-d tensor: reshaped in place."""
+    for key, value in state.items():
+        if key.endswith("pos_decay") and value.dim() == 0:
+            state[key] = value.reshape(1)
+
+
 class Retrieval(nn.Module):
     """q_slc = Linear(RMSNorm(h)) per retrieval head → top-k visible chunks and their fusion weights."""
 
@@ -104,7 +124,16 @@ class Retrieval(nn.Module):
         # QK-norm for retrieval: unnormalised q·landmark scores start near 0 at init (both factors are small), so
         # fusion is uniform and the bilinear score learns slowly; normalised, they start O(1) like attention's.
         self.q_norm = RMSNorm(cfg.retrieval_head_dim, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
-        self.pos_decay = nn.Parameter(torch.zeros(())) if cfg.pos_decay else None
+        # Shape [1], not a scalar: FSDP2 shards along dim 0 and refuses 0-d parameters.
+        self.pos_decay = nn.Parameter(torch.zeros(1)) if cfg.pos_decay else None
+
+    def reset_parameters(self) -> None:
+        if self.pos_decay is not None:
+            nn.init.zeros_(self.pos_decay)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_pos_decay(state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int | torch.Tensor = 0):
         """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""

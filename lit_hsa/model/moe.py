@@ -83,6 +83,11 @@ class MoE(nn.Module):
         # Low-rank updates of the routed experts while LoRA fine-tuning (lit_hsa/model/lora.py attaches an ExpertLoRA).
         self.lora_experts: nn.Module | None = None
 
+    def reset_parameters(self) -> None:
+        """The balancing state starts at zero (the expert weights are drawn by the model's initialisation)."""
+        nn.init.zeros_(self.expert_bias)
+        nn.init.zeros_(self.load_accum)
+
     def routed_parameters(self) -> int:
         return self.w_gate.numel() + self.w_up.numel() + self.w_down.numel()
 

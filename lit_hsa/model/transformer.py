@@ -65,17 +65,26 @@ class HSATransformer(nn.Module):
         self.chunk_loss = chunk_loss_sum  # per row chunk of the loss; units.apply_compile swaps in a compiled one
         self.apply(self._init_weights)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.cfg.init_std
+    @staticmethod
+    def init_targets(module: nn.Module) -> list[tuple[torch.Tensor, str]]:
+        """The model's initialisation of one module's own tensors: (tensor, "normal") drawn from N(0, init_std²),
+        (tensor, "zeros"). Applied in ``nn.Module.apply`` order (children first); ``lit_hsa.model.init`` replays
+        it shard by shard for a model built on the meta device."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, 0.0, std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, MoE):
-            for w in (module.w_gate, module.w_up, module.w_down):
-                nn.init.normal_(w, 0.0, std)
-        elif isinstance(module, ChunkMemory):
-            nn.init.normal_(module.cls, 0.0, std)
+            bias = getattr(module, "bias", None)
+            return [(module.weight, "normal")] + ([(bias, "zeros")] if bias is not None else [])
+        if isinstance(module, MoE):
+            return [(w, "normal") for w in (module.w_gate, module.w_up, module.w_down)]
+        if isinstance(module, ChunkMemory):
+            return [(module.cls, "normal")]
+        return []
+
+    def _init_weights(self, module: nn.Module) -> None:
+        for tensor, kind in self.init_targets(module):
+            if kind == "normal":
+                nn.init.normal_(tensor, 0.0, self.cfg.init_std)
+            else:
+                nn.init.zeros_(tensor)
 
     def set_hsa_topk(self, topk: int) -> None:
         """Change the number of retrieved chunks (stage / schedule changes; no parameter depends on it)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import lightning as L
@@ -13,8 +14,10 @@ import torch.distributed as dist
 from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
 from torchmetrics import MeanMetric
 
+from lit_hsa.checkpoint_io import checkpoint_state
 from lit_hsa.config import FinetuneConfig, ModelConfig, OptimConfig
 from lit_hsa.finetune.checkpoints import check_adapters
+from lit_hsa.model.init import load_full_state, materialize
 from lit_hsa.model.lora import apply_lora, cast_frozen_matrices, lora_state_dict
 from lit_hsa.model.loss import IGNORE_INDEX
 from lit_hsa.model.moe import expert_load_stats
@@ -64,7 +67,8 @@ class HSALitModule(L.LightningModule):
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
                  tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
                  activation_checkpointing: bool = False, compile: bool = False,
-                 finetune: dict | FinetuneConfig | None = None, max_consecutive_nonfinite: int = 5):
+                 finetune: dict | FinetuneConfig | None = None, max_consecutive_nonfinite: int = 5,
+                 meta_init: bool = False):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
@@ -81,7 +85,13 @@ class HSALitModule(L.LightningModule):
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
         self.nan_policy, self.max_consecutive_nonfinite = nan_policy, max_consecutive_nonfinite
-        self.model = HSATransformer(model_cfg)
+        # meta_init (FSDP): the model is built on the meta device, without storage, and gets its weights after
+        # sharding (configure_model), equal to an eager build's from this generator state; init_from's weights are
+        # then written straight into the shards (``init_from`` below).
+        self.init_rng_state = torch.get_rng_state() if meta_init and ft.method == "none" else None
+        with torch.device("meta") if self.init_rng_state is not None else nullcontext():
+            self.model = HSATransformer(model_cfg)
+        self.init_from: str | None = None  # a checked full checkpoint to load after materialising (meta_init)
         self.finetune_cfg = ft
         # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.checkpoints.load_base, saved with
         # the adapters.
@@ -95,7 +105,7 @@ class HSALitModule(L.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm (nan_policy: skip)
         self._consecutive_nonfinite = 0
         self._nonfinite_loss: float | None = None  # this step's non-finite loss, until on_before_optimizer_step
-        self._flops_per_token: dict[int, float] = {}
+        self._flops_per_token: dict[tuple[int, int, int], float] = {}
         self.val_loss = MeanMetric()  # synced across ranks by torchmetrics; val/ppl = exp(val/loss)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +119,12 @@ class HSALitModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         parallelize(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
                     mesh=mesh)
+        if self.init_rng_state is not None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            materialize(self.model, device, self.init_rng_state, self.model_cfg.init_std, self.model.init_targets)
+            if self.init_from:
+                state = checkpoint_state(self.init_from, self, mmap=True)
+                load_full_state(self, state)
         self._parallelized = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -132,10 +148,7 @@ class HSALitModule(L.LightningModule):
         loss = self._lm_loss(batch)
         aux = self.model.aux_loss().to(loss.device)
         bs, T = batch["input_ids"].shape
-        if T not in self._flops_per_token:
-            active = self.model.num_parameters()[1]
-            self._flops_per_token[T] = training_flops_per_token(self.model_cfg, active, T)
-        self.flops_per_batch = self._flops_per_token[T] * bs * T
+        self.flops_per_batch = self.flops_per_token(T) * bs * T
         if not torch.isfinite(loss + aux):
             return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -143,6 +156,16 @@ class HSALitModule(L.LightningModule):
         if self.model.moe_layers():
             self.log("train/moe_aux_loss", aux, batch_size=bs)
         return loss + aux
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` with the top-k and SWA window in force now (schedules change
+        them during a run), cached per combination."""
+        cfg = self.model.cfg
+        key = (seq_len, cfg.hsa_topk, cfg.swa_window)
+        if key not in self._flops_per_token:
+            active = self.model.num_parameters()[1]
+            self._flops_per_token[key] = training_flops_per_token(cfg, active, seq_len)
+        return self._flops_per_token[key]
 
     def _non_finite(self, loss: torch.Tensor) -> None:
         """NaN/inf loss. 'skip': no backward for this batch (returning None tells Lightning so); the optimizer step

@@ -39,7 +39,7 @@ def build_run(cfg: Config, command: str = "fit"):
     t = cfg.trainer
     module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
                           t.activation_checkpointing, t.compile, finetune=cfg.finetune,
-                          max_consecutive_nonfinite=t.max_consecutive_nonfinite)
+                          max_consecutive_nonfinite=t.max_consecutive_nonfinite, meta_init=t.strategy == "fsdp")
     load_start_weights(module, cfg)  # before the Trainer: a bad checkpoint is one line, with no run folder made
 
     logger = run_logger(cfg, command)
@@ -89,7 +89,10 @@ def load_start_weights(module, cfg: Config) -> None:
         # keys and shapes only, so mapped rather than read: Lightning reads the whole file (optimizer state too) to
         # resume
         checkpoint_state(cfg.ckpt_path, module, mmap=True)
-    if cfg.init_from:  # weights (and MoE balancing biases) only: fresh optimizer and schedule
+    if cfg.init_from and module.init_rng_state is not None:  # built on meta: loaded into the shards later
+        checkpoint_state(cfg.init_from, module, mmap=True)
+        module.init_from = cfg.init_from
+    elif cfg.init_from:  # weights (and MoE balancing biases) only: fresh optimizer and schedule
         module.load_state_dict(checkpoint_state(cfg.init_from, module))
 
 

@@ -173,12 +173,36 @@ def hsa_decode_kernel_fits(chunk_size: int, head_dim: int, n_chunks: int, compil
 
 def grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` serves x [n, in] @ w [E, in, out]: rows of 16-byte multiples (both widths) and
-    one dtype, on the CPU (a reference implementation, exact in fp32), on the meta device (shapes only: memory plans,
-    and the no-synchronisation test), or on CUDA for bf16 on Hopper or newer (CUTLASS kernels)."""
+    one dtype, on the CPU (a reference implementation) and the meta device (shapes only: memory plans, and the
+    no-synchronisation test) in bf16 (fp32: below), or on CUDA for bf16 on Hopper or newer (CUTLASS kernels)."""
     if _expert_backend == "loop" or not hasattr(torch, "_grouped_mm"):
         return False
     if not all(n * x.element_size() % 16 == 0 for n in (w.shape[1], w.shape[2])) or x.dtype != w.dtype:
         return False
     if x.device.type in ("cpu", "meta"):
-        return True
+        if x.dtype == torch.bfloat16 or grouped_mm_traces_fp32():
+            return True
+        # fp32: the CPU kernel computes it, but torch's shape function (meta tensors, and the fake tensors
+        # torch.compile traces with) refuses it on 2.11 and 2.13. "auto" then loops everywhere, so eager and compiled
+        # code (activation checkpointing recomputes one with the other) take one path; "grouped" (the tests
+        # comparing the two) runs it where it can, eagerly on the CPU.
+        return _expert_backend == "grouped" and x.device.type == "cpu" and not torch.compiler.is_compiling()
     return x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _probe_grouped_mm_fp32() -> bool:
+    try:
+        torch._grouped_mm(torch.empty(16, 16, device="meta"), torch.empty(1, 16, 16, device="meta"),
+                          offs=torch.empty(1, dtype=torch.int32, device="meta"))
+    except RuntimeError:
+        return False
+    return True
+
+
+# Asked once, at import: asked first inside a compiled region, the probe would itself be traced.
+_GROUPED_MM_TRACES_FP32 = hasattr(torch, "_grouped_mm") and _probe_grouped_mm_fp32()
+
+
+def grouped_mm_traces_fp32() -> bool:
+    """Whether this torch's shape function for ``torch._grouped_mm`` accepts fp32 (2.11 and 2.13 do not)."""
+    return _GROUPED_MM_TRACES_FP32

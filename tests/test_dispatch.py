@@ -91,12 +91,26 @@ def test_hsa_decode_kernel_shapes(monkeypatch):
 
 def test_grouped_mm_branches(backend, monkeypatch):
     x, w = torch.zeros(4, 32), torch.zeros(2, 32, 16)
-    assert dispatch.grouped_mm_applies(x, w)  # CPU reference implementation
+    assert dispatch.grouped_mm_applies(x.bfloat16(), w.bfloat16())  # CPU reference implementation
     assert dispatch.grouped_mm_applies(x.to("meta", torch.bfloat16), w.to("meta", torch.bfloat16))
     assert not dispatch.grouped_mm_applies(x.bfloat16(), torch.zeros(2, 32, 4, dtype=torch.bfloat16))  # 8-byte rows
     assert not dispatch.grouped_mm_applies(x, w.bfloat16())  # mixed dtypes
+
+    def compiled(a, b) -> bool:
+        return bool(torch.compile(lambda a, b: torch.tensor(dispatch.grouped_mm_applies(a, b)), backend="eager")(a, b))
+
+    # fp32 where torch's shape function refuses it (2.11, 2.13): "auto" loops in eager and compiled code alike (they
+    # must agree: activation checkpointing recomputes one with the other); "grouped" runs it eagerly on the CPU
+    monkeypatch.setattr(dispatch, "grouped_mm_traces_fp32", lambda: False)
+    assert not dispatch.grouped_mm_applies(x, w) and not compiled(x, w)
+    dispatch.set_expert_backend("grouped")
+    assert dispatch.grouped_mm_applies(x, w) and not compiled(x, w)
+    assert not dispatch.grouped_mm_applies(x.to("meta"), w.to("meta"))
+    dispatch.set_expert_backend("auto")
+    monkeypatch.setattr(dispatch, "grouped_mm_traces_fp32", lambda: True)  # a torch that traces fp32
+    assert dispatch.grouped_mm_applies(x, w) and compiled(x, w)
     dispatch.set_expert_backend("loop")
     assert not dispatch.grouped_mm_applies(x, w)
     dispatch.set_expert_backend("auto")
     monkeypatch.delattr(torch, "_grouped_mm")  # an older torch
-    assert not dispatch.grouped_mm_applies(x, w)
+    assert not dispatch.grouped_mm_applies(x.bfloat16(), w.bfloat16())

@@ -180,6 +180,7 @@ def test_moe_training_step_runs_no_host_synchronising_operator(backend, lora):
 def test_grouped_experts_need_aligned_widths_and_fall_back_otherwise(backend):
     """Widths that are not 16-byte multiples (expert width 8 in fp32 is 32 bytes, fine; rank 4 in bf16 is 8 bytes,
     not) take the loop, with the same results."""
+    backend("grouped")
     x = torch.zeros(4, 32)
     assert dispatch.grouped_mm_applies(x, torch.zeros(2, 32, 16))
     assert not dispatch.grouped_mm_applies(x.bfloat16(), torch.zeros(2, 32, 4, dtype=torch.bfloat16))

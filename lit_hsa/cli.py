@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from data_modules.sources import DataError
 from lit_hsa.checkpoint_io import consolidate, load_model
@@ -21,6 +22,7 @@ from lit_hsa.finetune.checkpoints import merge_checkpoint
 from lit_hsa.inference.generate import generate
 from lit_hsa.interop.convert import convert
 from lit_hsa.interop.hf_export import export_checkpoint
+from lit_hsa.training.faults import CheckpointWriteError, Preempted
 from lit_hsa.training.run import run
 
 COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", "merge", "convert", "export")
@@ -198,9 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         run(args.command, cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointWriteError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM / SIGUSR1: saved, and says so; 143 = 128 + SIGTERM, as a killed job
+        print(f"lit-hsa: {e}", file=sys.stderr)
+        return 143
+    except SIGTERMException:  # Lightning's own handler, before training started: nothing to save yet
+        print("lit-hsa: stopped by SIGTERM before the first training step; nothing was saved", file=sys.stderr)
+        return 143
     except FloatingPointError as e:  # NonFiniteLossError (trainer.nan_policy: stop)
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -19,6 +19,7 @@ from lit_hsa.config import Config, ConfigError, padded_vocab, save_config
 from lit_hsa.finetune.checkpoints import load_lora_base
 from lit_hsa.training.callbacks import (AttentionSchedule, ContextCurriculum, MFUThroughputMonitor, RetrievalEval,
                                         RetrievalMonitor)
+from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, remove_stale_temporaries
 from lit_hsa.training.module import HSALitModule, quiet_library_notices
 
 
@@ -71,7 +72,8 @@ def build_run(cfg: Config, command: str = "fit"):
                                         length_fn=lambda b: b["input_ids"].numel()),
                    AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
                    RetrievalEval(t.eval_every_n_steps, t.eval_tasks, t.eval_lengths, t.eval_samples, cfg.data),
-                   config_saver(cfg)],
+                   config_saver(cfg), Preemption(checkpoint_dir)],
+        plugins=[AtomicCheckpointIO()],
         # the train loader ends at each seq_len_schedule stage: a new epoch, with a loader of the new shape
         reload_dataloaders_every_n_epochs=1, deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
@@ -154,6 +156,8 @@ def run(command: str, cfg: Config) -> None:
     module, datamodule, trainer = build_run(cfg, command)
     log_dir = Path(trainer.logger.log_dir)
     fresh = not log_dir.exists()
+    if trainer.is_global_zero:
+        remove_stale_temporaries(log_dir / "checkpoints")
     try:  # build_run read a ckpt_path file weights-only (load_start_weights); Lightning reads it so again
         if command == "fit":
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)

@@ -48,7 +48,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names the first global it refuses ("Unsupported global: GLOBAL os.system");
         # any other unpickling failure is a file that is not a checkpoint at all.
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():  # also "...GLOBAL posix.system whose module posix is blocked"
             raise ConfigError(f"checkpoint '{path}' holds objects other than tensors and plain data: refusing to "
                               "unpickle it (weights_only)") from None
         raise ConfigError(unreadable(path)) from None

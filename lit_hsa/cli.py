@@ -97,6 +97,7 @@ def _ckpt_to_out_parser(command: str, description: str, ckpt: str, out: str) -> 
     parser = argparse.ArgumentParser(prog=f"main.py {command}", description=description)
     parser.add_argument("--ckpt", required=True, help=ckpt)
     parser.add_argument("--out", required=True, help=out)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -122,6 +123,7 @@ def convert_parser():
     parser.add_argument("--to", default="full", choices=("full", "hsa"),
                         help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16")
     return parser, True
@@ -133,7 +135,6 @@ def export_parser():
     parser.add_argument("--native", default="auto", choices=("auto", "never"),
                         help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
                         "architecture; never: always the lit_hsa format (trust_remote_code)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     return parser, False
 
 
@@ -153,6 +154,12 @@ def run_generate(args: argparse.Namespace) -> None:
         raise ConfigError("--prompt is empty: give at least one character")
     if args.segment_size < 1:
         raise ConfigError(f"--segment-size must be >= 1, got {args.segment_size}")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.compile and not str(args.device).startswith("cuda"):
         raise ConfigError(f"--compile speeds up CUDA-graph decoding: it needs a CUDA --device, got '{args.device}'")
     model, tokenizer = load_model(args.ckpt, args.device)
@@ -176,6 +183,8 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.command in ("merge", "consolidate", "convert") and Path(args.out).exists() and not args.overwrite:
+            raise ConfigError(f"--out '{args.out}' exists: pass --overwrite to replace it")
         if args.command == "generate":
             run_generate(args)
             return 0

@@ -186,3 +186,35 @@ def test_full_disk_during_fit_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
     files = list((run_dir(tmp_path, "tiny") / "checkpoints").iterdir())
     assert [f.name for f in files] == ["last.ckpt"]
     assert torch.load(files[0], map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_a_second_fit_into_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    """Two resumes of one checkpoint at once wrote into one version folder; the second is now refused with one line
+    naming the holder, and runs once the folder is free. A lock a killed run left (no holder) does not block."""
+    first = fit(tmp_path, "tiny", "trainer.max_steps=2")
+    last = first / "checkpoints" / "last.ckpt"
+    resume = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+              "trainer.max_steps=3", f"ckpt_path={last}"]
+    with faults.RunFolderLock(first):
+        assert main(resume) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"run folder '{first}' is in use by process {os.getpid()}" in err[0]
+    (first / ".lock").write_text("process 1 on a machine that died")  # the file alone holds no lock
+    assert main(resume) == 0
+    assert not (first / ".lock").exists() and max(scalars(first, "train/loss")) == 2
+
+
+def test_a_resume_with_more_steps_keeps_the_learning_rate_horizon(tmp_path, caplog):
+    """A cosine schedule planned over 4 steps, resumed with max_steps=8: the learning rate does not jump back up;
+    it stays at optim.min_lr after step 4, and the resume says so in one line; no last-v1.ckpt appears."""
+    run = fit(tmp_path, "tiny", "trainer.max_steps=4", "optim.schedule=cosine", "optim.lr=3e-3", "optim.min_lr=3e-4")
+    with caplog.at_level("INFO"):
+        fit(tmp_path, "tiny", "trainer.max_steps=8", "optim.schedule=cosine", "optim.lr=3e-3", "optim.min_lr=3e-4",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert ("resuming at step 4 with trainer.max_steps=8: the learning-rate schedule keeps the 4 steps it was planned "
+            "over (cosine to optim.min_lr=0.0003 at step 4, then constant)") in caplog.text
+    lr = scalars(run, "lr-AdamW/pg1")
+    assert lr[1] == pytest.approx(3e-3) and lr[3] > 3e-4  # warm-up of 2 steps, then the cosine
+    for step in range(4, 8):
+        assert lr[step] == pytest.approx(3e-4, rel=1e-6), step
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]

@@ -157,3 +157,21 @@ def test_a_run_failing_before_its_first_batch_leaves_no_version_folder(tmp_path,
     assert main(["fit", *TINY, f"trainer.root_dir={tmp_path}", "trainer.run_name=r", "trainer.max_steps=2"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: no training data"
     assert list((tmp_path / "r").iterdir()) == []
+
+
+class SystemOnLoad:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_checkpoint_calling_a_blocked_module_is_reported_as_refused(tmp_path, legacy):
+    """torch words the refusal of a global from a module it blocks (os / posix) differently from other globals
+    ("...whose module posix is blocked"): it is a refusal all the same, not a truncated file."""
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": SystemOnLoad()}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(ConfigError) as refused:
+        load_checkpoint_file(path)
+    assert UNSAFE in str(refused.value)

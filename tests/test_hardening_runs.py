@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError, ModelConfig, OptimConfig, load_config
 from lit_hsa.training.module import HSALitModule
-from tests.helpers import ROOT, run_dir, scalars
+from tests.helpers import FAST, ROOT, run_dir, scalars
 
 # CPU-sized overrides of configs/tiny.yaml.
 SMALL = ["data.seq_len=64", "data.batch_size=2", "data.num_workers=0", "data.val_samples=2",
@@ -288,3 +288,48 @@ def test_runs_print_no_library_adverts_or_deprecations(tmp_path):
     out = proc.stdout + proc.stderr
     assert "Tip:" not in out and "litlogger" not in out and "LeafSpec" not in out
     assert "GPU available" in out  # Lightning's own information stays
+
+
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "-0.5", "--temperature must be >= 0 (0: greedy), got -0.5"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0, got -1"),
+])
+def test_generate_refuses_sampling_options_out_of_range(tmp_path, capsys, flag, value, needle):
+    ckpt = tmp_path / "any.ckpt"  # refused before the checkpoint is read
+    assert main(["generate", "--ckpt", str(ckpt), "--prompt", "x", flag, value]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {needle}"
+
+
+@pytest.mark.parametrize("command", ["merge", "consolidate", "convert"])
+def test_commands_writing_out_refuse_an_existing_out_without_overwrite(tmp_path, capsys, command):
+    """merge, consolidate and convert replaced an existing --out silently (export refused): all refuse now, and
+    --overwrite passes that check (and fails later here, on the missing input)."""
+    out = tmp_path / "exists.ckpt"
+    out.write_bytes(b"keep me")
+    source = ["--hf", str(tmp_path / "no-model")] if command == "convert" else ["--ckpt", str(tmp_path / "none")]
+    assert main([command, *source, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out '{out}' exists: pass --overwrite to replace it"
+    assert out.read_bytes() == b"keep me"
+    assert main([command, *source, "--out", str(out), "--overwrite"]) == 2
+    assert "exists: pass --overwrite" not in capsys.readouterr().err
+
+
+def test_validate_without_a_checkpoint_is_refused(tmp_path, capsys):
+    """validate with no ckpt_path validated a randomly initialised model and exited 0."""
+    args = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: validate needs the checkpoint to validate: ckpt_path=")
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_a_finished_fit_says_where_its_checkpoints_are(tmp_path, capsys):
+    assert main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+                 "trainer.max_steps=2", "trainer.val_check_interval=2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    folder = tmp_path / "tiny" / "version_0" / "checkpoints"
+    best = next(folder.glob("step*.ckpt"))
+    assert out[-1].startswith(f"checkpoints: last {folder / 'last.ckpt'}; best by val/loss (")
+    assert out[-1].endswith(str(best))

@@ -7,6 +7,7 @@ as ``ByteTokenizer``; an export reads back bit for bit; bad input is one ConfigE
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -378,3 +379,18 @@ def test_read_lit_hsa_dir_refuses_bad_input_in_one_line(tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     one_line_error(lambda: read_lit_hsa_dir(str(out)), "no valid lit_hsa model config")
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize("native", ["auto", "never"])
+def test_exported_files_all_follow_the_umask(tmp_path, native):
+    """safetensors writes its file through a private temporary (0600): the weights were unreadable to the group and
+    others while every other exported file followed the umask."""
+    model = random_model(tiny(vocab_size=VOCAB, attention="full", moe=False))
+    ckpt = write_ckpt(tmp_path / "m.ckpt", model)
+    old = os.umask(0o022)
+    try:
+        export_checkpoint(str(ckpt), str(tmp_path / "out"), native=native)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes

@@ -157,3 +157,16 @@ def test_mfu_on_gpus_lightning_does_not_know():
     for step in (1, 2, 3):
         throughput.update(time=float(step), batches=step, samples=step, flops=989.4e12 / 2)
     assert throughput.compute()["device/mfu"] == pytest.approx(0.5)
+
+
+def test_progress_bar_shows_no_epoch_total_for_step_counted_runs():
+    """Runs are counted in steps (max_epochs=-1): Rich's bar printed "Epoch 0/-2"."""
+    from types import SimpleNamespace
+
+    from lit_hsa.training.callbacks import progress_bar
+
+    bar = progress_bar()
+    if not hasattr(bar, "_get_train_description"):
+        pytest.skip("rich is not installed: tqdm's bar shows no epoch total")
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(0).strip() == "Epoch 0"

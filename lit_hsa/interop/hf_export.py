@@ -21,6 +21,7 @@ every command.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -150,6 +151,10 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     # format=pt: transformers reads files without it as another framework's
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); the folder's other files follow the umask
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ------------------------------------------------------------------------------------------------ native formats

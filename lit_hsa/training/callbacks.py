@@ -190,3 +190,19 @@ class MFUThroughputMonitor(ThroughputMonitor):
         self.available_flops = peak
         for throughput in self._throughputs.values():
             throughput.available_flops = peak
+
+
+def progress_bar() -> L.Callback:
+    """Lightning's progress bar (Rich when installed, else tqdm), without an epoch total: runs are counted in steps
+    (``trainer.max_steps``) with ``max_epochs=-1``, which Rich printed as "Epoch 0/-2"."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    if not _RICH_AVAILABLE:
+        return TQDMProgressBar()
+
+    class StepsProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+
+    return StepsProgressBar()

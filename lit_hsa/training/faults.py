@@ -17,12 +17,15 @@ import errno
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lit_hsa.config import ConfigError
 
 TEMPORARY_MARK = ".tmp-"  # ".<name>.tmp-<pid>": a checkpoint being written by process <pid>
 
@@ -111,6 +114,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         write_atomically(checkpoint, Path(path))
+
+
+class RunFolderLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<folder>/.lock`` for the life of a ``fit`` (released by
+    the kernel however the process ends, ``kill -9`` included); a second ``fit`` into the folder (two resumes of one
+    checkpoint at once) is refused with one line naming the holder. Where ``fcntl`` does not exist (Windows) nothing
+    is locked."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> "RunFolderLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
+                              "time; wait for it, or give this run another trainer.run_name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the lock
+            self.path.unlink(missing_ok=True)
+            self._file = None
 
 
 class Preemption(L.Callback):

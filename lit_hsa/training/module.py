@@ -11,6 +11,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
 from torchmetrics import MeanMetric
 
@@ -60,6 +61,14 @@ def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_note(cfg: OptimConfig, step: int, max_steps: int, horizon: int) -> str:
+    """The line a resume with another ``trainer.max_steps`` prints about its learning rate."""
+    plan = (f"cosine to optim.min_lr={cfg.min_lr:g} at step {horizon}, then constant" if cfg.schedule == "cosine"
+            else "constant after warm-up: unchanged")
+    return (f"resuming at step {step} with trainer.max_steps={max_steps}: the learning-rate schedule keeps the "
+            f"{horizon} steps it was planned over ({plan})")
+
+
 class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional, loss_weight [B, T]
     optional}``."""
@@ -84,6 +93,9 @@ class HSALitModule(L.LightningModule):
         self.save_hyperparameters(hparams)
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.model_cfg, self.optim_cfg, self.max_steps = model_cfg, optim_cfg, max_steps
+        # The step count the LR schedule was planned over: a resume keeps its run's, whatever max_steps it is given
+        # (a cosine re-planned over a longer run jumps back up; ``on_load_checkpoint``).
+        self.schedule_horizon = max_steps
         self.nan_policy, self.max_consecutive_nonfinite = nan_policy, max_consecutive_nonfinite
         # meta_init (FSDP): the model is built on the meta device, without storage, and gets its weights after
         # sharding (configure_model), equal to an eager build's from this generator state; init_from's weights are
@@ -130,6 +142,7 @@ class HSALitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """LoRA: keep only what training changes (adapters, buffers) and record the base checkpoint they need."""
         checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
+        checkpoint["schedule_horizon"] = self.schedule_horizon
         if self.finetune_cfg.method == "lora":
             keep = lora_state_dict(self).keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -137,6 +150,11 @@ class HSALitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        planned = checkpoint.get("schedule_horizon", checkpoint.get("hyper_parameters", {}).get("max_steps"))
+        if planned is not None and int(planned) != self.max_steps:
+            self.schedule_horizon = int(planned)
+            rank_zero_info(schedule_note(self.optim_cfg, int(checkpoint.get("global_step", 0)),
+                                                   self.max_steps, self.schedule_horizon))
         if self.finetune_cfg.method == "lora":
             check_adapters(self, checkpoint)
 
@@ -276,5 +294,6 @@ class HSALitModule(L.LightningModule):
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = all(p.is_cuda for p in self.parameters()) and not mixed
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(step, cfg, self.max_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: lr_lambda(step, cfg, self.schedule_horizon))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -18,8 +19,8 @@ from lit_hsa.checkpoint_io import WEIGHTS_ONLY, checkpoint_state
 from lit_hsa.config import Config, ConfigError, padded_vocab, save_config
 from lit_hsa.finetune.checkpoints import load_lora_base
 from lit_hsa.training.callbacks import (AttentionSchedule, ContextCurriculum, MFUThroughputMonitor, RetrievalEval,
-                                        RetrievalMonitor)
-from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, remove_stale_temporaries
+                                        RetrievalMonitor, progress_bar)
+from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, RunFolderLock, remove_stale_temporaries
 from lit_hsa.training.module import HSALitModule, quiet_library_notices
 
 
@@ -57,8 +58,9 @@ def build_run(cfg: Config, command: str = "fit"):
     # Two checkpointers: `last` every N steps whatever validation does (Lightning defers a monitored checkpointer's
     # periodic saves, `last` included, until the monitored metric exists: a crash before the first validation
     # would leave nothing to resume), and the best by val/loss after each validation.
+    # enable_version_counter=False: a resume writes its last.ckpt over the one it started from, not last-v1.ckpt
     last_checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
-                                      every_n_train_steps=t.checkpoint_every_n_steps)
+                                      every_n_train_steps=t.checkpoint_every_n_steps, enable_version_counter=False)
     best_checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:06d}-val{val/loss:.3f}",
                                       auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(
@@ -72,7 +74,8 @@ def build_run(cfg: Config, command: str = "fit"):
                                         length_fn=lambda b: b["input_ids"].numel()),
                    AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
                    RetrievalEval(t.eval_every_n_steps, t.eval_tasks, t.eval_lengths, t.eval_samples, cfg.data),
-                   config_saver(cfg), Preemption(checkpoint_dir)],
+                   config_saver(cfg), Preemption(checkpoint_dir),
+                   *([progress_bar()] if t.enable_progress_bar else [])],
         plugins=[AtomicCheckpointIO()],
         # the train loader ends at each seq_len_schedule stage: a new epoch, with a loader of the new shape
         reload_dataloaders_every_n_epochs=1, deterministic=t.deterministic,
@@ -153,22 +156,41 @@ def make_strategy(t):
 
 
 def run(command: str, cfg: Config) -> None:
+    if command == "validate" and not cfg.ckpt_path and not cfg.init_from:
+        raise ConfigError("validate needs the checkpoint to validate: ckpt_path=runs/<run>/version_N/checkpoints/"
+                          "last.ckpt (or init_from=); without one it would validate a randomly initialised model")
     module, datamodule, trainer = build_run(cfg, command)
     log_dir = Path(trainer.logger.log_dir)
     fresh = not log_dir.exists()
-    if trainer.is_global_zero:
-        remove_stale_temporaries(log_dir / "checkpoints")
+    lock = RunFolderLock(log_dir) if command == "fit" and trainer.is_global_zero else nullcontext()
     try:  # build_run read a ckpt_path file weights-only (load_start_weights); Lightning reads it so again
-        if command == "fit":
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
-        else:
-            trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
+        with lock:
+            if trainer.is_global_zero:
+                remove_stale_temporaries(log_dir / "checkpoints")
+            if command == "fit":
+                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
+            else:
+                trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
     except Exception:
         # A run that failed before its first batch (e.g. a data error in setup) leaves no version folder holding
         # only a config and an empty event file; one that ran a batch keeps its logs for the post-mortem.
         if fresh and trainer.is_global_zero and not ran_a_batch(trainer):
             shutil.rmtree(log_dir, ignore_errors=True)
         raise
+    if command == "fit" and trainer.is_global_zero:
+        print(saved_checkpoints(trainer))
+
+
+def saved_checkpoints(trainer) -> str:
+    """The line a finished ``fit`` ends with: where its checkpoints are."""
+    parts = []
+    for callback in trainer.checkpoint_callbacks:
+        if callback.last_model_path:
+            parts.append(f"last {callback.last_model_path}")
+        if callback.monitor and callback.best_model_path:
+            parts.append(f"best by {callback.monitor} ({float(callback.best_model_score):.4f}) "
+                         f"{callback.best_model_path}")
+    return "checkpoints: " + ("; ".join(parts) or "none written")
 
 
 def ran_a_batch(trainer) -> bool:

@@ -15,8 +15,10 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from .cursors import Cursor, MixedCursor, Ref, SourceCursor, unit_hash
 from .sources import (
     DataError,
+    TextFile,
     chat_segments,
     decode_record,
+    held_out_tail,
     is_validation,
     records_from,
 )
@@ -29,10 +31,12 @@ TOKENIZE_BATCH = 32  # documents per encode_batch call: lets a Rust tokenizer us
 
 @dataclass
 class Document:
-    """tokens: int32 [n]; target: bool [n] or None (every token is a prediction target)."""
+    """tokens: int32 [n]; target: bool [n] or None (every token is a prediction target). ``last`` False: a piece of
+    a document read in pieces (``TextFile``), which the next ``Document`` continues (no EOS between them)."""
 
     tokens: np.ndarray
     target: np.ndarray | None = None
+    last: bool = True
 
 
 class DocumentStream:
@@ -45,6 +49,10 @@ class DocumentStream:
         self.min_chars, self.long_doc_chars, self.long_doc_repeat = min_chars, long_doc_chars, long_doc_repeat
         self.skip_bad_records = skip_bad_records
         self.bad_records = 0
+        # "records": whole records are held out (``is_validation``); "tails": every text record gives its last
+        # val_fraction to validation (``held_out_tail``), for corpora of a few (large) documents, where whole
+        # records leave no validation split (``TextDataModule`` switches when that happens)
+        self.held_out = "records"
 
     def file_order(self, split: str, epoch: int, seed: int) -> list[int]:
         order = list(range(len(self.files)))
@@ -59,16 +67,19 @@ class DocumentStream:
         reference ``(file index, start)`` reads the record again alone (``decode``)."""
         order = self.file_order(split, epoch, seed)
         file_pos, start, g = cursor
+        tails = self.held_out == "tails" and not self.chat
         for k in range(file_pos, len(order)):
             path = self.files[order[k]]
             for position, raw, at, after in records_from(path, self.text_field, start if k == file_pos else (0, 0)):
-                if is_validation(path, position, self.val_fraction) != (split == "val"):
+                if not tails and is_validation(path, position, self.val_fraction) != (split == "val"):
                     continue
                 g += 1
                 if (g - 1) % n_shards != shard:
                     continue
                 doc = self._parse(path, position, raw)
-                if doc is not None:
+                if doc is not None and tails:
+                    doc = held_out_tail(doc, self.val_fraction)[split == "val"]
+                if doc is not None and (len(doc) or not tails):
                     yield (k, after, g), (order[k], at), doc
 
     def _parse(self, path, position: int, raw) -> str | bytes | list | None:
@@ -89,6 +100,8 @@ class DocumentStream:
         path = self.files[file_index]
         record = next(records_from(path, self.text_field, tuple(at)), None)
         doc = None if record is None else self._parse(path, record[0], record[1])
+        if doc is not None and self.held_out == "tails" and not self.chat:  # training records only come back
+            doc = held_out_tail(doc, self.val_fraction)[0]
         if doc is None:
             raise DataError(f"{path}: the record at {tuple(at)} that a checkpoint points to is gone or no longer a "
                             "document; a resumed run needs the same data files")
@@ -125,6 +138,11 @@ def tokenize(docs: Iterator, tokenizer) -> Iterator[Document]:
                            np.concatenate([np.full(len(t), target, dtype=bool) for t, target in parts]))
 
     for doc in docs:
+        if isinstance(doc, TextFile):  # in pieces, in order: what is batched before it goes first
+            yield from flush()
+            batch = []
+            yield from pieces_of(doc, tokenizer)
+            continue
         batch.append(doc)
         if len(batch) == TOKENIZE_BATCH:
             yield from flush()
@@ -132,18 +150,35 @@ def tokenize(docs: Iterator, tokenizer) -> Iterator[Document]:
     yield from flush()
 
 
+def pieces_of(doc: TextFile, tokenizer) -> Iterator[Document]:
+    """A large text file's tokens piece by piece (memory: one piece), the last piece marked ``last``."""
+    previous = None
+    for text in doc.pieces():
+        if previous is not None:
+            yield Document(previous, last=False)
+        previous = tokenizer.encode(text)
+    yield Document(previous if previous is not None else np.zeros(0, dtype=np.int32))
+
+
 def document_pieces(docs: Iterator[Document], eos_id: int, pad_id: int | None = None,
                     align: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each document as ``(tokens [n] int32, doc_index [n] int64, target [n] bool)``: its tokens, then EOS, then
-    padding to a multiple of ``align`` when given (so the next document starts on a chunk boundary)."""
-    for d, doc in enumerate(docs):
-        n = len(doc.tokens) + 1
-        total = n if not align else -(-n // align) * align
+    padding to a multiple of ``align`` when given (so the next document starts on a chunk boundary). A document read
+    in pieces comes as several such arrays, EOS and padding after its last."""
+    d, length = 0, 0  # document index, tokens of it so far
+    for doc in docs:
+        n = len(doc.tokens) + doc.last
+        length += n
+        total = n if not (align and doc.last) else n + (-length) % align
         tokens = np.full(total, pad_id if pad_id is not None else eos_id, dtype=np.int32)
-        tokens[: n - 1], tokens[n - 1] = doc.tokens, eos_id
+        tokens[: len(doc.tokens)] = doc.tokens
+        if doc.last:
+            tokens[n - 1] = eos_id
         target = np.zeros(total, dtype=bool)
-        target[:n] = True if doc.target is None else np.append(doc.target, True)
+        target[:n] = True if doc.target is None else np.append(doc.target, [True] * doc.last)
         yield tokens, np.full(total, d, dtype=np.int64), target
+        if doc.last:
+            d, length = d + 1, 0
 
 
 def skip_tokens(pieces: Iterator[tuple[np.ndarray, ...]], n: int) -> Iterator[tuple[np.ndarray, ...]]:
@@ -281,9 +316,18 @@ class PackedStream(IterableDataset):
 
         def pieces():
             nonlocal first_token
-            docs = tokenize(documents(), self.tokenizer)
-            for piece in document_pieces(docs, self.tokenizer.eos_id, self.tokenizer.pad_id, self.align):
-                packed.append((first_token, drawn_states.popleft()))
+            lasts: deque = deque()  # whether each tokenized piece ends its document (one piece each, in order)
+
+            def tokenized():
+                for doc in tokenize(documents(), self.tokenizer):
+                    lasts.append(doc.last)
+                    yield doc
+
+            starts = True  # the next piece is a document's first
+            for piece in document_pieces(tokenized(), self.tokenizer.eos_id, self.tokenizer.pad_id, self.align):
+                if starts:  # a document read in pieces is one entry: positions inside it count from its start
+                    packed.append((first_token, drawn_states.popleft()))
+                starts = lasts.popleft()
                 first_token += len(piece[0])
                 yield piece
 
@@ -350,7 +394,11 @@ def validation_windows(sources: list[DocumentStream], tokenizer, seq_len: int, n
         if len(samples) == n:
             break
     if not samples:
-        raise DataError(
+        raise TooLittleValidationData(
             f"the validation split has fewer than seq_len + 1 = {seq_len + 1} tokens; raise data.val_fraction"
         )
     return samples
+
+
+class TooLittleValidationData(DataError):
+    """The validation split cannot fill one window."""

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -147,9 +148,101 @@ def decode_record(path: Path, position: int, raw: object, text_field: str) -> st
             raise DataError(f"{path}: row {position}: '{text_field}' is {type(raw).__name__}, not text")
         return raw
     try:
+        if Path(raw).stat().st_size >= LARGE_TEXT_BYTES:
+            return TextFile(Path(raw))
         return Path(raw).read_bytes()
     except OSError as e:
         raise DataError(f"cannot read '{path}': {e.strerror}") from e
+
+
+LARGE_TEXT_BYTES = 1 << 22  # plain-text files from 4 MiB on are documents read in pieces (``TextFile``), never whole
+PIECE_BYTES = 1 << 20  # bytes of such a document read and tokenized at a time
+CUT_SEARCH = 1 << 16  # how far before a wanted cut a word boundary is looked for
+
+
+_WORD_END = {bytes: re.compile(rb"\S(?=\s)"), str: re.compile(r"\S(?=\s)")}
+
+
+def word_boundary(text: bytes | str, at: int) -> int:
+    """The cut nearest before ``at`` (0 < cut <= at) where whitespace follows a non-whitespace character: byte-level
+    BPE pre-tokenizers (GPT-2's pattern) never match across such a point (a match that starts on a non-space stays
+    off whitespace, and one that starts on whitespace starts there either way), so the two sides tokenize as the
+    whole does. Failing that (none within ``CUT_SEARCH``), at ``at``, moved back to a UTF-8 character boundary."""
+    at = min(at, len(text))
+    last = None
+    for last in _WORD_END[type(text)].finditer(text, max(0, at - CUT_SEARCH - 1), at):
+        pass
+    if last is not None:
+        return last.end()
+    return max(utf8_boundary(text, at) if isinstance(text, bytes) else at, 1)
+
+
+def utf8_boundary(data: bytes, at: int) -> int:
+    """The start of the character ``at`` falls inside, or ``at`` when it falls between characters; at the end of
+    ``data``, the start of a last character cut short."""
+    if at < len(data):
+        while at > 0 and data[at] & 0xC0 == 0x80:
+            at -= 1
+        return at
+    lead = at - 1
+    while lead > 0 and data[lead] & 0xC0 == 0x80 and at - lead < 4:
+        lead -= 1
+    first = data[lead] if data else 0
+    size = 1 if first < 0xC0 else 2 if first < 0xE0 else 3 if first < 0xF0 else 4
+    return lead if lead + size > len(data) else at
+
+
+class TextFile:
+    """A plain-text file too large to hold whole (``LARGE_TEXT_BYTES``), as a document: its bytes ``[start, end)``,
+    read ``PIECE_BYTES`` at a time and cut at word boundaries (``word_boundary``). Its length is its size in bytes
+    (what ``min_chars`` and ``long_doc_chars`` compare)."""
+
+    def __init__(self, path: Path, start: int = 0, end: int | None = None):
+        self.path, self.start = Path(path), start
+        self.end = self.path.stat().st_size if end is None else end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TextFile) and (self.path, self.start, self.end) == (other.path, other.start, other.end)
+
+    def pieces(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            carry, left = b"", len(self)
+            while True:
+                read = f.read(min(PIECE_BYTES, left))
+                data, left = carry + read, left - len(read)
+                if left <= 0 or not read:  # the end (or a file that shrank since)
+                    if data:
+                        yield data
+                    return
+                cut = word_boundary(data, len(data))
+                yield data[:cut]
+                carry = data[cut:]
+
+    def split_at(self, fraction: float) -> tuple["TextFile", "TextFile"]:
+        """(head, tail): the tail about ``fraction`` of the bytes, cut at a word boundary."""
+        wanted = self.end - int(len(self) * fraction)
+        lo = max(self.start, wanted - CUT_SEARCH)
+        with open(self.path, "rb") as f:
+            f.seek(lo)
+            window = f.read(min(self.end, wanted + 1) - lo)
+        cut = lo + word_boundary(window, wanted - lo) if wanted - lo > 0 else wanted
+        return TextFile(self.path, self.start, cut), TextFile(self.path, cut, self.end)
+
+
+def held_out_tail(doc, fraction: float) -> tuple:
+    """(training head, held-out tail) of one document: the tail is about ``fraction`` of it, cut at a word boundary
+    (``data.val_fraction`` per document, when whole documents held out leave too little; see ``DocumentStream``)."""
+    if isinstance(doc, TextFile):
+        return doc.split_at(fraction)
+    wanted = len(doc) - int(len(doc) * fraction)
+    if wanted >= len(doc):
+        return doc, doc[:0]
+    cut = word_boundary(doc, wanted) if wanted > 0 else 0
+    return doc[:cut], doc[cut:]
 
 
 CHAT_ROLES = ("system", "user", "assistant")

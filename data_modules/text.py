@@ -16,6 +16,7 @@ from .packing import (
     POSITION_KEY,
     DocumentStream,
     PackedStream,
+    TooLittleValidationData,
     collate_with_position,
     validation_windows,
 )
@@ -129,7 +130,7 @@ class TextDataModule(L.LightningDataModule):
         self.stages = seq_len_stages(list(seq_len_schedule), cfg.seq_len, cfg.batch_size)
         if cfg.synthetic_fraction > 0:
             check_tasks_fit(cfg.synthetic_tasks, min(length for _, length, _ in self.stages) + 1, self.tokenizer)
-        self._val_samples: list | None = None
+        self._val_samples: list | None = None  # held_out_split()
         self._consumed = 0  # training batches this rank has consumed
         self._positions: dict[int, dict] = {}  # worker → where its shard continues after its last consumed batch
 
@@ -154,6 +155,7 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataset(self, step: int | None = None) -> PackedStream:
         """The training stream from optimizer step ``step`` (default: the trainer's) to the end of its stage."""
+        self.held_out_split()  # which split the training stream reads
         current, accumulate = self._progress()
         step = current if step is None else step
         seq_len, batch_size, next_stage = self.stage_at(step)
@@ -173,12 +175,48 @@ class TextDataModule(L.LightningDataModule):
                           persistent_workers=self.cfg.num_workers > 0, collate_fn=collate_with_position,
                           prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None)
 
+    def held_out_split(self) -> list:
+        """The fixed validation windows (empty when the data cannot fill one), choosing once how the split is made:
+        whole held-out documents, or, when they cannot fill a window (one large file, a few documents), the last
+        ``val_fraction`` of every text document, for training and validation alike (``DocumentStream.held_out``)."""
+        if self._val_samples is not None:
+            return self._val_samples
+        cfg = self.cfg
+
+        def windows() -> list:
+            try:
+                return validation_windows(self.sources, self.tokenizer, cfg.seq_len, cfg.val_samples,
+                                          cfg.document_masking, self.align)
+            except TooLittleValidationData:
+                return []
+
+        self._val_samples = windows()
+        if not self._val_samples and not all(s.chat for s in self.sources):
+            for source in self.sources:
+                source.held_out = "tails"
+            self._val_samples = windows()
+            if self._val_samples:
+                _warn_once(f"the documents held out whole (data.val_fraction={cfg.val_fraction:g}) cannot fill one "
+                           f"validation window of {cfg.seq_len + 1} tokens: holding out the last "
+                           f"{cfg.val_fraction:g} of every document instead")
+            else:  # no split fills a window: training data as usual; validation_samples() says why
+                for source in self.sources:
+                    source.held_out = "records"
+        return self._val_samples
+
+    def validation_samples(self) -> list:
+        """``held_out_split``, or one error when it cannot fill one window (checked before training starts)."""
+        samples = self.held_out_split()
+        if not samples:
+            cfg = self.cfg
+            raise DataError(f"the validation split has fewer than seq_len + 1 = {cfg.seq_len + 1} tokens, even with "
+                            f"the last {cfg.val_fraction:g} of every document held out: raise data.val_fraction, "
+                            "lower data.seq_len, or set trainer.limit_val_batches=0")
+        return samples
+
     def val_dataloader(self) -> DataLoader:
-        if self._val_samples is None:
-            self._val_samples = validation_windows(self.sources, self.tokenizer, self.cfg.seq_len,
-                                                   self.cfg.val_samples, self.cfg.document_masking, self.align)
         # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly.
-        return DataLoader(self._val_samples, batch_size=self.cfg.batch_size, shuffle=False)
+        return DataLoader(self.validation_samples(), batch_size=self.cfg.batch_size, shuffle=False)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Lightning calls this for the batch it is about to train on, while the loader has already prefetched

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data_modules.sources import TextFile
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>"]
 
 
@@ -25,6 +27,8 @@ def training_texts(data_cfg):
         for doc in stream.documents("train", 0, 0, 0, 1):
             if isinstance(doc, list):
                 yield "".join(text for text, _ in doc)
+            elif isinstance(doc, TextFile):
+                yield from (piece.decode("utf-8", errors="replace") for piece in doc.pieces())
             else:
                 yield doc.decode("utf-8", errors="replace") if isinstance(doc, bytes) else doc
 

@@ -23,9 +23,9 @@ def held_out_prefix(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarra
     pieces, total = [], 0
     for stream in build_document_streams(data_cfg)[0]:
         for doc in tokenize(stream.documents("val", 0, 0, 0, 1), tokenizer):
-            pieces += [doc.tokens, np.array([tokenizer.eos_id], dtype=np.int32)]
-            total += len(doc.tokens) + 1
-            if total >= n_tokens:
+            pieces += [doc.tokens, np.array([tokenizer.eos_id] * doc.last, dtype=np.int32)]
+            total += len(doc.tokens) + doc.last
+            if total >= n_tokens and doc.last:
                 return np.concatenate(pieces)
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
 

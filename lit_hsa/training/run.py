@@ -39,6 +39,8 @@ def build_run(cfg: Config, command: str = "fit"):
             f"({datamodule.vocab_size}); set it to null to follow the tokenizer"
         )
     t = cfg.trainer
+    if t.limit_val_batches != 0:  # data errors before the model is built (and before any run folder)
+        datamodule.validation_samples()
     module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
                           t.activation_checkpointing, t.compile, finetune=cfg.finetune,
                           max_consecutive_nonfinite=t.max_consecutive_nonfinite, meta_init=t.strategy == "fsdp")

@@ -218,3 +218,26 @@ def test_a_resume_with_more_steps_keeps_the_learning_rate_horizon(tmp_path, capl
     for step in range(4, 8):
         assert lr[step] == pytest.approx(3e-4, rel=1e-6), step
     assert sorted(p.name for p in (run / "checkpoints").glob("last*")) == ["last.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_real_full_disk(tmp_path):
+    """trainer.root_dir on a 24 MB tmpfs (room for one checkpoint of the tiny model, not two): exit 2 with one
+    error line, and the checkpoint under its name loads. Needs the right to mount (root); skipped otherwise."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={disk}",
+                "trainer.checkpoint_every_n_steps=1", "data.batch_size=2", "data.seq_len=128", "trainer.max_steps=10",
+                "trainer.val_check_interval=5", "trainer.enable_progress_bar=false", "data.num_workers=0"]
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert len(errors) == 1 and "no space left on its filesystem" in errors[0]
+        for f in (disk / "tiny" / "version_0" / "checkpoints").iterdir():
+            assert torch.load(f, map_location="cpu", weights_only=True)["global_step"] >= 1, f
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -66,16 +66,19 @@ def write_atomically(checkpoint: dict, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException as e:
+        full = is_out_of_space(e) or free_bytes(path.parent) < FULL_DISK_BYTES  # (before the temporary goes)
         temporary.unlink(missing_ok=True)
-        if is_out_of_space(e):
-            free = shutil.disk_usage(path.parent).free
-            raise CheckpointWriteError(f"cannot write checkpoint '{path}': no space left on its "
-                                       f"filesystem ({free / 2**20:.0f} MiB free); the previous checkpoint is "
-                                       "unchanged: free space or set trainer.root_dir elsewhere") from None
+        if full:
+            raise CheckpointWriteError(f"cannot write checkpoint '{path}': no space left on its filesystem; the "
+                                       "previous checkpoint is unchanged: free space or set trainer.root_dir "
+                                       "elsewhere") from None
         if isinstance(e, PermissionError):
             raise CheckpointWriteError(f"cannot write checkpoint '{path}': {e.strerror}") from None
         raise
     fsync_folder(path.parent)
+
+
+FULL_DISK_BYTES = 1 << 20  # a failed write with less free space than this left on the filesystem: a full disk
 
 
 def is_out_of_space(e: BaseException) -> bool:
@@ -83,6 +86,13 @@ def is_out_of_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return isinstance(e, RuntimeError) and ("file write failed" in str(e) or "No space left" in str(e))
+
+
+def free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return FULL_DISK_BYTES
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -159,14 +159,28 @@ def test_mfu_on_gpus_lightning_does_not_know():
     assert throughput.compute()["device/mfu"] == pytest.approx(0.5)
 
 
-def test_progress_bar_shows_no_epoch_total_for_step_counted_runs():
-    """Runs are counted in steps (max_epochs=-1): Rich's bar printed "Epoch 0/-2"."""
+@pytest.mark.parametrize("rich", [True, False])
+def test_progress_bar_counts_the_runs_batches_without_an_epoch_total(monkeypatch, rich):
+    """Runs are counted in steps (max_epochs=-1): Rich's bar printed "Epoch 0/-2", and a resumed run "40/10" (the
+    run's batches over the current loader's). Ours: the run's batch index out of max_steps × accumulation."""
     from types import SimpleNamespace
 
+    import lightning.pytorch.utilities.imports as imports
     from lit_hsa.training.callbacks import progress_bar
 
+    if rich and not imports._RICH_AVAILABLE:
+        pytest.skip("rich is not installed")
+    monkeypatch.setattr(imports, "_RICH_AVAILABLE", rich)
     bar = progress_bar()
-    if not hasattr(bar, "_get_train_description"):
-        pytest.skip("rich is not installed: tqdm's bar shows no epoch total")
-    bar._trainer = SimpleNamespace(max_epochs=-1)
-    assert bar._get_train_description(0).strip() == "Epoch 0"
+    seen = []
+    monkeypatch.setattr(type(bar).__mro__[2], "on_train_batch_end",
+                        lambda self, trainer, pl_module, outputs, batch, batch_idx: seen.append(batch_idx))
+    epoch_loop = SimpleNamespace(total_batch_idx=35)
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=20, accumulate_grad_batches=2, num_training_batches=10,
+                              global_step=17, fit_loop=SimpleNamespace(epoch_loop=epoch_loop))
+    bar._trainer = trainer
+    assert bar.total_train_batches == 40
+    bar.on_train_batch_end(trainer, None, None, None, 5)  # batch 5 of a resumed loader, the run's 36th
+    assert seen == [35]
+    if rich:
+        assert bar._get_train_description(0).strip() == "Epoch 0"

@@ -193,16 +193,25 @@ class MFUThroughputMonitor(ThroughputMonitor):
 
 
 def progress_bar() -> L.Callback:
-    """Lightning's progress bar (Rich when installed, else tqdm), without an epoch total: runs are counted in steps
-    (``trainer.max_steps``) with ``max_epochs=-1``, which Rich printed as "Epoch 0/-2"."""
+    """Lightning's progress bar (Rich when installed, else tqdm), counting the run's batches out of
+    ``trainer.max_steps`` × accumulation, resumes and curriculum stages included, and no epoch total. Lightning's own
+    counts the batches of the current loader against the steps left, and Rich adds ``max_epochs - 1``: a resumed
+    run showed "Epoch 1/-2 ... 40/10"."""
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
-    if not _RICH_AVAILABLE:
-        return TQDMProgressBar()
+    class StepsProgress:
+        @property
+        def total_train_batches(self):
+            t = self.trainer
+            return t.max_steps * t.accumulate_grad_batches if t.max_steps and t.max_steps > 0 else super().total_train_batches
 
-    class StepsProgressBar(RichProgressBar):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            done = trainer.fit_loop.epoch_loop.total_batch_idx  # this batch's index in the whole run
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, done)
+
         def _get_train_description(self, current_epoch: int) -> str:
-            return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+            return f"Epoch {current_epoch}".ljust(len(getattr(self, "validation_description", "")))
 
-    return StepsProgressBar()
+    base = RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar
+    return type("StepsProgressBar", (StepsProgress, base), {})()

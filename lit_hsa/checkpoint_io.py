@@ -130,5 +130,14 @@ def load_model(path: str, device: str):
     cfg, state, hparams = full_checkpoint(path)
     model = HSATransformer(cfg)
     model.load_state_dict(state)
-    tokenizer = build_tokenizer(hparams.get("tokenizer", "byte"), hparams.get("eos_token"))
+    tokenizer = build_tokenizer(tokenizer_spec(path, hparams), hparams.get("eos_token"))
     return model.to(device).eval(), tokenizer
+
+
+def tokenizer_spec(path: str, hparams: dict) -> str:
+    """The tokenizer a checkpoint records; a tokenizer.json no longer where it was recorded is looked for beside the
+    checkpoint (a converted model's folder, moved or copied elsewhere, keeps its tokenizer there)."""
+    spec = hparams.get("tokenizer", "byte")
+    if spec != "byte" and not Path(spec).is_file() and (Path(path).parent / Path(spec).name).is_file():
+        return str(Path(path).parent / Path(spec).name)
+    return spec

@@ -441,7 +441,7 @@ def load_yaml(path: str):
     if not Path(path).is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        return OmegaConf.load(path)
+        return with_config_dir(OmegaConf.load(path), Path(path).resolve().parent)
     except Exception as e:  # yaml syntax errors come in many types; report the file and the parser's first line
         mark = getattr(e, "problem_mark", None)
         if mark is not None:  # PyYAML's MarkedYAMLError: where the parser gave up, and what it was reading then
@@ -451,6 +451,22 @@ def load_yaml(path: str):
                               f"{mark.column + 1}: {e.problem}{context}") from None
         key = f" (key '{e.full_key}')" if getattr(e, "full_key", None) else ""  # OmegaConf's own parse errors
         raise ConfigError(f"config file '{path}' is not valid YAML{key}: {str(e).splitlines()[0]}") from e
+
+
+CONFIG_DIR = "${config_dir:}"  # in a config file's strings: that file's folder (files that travel with their data)
+
+
+def with_config_dir(node, folder: Path):
+    """``node`` with ``${config_dir:}`` in its strings replaced by ``folder`` (other interpolations left alone)."""
+    def walk(value):
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value.replace(CONFIG_DIR, str(folder)) if isinstance(value, str) else value
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    return OmegaConf.create(walk(raw)) if CONFIG_DIR in repr(raw) else node
 
 
 # A model section holding these describes a whole network by itself: its name need not be a preset.

@@ -100,3 +100,24 @@ def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_pa
     assert main(argv) == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_a_converted_folder_can_be_moved(qwen3_dir, tmp_path, capsys):
+    """The .yaml that convert writes names its checkpoint and tokenizer relative to itself (${config_dir:}), and a
+    checkpoint finds its tokenizer beside it: the folder works after a move (it held absolute paths)."""
+    import shutil
+
+    from lit_hsa.config import load_config
+
+    folder, _ = qwen3_dir
+    out = tmp_path / "made" / "model.ckpt"
+    assert main(["convert", "--hf", str(folder), "--out", str(out)]) == 0
+    text = out.with_suffix(".yaml").read_text()
+    assert str(tmp_path) not in text and "${config_dir:}/model.ckpt" in text
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(out.parent), moved)
+    cfg = load_config([str(moved / "model.yaml")], [])
+    assert cfg.init_from == str(moved.resolve() / "model.ckpt")
+    assert cfg.data.tokenizer == str(moved.resolve() / "model.tokenizer.json")
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", str(moved / "model.ckpt"), "--prompt", "the quick", "--max-new-tokens", "2"]) == 0

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from data_modules.sources import DataError
 from data_modules.tokenizers import build_tokenizer
-from lit_hsa.checkpoint_io import full_checkpoint, state_problems
+from lit_hsa.checkpoint_io import full_checkpoint, state_problems, tokenizer_spec
 from lit_hsa.config import ConfigError, ModelConfig, check_choice
 from lit_hsa.interop.byte_tokenizer import EOS_TOKEN, PAD_TOKEN, byte_tokenizer
 from lit_hsa.interop.hf_import import read_json
@@ -112,7 +112,7 @@ def read_checkpoint(ckpt: str) -> tuple[ModelConfig, dict[str, torch.Tensor], st
     ``full_checkpoint`` checks the file (missing, LoRA adapters only, weights that do not fit); the weights are
     mapped from it, not read."""
     cfg, state, hparams = full_checkpoint(ckpt, mmap=True)
-    spec = hparams.get("tokenizer", "byte")
+    spec = tokenizer_spec(ckpt, hparams)
     try:
         tokenizer = build_tokenizer(spec, hparams.get("eos_token"))
     except DataError as e:  # the tokenizer the checkpoint names (e.g. a tokenizer.json that has moved)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lit_hsa.config import ROPE_SCALING_KEYS, ConfigError, ModelConfig
+from lit_hsa.config import CONFIG_DIR, ROPE_SCALING_KEYS, ConfigError, ModelConfig
 from lit_hsa.interop.names import hf_to_ours, ours_to_hf
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -316,6 +316,9 @@ def write_checkpoint(out: str, cfg: ModelConfig, state: dict[str, torch.Tensor],
     torch.save({"state_dict": {f"model.{k}": v.float().contiguous() for k, v in state.items()},
                 "hyper_parameters": {"model": model, "tokenizer": tokenizer, "eos_token": eos_token,
                                      "converted_from": dict(converted_from)}}, out_path)
-    fragment = {"model": model, "data": {"tokenizer": tokenizer, "eos_token": eos_token},
-                "init_from": str(out_path.resolve())}
+    # Paths relative to the fragment's own folder (config.CONFIG_DIR): the converted files can move together
+    fragment = {"model": model,
+                "data": {"tokenizer": tokenizer if tokenizer == "byte" else f"{CONFIG_DIR}/{Path(tokenizer).name}",
+                         "eos_token": eos_token},
+                "init_from": f"{CONFIG_DIR}/{out_path.name}"}
     OmegaConf.save(OmegaConf.create(fragment), out_path.with_suffix(".yaml"))

@@ -145,12 +145,15 @@ class RunFolderLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another process
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
             raise ConfigError(f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
                               "time; wait for it, or give this run another trainer.run_name") from None
+        except OSError:  # a filesystem without locks (some network mounts): run unlocked, as before
+            f.close()
+            return self
         f.seek(0)
         f.truncate()
         f.write(f"process {os.getpid()} on {socket.gethostname()}")

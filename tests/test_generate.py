@@ -40,11 +40,17 @@ def test_greedy_generation_follows_the_full_forward():
 
 
 def test_generation_stops_at_eos():
+    """Greedy decoding stops right after the first EOS it emits, EOS included; the same tokens as without an EOS up
+    to there."""
     model = HSATransformer(tiny()).eval()
     prompt = torch.randint(0, VOCAB, (1, 5))
-    first, _ = prefill(model, prompt)
-    eos = int(first.argmax(-1))  # make the greedy first token the EOS
-    assert generate(model, prompt, max_new_tokens=10, eos_id=eos).shape == (1, 6)
+    free = generate(model, prompt, max_new_tokens=10)
+    assert free.shape == (1, 15) and torch.equal(free[:, :5], prompt)
+    new = free[0, 5:].tolist()
+    eos = new[3]  # the 4th generated token plays EOS: generation stops at its first occurrence
+    stop = new.index(eos)
+    out = generate(model, prompt, max_new_tokens=10, eos_id=eos)
+    assert out[0].tolist() == prompt[0].tolist() + new[: stop + 1]
 
 
 def test_top_p_keeps_the_nucleus_only():

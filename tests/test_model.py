@@ -154,3 +154,23 @@ def test_chunked_cross_entropy_equals_full_logits():
     torch.testing.assert_close(got.double(), ref)
     for a, b in zip(torch.autograd.grad(got, (h, w)), ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_training_only_randomness_is_off_in_eval_and_decoding():
+    """Gumbel noise on retrieval scores is for training: in eval mode two forwards give the same logits, equal to
+    the same weights without the option, and decoding follows them; in training mode it changes the choice."""
+    from lit_hsa.inference.generate import generate
+
+    torch.manual_seed(0)
+    noisy = HSATransformer(tiny(gumbel_noise=True, hsa_topk=1)).eval()
+    clean = HSATransformer(tiny(gumbel_noise=False, hsa_topk=1)).eval()
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randint(0, VOCAB, (2, 64))
+    with torch.no_grad():
+        first, second, reference = noisy(x), noisy(x), clean(x)
+        assert torch.equal(first, second) and torch.equal(first, reference)
+        noisy.train()
+        assert not torch.equal(noisy(x), reference)  # the option does act in training: the check can fail
+    noisy.eval()
+    prompt = x[:1, :40]
+    assert torch.equal(generate(noisy, prompt, max_new_tokens=8), generate(clean, prompt, max_new_tokens=8))

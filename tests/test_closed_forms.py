@@ -1,0 +1,146 @@
+"""Quantities with a closed form, pinned to values worked out here from their definitions (not to another path of
+our own code): the learning-rate schedule, the MoE balance loss, training FLOPs with tied and untied embeddings, the
+LoRA scale (dense and expert adapters), and step schedules under gradient accumulation. How this project tests:
+tests/README.md."""
+import math
+
+import pytest
+import torch
+
+from lit_hsa.config import OptimConfig
+from lit_hsa.model.lora import ExpertLoRA, LoRALinear
+from lit_hsa.model.moe import MoE
+from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.flops import training_flops_per_token
+from lit_hsa.training.module import lr_lambda
+from tests.helpers import fit, scalars, tiny
+
+# ------------------------------------------------------------------------------------------------ LR schedule
+
+COSINE = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, schedule="cosine")
+
+
+@pytest.mark.parametrize("step, multiplier", [
+    (0, 0.25),  # the first step trains at lr / warmup_steps, not at 0
+    (3, 1.0),  # warm-up ends at the full rate
+    (4, 1.0),  # the cosine starts at its top
+    (12, 0.55),  # halfway through the cosine (steps 4..20): (1 + 0.1) / 2
+    (20, 0.1),  # max_steps: exactly min_lr / lr
+    (27, 0.1),  # past max_steps (a resumed run keeps the horizon): stays at min_lr
+])
+def test_cosine_schedule_anchor_values(step, multiplier):
+    assert lr_lambda(step, COSINE, max_steps=20) == pytest.approx(multiplier, abs=1e-12)
+
+
+def test_constant_schedule_is_flat_after_warm_up():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=2, schedule="constant")
+    assert [lr_lambda(s, cfg, 10) for s in range(5)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert lr_lambda(0, OptimConfig(lr=1e-3, warmup_steps=0, schedule="cosine", min_lr=0.0), 10) == 1.0
+
+
+def test_logged_learning_rate_follows_the_schedule(tmp_path):
+    """The rate the optimizer used at each step, as TensorBoard shows it: warm-up from lr / 2 (2 warm-up steps),
+    then a cosine from 3e-3 to 3e-4 over steps 2..6."""
+    run = fit(tmp_path, "lr", "trainer.max_steps=6", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.schedule=cosine")
+    lr = scalars(run, "lr-AdamW/pg1")
+    expected = {0: 1.5e-3, 1: 3e-3, 2: 3e-3, 3: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi / 4)),
+                4: 1.65e-3, 5: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(3 * math.pi / 4))}
+    assert sorted(lr) == sorted(expected)
+    for step, value in expected.items():
+        assert lr[step] == pytest.approx(value, rel=1e-6), step
+
+
+# ------------------------------------------------------------------------------------------------ MoE balance loss
+
+
+def test_moe_balance_loss_equals_the_switch_formula_by_hand():
+    """aux = coef · E · Σ_e (share of the N·k assignments that went to e) · (mean over tokens of e's router
+    probability, normalised over experts), with the *unbiased* sigmoid scores: the balance bias steers selection
+    only. Four tokens routed through a hand-set router and a bias that overturns one choice."""
+    moe = MoE(2, n_experts=3, experts_per_token=1, expert_hidden=16, n_shared_experts=0, aux_loss_coef=0.5)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+        moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.1]))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.3, 0.0]])
+    moe.train()
+    moe(x)
+    s = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    scores = [[s(2.0), s(0.0), s(1.0)], [s(0.0), s(2.0), s(1.0)], [s(2.0), s(2.0), s(2.0)], [s(0.6), s(0.0), s(0.3)]]
+    # token 3: 0.646 for expert 0 against 0.574 + 0.1 for expert 2: the bias overturns the choice
+    chosen = [max(range(3), key=lambda e: row[e] + (0.1 if e == 2 else 0.0)) for row in scores]
+    assert chosen == [0, 1, 2, 2]
+    share = [chosen.count(e) / 4 for e in range(3)]
+    prob = [sum(row[e] / sum(row) for row in scores) / 4 for e in range(3)]
+    expected = 0.5 * 3 * sum(f * p for f, p in zip(share, prob))
+    assert float(moe.aux_loss) == pytest.approx(expected, rel=1e-6)
+    assert moe.load_accum.tolist() == [1.0, 1.0, 2.0]
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+
+
+def count_matmul_parameters(model: HSATransformer) -> int:
+    """Every weight that multiplies activations once per token in an active path: all parameters, minus the routed
+    experts a token does not use, minus the embedding table when it is only looked up (untied head)."""
+    total = sum(p.numel() for p in model.parameters())
+    for moe in model.moe_layers():
+        total -= moe.routed_parameters() * (moe.n_experts - moe.top_k) // moe.n_experts
+    if model.lm_head is not None:
+        total -= model.embed.weight.numel()
+    return total
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_flops_count_the_head_matmul_once_whether_tied_or_untied(moe):
+    """6 FLOPs per matmul parameter per token: with a tied head the embedding table is the head's matmul; untied,
+    the table is a free lookup and the separate head is the matmul. Same shapes, same FLOPs."""
+    flops = {}
+    for tied in (True, False):
+        cfg = tiny(tie_embeddings=tied, moe=moe, vocab_size=500, attention="full")
+        model = HSATransformer(cfg)
+        attention = 12 * cfg.n_heads * cfg.head_dim * (64 + 1) / 2 * cfg.n_layers  # causal T=64: mean 32.5 keys
+        flops[tied] = training_flops_per_token(cfg, model.num_parameters()[1], 64)
+        assert flops[tied] == pytest.approx(6 * count_matmul_parameters(model) + attention, rel=1e-9)
+    assert flops[True] == pytest.approx(flops[False], rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA scale
+
+
+def test_lora_update_is_scaled_by_alpha_over_rank():
+    """y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ, for a dense layer and for an expert's matmul."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5), rank=4, alpha=12.0)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 6)
+    expected = x @ layer.weight.T + layer.bias + 3.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(layer(x), expected)
+
+    moe = MoE(16, n_experts=2, experts_per_token=1, expert_hidden=16, n_shared_experts=0).eval()
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, std=0.2)
+    moe.lora_experts = lora = ExpertLoRA(moe, rank=4, alpha=12.0)
+    for name in ("gate", "up", "down"):
+        torch.nn.init.normal_(getattr(lora, f"lora_{name}_B"), std=0.3)
+    tokens = torch.randn(4, 16)
+    chosen = (torch.sigmoid(moe.router(tokens)) + moe.expert_bias).argmax(-1)
+
+    def expert(name, x, e):  # x @ w[e] + 3 · x @ A[e] @ B[e]
+        A, B = getattr(lora, f"lora_{name}_A")[e], getattr(lora, f"lora_{name}_B")[e]
+        return x @ getattr(moe, f"w_{name}")[e] + 3.0 * (x @ A @ B)
+
+    want = torch.stack([expert("down", torch.nn.functional.silu(expert("gate", t, e)) * expert("up", t, e), e)
+                        for t, e in zip(tokens, chosen)])
+    torch.testing.assert_close(moe(tokens), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ step schedules
+
+
+def test_schedules_follow_the_optimizer_step_under_gradient_accumulation(tmp_path):
+    """With 2 micro-batches per step, top-k and window change at optimizer step 2 (batch 4), not at batch 2."""
+    run = fit(tmp_path, "accumulate", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2",
+              "trainer.topk_schedule=[[0,4],[2,1]]", "trainer.swa_window_schedule=[[0,16],[2,8]]",
+              "trainer.log_every_n_steps=1")
+    assert scalars(run, "schedule/hsa_topk") == {0: 4.0, 1: 4.0, 2: 1.0, 3: 1.0}
+    assert scalars(run, "schedule/swa_window") == {0: 16.0, 1: 16.0, 2: 8.0, 3: 8.0}

@@ -57,7 +57,29 @@ def one_line_error(args: list[str] | subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "generate", "merge", "experiment"])
+def reading_commands(path, tmp_path) -> dict[str, list[str]]:
+    """Every command line that reads a checkpoint file the user names, reading ``path``."""
+    fit = ["fit", *TINY, f"trainer.root_dir={tmp_path}", "trainer.max_steps=1"]
+    return {
+        "init_from": [*fit, f"init_from={path}"],
+        "ckpt_path": [*fit, f"ckpt_path={path}"],
+        "lora_base": [*fit, "finetune.method=lora", f"init_from={path}"],
+        "validate": ["validate", *TINY, f"trainer.root_dir={tmp_path}", f"ckpt_path={path}"],
+        "generate": ["generate", "--ckpt", str(path), "--prompt", "x", "--max-new-tokens", "1", "--device", "cpu"],
+        "eval": ["eval", "--ckpt", str(path), "--device", "cpu", "--tasks", "niah_single", "--lengths", "1k",
+                 "--samples", "1", "--out", str(tmp_path / "eval")],
+        "export": ["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")],
+        "merge": ["merge", "--ckpt", str(path), "--out", str(tmp_path / "merged.ckpt")],
+        "experiment": ["experiment", "--config", "configs/experiments/length_generalization.yaml", "--models",
+                       "swa", "--eval-only", f"out_dir={tmp_path}", "train.data.num_workers=0"],
+    }
+
+
+NO_OUTPUT = ("tiny", "eval", "hf", "merged.ckpt")  # what the commands above would have written
+
+
+@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export",
+                                     "merge", "experiment"])
 @pytest.mark.slow
 def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
     marker = tmp_path / "pwned"
@@ -67,26 +89,19 @@ def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
     checkpoint["lora_base"] = {"path": str(ckpt), "fingerprint": "0"}  # what `merge` looks for
     checkpoint.update(model_config={}, train={})  # what `experiment --eval-only` looks for
     torch.save(checkpoint, evil)
-    args = {"init_from": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"init_from={evil}", "trainer.max_steps=1"],
-            "ckpt_path": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"ckpt_path={evil}", "trainer.max_steps=1"],
-            "generate": ["generate", "--ckpt", str(evil), "--prompt", "x", "--max-new-tokens", "1", "--device", "cpu"],
-            "merge": ["merge", "--ckpt", str(evil), "--out", str(tmp_path / "merged.ckpt")],
-            "experiment": ["experiment", "--config", "configs/experiments/length_generalization.yaml", "--models",
-                           "swa", "--eval-only", f"out_dir={tmp_path}", "train.data.num_workers=0"]}[command]
-    proc = main_py(args)
+    proc = main_py(reading_commands(evil, tmp_path)[command])
     assert not marker.exists()  # nothing of the pickle ran
     assert one_line_error(proc) == f"error: checkpoint '{evil}' {UNSAFE}"
-    assert not (tmp_path / "tiny").exists() and not (tmp_path / "merged.ckpt").exists()  # refused before any output
+    assert not any((tmp_path / name).exists() for name in NO_OUTPUT)  # refused before any output
 
 
-@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "generate"])
+@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export",
+                                     "merge"])
 @pytest.mark.slow
 def test_a_truncated_checkpoint_is_one_line(command, truncated, tmp_path):
-    args = {"init_from": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"init_from={truncated}"],
-            "ckpt_path": ["fit", *TINY, f"trainer.root_dir={tmp_path}", f"ckpt_path={truncated}"],
-            "generate": ["generate", "--ckpt", str(truncated), "--prompt", "x", "--device", "cpu"]}[command]
-    assert one_line_error(args) == f"error: checkpoint '{truncated}' {UNREADABLE}"
-    assert not (tmp_path / "tiny").exists()  # no run folder for a refused run
+    assert one_line_error(reading_commands(truncated, tmp_path)[command]) == (
+        f"error: checkpoint '{truncated}' {UNREADABLE}")
+    assert not any((tmp_path / name).exists() for name in NO_OUTPUT)  # no run folder or output for a refused run
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "eval length too short", "eval length 0", "run folder"])

@@ -73,11 +73,14 @@ def make_tokenizer(path: Path) -> None:
     tok.save(str(path))
 
 
-def save_hf(folder: Path, cls: str, overrides: dict, shard: bool = False, tokenizer: bool = True):
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             vocab_size=VOCAB, max_position_embeddings=128)
+
+
+def save_hf(folder: Path, cls: str, overrides: dict, shard: bool = False, tokenizer: bool = True,
+            shape: dict = SHAPE):
     """A random ``cls`` causal LM (every parameter random) saved with ``save_pretrained`` → the model (eval, eager
     attention)."""
-    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=128)
     config = getattr(transformers, cls)(**{**shape, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(0)
@@ -321,3 +324,35 @@ def test_broken_tokenizer_json_is_one_line(base_dirs, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer.json' is not a valid tokenizer.json") as e:
         read_dense(str(folder))
     assert "\n" not in str(e.value)
+
+
+REQUIRED_KEYS = {"architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_hidden_layers", "vocab_size", "torch_dtype", "dtype", "transformers_version"}
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"])
+def test_a_minimal_config_json_reads_as_transformers_reads_it(cls, tmp_path):
+    """config.json files in the wild leave out what has a default (save_pretrained writes every key, so the other
+    tests never saw a missing one) and give eos_token_id as a list: with every optional key removed, our model
+    is the one transformers builds from the same file (its own defaults: KV heads, head_dim from the width,
+    rope_theta, eps, tied or not), logits equal."""
+    # 32 heads, as the classes' defaults assume (their KV-head and head_dim defaults are constants), width 256
+    required = dict(hidden_size=256, num_attention_heads=32, num_hidden_layers=2, intermediate_size=96,
+                    vocab_size=VOCAB)
+    save_hf(tmp_path, cls, {}, shape=required)  # every other field at the class's default
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    minimal = {k: v for k, v in config.items() if k in REQUIRED_KEYS}
+    minimal["eos_token_id"] = [0, 1]
+    path.write_text(json.dumps(minimal))
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    imported = read_dense(str(tmp_path))
+    assert max_logit_diff(hf, imported, 40) <= 1e-4
+    c, cfg = hf.config, imported.cfg
+    assert (cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings, cfg.norm_eps) == (
+        c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        c.tie_word_embeddings, c.rms_norm_eps)
+    assert imported.eos_token == EOT  # the first id of the list
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    assert (cfg.swa_window if cfg.attention == "swa" else None) == window  # Mistral: 4096 when left out

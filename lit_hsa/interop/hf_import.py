@@ -82,11 +82,23 @@ def read_json(path: Path, what: str) -> dict:
 # ------------------------------------------------------------------------------------------------------- config
 
 
+# What transformers' config classes (LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config) take for a key a
+# config.json leaves out, where that is a constant rather than derived from other fields (a null value is derived:
+# KV heads = attention heads, head_dim = width / heads). Mistral's window of 4096 is on when the key is absent.
+FAMILY_DEFAULTS = {
+    "llama": {},
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 32},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128},
+}
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """A Llama / Mistral / Qwen2 / Qwen3 ``config.json`` (as a dict) → the ``ModelConfig`` of the same network."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED:
         raise ConfigError(f"config.json: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    hf = {**FAMILY_DEFAULTS[model_type], **hf}
     where = f"config.json ({model_type})"
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if not isinstance(hf.get(key), int) or hf[key] < 1:

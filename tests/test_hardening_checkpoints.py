@@ -156,7 +156,7 @@ def test_resume_continues_in_its_own_version_and_validate_makes_none(tmp_path):
     assert sorted(scalars(tmp_path / "r" / "version_0", "train/loss")) == [0, 1, 2, 3]  # both runs' steps
     assert torch.load(last, weights_only=True)["global_step"] == 4  # the resumed run's checkpoints, same place
     assert main(["validate", *common, f"ckpt_path={last}"]) == 0
-    assert main(["validate", *common]) == 0  # no checkpoint: a model of its own, logged apart too
+    assert main(["validate", *common, f"init_from={last}"]) == 0  # weights only, no run of its own: logged apart
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["validate", "version_0"]
     assert scalars(tmp_path / "r" / "version_0" / "validate", "val/loss")
     assert scalars(tmp_path / "r" / "validate" / "version_0", "val/loss")

@@ -144,3 +144,8 @@ def test_schedules_follow_the_optimizer_step_under_gradient_accumulation(tmp_pat
               "trainer.log_every_n_steps=1")
     assert scalars(run, "schedule/hsa_topk") == {0: 4.0, 1: 4.0, 2: 1.0, 3: 1.0}
     assert scalars(run, "schedule/swa_window") == {0: 16.0, 1: 16.0, 2: 8.0, 3: 8.0}
+    # the learning rate too (tiny.yaml: 3e-3 cosine to 3e-4, FAST: 2 warm-up steps), one value per optimizer step
+    lr = scalars(run, "lr-AdamW/pg1")
+    assert sorted(lr) == [0, 1, 2, 3]
+    for step, value in {0: 1.5e-3, 1: 3e-3, 2: 3e-3, 3: 1.65e-3}.items():
+        assert lr[step] == pytest.approx(value, rel=1e-6), step

@@ -274,3 +274,27 @@ def test_static_decoding_step_copies_no_memory_sized_tensor():
     model = HSATransformer(tiny(hsa_topk=2)).to(torch.bfloat16).eval()
     _, state = prefill(model, x[:, :150])
     assert StaticDecodeState(model, state, 200, fused_casts=True).landmarks.dtype == torch.bfloat16
+
+
+def test_decoding_caches_and_states_implement_the_declared_protocols():
+    """``decode_forward`` works on any ``DecodingState`` whose ``kv`` is a ``DecodeCache``: the eager and static
+    implementations both provide every member, with the Protocol's parameters."""
+    import inspect
+
+    from lit_hsa.inference.decode import DecodeCache, DecodeState, DecodingState, KVCache
+    from lit_hsa.inference.static_decode import StaticDecodeState, StaticKVCache
+
+    model = HSATransformer(tiny()).eval()
+    _, state = prefill(model, torch.randint(0, VOCAB, (1, 20)))
+    assert isinstance(state, DecodingState) and isinstance(state.kv, DecodeCache)
+    static = StaticDecodeState(model, state, max_len=32)
+    assert isinstance(static, DecodingState) and isinstance(static.kv, DecodeCache)
+    for protocol, classes in ((DecodeCache, (KVCache, StaticKVCache)), (DecodingState, (DecodeState,
+                                                                                        StaticDecodeState))):
+        for name, member in vars(protocol).items():
+            if not callable(member) or name.startswith("_"):
+                continue
+            wanted = list(inspect.signature(member).parameters)
+            for cls in classes:
+                assert list(inspect.signature(getattr(cls, name)).parameters)[:len(wanted)] == wanted, (cls, name)
+    assert not isinstance(object(), DecodeCache)  # the check can fail

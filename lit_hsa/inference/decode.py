@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,46 @@ from torch.nn.attention.bias import causal_lower_right
 from lit_hsa.model.attention import AttentionMask, Context, Rotary, attend, sliding_window_blocks
 from lit_hsa.model.hsa import ChunkMemory, Memory
 from lit_hsa.model.transformer import HSATransformer
+
+
+@runtime_checkable
+class DecodeCache(Protocol):
+    """What decoding asks of an attention cache (``KVCache``: eager, growing; ``StaticKVCache``: static shapes for
+    CUDA graphs): the rotary tables and masks of the next n positions, attention through the cached keys, and
+    optionally a block's whole step in fused kernels."""
+
+    @property
+    def q_start(self) -> int | torch.Tensor: ...  # absolute position of the first new token (0-d tensor: static)
+
+    def positions(self, n: int, device) -> torch.Tensor: ...
+
+    def cos_sin(self, rotary: Rotary, n: int, device) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def mask(self, window: int | None) -> "CacheMask": ...
+
+    def attend(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor: ...
+
+    def steps_block(self, block: nn.Module, ctx: Context, memory: Memory | None) -> bool: ...
+
+    def block_step(self, block: nn.Module, h: torch.Tensor, ctx: Context, memory: Memory | None) -> torch.Tensor: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+@runtime_checkable
+class DecodingState(Protocol):
+    """What ``decode_forward`` reads and extends (``DecodeState``, ``StaticDecodeState``): the attention cache, the
+    chunk memory after the next tokens, and the position."""
+
+    kv: DecodeCache
+
+    @property
+    def pos(self) -> int: ...
+
+    def memory_after(self, chunk_memory: ChunkMemory, h: torch.Tensor) -> Memory: ...
+
+    def advance(self, n: int) -> None: ...
 
 
 @dataclass
@@ -44,6 +85,12 @@ class KVCache:
         """Whether this cache runs ``block``'s step itself (``block_step``) instead of the block's modules: never
         for these eager caches (``StaticKVCache`` may, in fused kernels)."""
         return False
+
+    def block_step(self, block, h, ctx, memory) -> torch.Tensor:
+        raise NotImplementedError("KVCache never steps a block itself (steps_block is False)")
+
+    def advance(self, n: int) -> None:
+        self.pos += n
 
     def mask(self, window: int | None) -> "CacheMask":
         """The attention mask of layers with ``window``: it attends through this cache."""
@@ -191,10 +238,10 @@ class DecodeState:
         return self.append_memory(chunk_memory(pending[:, :n_done]))
 
     def advance(self, n: int) -> None:
-        self.kv.pos += n
+        self.kv.advance(n)
 
 
-def decoding_context(model: HSATransformer, T: int, device, kv) -> Context:
+def decoding_context(model: HSATransformer, T: int, device, kv: DecodeCache) -> Context:
     """The context of the next T tokens after ``kv.pos``: each window's mask attends through the cache, the rotary
     tables at the absolute positions, and the first position (an int, or a 0-d tensor on the device for static
     steps)."""
@@ -202,14 +249,14 @@ def decoding_context(model: HSATransformer, T: int, device, kv) -> Context:
     return Context(cos, sin, {w: kv.mask(w) for w in model.windows()}, None, kv.q_start)
 
 
-def run_block(block: nn.Module, h: torch.Tensor, ctx: Context, memory: Memory | None, kv) -> torch.Tensor:
+def run_block(block: nn.Module, h: torch.Tensor, ctx: Context, memory: Memory | None, kv: DecodeCache) -> torch.Tensor:
     """One block's step: by the cache where it steps the block itself (fused kernels), else the block's modules."""
     if kv.steps_block(block, ctx, memory):
         return kv.block_step(block, h, ctx, memory)
     return block(h, ctx, memory)
 
 
-def decode_forward(model: HSATransformer, input_ids: torch.Tensor, state) -> torch.Tensor:
+def decode_forward(model: HSATransformer, input_ids: torch.Tensor, state: DecodingState) -> torch.Tensor:
     """input_ids [B, T]: the next tokens after ``state.pos`` (a ``DecodeState`` or ``StaticDecodeState``) → logits
     [B, T, V]; the state's caches are read and extended in place. Equals the full forward's logits for those
     positions."""

@@ -29,6 +29,7 @@ from lit_hsa.kernels.dispatch import hsa_decode_kernel_fits
 
 from lit_hsa.inference.decode import OffloadedMemory
 from lit_hsa.model.attention import RMSNorm, SelfAttention
+from lit_hsa.model.hsa import HSABlock
 from lit_hsa.model.moe import SwiGLU
 
 
@@ -133,7 +134,7 @@ def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieva
 def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch.Tensor:
     """One decoding step of ``block`` (a ``model.Block`` or ``model.HSABlock``): h [B, 1, d] → [B, 1, d]; ``kv``:
     the ``StaticKVCache``; ``memory``: the chunk memory (HSA blocks)."""
-    if hasattr(block, "retrieval"):  # an HSABlock, which steps here only where ``hsa_fusable``
+    if isinstance(block, HSABlock):  # which steps here only where ``hsa_fusable``
         h_in = h  # the retrieval reads the block's input, before the SWA sub-layer
         if block.swa_window is not None:
             h = attention_step(block.swa_norm, block.swa, block.swa_window, h, ctx, kv)

@@ -28,7 +28,7 @@ from lit_hsa.kernels.dispatch import fused_blocks_apply, use_ring_kernel
 
 from lit_hsa.inference.decode import CacheMask, DecodeState, KVCache, decode_forward, uncompiled
 from lit_hsa.inference import fused_step
-from lit_hsa.model.hsa import Memory
+from lit_hsa.model.hsa import HSABlock, Memory
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.model.units import apply_compile, is_compiled
 
@@ -115,7 +115,7 @@ class StaticKVCache:
         blocks wherever blocks fuse, HSA blocks where ``fused_step.hsa_fusable`` also holds."""
         if not self.fuse_blocks:
             return False
-        return not hasattr(block, "retrieval") or fused_step.hsa_fusable(block, ctx, memory, self.compiled)
+        return not isinstance(block, HSABlock) or fused_step.hsa_fusable(block, ctx, memory, self.compiled)
 
     @torch.compiler.disable
     def block_step(self, block: nn.Module, h: torch.Tensor, ctx, memory: Memory | None = None) -> torch.Tensor:

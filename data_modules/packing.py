@@ -67,7 +67,7 @@ class DocumentStream:
         reference ``(file index, start)`` reads the record again alone (``decode``)."""
         order = self.file_order(split, epoch, seed)
         file_pos, start, g = cursor
-        tails = self.held_out == "tails" and not self.chat
+        tails = self._holds_out_tails()
         for k in range(file_pos, len(order)):
             path = self.files[order[k]]
             for position, raw, at, after in records_from(path, self.text_field, start if k == file_pos else (0, 0)):
@@ -76,9 +76,7 @@ class DocumentStream:
                 g += 1
                 if (g - 1) % n_shards != shard:
                     continue
-                doc = self._parse(path, position, raw)
-                if doc is not None and tails:
-                    doc = held_out_tail(doc, self.val_fraction)[split == "val"]
+                doc = self._part(self._parse(path, position, raw), split)
                 if doc is not None and (len(doc) or not tails):
                     yield (k, after, g), (order[k], at), doc
 
@@ -94,14 +92,21 @@ class DocumentStream:
             return None
         return doc if len(doc) >= self.min_chars else None
 
+    def _holds_out_tails(self) -> bool:
+        return self.held_out == "tails" and not self.chat  # chat records are held out whole
+
+    def _part(self, doc, split: str):
+        """The part of a parsed record (None: skipped) that ``split`` reads: all of it, or its head / tail."""
+        if doc is None or not self._holds_out_tails():
+            return doc
+        return held_out_tail(doc, self.val_fraction)[split == "val"]
+
     def decode(self, ref: Ref) -> str | bytes | list:
         """The document of a record reference (one seek / row group / file read)."""
         file_index, at = ref
         path = self.files[file_index]
         record = next(records_from(path, self.text_field, tuple(at)), None)
-        doc = None if record is None else self._parse(path, record[0], record[1])
-        if doc is not None and self.held_out == "tails" and not self.chat:  # training records only come back
-            doc = held_out_tail(doc, self.val_fraction)[0]
+        doc = None if record is None else self._part(self._parse(path, record[0], record[1]), "train")
         if doc is None:
             raise DataError(f"{path}: the record at {tuple(at)} that a checkpoint points to is gone or no longer a "
                             "document; a resumed run needs the same data files")
@@ -376,7 +381,8 @@ def collate_with_position(samples: list[dict]) -> dict:
 
 def validation_windows(sources: list[DocumentStream], tokenizer, seq_len: int, n: int, with_doc_ids: bool,
                        align: int | None = None) -> list[dict]:
-    """The first ``n`` packed samples of the sources' validation records, sources interleaved: a fixed set."""
+    """The first ``n`` packed samples of the sources' validation records, sources interleaved: a fixed set (empty
+    when they cannot fill one window; ``TextDataModule.validation_samples`` says so)."""
     def interleaved():
         iters = [s.documents("val", 0, 0, 0, 1) for s in sources]
         while iters:
@@ -393,12 +399,4 @@ def validation_windows(sources: list[DocumentStream], tokenizer, seq_len: int, n
         samples.append(make_sample(window, doc_index, target, with_doc_ids))
         if len(samples) == n:
             break
-    if not samples:
-        raise TooLittleValidationData(
-            f"the validation split has fewer than seq_len + 1 = {seq_len + 1} tokens; raise data.val_fraction"
-        )
     return samples
-
-
-class TooLittleValidationData(DataError):
-    """The validation split cannot fill one window."""

@@ -16,7 +16,6 @@ from .packing import (
     POSITION_KEY,
     DocumentStream,
     PackedStream,
-    TooLittleValidationData,
     collate_with_position,
     validation_windows,
 )
@@ -184,11 +183,8 @@ class TextDataModule(L.LightningDataModule):
         cfg = self.cfg
 
         def windows() -> list:
-            try:
-                return validation_windows(self.sources, self.tokenizer, cfg.seq_len, cfg.val_samples,
-                                          cfg.document_masking, self.align)
-            except TooLittleValidationData:
-                return []
+            return validation_windows(self.sources, self.tokenizer, cfg.seq_len, cfg.val_samples,
+                                      cfg.document_masking, self.align)
 
         self._val_samples = windows()
         if not self._val_samples and not all(s.chat for s in self.sources):

@@ -217,13 +217,16 @@ def sharded_start(rank: int, world: int, init_file: str, cfg, init_from: str | N
     does it (``configure_model``), optionally from ``init_from``; rank 0 saves the full weights it ends with."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    from lit_hsa.checkpoint_io import checkpoint_state
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         module = HSALitModule(cfg, OptimConfig(), meta_init=True)
         assert all(t.is_meta for t in module.model.state_dict().values())
-        module.init_from = init_from
+        if init_from is not None:  # as load_start_weights does: the checked, mapped weights
+            module.init_state = checkpoint_state(init_from, module, mmap=True)
         module._device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
         module.configure_model()
         full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()

@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
 from torchmetrics import MeanMetric
 
-from lit_hsa.checkpoint_io import checkpoint_state
 from lit_hsa.config import FinetuneConfig, ModelConfig, OptimConfig
 from lit_hsa.finetune.checkpoints import check_adapters
 from lit_hsa.model.init import load_full_state, materialize
@@ -99,11 +98,11 @@ class HSALitModule(L.LightningModule):
         self.nan_policy, self.max_consecutive_nonfinite = nan_policy, max_consecutive_nonfinite
         # meta_init (FSDP): the model is built on the meta device, without storage, and gets its weights after
         # sharding (configure_model), equal to an eager build's from this generator state; init_from's weights are
-        # then written straight into the shards (``init_from`` below).
+        # then written straight into the shards (``init_state`` below).
         self.init_rng_state = torch.get_rng_state() if meta_init and ft.method == "none" else None
         with torch.device("meta") if self.init_rng_state is not None else nullcontext():
             self.model = HSATransformer(model_cfg)
-        self.init_from: str | None = None  # a checked full checkpoint to load after materialising (meta_init)
+        self.init_state: dict | None = None  # init_from's checked (mapped) weights, loaded after materialising
         self.finetune_cfg = ft
         # LoRA: {"path", "fingerprint"} of the frozen base, set by lit_hsa.finetune.checkpoints.load_base, saved with
         # the adapters.
@@ -134,9 +133,9 @@ class HSALitModule(L.LightningModule):
         if self.init_rng_state is not None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             materialize(self.model, device, self.init_rng_state, self.model_cfg.init_std, self.model.init_targets)
-            if self.init_from:
-                state = checkpoint_state(self.init_from, self, mmap=True)
-                load_full_state(self, state)
+            if self.init_state is not None:
+                load_full_state(self, self.init_state)
+                self.init_state = None
         self._parallelized = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

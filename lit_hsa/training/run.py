@@ -96,9 +96,8 @@ def load_start_weights(module, cfg: Config) -> None:
         # keys and shapes only, so mapped rather than read: Lightning reads the whole file (optimizer state too) to
         # resume
         checkpoint_state(cfg.ckpt_path, module, mmap=True)
-    if cfg.init_from and module.init_rng_state is not None:  # built on meta: loaded into the shards later
-        checkpoint_state(cfg.init_from, module, mmap=True)
-        module.init_from = cfg.init_from
+    if cfg.init_from and module.init_rng_state is not None:  # built on meta: mapped now, written into the shards later
+        module.init_state = checkpoint_state(cfg.init_from, module, mmap=True)
     elif cfg.init_from:  # weights (and MoE balancing biases) only: fresh optimizer and schedule
         module.load_state_dict(checkpoint_state(cfg.init_from, module))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 from common import gpu_name, result_path, sync, today, write_result
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     cfg = ModelConfig.from_name(args.preset)
-    cfg.vocab_size = cfg.vocab_size or 32000
+    cfg = replace(cfg, vocab_size=cfg.vocab_size or 32000)
     lora = FinetuneConfig(method="lora", lora_rank=args.rank, lora_alpha=args.alpha,
                           lora_targets=args.targets.split(","), lora_base_dtype=args.base_dtype)
     rows = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from common import result_path, today, write_result
 
@@ -110,7 +111,7 @@ def unit_activations(cfg: ModelConfig, T: int) -> dict[str, int]:
 
 def plan(preset: str, seq_len: int) -> dict:
     cfg = ModelConfig.from_name(preset)
-    cfg.vocab_size = cfg.vocab_size or 32000
+    cfg = replace(cfg, vocab_size=cfg.vocab_size or 32000)
     with torch.device("meta"):
         model = HSATransformer(cfg)
     total, active = model.num_parameters()

@@ -1,9 +1,10 @@
-"""The configuration reference (``docs/configuration.md``), generated from the schemas in ``lit_hsa/config.py``.
+"""The configuration reference (``docs/configuration.md``), generated from the schemas in ``lit_hsa/config.py``
+and ``lit_hsa/model/config.py``.
 
     python -m lit_hsa.config_reference > docs/configuration.md
 
 One table per config section, fields in declaration order: key | default | meaning. The meaning is the field's
-trailing ``# comment`` in ``lit_hsa/config.py`` (or, when the line has none, the comment lines right above it);
+trailing ``# comment`` in its source (or, when the line has none, the comment lines right above it);
 the default is read from an instance, so ``field(default_factory=...)`` shows its actual value. Then the named
 presets: their description (the comment above each in ``PRESETS``), parameter counts computed on the meta device,
 and every model key on which a preset differs from the schema's default. ``tests/test_docs.py`` fails when the
@@ -17,7 +18,7 @@ import tokenize
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
-from lit_hsa import config as config_module
+from lit_hsa.model import config as model_config_module
 from lit_hsa.config import (PRESETS, Config, DataConfig, FinetuneConfig, ModelConfig, OptimConfig, SourceConfig,
                             TrainerConfig)
 
@@ -72,8 +73,8 @@ def _dedent(source: str) -> str:
 
 
 def preset_descriptions() -> dict[str, str]:
-    """``{preset name: the comment lines above its entry in PRESETS}`` from ``lit_hsa/config.py``'s source."""
-    lines = inspect.getsource(config_module).splitlines()
+    """``{preset name: the comment lines above its entry in PRESETS}`` from ``lit_hsa/model/config.py``'s source."""
+    lines = inspect.getsource(model_config_module).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("PRESETS"))
     out: dict[str, str] = {}
     above: list[str] = []
@@ -170,7 +171,7 @@ def reference_markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from lit_hsa/config.py by `{REGENERATE}`; do not edit by hand. -->",
+        f"<!-- Generated from lit_hsa/config.py, lit_hsa/model/config.py by `{REGENERATE}`; do not edit. -->",
         "",
         "A run's config is a YAML file merged onto these schemas (`lit_hsa/config.py`), then `dotted.key=value`",
         "overrides from the command line; an unknown key or a wrong type fails at start-up naming the key.",

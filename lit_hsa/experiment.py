@@ -294,7 +294,7 @@ def train_run(exp: Experiment, model: str, seed: Optional[int]):
         if i > 0:
             cfg.init_from, cfg.ckpt_path = str(start), None
         end = Path(cfg.trainer.root_dir, cfg.trainer.run_name, "end.pt")
-        identity = asdict(cfg)  # before training: build_run and the schedules change the config in place
+        identity = asdict(cfg)  # before training: build_run fills in the vocabulary
         recorded = completed_phase(end, identity) if reusing else None
         if recorded is not None:
             print(f"{run_name(model, seed)}: phase '{name}' already trained ({end}), reused", flush=True)
@@ -310,7 +310,7 @@ def train_run(exp: Experiment, model: str, seed: Optional[int]):
         net, info = train_model(cfg)
         info = {"name": name, **info}
         torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
-                    "model_config": asdict(net.cfg), "config": identity, "train": info}, end)
+                    "model_config": asdict(net.running_config()), "config": identity, "train": info}, end)
         phases.append(info)
         start = end
     if net is None:  # every phase was reused: the last one's weights
@@ -353,7 +353,7 @@ def combine_phases(phases: list[dict], named: bool) -> dict:
 def train_model(cfg: Config):
     """``fit`` one config (resuming ``cfg.ckpt_path`` when set) → (the trained HSATransformer, training summary)."""
     module, datamodule, trainer = build_run(cfg)
-    model_cfg = replace(module.model.cfg)  # the values the schedules start from: training changes them in place
+    model_cfg = module.model.cfg  # the values the schedules start from (frozen: schedules change the model's state)
     active = module.model.num_parameters()[1]
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
@@ -455,7 +455,7 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
         net, train_info = load_trained(weights)
     else:
         net, train_info = train_run(exp, model, seed)
-        torch.save({"model_config": asdict(net.cfg), "train": train_info,
+        torch.save({"model_config": asdict(net.running_config()), "train": train_info,
                     "state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                                    for k, v in net.state_dict().items()}}, weights)
     # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
@@ -465,7 +465,7 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
     total, active = net.num_parameters()
     result = {
         "experiment": exp.name, "model": model, "run": run, "seed": seed, "overrides": list(exp.models[model]),
-        "model_config": asdict(net.cfg), "train_seq_len": cfg.data.seq_len, "train": train_info,
+        "model_config": asdict(net.running_config()), "train_seq_len": cfg.data.seq_len, "train": train_info,
         "parameters": {"total": total, "active": active}, "eval_seconds": 0.0,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
         "perplexity": None, "perplexity_by_position": {}, "retrieval": [],

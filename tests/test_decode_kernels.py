@@ -114,7 +114,7 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
     """With the Triton backend, blocks running their modules (``fuse_blocks=False``; ``test_fused_step`` covers the
     fused blocks), every sliding-window layer's decoding step (SWA blocks, and the HSA blocks' SWA sub-layer) runs
     the kernel, and the logits are the full forward's."""
-    from lit_hsa.model.transformer import HSATransformer
+    from lit_hsa.model.transformer import Block, HSATransformer
 
     calls = []
     monkeypatch.setattr(triton_ring, "ring_attention_triton",
@@ -124,7 +124,8 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
     x = torch.randint(0, VOCAB, (2, 30), device=DEV)
     outs, ref = static_decode_with_triton(model, x, 13, fuse_blocks=False)
     torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)
-    n_ring_layers = sum(1 for m in model.modules() if getattr(m, "window", None) or getattr(m, "swa_window", None))
+    n_ring_layers = (sum(isinstance(m, Block) and m.window is not None for m in model.modules())
+                     + sum(m.swa_window is not None for m in model.hsa_blocks()))
     assert len(calls) == 17 * n_ring_layers
 
 

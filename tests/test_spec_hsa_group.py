@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -383,10 +384,10 @@ def test_topk_sweep(case):
     old = cfg.hsa_topk
     try:
         for k in (1, 3, 5, 9):
-            model.set_hsa_topk(k)  # model.cfg is cfg: the reference reads the same top-k
+            model.set_hsa_topk(k)
             with torch.no_grad():
                 w_got, i_got = blk.retrieval(h_in, mem, None)
-            W, I = ref_retrieval(p, "upper.0.retrieval", cfg, h_in, memory[0])
+            W, I = ref_retrieval(p, "upper.0.retrieval", replace(cfg, hsa_topk=k), h_in, memory[0])
             assert I.shape[-1] == k
             check_selection(w_got, i_got, W, I, f"topk={k}")
     finally:

@@ -122,7 +122,7 @@ def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieva
     cfg, ret = block.cfg, block.retrieval
     q_slc = gemv(h_retrieval, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)
     _, indices, weights = select_chunks_decode(q_slc, _head_norm_weight(ret.q_norm), getattr(ret.q_norm, "eps", 0.0),
-                                               memory.landmarks, kv.pos_t, cfg.hsa_topk, cfg.chunk_size, cfg.fusion,
+                                               memory.landmarks, kv.pos_t, ret.topk, cfg.chunk_size, cfg.fusion,
                                                ret.pos_decay)
     block.last_selection = (weights.unsqueeze(1), indices.unsqueeze(1))  # [B, 1, Hr, K], as the module's
     q = gemv(h, block.q_proj.weight, norm_w=block.hsa_norm.weight, eps=block.hsa_norm.eps)

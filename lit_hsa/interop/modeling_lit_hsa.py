@@ -31,7 +31,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lit_hsa.config import ModelConfig
+from lit_hsa.model.config import ModelConfig
 from lit_hsa.inference.decode import DecodeState, decode_forward, uncompiled
 from lit_hsa.model.loss import IGNORE_INDEX
 from lit_hsa.model.transformer import HSATransformer

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from lit_hsa.kernels.dispatch import static_step_uses_references
 from lit_hsa.kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
                          select_chunks_reference)
-from lit_hsa.config import ModelConfig
+from lit_hsa.model.config import ModelConfig
 from lit_hsa.model.attention import Context, RMSNorm, Rotary, SelfAttention
 from lit_hsa.model.moe import SwiGLU, make_ffn
 
@@ -126,6 +126,7 @@ class Retrieval(nn.Module):
         self.q_norm = RMSNorm(cfg.retrieval_head_dim, cfg.norm_eps) if cfg.retrieval_norm else nn.Identity()
         # Shape [1], not a scalar: FSDP2 shards along dim 0 and refuses 0-d parameters.
         self.pos_decay = nn.Parameter(torch.zeros(1)) if cfg.pos_decay else None
+        self.topk = cfg.hsa_topk  # chunks retrieved per query; HSATransformer.set_hsa_topk changes it
 
     def reset_parameters(self) -> None:
         if self.pos_decay is not None:
@@ -142,7 +143,7 @@ class Retrieval(nn.Module):
         q_slc = self.q_norm(self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim))
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
-        topk = max(1, min(cfg.hsa_topk, memory.landmarks.shape[1]))
+        topk = max(1, min(self.topk, memory.landmarks.shape[1]))
         select = select_chunks_reference if static_step_uses_references(q_start) else select_chunks
         scores, indices = select(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
                                  q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)

@@ -16,12 +16,14 @@ an adapted model starts equal to its base. Module groups (``config.LORA_TARGETS`
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_hsa.config import ConfigError, FinetuneConfig
+from lit_hsa.model.config import ConfigError
 from lit_hsa.model.attention import SelfAttention
 from lit_hsa.model.hsa import ChunkMemory, HSABlock, Retrieval
 from lit_hsa.model.moe import ExpertGroups, MoE, SwiGLU, grouped_matmul
@@ -114,12 +116,22 @@ def lora_sites(model: nn.Module) -> list[tuple[str, str]]:
     return sites
 
 
+class LoRASettings(Protocol):
+    """What ``apply_lora`` reads (``FinetuneConfig`` has these fields): the module groups (``LORA_TARGETS``), the
+    adapters' rank, scale numerator (the update is scaled by alpha / rank) and input dropout."""
+
+    lora_targets: Collection[str]
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, new)
 
 
-def apply_lora(model: nn.Module, cfg: FinetuneConfig) -> int:
+def apply_lora(model: nn.Module, cfg: LoRASettings) -> int:
     """Freeze every parameter of ``model`` and attach adapters to the groups in ``cfg.lora_targets``, in place.
     Returns the number of trainable (adapter) parameters; a selection that matches nothing is a ConfigError."""
     for p in model.parameters():

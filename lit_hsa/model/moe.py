@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_hsa.kernels.dispatch import grouped_mm_applies
-from lit_hsa.config import ModelConfig
+from lit_hsa.model.config import ModelConfig
 
 
 class ExpertGroups:

@@ -8,13 +8,15 @@
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_hsa.config import ModelConfig
+from lit_hsa.model.config import ModelConfig
 from lit_hsa.model.attention import Context, RMSNorm, Rotary, SelfAttention, build_mask
-from lit_hsa.model.hsa import ChunkMemory, HSABlock, Memory
+from lit_hsa.model.hsa import ChunkMemory, HSABlock, Memory, Retrieval
 from lit_hsa.model.loss import chunk_loss_sum, chunked_cross_entropy
 from lit_hsa.model.moe import MoE, make_ffn
 
@@ -45,8 +47,9 @@ class HSATransformer(nn.Module):
         cfg.validate()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size must be set (the CLI fills it from the tokenizer)")
-        self.cfg = cfg
+        self.cfg = cfg  # frozen; what schedules change is the runtime state below
         window = None if cfg.attention == "full" else cfg.swa_window
+        self._hsa_topk, self._swa_window = cfg.hsa_topk, cfg.swa_window
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         self.lower = nn.ModuleList(Block(cfg, i, window) for i in range(cfg.n_lower_layers))
@@ -86,18 +89,40 @@ class HSATransformer(nn.Module):
             else:
                 nn.init.zeros_(tensor)
 
+    @property
+    def hsa_topk(self) -> int:
+        """Chunks each query retrieves now (``cfg.hsa_topk`` until a schedule changes it)."""
+        return self._hsa_topk
+
+    @property
+    def swa_window(self) -> int:
+        """Window of the SWA blocks now (``cfg.swa_window`` until a schedule changes it)."""
+        return self._swa_window
+
     def set_hsa_topk(self, topk: int) -> None:
         """Change the number of retrieved chunks (stage / schedule changes; no parameter depends on it)."""
-        self.cfg.hsa_topk = topk
+        if topk < 1:
+            raise ValueError(f"hsa_topk must be >= 1, got {topk}")
+        for m in self.modules():
+            if isinstance(m, Retrieval):
+                m.topk = topk
+        self._hsa_topk = topk
 
     def set_swa_window(self, window: int) -> None:
         """Change the window of the SWA blocks (not of the HSA blocks' own SWA sub-layer)."""
         if self.cfg.attention == "full":
             raise ValueError("model.attention is 'full': there is no sliding window to change")
+        if window < 1:
+            raise ValueError(f"swa_window must be >= 1, got {window}")
         for m in self.modules():
             if isinstance(m, Block):
                 m.window = window
-        self.cfg.swa_window = window
+        self._swa_window = window
+
+    def running_config(self) -> ModelConfig:
+        """The config the model computes with now: ``cfg`` with the scheduled top-k and SWA window (for FLOPs
+        accounting and statistics; the model's own ``cfg`` is never rewritten)."""
+        return replace(self.cfg, hsa_topk=self._hsa_topk, swa_window=self._swa_window)
 
     def blocks(self) -> list[nn.Module]:
         return [*self.lower, *self.upper]
@@ -114,7 +139,7 @@ class HSATransformer(nn.Module):
 
     def windows(self) -> set[int | None]:
         """The attention windows the blocks use (None: full attention): one mask per window per forward."""
-        windows = {None if self.cfg.attention == "full" else self.cfg.swa_window}
+        windows = {None if self.cfg.attention == "full" else self._swa_window}
         if self.hsa_swa_window is not None:
             windows.add(self.hsa_swa_window)
         return windows

@@ -57,7 +57,7 @@ class RetrievalMonitor(L.Callback):
         if step % self.every_n_steps or not trainer.is_global_zero:
             return
         model = pl_module.model
-        cfg = model.cfg
+        cfg = model.running_config()
         for i, block in enumerate(model.hsa_blocks()):
             if block.last_selection is None:
                 continue
@@ -89,15 +89,15 @@ class AttentionSchedule(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         model = pl_module.model
         topk = scheduled_value(self.topk_schedule, trainer.global_step)
-        if topk is not None and topk != model.cfg.hsa_topk:
+        if topk is not None and topk != model.hsa_topk:
             model.set_hsa_topk(topk)
         window = scheduled_value(self.swa_window_schedule, trainer.global_step)
-        if window is not None and window != model.cfg.swa_window:
+        if window is not None and window != model.swa_window:
             model.set_swa_window(window)
         if self.topk_schedule:
-            pl_module.log("schedule/hsa_topk", float(model.cfg.hsa_topk))
+            pl_module.log("schedule/hsa_topk", float(model.hsa_topk))
         if self.swa_window_schedule:
-            pl_module.log("schedule/swa_window", float(model.cfg.swa_window))
+            pl_module.log("schedule/swa_window", float(model.swa_window))
 
 
 class ContextCurriculum(L.Callback):

@@ -177,7 +177,7 @@ class HSALitModule(L.LightningModule):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at ``seq_len`` with the top-k and SWA window in force now (schedules change
         them during a run), cached per combination."""
-        cfg = self.model.cfg
+        cfg = self.model.running_config()
         key = (seq_len, cfg.hsa_topk, cfg.swa_window)
         if key not in self._flops_per_token:
             active = self.model.num_parameters()[1]

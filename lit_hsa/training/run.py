@@ -6,6 +6,7 @@ import re
 import shutil
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -32,7 +33,7 @@ def build_run(cfg: Config, command: str = "fit"):
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = TextDataModule(cfg.data, cfg.model.chunk_size, cfg.trainer.seq_len_schedule)
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = padded_vocab(datamodule.vocab_size)
+        cfg.model = replace(cfg.model, vocab_size=padded_vocab(datamodule.vocab_size))
     elif cfg.model.vocab_size < datamodule.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "

@@ -240,7 +240,7 @@ def test_models_import_train_and_generate_without_triton():
 import sys
 sys.modules["triton"] = None  # as on a machine without triton: `import triton` raises ImportError
 import torch
-import data_modules.text, kernels.decode, kernels.hsa, lit_hsa.cli, lit_hsa.training.module  # noqa: F401
+import data_modules.text, lit_hsa.kernels.decode, lit_hsa.kernels.hsa, lit_hsa.cli, lit_hsa.training.module  # noqa: F401
 from lit_hsa.config import ModelConfig
 from lit_hsa.inference.generate import generate
 from lit_hsa.model.transformer import HSATransformer

@@ -115,11 +115,11 @@ def select_chunks_uses_kernel(q_slc: torch.Tensor, q_start: int | torch.Tensor) 
 
 
 def static_step_uses_references(q_start: int | torch.Tensor) -> bool:
-    """Whether an HSA block's retrieval and attention call the references directly: in a static-shape decoding step
-    (``StaticDecodeState``: the position lives on the device, ``q_start`` is a tensor). Such a step selects a few
-    dozen chunks per layer, which the references serve anyway (the fast paths size their work lists on the host,
-    which a CUDA graph cannot hold); called directly rather than through the public ops (each a
-    ``torch.compiler.disable`` graph break), they are traced into a compiled decoding block, so inductor fuses their
+    """Whether the public HSA ops (``hsa.select_chunks``, ``hsa.hsa_attention``) run their references, traced, rather
+    than their opaque dispatch: in a static-shape decoding step (``StaticDecodeState``: the position lives on the
+    device, ``q_start`` is a tensor). Such a step selects a few dozen chunks per layer, which the references serve
+    anyway (the fast paths size their work lists on the host, which a CUDA graph cannot hold); traced rather than
+    behind a ``torch.compiler.disable`` graph break, they join a compiled decoding block, so inductor fuses their
     casts, masks and softmax with the projections around them."""
     return torch.is_tensor(q_start)
 

@@ -57,6 +57,36 @@ def test_select_chunks_and_static_steps(as_on_cuda):
     assert dispatch.static_step_uses_references(torch.tensor(5)) and not dispatch.static_step_uses_references(5)
 
 
+def test_static_steps_trace_the_references_and_other_calls_stay_opaque():
+    """The public HSA ops decide the path themselves: in a static decoding step (``q_start`` a tensor) they run the
+    references, traced whole into a compiled block (no graph break, the reference's values); elsewhere they stay
+    opaque to torch.compile (``torch.compiler.disable``), as their fast paths size work lists on the host."""
+    from lit_hsa.kernels.hsa import (hsa_attention, hsa_attention_reference, select_chunks,
+                                     select_chunks_reference)
+
+    torch.manual_seed(0)
+    B, T, H, D, S, C, K = 1, 1, 2, 16, 8, 6, 3
+    q_slc, landmarks = torch.randn(B, T, 1, D), torch.randn(B, C, 1, D)
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, C * S, 1, D), torch.randn(B, C * S, 1, D)
+
+    def step(q_start):
+        scores, idx = select_chunks(q_slc, landmarks, K, S, None, q_start=q_start)
+        return hsa_attention(q, k, v, torch.softmax(scores, -1), idx, S, q_start=q_start)
+
+    def reference(q_start):
+        scores, idx = select_chunks_reference(q_slc, landmarks, K, S, None, q_start=q_start)
+        return hsa_attention_reference(q, k, v, torch.softmax(scores, -1), idx, S)
+
+    pos = torch.tensor(C * S + 3)
+    torch._dynamo.reset()
+    traced = torch._dynamo.explain(step)(pos)
+    assert traced.graph_count == 1 and not traced.break_reasons
+    opaque = torch._dynamo.explain(step)(C * S + 3)
+    assert opaque.break_reasons and all("disable" in r.reason for r in opaque.break_reasons)
+    torch.testing.assert_close(step(pos), reference(pos), rtol=0, atol=0)
+    torch.testing.assert_close(step(C * S + 3), reference(C * S + 3), rtol=0, atol=0)
+
+
 def test_ring_kernel_branches(backend):
     x = torch.zeros(1, 1, 4, 16)
     long = dispatch.RING_KERNEL_MAX_WINDOW + 1

@@ -55,13 +55,26 @@ def test_load_accumulates_and_bias_moves_towards_balance():
     assert expert_load_stats(torch.tensor([1.0, 1.0, 1.0, 1.0]))["max_violation"] == 0
 
 
-def test_aux_loss_is_optional_and_differentiable():
+def test_aux_loss_is_optional_and_its_gradient_is_the_formulas():
+    """The balance loss's value and router gradient equal an independent float64 evaluation of
+    coef · E · Σ_e share_e · mean_t(s_te / Σ_e' s_te'), s = sigmoid(W x), the shares (counts) held constant."""
+    torch.manual_seed(0)
+    off = make_moe()
+    off.train()
+    off(torch.randn(8, 16))
+    assert float(off.aux_loss) == 0.0  # coefficient 0 (the default): off
     moe = make_moe(aux_loss_coef=0.01)
     moe.train()
-    moe(torch.randn(32, 16))
-    assert moe.aux_loss > 0
+    x = torch.randn(32, 16)
+    moe(x)
     moe.aux_loss.backward()
-    assert moe.router.weight.grad.abs().sum() > 0
+    counts = moe.load_accum.double()
+    w = moe.router.weight.detach().double().requires_grad_(True)
+    s = torch.sigmoid(x.double() @ w.t())
+    expected = 0.01 * moe.n_experts * (counts / counts.sum() * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+    expected.backward()
+    assert float(moe.aux_loss) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(moe.router.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-9)
 
 
 # ---------------------------------------------------------------- grouped experts (no host synchronisation)

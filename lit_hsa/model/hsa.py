@@ -10,9 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lit_hsa.kernels.dispatch import static_step_uses_references
-from lit_hsa.kernels.hsa import (fusion_weights, hsa_attention, hsa_attention_reference, select_chunks,
-                         select_chunks_reference)
+from lit_hsa.kernels.hsa import fusion_weights, hsa_attention, select_chunks
 from lit_hsa.model.config import ModelConfig
 from lit_hsa.model.attention import Context, RMSNorm, Rotary, SelfAttention
 from lit_hsa.model.moe import SwiGLU, make_ffn
@@ -144,9 +142,8 @@ class Retrieval(nn.Module):
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
         topk = max(1, min(self.topk, memory.landmarks.shape[1]))
-        select = select_chunks_reference if static_step_uses_references(q_start) else select_chunks
-        scores, indices = select(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
-                                 q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
+        scores, indices = select_chunks(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
+                                        q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
             scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
@@ -198,9 +195,8 @@ class HSABlock(nn.Module):
         self.last_selection = (weights.detach(), indices.detach())
         q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
         memory, indices = memory.chunks_for(indices, cfg.chunk_size, h.device)
-        attend = hsa_attention_reference if static_step_uses_references(ctx.q_start) else hsa_attention
-        o = attend(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
-                   off_by_one=cfg.softmax_off_by_one)
+        o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
+                          off_by_one=cfg.softmax_off_by_one, q_start=ctx.q_start)
         return self.o_proj(o.reshape(B, T, -1))
 
     def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:

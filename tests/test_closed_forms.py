@@ -1,6 +1,7 @@
 """Quantities with a closed form, pinned to values worked out here from their definitions (not to another path of
 our own code): the learning-rate schedule, the MoE balance loss, training FLOPs with tied and untied embeddings, the
-LoRA scale (dense and expert adapters), and step schedules under gradient accumulation. How this project tests:
+LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the sampling distribution
+(temperature, nucleus) and RMSNorm. How this project tests:
 tests/README.md."""
 import math
 
@@ -149,3 +150,36 @@ def test_schedules_follow_the_optimizer_step_under_gradient_accumulation(tmp_pat
     assert sorted(lr) == [0, 1, 2, 3]
     for step, value in {0: 1.5e-3, 1: 3e-3, 2: 3e-3, 3: 1.65e-3}.items():
         assert lr[step] == pytest.approx(value, rel=1e-6), step
+
+
+# ------------------------------------------------------------------------------------------------ sampling, norms
+
+
+def test_sampling_draws_from_the_tempered_nucleus(monkeypatch):
+    """sample_next draws from softmax(logits / T), restricted to the nucleus (the most likely tokens whose mass
+    first reaches top_p) and renormalised: the distribution handed to the sampler, worked out by hand."""
+    from lit_hsa.inference import generate as generate_module
+
+    seen = []
+    monkeypatch.setattr(generate_module.torch, "multinomial",
+                        lambda probs, n, generator=None: seen.append(probs / probs.sum(-1, keepdim=True))
+                        or torch.zeros(probs.shape[0], n, dtype=torch.long))
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    for temperature, top_p in [(0.5, 1.0), (2.0, 1.0), (1.0, 0.8)]:
+        generate_module.sample_next(logits, temperature, top_p)
+        p = [math.exp(v / temperature) for v in (2.0, 1.0, 0.0, -1.0)]
+        p = [v / sum(p) for v in p]  # T=1: 0.644, 0.237, 0.087, 0.032; the first two reach 0.8
+        if top_p < 1:
+            p = [p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0.0, 0.0]
+        torch.testing.assert_close(seen[-1][0].double(), torch.tensor(p, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def test_rms_norm_is_x_over_root_mean_square_plus_eps_times_weight():
+    from lit_hsa.model.attention import RMSNorm
+
+    norm = RMSNorm(3, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, -1.0]))
+    x = torch.tensor([[3.0, 0.0, 4.0]])  # mean square 25/3; + eps 0.5 = 53/6
+    scale = 1 / math.sqrt(53 / 6)
+    torch.testing.assert_close(norm(x), torch.tensor([[3 * scale, 0.0, -4 * scale]]), rtol=1e-6, atol=1e-7)

@@ -94,8 +94,25 @@ def test_real_model_rows_and_perplexity_buckets():
     rows = ruler.evaluate_retrieval(model, ByteTokenizer(), HAYSTACK, ["niah_single"], [300], [0.5], samples=1)
     assert len(rows) == 1 and rows[0].accuracy == 0.0
     ppl = ruler.perplexity_by_position(model, HAYSTACK[:300], segment_size=128)
-    assert [b["from"] for b in ppl] == [0, 64, 128, 256] and ppl[-1]["to"] == 299
-    assert all(np.isfinite(b["loss"]) for b in ppl)
+    assert [(b["from"], b["to"]) for b in ppl] == [(0, 64), (64, 128), (128, 256), (256, 299)]
+    # each bucket: the mean next-token loss of one full forward over the sequence (segments and caches inside)
+    x = torch.as_tensor(HAYSTACK[:300], dtype=torch.long)[None]
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(x[:, :-1])[0].float(), x[0, 1:], reduction="none")
+    for b in ppl:
+        assert b["loss"] == pytest.approx(float(losses[b["from"]:b["to"]].mean()), rel=1e-4)
+        assert b["ppl"] == pytest.approx(np.exp(b["loss"]), rel=1e-6)
+
+
+def test_samples_of_a_row_differ_and_repeat_with_the_seed():
+    """The samples averaged in one (task, length, depth) row are different draws (not one sample counted n times),
+    and the same seed draws the same ones again."""
+    tok = ByteTokenizer()
+    draw = lambda i, seed=0: ruler.retrieval_sample("niah_single", 600, 0.5, i, seed, HAYSTACK, tok)  # noqa: E731
+    answers = [tuple(draw(i).answers) for i in range(4)]
+    assert len(set(answers)) == 4
+    assert [tuple(draw(i).answers) for i in range(4)] == answers
+    assert tuple(draw(0, seed=1).answers) != answers[0]
 
 
 def test_eval_cli_writes_json_plots_and_events(tmp_path):

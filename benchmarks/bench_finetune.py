@@ -15,8 +15,7 @@ from dataclasses import replace
 import torch
 from common import gpu_name, result_path, sync, today, write_result
 
-from lit_hsa.config import FinetuneConfig, ModelConfig
-from lit_hsa.eval.ruler import parse_length
+from lit_hsa.config import FinetuneConfig, ModelConfig, parse_length
 from lit_hsa.model.lora import apply_lora, cast_frozen_matrices
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.parallel import parallelize

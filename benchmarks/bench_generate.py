@@ -27,7 +27,7 @@ from common import gpu_name, loop_ms, sync, write_result
 import lit_hsa.kernels.decode.pdl as pdl
 from lit_hsa.inference.decode import decode_forward
 from lit_hsa.config import ModelConfig
-from lit_hsa.eval.ruler import parse_length
+from lit_hsa.config import parse_length
 from lit_hsa.inference.generate import prefill
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.inference.static_decode import GraphDecoder

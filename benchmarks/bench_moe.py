@@ -15,7 +15,7 @@ import torch
 from common import gpu_name, result_path, time_ms, today, write_result
 
 from lit_hsa.kernels.dispatch import set_expert_backend
-from lit_hsa.eval.ruler import parse_length
+from lit_hsa.config import parse_length
 from lit_hsa.model.moe import MoE, SwiGLU
 
 

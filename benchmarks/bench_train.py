@@ -19,7 +19,7 @@ import triton
 from common import gpu_name, sync, write_result
 
 from lit_hsa.config import ModelConfig
-from lit_hsa.eval.ruler import parse_length
+from lit_hsa.config import parse_length
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.parallel import parallelize
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from lit_hsa.kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from lit_hsa.config import ModelConfig  # noqa: E402
-from lit_hsa.eval.ruler import parse_length  # noqa: E402
+from lit_hsa.config import parse_length  # noqa: E402
 from lit_hsa.model import attention as attention_module  # noqa: E402
 from lit_hsa.model import hsa as hsa_module  # noqa: E402
 from lit_hsa.model.loss import chunked_cross_entropy  # noqa: E402

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,63 +27,44 @@ from lit_hsa.interop.hf_export import export_checkpoint
 from lit_hsa.training.faults import CheckpointWriteError, Preempted
 from lit_hsa.training.run import run
 
-COMMANDS = ("fit", "validate", "generate", "eval", "consolidate", "experiment", "merge", "convert", "export")
 
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
-        parser, intermixed = SUBCOMMANDS[argv[0]]()
-        args = parser.parse_intermixed_args(argv[1:]) if intermixed else parser.parse_args(argv[1:])
-        args.command = argv[0]
-        return args
-    parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
-    parser.add_argument("command", choices=COMMANDS)
+def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", action="append",
                         help="YAML config (configs/tiny.yaml); omitted keys keep their defaults. Repeat it to merge "
                         "several files in order (later keys win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=30")
-    return parser.parse_intermixed_args(argv)
 
 
-def _checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+def checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `main.py fit`")
     parser.add_argument("--segment-size", type=int, default=4096, help="prefill segment length (bounds memory)")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    return parser
 
 
-# Each subcommand's parser → (parser, whether positional overrides may be mixed with options).
-
-
-def eval_parser():
-    parser = _checkpoint_parser("main.py eval", "RULER-style retrieval accuracy and perplexity by position.")
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    checkpoint_arguments(parser)
     parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt")
     parser.add_argument("--lengths", default="1k,4k", help="comma-separated, k/m suffixes: 4k,64k,1m")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     parser.add_argument("--samples", type=int, default=4, help="samples per task × length × depth")
-    parser.add_argument("--ppl-length", default="0", help="tokens of held-out text for perplexity by position (0: skip)")
+    parser.add_argument("--ppl-length", default="0",
+                        help="tokens of held-out text for perplexity by position (0: skip)")
     parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus)")
     parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
-    return parser, False
 
 
-def experiment_parser():
-    parser = argparse.ArgumentParser(prog="main.py experiment",
-                                     description="Train several models with one recipe, evaluate retrieval by length.")
+def experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="experiment YAML (configs/experiments/*.yaml)")
     parser.add_argument("--models", help="comma-separated subset of the file's models (default: all)")
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the summary from <out_dir>/*.json")
     parser.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/<model>.weights.pt, no training")
     parser.add_argument("--seeds", type=seed_list, help="comma-separated subset of the file's seeds (default: all)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.trainer.max_steps=10 out_dir=x")
-    return parser, True
 
 
-def generate_parser():
-    parser = _checkpoint_parser("main.py generate", "Generate text from a checkpoint.")
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    checkpoint_arguments(parser)
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="file holding the prompt (any length: it is prefilled in segments)")
@@ -90,34 +73,23 @@ def generate_parser():
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--compile", action="store_const", const="inductor", default=None,
                         help="compile the decoding step's blocks (CUDA; tens of seconds once, then faster tokens)")
-    return parser, False
 
 
-def _ckpt_to_out_parser(command: str, description: str, ckpt: str, out: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"main.py {command}", description=description)
-    parser.add_argument("--ckpt", required=True, help=ckpt)
-    parser.add_argument("--out", required=True, help=out)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
+def ckpt_to_out_arguments(ckpt: str, out: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ckpt", required=True, help=ckpt)
+        parser.add_argument("--out", required=True, help=out)
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return add
 
 
-def merge_parser():
-    parser = _ckpt_to_out_parser("merge", "Fold LoRA adapters into a full checkpoint.",
-                                 "a LoRA fine-tuning checkpoint (finetune.method=lora)",
-                                 "the full single-file checkpoint to write")
+def merge_arguments(parser: argparse.ArgumentParser) -> None:
+    ckpt_to_out_arguments("a LoRA fine-tuning checkpoint (finetune.method=lora)",
+                          "the full single-file checkpoint to write")(parser)
     parser.add_argument("--base", help="its base checkpoint (default: the one recorded in --ckpt)")
-    return parser, False
 
 
-def consolidate_parser():
-    return _ckpt_to_out_parser("consolidate", "Turn a sharded (FSDP) checkpoint folder into one file.",
-                               "the checkpoint folder (…/checkpoints/last.ckpt/)",
-                               "the single-file checkpoint to write"), False
-
-
-def convert_parser():
-    parser = argparse.ArgumentParser(prog="main.py convert",
-                                     description="A local Hugging Face model directory → a lit-hsa checkpoint.")
+def convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
     parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
     parser.add_argument("--to", default="full", choices=("full", "hsa"),
@@ -126,21 +98,13 @@ def convert_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16")
-    return parser, True
 
 
-def export_parser():
-    parser = _ckpt_to_out_parser("export", "A lit-hsa checkpoint → a Hugging Face model directory.",
-                                 "a full checkpoint (LoRA: `main.py merge` it first)", "the directory to write")
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    ckpt_to_out_arguments("a full checkpoint (LoRA: `main.py merge` it first)", "the directory to write")(parser)
     parser.add_argument("--native", default="auto", choices=("auto", "never"),
                         help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
                         "architecture; never: always the lit_hsa format (trust_remote_code)")
-    return parser, False
-
-
-SUBCOMMANDS = {"generate": generate_parser, "eval": eval_parser, "experiment": experiment_parser,
-               "merge": merge_parser, "consolidate": consolidate_parser, "convert": convert_parser,
-               "export": export_parser}
 
 
 def _cuda() -> bool:
@@ -173,6 +137,67 @@ def run_generate(args: argparse.Namespace) -> None:
     print(tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
 
 
+def run_experiment_command(args: argparse.Namespace) -> None:
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    run_experiment(args.config, args.overrides, models, args.summarize_only, args.eval_only, args.seeds)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line description, its arguments, what runs it, and whether ``key=value`` overrides
+    may stand between its options (``main.py fit trainer.max_steps=3 --config x.yaml``)."""
+
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+    intermixed: bool = False
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command("Train (or fine-tune, or resume) a model from a YAML config and overrides.", config_arguments,
+                   lambda a: run("fit", load_config(a.config, a.overrides)), intermixed=True),
+    "validate": Command("Validation loss of a checkpoint (ckpt_path=...) on a config's held-out data.",
+                        config_arguments, lambda a: run("validate", load_config(a.config, a.overrides)),
+                        intermixed=True),
+    "generate": Command("Generate text from a checkpoint.", generate_arguments, run_generate),
+    "eval": Command("RULER-style retrieval accuracy and perplexity by position.", eval_arguments, run_eval),
+    "experiment": Command("Train several models with one recipe, evaluate retrieval by length.",
+                          experiment_arguments, run_experiment_command, intermixed=True),
+    "merge": Command("Fold LoRA adapters into a full checkpoint.", merge_arguments,
+                     lambda a: merge_checkpoint(a.ckpt, a.out, a.base)),
+    "consolidate": Command("Turn a sharded (FSDP) checkpoint folder into one file.",
+                           ckpt_to_out_arguments("the checkpoint folder (…/checkpoints/last.ckpt/)",
+                                                 "the single-file checkpoint to write"),
+                           lambda a: consolidate(a.ckpt, a.out)),
+    "convert": Command("A local Hugging Face model directory → a lit-hsa checkpoint.", convert_arguments,
+                       lambda a: convert(a.hf, a.out, a.to, a.overrides, a.seed), intermixed=True),
+    "export": Command("A lit-hsa checkpoint → a Hugging Face model directory.", export_arguments,
+                      lambda a: export_checkpoint(a.ckpt, a.out, a.native, a.overwrite)),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """``main.py`` and one argparse subcommand per ``COMMANDS`` entry (``main.py --help`` lists them)."""
+    parser = argparse.ArgumentParser(prog="main.py", description="Train and evaluate HSA-UltraLong models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="command", required=True)
+    commands = {}
+    for name, command in COMMANDS.items():
+        commands[name] = subparsers.add_parser(name, help=command.description, description=command.description)
+        command.arguments(commands[name])
+    return parser, commands
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, commands = build_parser()
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].intermixed:
+        # argparse cannot intermix through subparsers: the subcommand's own parser reads the rest
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def one_line(error: Exception) -> str:
     """A DataLoader worker re-raises our error with the worker's traceback in the message: keep its last line."""
     last = str(error).strip().splitlines()[-1]
@@ -185,30 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("merge", "consolidate", "convert") and Path(args.out).exists() and not args.overwrite:
             raise ConfigError(f"--out '{args.out}' exists: pass --overwrite to replace it")
-        if args.command == "generate":
-            run_generate(args)
-            return 0
-        if args.command == "convert":
-            convert(args.hf, args.out, args.to, args.overrides, args.seed)
-            return 0
-        if args.command == "export":
-            export_checkpoint(args.ckpt, args.out, args.native, args.overwrite)
-            return 0
-        if args.command == "consolidate":
-            consolidate(args.ckpt, args.out)
-            return 0
-        if args.command == "merge":
-            merge_checkpoint(args.ckpt, args.out, args.base)
-            return 0
-        if args.command == "experiment":
-            models = [m.strip() for m in args.models.split(",")] if args.models else None
-            run_experiment(args.config, args.overrides, models, args.summarize_only, args.eval_only, args.seeds)
-            return 0
-        if args.command == "eval":
-            run_eval(args)
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        run(args.command, cfg)
+        COMMANDS[args.command].run(args)
     except (ConfigError, DataError, CheckpointWriteError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -100,6 +100,58 @@ class DataConfig:
             check_choice("data.synthetic_tasks", task, TASKS)
 
 
+def parse_length(text: str | int) -> int:
+    """A length in tokens: '4k' → 4096, '1m' → 1048576, '300' or 300 → 300; a bad one is a ``ValueError``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    text = str(text).strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise ValueError(f"bad length '{text}': use a number with an optional k or m suffix") from None
+
+
+@dataclass
+class RetrievalEvalOptions:
+    """One retrieval evaluation (tasks × lengths × depths, ``samples`` each), checked by one set of rules wherever it
+    comes from: ``main.py eval``'s options, an experiment's ``eval`` section, the in-training probe (``trainer.eval_*``).
+    ``names`` maps each field to the key the user wrote, so a message names it (``--lengths``, ``eval.lengths``,
+    ``trainer.eval_lengths``)."""
+
+    MIN_LENGTH = 64  # below this no task fits its needle, question and answer in any tokenizer
+
+    tasks: list[str]
+    lengths: list[int | str]  # tokens, or strings with k/m suffixes
+    depths: Optional[list[float]] = None  # None: drawn at random per sample
+    samples: int = 1
+    segment_size: int = 4096
+    names: dict[str, str] = field(default_factory=dict)
+
+    def key(self, name: str) -> str:
+        return self.names.get(name, name)
+
+    def token_lengths(self) -> list[int]:
+        """The lengths in tokens; a malformed one is a ConfigError naming its key."""
+        try:
+            return [parse_length(n) for n in self.lengths]
+        except ValueError as e:
+            raise ConfigError(f"{self.key('lengths')}: {e}") from None
+
+    def validate(self) -> "RetrievalEvalOptions":
+        for task in self.tasks:
+            check_choice(self.key("tasks"), task, TASKS)
+        short = [n for n in self.token_lengths() if n < self.MIN_LENGTH]
+        if short:
+            raise ConfigError(f"{self.key('lengths')} must be >= {self.MIN_LENGTH} tokens, got {short[0]}")
+        if self.depths is not None and (not self.depths or any(not 0 <= d <= 1 for d in self.depths)):
+            raise ConfigError(f"{self.key('depths')} must be non-empty and lie in [0, 1], got {self.depths}")
+        for name in ("samples", "segment_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{self.key(name)} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
@@ -153,6 +205,11 @@ class TrainerConfig:
     eval_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     eval_samples: int = 2  # per task × length (depth drawn at random)
 
+    def retrieval_eval(self) -> RetrievalEvalOptions:
+        """The in-training retrieval probe's options (depth drawn at random per sample)."""
+        return RetrievalEvalOptions(self.eval_tasks, self.eval_lengths, None, self.eval_samples,
+                                    names={k: f"trainer.eval_{k}" for k in ("tasks", "lengths", "samples")})
+
     def validate(self) -> None:
         check_choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
         check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
@@ -162,10 +219,9 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{key} must be [[step, value], ...] with step >= 0 and value >= 1")
             if [e[0] for e in entries] != sorted(e[0] for e in entries):
                 raise ConfigError(f"trainer.{key} steps must be increasing")
-        if self.eval_every_n_steps < 0 or self.eval_samples < 1 or any(n < 64 for n in self.eval_lengths):
-            raise ConfigError("trainer.eval_every_n_steps must be >= 0, eval_samples >= 1, eval_lengths >= 64")
-        for task in self.eval_tasks:
-            check_choice("trainer.eval_tasks", task, TASKS)
+        if self.eval_every_n_steps < 0:
+            raise ConfigError(f"trainer.eval_every_n_steps must be >= 0, got {self.eval_every_n_steps}")
+        self.retrieval_eval().validate()
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
                     "checkpoint_every_n_steps", "retrieval_stats_every", "max_consecutive_nonfinite"):
             if getattr(self, key) < 1:

@@ -44,13 +44,12 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from data_modules.synthetic import TASKS
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, state_problems
-from lit_hsa.config import (Config, ConfigError, ModelConfig, check_choice, load_config, load_yaml, merge_onto,
-                            parse_overrides)
+from lit_hsa.config import (Config, ConfigError, ModelConfig, RetrievalEvalOptions, check_choice, load_config,
+                            load_yaml, merge_onto, parse_length, parse_overrides)
 from lit_hsa.eval.experiment_report import summarize
-from lit_hsa.eval.ruler import evaluate_retrieval, parse_length, perplexity_by_position, rows_as_dicts, short_length
+from lit_hsa.eval.ruler import evaluate_retrieval, perplexity_by_position, rows_as_dicts, short_length
 from lit_hsa.eval.run import held_out_prefix, held_out_tokens
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.callbacks import scheduled_value
@@ -150,10 +149,10 @@ class Experiment:
 
     def validate_eval(self) -> None:
         ev = self.eval
-        for task in ev.tasks:
-            check_choice("eval.tasks", task, TASKS)
-        for key, values in (("eval.lengths", ev.lengths), ("eval.max_length", ev.max_length.values()),
-                            ("eval.ppl_lengths", ev.ppl_lengths)):
+        RetrievalEvalOptions(ev.tasks, ev.lengths, ev.depths, ev.samples, ev.segment_size,
+                             names={k: f"eval.{k}" for k in ("tasks", "lengths", "depths", "samples",
+                                                             "segment_size")}).validate()
+        for key, values in (("eval.max_length", ev.max_length.values()), ("eval.ppl_lengths", ev.ppl_lengths)):
             for v in values:
                 try:
                     parse_length(v)
@@ -163,10 +162,6 @@ class Experiment:
             check_choice("eval.max_length", model, tuple(self.models))
         if ev.reference_model is not None:
             check_choice("eval.reference_model", ev.reference_model, tuple(self.models))
-        if any(not 0 <= d <= 1 for d in ev.depths) or not ev.depths:
-            raise ConfigError(f"eval.depths must be non-empty and lie in [0, 1], got {ev.depths}")
-        if ev.samples < 1 or ev.segment_size < 1:
-            raise ConfigError("eval.samples and eval.segment_size must be >= 1")
         if ev.ppl_windows < 0 or any(parse_length(n) < 2 for n in ev.ppl_lengths):
             raise ConfigError(f"eval.ppl_windows must be >= 0 and eval.ppl_lengths >= 2 tokens, got "
                               f"{ev.ppl_windows} and {ev.ppl_lengths}")

@@ -115,3 +115,31 @@ def test_kill_9_then_resume_from_last_matches_uninterrupted_run(tmp_path):
     assert sorted(got) == [3, 4, 5, 6, 7]  # the checkpoint of step 3 was the last complete one
     for step, loss in got.items():
         assert loss == pytest.approx(expected[step], abs=1e-5), step
+
+
+def test_help_lists_every_subcommand_and_each_has_its_own(capsys):
+    """``main.py --help`` lists the subcommands (argparse subcommands, not a hand dispatch); ``main.py <command>
+    --help`` shows that command's usage, description and options; an unknown command is a usage error (exit 2)."""
+    import pytest
+
+    from lit_hsa.cli import COMMANDS
+
+    def help_text(argv):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+    listing = help_text(["--help"])
+    assert all(f" {name} " in listing for name in COMMANDS)
+    flags = {"fit": "--config", "validate": "--config", "eval": "--lengths", "generate": "--prompt-file",
+             "export": "--native", "convert": "--to", "experiment": "--eval-only", "merge": "--base",
+             "consolidate": "--overwrite"}
+    assert set(flags) == set(COMMANDS)
+    for name, command in COMMANDS.items():
+        text = help_text([name, "--help"])
+        assert text.startswith(f"usage: main.py {name} ") and " ".join(command.description.split()) in text
+        assert flags[name] in text
+    with pytest.raises(SystemExit) as done:
+        main(["trian"])
+    assert done.value.code == 2 and "invalid choice: 'trian'" in capsys.readouterr().err

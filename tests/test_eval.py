@@ -7,6 +7,7 @@ import torch
 
 from data_modules.synthetic import TaskSample, score
 from data_modules.tokenizers import ByteTokenizer
+from lit_hsa.config import parse_length
 from lit_hsa.eval import ruler
 from lit_hsa.model.transformer import HSATransformer
 from tests.helpers import fit, tiny
@@ -15,9 +16,10 @@ HAYSTACK = ByteTokenizer().encode("The quick brown fox jumps over the lazy dog.\
 
 
 def test_parse_length():
-    assert ruler.parse_length("4k") == 4096 and ruler.parse_length("1M") == 1048576 and ruler.parse_length("300") == 300
+    assert parse_length("4k") == 4096 and parse_length("1M") == 1048576 and parse_length("300") == 300
+    assert parse_length(512) == 512 and parse_length("1.5k") == 1536
     with pytest.raises(ValueError, match="bad length"):
-        ruler.parse_length("lots")
+        parse_length("lots")
 
 
 def test_oracle_answers_score_one(monkeypatch):
@@ -128,3 +130,37 @@ def test_eval_cli_writes_json_plots_and_events(tmp_path):
     assert (out / "accuracy_vs_length.png").is_file() and (out / "depth_length_vt.png").is_file()
     assert list(out.glob("events.out.tfevents.*"))
     assert main(["eval", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--tasks", "nope"]) == 2
+
+
+@pytest.mark.parametrize("field_name, bad, message", [
+    ("tasks", ["niah_singel"], "'niah_singel' is not one of"),
+    ("lengths", [32], "must be >= 64 tokens, got 32"),
+    ("lengths", ["4q"], "bad length '4q'"),
+    ("depths", [1.5], "must be non-empty and lie in [0, 1]"),
+    ("samples", 0, "must be >= 1, got 0"),
+])
+def test_eval_options_follow_one_rule_set_at_every_entry_point(field_name, bad, message):
+    """``main.py eval``, an experiment's ``eval`` section and the in-training probe (``trainer.eval_*``) refuse the
+    same values with the same rule, each message naming the key as its user wrote it."""
+    from argparse import Namespace
+
+    from lit_hsa.config import ConfigError, TrainerConfig
+    from lit_hsa.eval.run import cli_options
+    from lit_hsa.experiment import Experiment, ExperimentEval
+
+    def as_flag(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else value
+
+    cli = dict(tasks="niah_single", lengths="1k", depths="0.5", samples=1, segment_size=64)
+    cli[field_name] = as_flag(bad)
+    exp = Experiment(models={"hsa": []}, eval=ExperimentEval(**{field_name: bad}))
+    entry_points = {"--" + field_name: lambda: cli_options(Namespace(**cli)),
+                    "eval." + field_name: exp.validate_eval}
+    if field_name != "depths":  # the in-training probe draws depths at random
+        entry_points["trainer.eval_" + field_name] = TrainerConfig(**{"eval_" + field_name: bad}).validate
+    for key, check in entry_points.items():
+        with pytest.raises(ConfigError) as refused:
+            check()
+        assert key in str(refused.value) and message in str(refused.value), (key, str(refused.value))
+    # and the same options with the value fixed pass everywhere
+    assert cli_options(Namespace(**dict(cli, **{field_name: as_flag(getattr(ExperimentEval(), field_name))})))

@@ -117,7 +117,7 @@ def test_bad_inputs_are_one_line(case, ckpt, tmp_path):
         "eval length too short": ([*evaluate, "--lengths", "64"], "--lengths: 64 tokens cannot hold task "
                                   "'niah_single': its needles, question and answer take 123 tokens"),
         "eval length 0": ([*evaluate, "--lengths", "0"],
-                          "--lengths must be positive and --ppl-length >= 0, got --lengths 0 --ppl-length 0"),
+                          "--lengths must be >= 64 tokens, got 0"),
         "run folder": (["fit", *TINY, f"trainer.root_dir={blocker / 'runs'}"],
                        f"cannot create the run directory '{blocker / 'runs' / 'tiny' / 'version_0'}': Not a directory"),
     }[case]

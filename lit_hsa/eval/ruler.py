@@ -30,16 +30,6 @@ class EvalRow:
     samples: int
 
 
-def parse_length(text: str) -> int:
-    """'4k' → 4096, '1m' → 1048576, '300' → 300."""
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
-    try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise ValueError(f"bad length '{text}': use a number with an optional k or m suffix") from None
-
-
 def retrieval_sample(task: str, length: int, depth: float | None, i: int, seed: int, haystack: np.ndarray,
                      tokenizer):
     """Sample ``i`` of (task, length, depth): deterministic given ``seed``, over a random window of ``haystack``."""

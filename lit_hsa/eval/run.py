@@ -9,12 +9,11 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from data_modules.packing import tokenize
-from data_modules.synthetic import TASKS
 from data_modules.text import build_document_streams
 from lit_hsa.checkpoint_io import load_model
-from lit_hsa.config import ConfigError, DataConfig, load_config
-from lit_hsa.eval.ruler import (check_retrieval_samples, evaluate_retrieval, parse_length, perplexity_by_position,
-                                plot_results, rows_as_dicts)
+from lit_hsa.config import ConfigError, DataConfig, RetrievalEvalOptions, load_config, parse_length
+from lit_hsa.eval.ruler import (check_retrieval_samples, evaluate_retrieval, perplexity_by_position, plot_results,
+                                rows_as_dicts)
 
 
 def held_out_prefix(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarray:
@@ -38,27 +37,27 @@ def held_out_tokens(data_cfg: DataConfig, tokenizer, n_tokens: int) -> np.ndarra
     return tokens if len(tokens) >= n_tokens else np.resize(tokens, n_tokens)
 
 
-def run_eval(args) -> None:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t not in TASKS:
-            raise ConfigError(f"--tasks: unknown task '{t}' (tasks: {', '.join(TASKS)})")
-    try:
-        lengths = [parse_length(x) for x in args.lengths.split(",")]
-        ppl_length = parse_length(args.ppl_length)
-    except ValueError as e:
-        raise ConfigError(f"--lengths/--ppl-length: {e}") from None
-    if any(n < 1 for n in lengths) or ppl_length < 0:
-        raise ConfigError(f"--lengths must be positive and --ppl-length >= 0, got --lengths {args.lengths} "
-                          f"--ppl-length {args.ppl_length}")
+def cli_options(args) -> RetrievalEvalOptions:
+    """``main.py eval``'s comma-separated options → validated ``RetrievalEvalOptions`` (messages name the flags)."""
     try:
         depths = [float(d) for d in args.depths.split(",")]
     except ValueError:
         raise ConfigError(f"--depths: use comma-separated numbers in [0, 1], got '{args.depths}'") from None
-    if any(not 0 <= d <= 1 for d in depths):
-        raise ConfigError(f"--depths must lie in [0, 1], got {args.depths}")
-    if args.samples < 1 or args.segment_size < 1:
-        raise ConfigError(f"--samples and --segment-size must be >= 1, got {args.samples} and {args.segment_size}")
+    return RetrievalEvalOptions([t.strip() for t in args.tasks.split(",") if t.strip()], args.lengths.split(","),
+                                depths, args.samples, args.segment_size,
+                                names={k: "--" + k.replace("_", "-") for k in ("tasks", "lengths", "depths",
+                                                                               "samples", "segment_size")}).validate()
+
+
+def run_eval(args) -> None:
+    options = cli_options(args)
+    tasks, lengths, depths = options.tasks, options.token_lengths(), options.depths
+    try:
+        ppl_length = parse_length(args.ppl_length)
+    except ValueError as e:
+        raise ConfigError(f"--ppl-length: {e}") from None
+    if ppl_length < 0:
+        raise ConfigError(f"--ppl-length must be >= 0, got {args.ppl_length}")
     data_cfg = load_config(args.config).data if args.config else DataConfig()
 
     model, tokenizer = load_model(args.ckpt, args.device)

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from lit_hsa.config import RetrievalEvalOptions
 from lit_hsa.eval.ruler import evaluate_retrieval
 from lit_hsa.eval.run import held_out_tokens
 
@@ -126,9 +127,10 @@ class RetrievalEval(L.Callback):
     """Every ``every_n_steps``: RULER-style accuracy of a few synthetic tasks built over held-out text, logged as
     ``eval/<task>_<length>``. Every rank runs it (sharded models need all ranks in the forward)."""
 
-    def __init__(self, every_n_steps: int, tasks: list[str], lengths: list[int], samples: int, data_cfg):
-        self.every_n_steps, self.tasks, self.lengths, self.samples = every_n_steps, tasks, lengths, samples
-        self.data_cfg = data_cfg
+    def __init__(self, every_n_steps: int, options: RetrievalEvalOptions, data_cfg):
+        """options: tasks, lengths and samples (``TrainerConfig.retrieval_eval()``); depths are drawn per sample."""
+        self.every_n_steps, self.data_cfg = every_n_steps, data_cfg
+        self.tasks, self.lengths, self.samples = options.tasks, options.token_lengths(), options.samples
         self._haystack = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

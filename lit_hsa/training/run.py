@@ -76,7 +76,7 @@ def build_run(cfg: Config, command: str = "fit"):
                                         window_size=max(2, t.log_every_n_steps),
                                         length_fn=lambda b: b["input_ids"].numel()),
                    AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
-                   RetrievalEval(t.eval_every_n_steps, t.eval_tasks, t.eval_lengths, t.eval_samples, cfg.data),
+                   RetrievalEval(t.eval_every_n_steps, t.retrieval_eval(), cfg.data),
                    config_saver(cfg), Preemption(checkpoint_dir),
                    *([progress_bar()] if t.enable_progress_bar else [])],
         plugins=[AtomicCheckpointIO()],

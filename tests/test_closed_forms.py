@@ -1,5 +1,5 @@
 """Quantities with a closed form, pinned to values worked out here from their definitions (not to another path of
-our own code): the learning-rate schedule, the MoE balance loss, training FLOPs with tied and untied embeddings, the
+our own code): the learning-rate schedule, the MoE balance loss and balancing bias step, training FLOPs with tied and untied embeddings, the
 LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the sampling distribution
 (temperature, nucleus) and RMSNorm. How this project tests:
 tests/README.md."""
@@ -183,3 +183,14 @@ def test_rms_norm_is_x_over_root_mean_square_plus_eps_times_weight():
     x = torch.tensor([[3.0, 0.0, 4.0]])  # mean square 25/3; + eps 0.5 = 53/6
     scale = 1 / math.sqrt(53 / 6)
     torch.testing.assert_close(norm(x), torch.tensor([[3 * scale, 0.0, -4 * scale]]), rtol=1e-6, atol=1e-7)
+
+
+def test_balance_bias_steps_by_the_sign_of_the_load_gap():
+    """Aux-loss-free balancing (DeepSeek-V3): each update moves an expert's bias by exactly ± rate, up when its
+    load is below the mean, down above it, unchanged at the mean, whatever the size of the gap."""
+    moe = MoE(4, n_experts=4, experts_per_token=1, expert_hidden=8, n_shared_experts=0, bias_update_rate=0.01)
+    moe.update_bias(torch.tensor([1.0, 300.0, 99.0, 100.0]))  # mean 125
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([0.01, -0.01, 0.01, 0.01]), rtol=0, atol=0)
+    moe.update_bias(torch.tensor([5.0, 5.0, 5.0, 5.0]))  # balanced: no change
+    moe.update_bias(torch.tensor([0.0, 0.0, 0.0, 0.0]))  # no tokens: no change
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([0.01, -0.01, 0.01, 0.01]), rtol=0, atol=0)

@@ -1,8 +1,7 @@
 """Quantities with a closed form, pinned to values worked out here from their definitions (not to another path of
-our own code): the learning-rate schedule, the MoE balance loss and balancing bias step, training FLOPs with tied and untied embeddings, the
-LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the sampling distribution
-(temperature, nucleus) and RMSNorm. How this project tests:
-tests/README.md."""
+our own code): the learning-rate schedule, the MoE balance loss and balancing bias step, training FLOPs with tied
+and untied embeddings, the LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the
+sampling distribution (temperature, nucleus) and RMSNorm. How this project tests: tests/README.md."""
 import math
 
 import pytest

@@ -58,16 +58,16 @@ class RetrievalMonitor(L.Callback):
         if step % self.every_n_steps or not trainer.is_global_zero:
             return
         model = pl_module.model
-        cfg = model.running_config()
+        chunk_size = model.cfg.chunk_size
         for i, block in enumerate(model.hsa_blocks()):
             if block.last_selection is None:
                 continue
             weights, indices = block.last_selection
-            for name, value in retrieval_stats(weights, indices, cfg.chunk_size, cfg.swa_window).items():
+            for name, value in retrieval_stats(weights, indices, chunk_size, model.swa_window).items():
                 pl_module.log(f"retrieval/block{i}_{name}", value)
             experiment = getattr(trainer.logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "add_image"):
-                experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], cfg.chunk_size),
+                experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], chunk_size),
                                      step)
 
 

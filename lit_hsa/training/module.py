@@ -177,11 +177,10 @@ class HSALitModule(L.LightningModule):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at ``seq_len`` with the top-k and SWA window in force now (schedules change
         them during a run), cached per combination."""
-        cfg = self.model.running_config()
-        key = (seq_len, cfg.hsa_topk, cfg.swa_window)
-        if key not in self._flops_per_token:
+        key = (seq_len, self.model.hsa_topk, self.model.swa_window)
+        if key not in self._flops_per_token:  # every step asks: the config copy and the count only on a change
             active = self.model.num_parameters()[1]
-            self._flops_per_token[key] = training_flops_per_token(cfg, active, seq_len)
+            self._flops_per_token[key] = training_flops_per_token(self.model.running_config(), active, seq_len)
         return self._flops_per_token[key]
 
     def _non_finite(self, loss: torch.Tensor) -> None:

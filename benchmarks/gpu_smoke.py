@@ -166,7 +166,15 @@ def main() -> int:
                 if need not in wanted:
                     wanted.add(need)
                     stack.append(need)
+    out = Path(args.out or work)
     rows, failed = [], set()
+
+    def save() -> dict:  # after every step, so a run cut by a time limit keeps what it ran
+        result = {"gpu": gpu_name(), "date": today(), "torch": torch.__version__,
+                  "passed": sum(r["rc"] == 0 for r in rows), "total": len(rows), "steps": rows}
+        write_result(out / "gpu_smoke.json", result, quiet=True)
+        return result
+
     for step in steps:
         if step.name not in wanted:
             continue
@@ -181,10 +189,8 @@ def main() -> int:
         print(f"{status}  {step.name:<24} {row['seconds']:7.1f} s", flush=True)
         if status == "FAIL":
             print("      " + row["tail"].strip().splitlines()[-1][:300] if row["tail"].strip() else "", flush=True)
-    result = {"gpu": gpu_name(), "date": today(), "torch": torch.__version__,
-              "passed": sum(r["rc"] == 0 for r in rows), "total": len(rows), "steps": rows}
-    out = Path(args.out or work)
-    write_result(out / "gpu_smoke.json", result, quiet=True)
+        save()
+    result = save()
     print(f"{result['passed']}/{result['total']} passed on {result['gpu']} -> {out / 'gpu_smoke.json'}")
     return 0 if result["passed"] == result["total"] else 1
 

@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data_modules.tokenizers import build_tokenizer
-from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, state_problems
+from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, load_net, save_weights, state_problems
 from lit_hsa.config import (Config, ConfigError, ModelConfig, RetrievalEvalOptions, check_choice, load_config,
                             load_yaml, merge_onto, parse_length, parse_overrides)
 from lit_hsa.eval.experiment_report import summarize
@@ -304,12 +304,11 @@ def train_run(exp: Experiment, model: str, seed: Optional[int]):
         cfg.validate()
         net, info = train_model(cfg)
         info = {"name": name, **info}
-        torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()},
-                    "model_config": asdict(net.running_config()), "config": identity, "train": info}, end)
+        save_weights(end, net.state_dict(), weights_hparams(net, cfg), config=identity, train=info)
         phases.append(info)
         start = end
     if net is None:  # every phase was reused: the last one's weights
-        net = load_phase_end(start)
+        net = load_net(start)[0]
     return net, combine_phases(phases, named=bool(exp.phases))
 
 
@@ -326,11 +325,9 @@ def latest_last_checkpoint(cfg: Config) -> Optional[Path]:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def load_phase_end(path: Path) -> HSATransformer:
-    saved = load_checkpoint_file(path)
-    net = HSATransformer(ModelConfig(**saved["model_config"]))
-    net.load_state_dict({k.removeprefix("model."): v for k, v in saved["state_dict"].items()})
-    return net
+def weights_hparams(net: HSATransformer, cfg: Config) -> dict:
+    """What a weights file records beside the weights: the model as it ends (schedules applied) and its tokenizer."""
+    return {"model": asdict(net.running_config()), "tokenizer": cfg.data.tokenizer, "eos_token": cfg.data.eos_token}
 
 
 def combine_phases(phases: list[dict], named: bool) -> dict:
@@ -380,16 +377,13 @@ def training_flops(model_cfg: ModelConfig, cfg: Config, active: int, steps: int)
 
 
 def load_trained(path: Path):
-    """``<run>.weights.pt`` → (HSATransformer on the CPU, training summary)."""
+    """``<run>.weights.pt`` → (HSATransformer on the CPU in fp32, training summary)."""
     if not path.is_file():
         raise ConfigError(f"'{path}' does not exist: train the model first (run without --eval-only)")
-    saved = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
-    if not {"model_config", "state_dict", "train"} <= saved.keys():
-        raise ConfigError(f"'{path}' is not a weights file written by `main.py experiment` (it lacks "
-                          f"{', '.join(sorted({'model_config', 'state_dict', 'train'} - saved.keys()))})")
-    net = HSATransformer(ModelConfig(**saved["model_config"]))
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in saved["state_dict"].items()})
-    return net, saved["train"]
+    net, checkpoint = load_net(path)  # weights_only: a crafted file is refused, nothing of it runs
+    if "train" not in checkpoint:
+        raise ConfigError(f"'{path}' is not a weights file written by `main.py experiment` (it records no training)")
+    return net, checkpoint["train"]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -450,9 +444,8 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
         net, train_info = load_trained(weights)
     else:
         net, train_info = train_run(exp, model, seed)
-        torch.save({"model_config": asdict(net.running_config()), "train": train_info,
-                    "state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-                                   for k, v in net.state_dict().items()}}, weights)
+        save_weights(weights, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                               for k, v in net.state_dict().items()}, weights_hparams(net, cfg), train=train_info)
     # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     net.to(device).eval()

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from data_modules.tokenizers import build_tokenizer
-from lit_hsa.checkpoint_io import load_checkpoint_file
+from lit_hsa.checkpoint_io import load_checkpoint_file, load_net
 from lit_hsa.cli import main
 from lit_hsa.config import ConfigError, ModelConfig, padded_vocab
 from lit_hsa.eval.run import held_out_tokens
-from lit_hsa.experiment import load_experiment, load_phase_end, run_experiment, summarize, training_flops
+from lit_hsa.experiment import load_experiment, run_experiment, summarize, training_flops
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.flops import training_flops_per_token
 
@@ -99,7 +99,7 @@ def test_the_main_phase_starts_from_the_warmups_weights(toy_run):
         assert record["phases"][1]["final_metrics"]["lr-AdamW/pg1"] == pytest.approx(1e-30)  # the phase's own LR
     saved = load_checkpoint_file(out / "hsa-s0.weights.pt")["state_dict"]  # what --eval-only reads: the main's end
     for k, v in end_state(out, "hsa-s0-main").items():
-        assert torch.equal(saved[k.removeprefix("model.")], v.to(torch.bfloat16)), k
+        assert torch.equal(saved[k], v.to(torch.bfloat16)), k
 
 
 def test_the_warmups_data_overrides_apply_to_the_warmup_only(toy_run):
@@ -139,7 +139,7 @@ def test_held_out_perplexity_is_the_mean_cross_entropy_of_the_windows(toy_run):
     exp = load_experiment(str(out.parent / "experiment.yaml"))
     cfg = exp.phase_configs("hsa", 0)[-1][1]
     tokens = torch.as_tensor(held_out_tokens(cfg.data, build_tokenizer("byte"), 3 * SEQ + 1).astype(np.int64))
-    net = load_phase_end(out / "runs" / "hsa-s0-main" / "end.pt").eval()
+    net = load_net(out / "runs" / "hsa-s0-main" / "end.pt")[0].eval()
     with torch.no_grad():  # window by window, logits and cross-entropy written out
         losses = [F.cross_entropy(net(tokens[i * SEQ : (i + 1) * SEQ][None])[0], tokens[i * SEQ + 1 : (i + 1) * SEQ + 1],
                                   reduction="sum") for i in range(3)]
@@ -155,7 +155,7 @@ def test_held_out_perplexity_is_the_mean_cross_entropy_of_the_windows(toy_run):
 def test_parameters_and_flops_are_recorded(toy_run):
     out, summary, _ = toy_run
     hsa = json.loads((out / "hsa-s0.json").read_text())
-    net = load_phase_end(out / "runs" / "hsa-s0-main" / "end.pt")
+    net = load_net(out / "runs" / "hsa-s0-main" / "end.pt")[0]
     assert hsa["parameters"] == dict(zip(("total", "active"), net.num_parameters()))
     flops = [p["flops"] for p in hsa["train"]["phases"]]
     per_token = training_flops_per_token(net.cfg, net.num_parameters()[1], SEQ)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_hsa.checkpoint_io import checkpoint_state, load_checkpoint_file, state_problems
+from lit_hsa.checkpoint_io import checkpoint_state, load_checkpoint_file, save_weights, state_problems
 from lit_hsa.config import ConfigError, FinetuneConfig, ModelConfig
 from lit_hsa.model.lora import apply_lora, lora_state_dict, merge_lora
 from lit_hsa.model.transformer import HSATransformer
@@ -104,10 +104,7 @@ def merge_checkpoint(ckpt_path: str, out: str, base: str | None = None) -> None:
     module.load_state_dict(checkpoint["state_dict"], strict=False)
     merge_lora(module.model)
     del hparams["finetune"]
-    merged = {"state_dict": module.state_dict(), "hyper_parameters": hparams,
-              "pytorch-lightning_version": checkpoint["pytorch-lightning_version"],
-              "global_step": checkpoint.get("global_step", 0), "epoch": checkpoint.get("epoch", 0),
-              "merged_from": {"lora": str(Path(ckpt_path).resolve()), "base": module.lora_base["path"]}}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(merged, out)
-    print(f"wrote {out} ({sum(v.numel() for v in merged['state_dict'].values()):,} parameters)")
+    state = module.model.state_dict()
+    save_weights(out, state, hparams, global_step=checkpoint.get("global_step", 0), epoch=checkpoint.get("epoch", 0),
+                 merged_from={"lora": str(Path(ckpt_path).resolve()), "base": module.lora_base["path"]})
+    print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} parameters)")

@@ -111,7 +111,8 @@ def read_checkpoint(ckpt: str) -> tuple[ModelConfig, dict[str, torch.Tensor], st
     """(model config, weights by our names in the checkpoint's own dtypes, tokenizer spec, tokenizer).
     ``full_checkpoint`` checks the file (missing, LoRA adapters only, weights that do not fit); the weights are
     mapped from it, not read."""
-    cfg, state, hparams = full_checkpoint(ckpt, mmap=True)
+    cfg, state, checkpoint = full_checkpoint(ckpt, mmap=True)
+    hparams = checkpoint["hyper_parameters"]
     spec = tokenizer_spec(ckpt, hparams)
     try:
         tokenizer = build_tokenizer(spec, hparams.get("eos_token"))

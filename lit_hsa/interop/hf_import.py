@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lit_hsa.checkpoint_io import save_weights
 from lit_hsa.config import CONFIG_DIR, ROPE_SCALING_KEYS, ConfigError, ModelConfig
 from lit_hsa.interop.names import hf_to_ours, ours_to_hf
 
@@ -294,11 +295,11 @@ def eos_token_of(folder: Path, hf: dict, tokenizer_json: str | None) -> str | No
 
 def write_checkpoint(out: str, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer_json: str | None,
                      eos_token: str | None, converted_from: dict[str, Any]) -> None:
-    """Write ``out``: ``{"state_dict": {"model.<name>": float32 tensor}, "hyper_parameters": {"model": cfg as a
-    dict, "tokenizer", "eos_token", "converted_from"}}``, the file ``load_model`` / ``init_from=`` read. Beside it:
-    ``<stem>.tokenizer.json`` (a copy of ``tokenizer_json``; its absolute path is what the checkpoint records) and
-    ``<stem>.yaml``, a config fragment (the whole model section, data.tokenizer, data.eos_token, init_from) for
-    ``main.py fit --config``. Without a tokenizer.json the checkpoint records the byte tokenizer, which only a
+    """Write ``out`` in the one weights format (``checkpoint_io.save_weights``: float32 weights; hyper-parameters
+    ``model``, ``tokenizer``, ``eos_token``, ``converted_from``), the file ``load_model`` / ``init_from=`` read.
+    Beside it: ``<stem>.tokenizer.json`` (a copy of ``tokenizer_json``; its absolute path is what the checkpoint
+    records) and ``<stem>.yaml``, a config fragment (the whole model section, data.tokenizer, data.eos_token,
+    init_from) for ``main.py fit --config``. Without a tokenizer.json the checkpoint records the byte tokenizer, which only a
     vocabulary of at most 258 ids can use; the tokenizer must load (and fit the vocabulary) before anything is
     written."""
     from omegaconf import OmegaConf
@@ -325,9 +326,9 @@ def write_checkpoint(out: str, cfg: ModelConfig, state: dict[str, torch.Tensor],
             shutil.copyfile(tokenizer_json, copy)
         tokenizer = str(copy.resolve())
     model = asdict(cfg)
-    torch.save({"state_dict": {f"model.{k}": v.float().contiguous() for k, v in state.items()},
-                "hyper_parameters": {"model": model, "tokenizer": tokenizer, "eos_token": eos_token,
-                                     "converted_from": dict(converted_from)}}, out_path)
+    save_weights(out_path, {k: v.float().contiguous() for k, v in state.items()},
+                 {"model": model, "tokenizer": tokenizer, "eos_token": eos_token,
+                  "converted_from": dict(converted_from)})
     # Paths relative to the fragment's own folder (config.CONFIG_DIR): the converted files can move together
     fragment = {"model": model,
                 "data": {"tokenizer": tokenizer if tokenizer == "byte" else f"{CONFIG_DIR}/{Path(tokenizer).name}",

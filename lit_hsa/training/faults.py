@@ -13,9 +13,7 @@
 """
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import signal
 import socket
 from pathlib import Path
@@ -25,14 +23,12 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_hsa.checkpoint_io import (  # noqa: F401 (re-exported: the writer Lightning uses)
+    TEMPORARY_MARK,
+    CheckpointWriteError,
+    write_atomically,
+)
 from lit_hsa.config import ConfigError
-
-TEMPORARY_MARK = ".tmp-"  # ".<name>.tmp-<pid>": a checkpoint being written by process <pid>
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, no permission); the previous one is unchanged."""
-
 
 class Preempted(Exception):
     """The run stopped on SIGTERM / SIGUSR1 after saving ``path`` at optimizer step ``step``."""
@@ -40,59 +36,6 @@ class Preempted(Exception):
     def __init__(self, signal_name: str, step: int, path: str):
         super().__init__(f"stopped by {signal_name} at step {step}: saved {path}; resume with ckpt_path={path}")
         self.signal_name, self.step, self.path = signal_name, step, path
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(checkpoint: dict, path: Path) -> None:
-    """``torch.save`` to a temporary file in ``path``'s folder, fsync, rename over ``path``, fsync the folder. On any
-    failure (or interruption) the temporary file is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
-    try:
-        with open(temporary, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException as e:
-        full = is_out_of_space(e) or free_bytes(path.parent) < FULL_DISK_BYTES  # (before the temporary goes)
-        temporary.unlink(missing_ok=True)
-        if full:
-            raise CheckpointWriteError(f"cannot write checkpoint '{path}': no space left on its filesystem; the "
-                                       "previous checkpoint is unchanged: free space or set trainer.root_dir "
-                                       "elsewhere") from None
-        if isinstance(e, PermissionError):
-            raise CheckpointWriteError(f"cannot write checkpoint '{path}': {e.strerror}") from None
-        raise
-    fsync_folder(path.parent)
-
-
-FULL_DISK_BYTES = 1 << 20  # a failed write with less free space than this left on the filesystem: a full disk
-
-
-def is_out_of_space(e: BaseException) -> bool:
-    """ENOSPC, as Python raises it, or as torch's zip writer reports it (a RuntimeError naming the failed write)."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(e, RuntimeError) and ("file write failed" in str(e) or "No space left" in str(e))
-
-
-def free_bytes(folder: Path) -> int:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return FULL_DISK_BYTES
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -52,8 +52,6 @@ from lit_hsa.eval.experiment_report import summarize
 from lit_hsa.eval.ruler import evaluate_retrieval, perplexity_by_position, rows_as_dicts, short_length
 from lit_hsa.eval.run import held_out_prefix, held_out_tokens
 from lit_hsa.model.transformer import HSATransformer
-from lit_hsa.training.callbacks import scheduled_value
-from lit_hsa.training.flops import training_flops_per_token
 from lit_hsa.training.run import build_run
 
 PHASE_KEYS = ("name", "max_steps", "overrides")
@@ -343,37 +341,15 @@ def combine_phases(phases: list[dict], named: bool) -> dict:
 
 
 def train_model(cfg: Config):
-    """``fit`` one config (resuming ``cfg.ckpt_path`` when set) → (the trained HSATransformer, training summary)."""
+    """``fit`` one config (resuming ``cfg.ckpt_path`` when set) → (the trained HSATransformer, training summary: the
+    tokens and FLOPs the module counted, batch by batch, schedules included)."""
     module, datamodule, trainer = build_run(cfg)
-    model_cfg = module.model.cfg  # the values the schedules start from (frozen: schedules change the model's state)
-    active = module.model.num_parameters()[1]
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
-    steps = trainer.global_step
-    info = {"steps": steps, "tokens": steps * tokens_per_step(cfg), "seconds": round(time.perf_counter() - start, 1),
-            "flops": training_flops(model_cfg, cfg, active, steps),
+    info = {"steps": trainer.global_step, "tokens": module.tokens_seen, "seconds": round(time.perf_counter() - start, 1),
+            "flops": module.flops_seen,
             "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     return module.model, info
-
-
-def tokens_per_step(cfg: Config) -> int:
-    # the context-length curriculum keeps data.batch_size × data.seq_len tokens per batch
-    return cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches
-
-
-def training_flops(model_cfg: ModelConfig, cfg: Config, active: int, steps: int) -> float:
-    """Training FLOPs of the first ``steps`` optimizer steps: tokens × ``training_flops_per_token``, piecewise over
-    the schedules that change it (HSA top-k, SWA window, context length)."""
-    t = cfg.trainer
-    changes = sorted({0, *(s for s, _ in [*t.topk_schedule, *t.swa_window_schedule, *t.seq_len_schedule])})
-    starts = [s for s in changes if s < steps]
-    total = 0.0
-    for a, b in zip(starts, starts[1:] + [steps]):
-        stage = replace(model_cfg, hsa_topk=scheduled_value(t.topk_schedule, a) or model_cfg.hsa_topk,
-                        swa_window=scheduled_value(t.swa_window_schedule, a) or model_cfg.swa_window)
-        seq_len = scheduled_value(t.seq_len_schedule, a) or cfg.data.seq_len
-        total += (b - a) * tokens_per_step(cfg) * training_flops_per_token(stage, active, seq_len)
-    return total
 
 
 def load_trained(path: Path):

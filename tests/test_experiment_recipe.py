@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.checkpoint_io import load_checkpoint_file, load_net
 from lit_hsa.cli import main
-from lit_hsa.config import ConfigError, ModelConfig, padded_vocab
+from lit_hsa.config import ConfigError, ModelConfig, load_config, padded_vocab
 from lit_hsa.eval.run import held_out_tokens
-from lit_hsa.experiment import load_experiment, run_experiment, summarize, training_flops
+from lit_hsa.experiment import load_experiment, run_experiment, summarize, train_model
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.flops import training_flops_per_token
 
@@ -167,14 +167,28 @@ def test_parameters_and_flops_are_recorded(toy_run):
     assert (spread["min"], spread["max"], spread["n"]) == (min(totals), max(totals), 2)
 
 
-def test_training_flops_follow_the_schedules():
-    cfg = load_experiment(RECIPE).phase_configs("hsa", 0)[1][1]  # main: top-64 for 200 steps, then top-8
-    model = replace(cfg.model, vocab_size=8192)
-    per_step = cfg.data.batch_size * cfg.data.seq_len
-    f = {k: training_flops_per_token(replace(model, hsa_topk=k), 1000, cfg.data.seq_len) for k in (64, 8)}
-    assert f[64] > f[8]
-    assert training_flops(model, cfg, 1000, 150) == pytest.approx(150 * per_step * f[64])
-    assert training_flops(model, cfg, 1000, 600) == pytest.approx(per_step * (200 * f[64] + 400 * f[8]))
+def test_training_flops_follow_the_schedules_batch_by_batch(tmp_path):
+    """The FLOPs a run records are the module's count, batch by batch: top-k and window schedules change them at
+    their optimizer step (with gradient accumulation, both micro-batches of a step count at its top-k); a resume
+    goes on counting from the checkpoint."""
+    cfg = load_config(base=TOY["train"], overrides=[
+        f"trainer.root_dir={tmp_path}", "trainer.run_name=flops", "trainer.max_steps=4",
+        "trainer.accumulate_grad_batches=2", "trainer.topk_schedule=[[0,2],[2,1]]",
+        "trainer.swa_window_schedule=[[3,8]]"])
+    cfg.validate()
+    net, info = train_model(cfg)
+    active = net.num_parameters()[1]
+    f = {(k, w): training_flops_per_token(replace(net.cfg, hsa_topk=k, swa_window=w), active, SEQ)
+         for k, w in ((2, 16), (1, 16), (1, 8))}
+    assert len(set(f.values())) == 3
+    per_step = 2 * 2 * SEQ  # accumulation × batch × tokens
+    assert info["tokens"] == 4 * per_step
+    assert info["flops"] == pytest.approx(per_step * (2 * f[2, 16] + f[1, 16] + f[1, 8]), rel=1e-12)
+    # a resume from the last checkpoint (step 4) goes on counting: two more steps at top-1, window 8
+    cfg.ckpt_path, cfg.trainer.max_steps = str(tmp_path / "flops/version_0/checkpoints/last.ckpt"), 6
+    resumed = train_model(cfg)[1]
+    assert resumed["tokens"] == 6 * per_step
+    assert resumed["flops"] == pytest.approx(info["flops"] + 2 * per_step * f[1, 8], rel=1e-12)
 
 
 def fake_run(model: str, seed: int, ppl: float, accuracy: list[float], crc: int = 7) -> dict:

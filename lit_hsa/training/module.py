@@ -113,6 +113,10 @@ class HSALitModule(L.LightningModule):
                 cast_frozen_matrices(self.model, torch.bfloat16)
             self.strict_loading = False  # LoRA checkpoints omit the frozen base weights; on_load_checkpoint checks
         self.flops_per_batch = 0.0  # read by Lightning's ThroughputMonitor (MFU); set per batch shape
+        # every rank's training tokens and their FLOPs since the run began (saved, so a resume goes on counting):
+        # what the schedules (top-k, window, context length) made them, batch by batch
+        self.tokens_seen = 0
+        self.flops_seen = 0.0
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm (nan_policy: skip)
         self._consecutive_nonfinite = 0
         self._nonfinite_loss: float | None = None  # this step's non-finite loss, until on_before_optimizer_step
@@ -142,6 +146,7 @@ class HSALitModule(L.LightningModule):
         """LoRA: keep only what training changes (adapters, buffers) and record the base checkpoint they need."""
         checkpoint["nonfinite_steps"] = self.nonfinite_steps  # a resumed run goes on counting
         checkpoint["schedule_horizon"] = self.schedule_horizon
+        checkpoint["tokens_seen"], checkpoint["flops_seen"] = self.tokens_seen, self.flops_seen
         if self.finetune_cfg.method == "lora":
             keep = lora_state_dict(self).keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -149,6 +154,8 @@ class HSALitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        self.flops_seen = float(checkpoint.get("flops_seen", 0.0))
         planned = checkpoint.get("schedule_horizon", checkpoint.get("hyper_parameters", {}).get("max_steps"))
         if planned is not None and int(planned) != self.max_steps:
             self.schedule_horizon = int(planned)
@@ -166,6 +173,9 @@ class HSALitModule(L.LightningModule):
         aux = self.model.aux_loss().to(loss.device)
         bs, T = batch["input_ids"].shape
         self.flops_per_batch = self.flops_per_token(T) * bs * T
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += bs * T * world
+        self.flops_seen += self.flops_per_batch * world
         if not torch.isfinite(loss + aux):
             return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

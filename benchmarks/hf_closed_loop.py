@@ -28,7 +28,7 @@ from lit_hsa.checkpoint_io import load_model
 from lit_hsa.config import DataConfig
 from lit_hsa.eval.run import held_out_tokens
 from lit_hsa.eval.ruler import evaluate_retrieval
-from lit_hsa.experiment import held_out_perplexity
+from lit_hsa.eval.perplexity import held_out_perplexity
 
 
 def scale(data: list[str], dense: list[str], convert: list[str], continued: list[str], **evaluation) -> dict:

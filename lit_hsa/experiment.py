@@ -32,8 +32,6 @@ import argparse
 import json
 import re
 import time
-import zlib
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +47,7 @@ from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, load_net, 
 from lit_hsa.config import (Config, ConfigError, ModelConfig, RetrievalEvalOptions, check_choice, load_config,
                             load_yaml, merge_onto, parse_length, parse_overrides)
 from lit_hsa.eval.experiment_report import summarize
+from lit_hsa.eval.perplexity import autocast, held_out_perplexity
 from lit_hsa.eval.ruler import evaluate_retrieval, perplexity_by_position, rows_as_dicts, short_length
 from lit_hsa.eval.run import held_out_prefix, held_out_tokens
 from lit_hsa.model.transformer import HSATransformer
@@ -377,32 +376,6 @@ def check_held_out(exp: Experiment, model: str, cfg: Config) -> None:
         raise ConfigError(f"model '{model}': eval.ppl_windows × data.seq_len and eval.ppl_lengths need {need:,} "
                           f"held-out tokens, the held-out split has {have:,}: raise data.val_fraction (it is "
                           f"{cfg.data.val_fraction}) or lower them")
-
-
-@torch.no_grad()
-def held_out_perplexity(net: HSATransformer, tokens: np.ndarray, n_windows: int, window: int,
-                        device: torch.device, batch_tokens: int = 65536) -> dict:
-    """Mean next-token loss over ``n_windows`` consecutive windows of ``window`` tokens (window i: inputs
-    ``tokens[i·W : (i+1)·W]``, targets shifted by one; each window starts without context, as in training).
-    tokens: [≥ n_windows·W + 1] int → {windows, window_length, tokens, tokens_crc32, loss, ppl}."""
-    net.eval()
-    x = torch.as_tensor(tokens[: n_windows * window + 1].astype(np.int64))
-    inputs, targets = x[:-1].view(n_windows, window), x[1:].view(n_windows, window)
-    per_batch = max(1, batch_tokens // window)
-    total = 0.0
-    for i in range(0, n_windows, per_batch):
-        rows = slice(i, i + per_batch)
-        with autocast(device):  # the model returns the mean over the batch's tokens (every label counts)
-            loss = net(inputs[rows].to(device), labels=targets[rows].to(device))
-        total += float(loss) * inputs[rows].numel()
-    loss = total / inputs.numel()
-    return {"windows": n_windows, "window_length": window, "tokens": inputs.numel(),
-            "tokens_crc32": zlib.crc32(x.numpy().tobytes()), "loss": loss, "ppl": float(np.exp(loss))}
-
-
-def autocast(device: torch.device):
-    # bf16 autocast on CUDA, as the models train
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Optional[int] = None) -> dict:

@@ -5,6 +5,7 @@ FLOPs per token (width 4·768 + 768 = 3840). Target: MoE ≤ 1.5× dense. Prints
 
     python benchmarks/bench_moe.py [--tokens 8k,32k] [--out benchmarks/results/moe_<gpu>_<date>.json]
     python benchmarks/bench_moe.py --tokens 256 --d-model 64 --experts 8 --expert-hidden 32 --device cpu  # smoke
+    python benchmarks/bench_moe.py --profile   # + where the time goes: torch.profiler, op by op, forward and backward
 """
 from __future__ import annotations
 
@@ -36,6 +37,51 @@ def time_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, warmup: int, iters: in
     return time_ms(fwd_bwd, warmup, iters, x.device, after=clear)
 
 
+def profile_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, iters: int = 5, top: int = 30) -> dict:
+    """Where one forward + backward of ``layer`` spends its time: ``torch.profiler`` over ``iters`` steps (after a
+    warm-up), device time per op (self time, so nothing is counted twice) summed over the steps and divided by
+    ``iters``; the ``top`` (op, pass) pairs by time, each with its share of the step (pass: ``bwd`` for ops the
+    autograd engine ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grad = torch.randn_like(x)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+            y = layer(x)
+        y.backward(grad)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities, with_stack=False) as prof:
+        for _ in range(iters):
+            step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    totals: dict[tuple[str, str], list[float]] = {}
+    for event in prof.events():
+        if event.name.startswith(("autograd::", "ProfilerStep")) or event.device_type.name != "CPU":
+            continue  # (kernels are counted through the op that launched them)
+        parent, phase = event.cpu_parent, "fwd"
+        while parent is not None:  # an op under the autograd engine's evaluate_function ran in the backward pass
+            if parent.name.startswith("autograd::engine::evaluate_function"):
+                phase = "bwd"
+                break
+            parent = parent.cpu_parent
+        entry = totals.setdefault((event.name, phase), [0.0, 0])
+        entry[0] += getattr(event, attr) / iters / 1e3
+        entry[1] += 1
+    rows = sorted(((name, phase, ms, calls // iters) for (name, phase), (ms, calls) in totals.items() if ms > 0),
+                  key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    return {"step_ms": round(total, 3), "clock": "device" if x.is_cuda else "cpu",
+            "ops": [{"op": name, "pass": phase, "ms": round(ms, 4), "share": round(ms / total, 4), "calls": calls}
+                    for name, phase, ms, calls in rows[:top]]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="8k,32k", help="tokens per step (batch × length), k suffix allowed")
@@ -47,6 +93,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/moe_<gpu>_<date>.json)")
+    parser.add_argument("--profile", action="store_true", help="also profile each layer op by op (torch.profiler)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -65,6 +112,8 @@ def main() -> int:
             set_expert_backend(backend)
             try:
                 row[f"{name}_ms"] = round(time_fwd_bwd(layer, x, args.warmup, args.iters), 3)
+                if args.profile and name != "moe_loop":
+                    row.setdefault("profile", {})[name] = profile_fwd_bwd(layer, x)
             finally:
                 set_expert_backend("auto")
         row["grouped_vs_dense"] = round(row["moe_grouped_ms"] / row["dense_ms"], 3)
@@ -81,6 +130,12 @@ def main() -> int:
     for r in rows:
         print(f"| {r['tokens']} | {r['moe_grouped_ms']} | {r['moe_loop_ms']} | {r['dense_ms']} | "
               f"{r['grouped_vs_dense']}× | {r['loop_vs_grouped']}× |")
+    for r in rows if args.profile else []:
+        for name, prof in r["profile"].items():
+            print(f"\n{name}, {r['tokens']} tokens: {prof['step_ms']} ms of {prof['clock']} time per fwd+bwd, by op")
+            print("| op | ms | share | calls | pass |\n|---|---|---|---|---|")
+            for op in prof["ops"]:
+                print(f"| {op['op'][:60]} | {op['ms']} | {op['share']:.1%} | {op['calls']} | {op['pass']} |")
     write_result(args.out or result_path("moe", device), {"gpu": gpu, "date": today(), "torch": torch.__version__,
                                                            "args": vars(args), "rows": rows})
     return 0

@@ -1,6 +1,11 @@
+import json
+import subprocess
+import sys
+
 import torch
 
 from lit_hsa.model.moe import MoE, expert_load_stats
+from tests.helpers import ROOT
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -226,3 +231,19 @@ def test_gpu_moe_step_under_sync_debug_mode():
         finally:
             dispatch.set_expert_backend("auto")
     torch.testing.assert_close(y.float(), y_loop.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bench_moe_profile_smoke_on_cpu(tmp_path):
+    """``bench_moe.py --profile`` runs end to end at toy size: every layer's ops split into forward and backward,
+    shares of one step that add up to at most 1, the expert matmuls found in both passes."""
+    out = tmp_path / "moe.json"
+    proc = subprocess.run([sys.executable, "benchmarks/bench_moe.py", "--tokens", "128", "--d-model", "32",
+                           "--experts", "4", "--top-k", "2", "--expert-hidden", "16", "--device", "cpu", "--warmup",
+                           "1", "--iters", "1", "--profile", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads(out.read_text())["rows"][0]["profile"]
+    assert set(profile) == {"moe_grouped", "dense"}
+    for prof in profile.values():
+        assert prof["ops"] and 0 < sum(op["share"] for op in prof["ops"]) <= 1 + 1e-6
+        assert {op["pass"] for op in prof["ops"] if op["op"] == "aten::mm"} == {"fwd", "bwd"}

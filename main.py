@@ -1,4 +1,6 @@
-"""lit-hsa command line: ``python main.py {fit,validate,generate,eval,experiment,merge,consolidate} ...`` (``--help``)."""
+"""lit-hsa command line: ``python main.py {fit,validate,generate,eval,experiment,merge,consolidate} ...``
+(``--help``)."""
+
 import sys
 
 from lit_hsa.cli import main

@@ -12,10 +12,11 @@
                                         [--compile | --compile-only] [--block-steps fused,modules] [--pdl on,off]
                                         [--out f.json]
 
-``--block-steps``: dense blocks step in fused Triton kernels (``lit_hsa.inference.fused_step``, the default) and/or through
-their modules (``GraphDecoder(fuse_blocks=False)``); ``--pdl``: the decoding kernels launch with programmatic
+``--block-steps``: dense blocks step in fused Triton kernels (``lit_hsa.inference.fused_step``, the default) and/or
+through their modules (``GraphDecoder(fuse_blocks=False)``); ``--pdl``: the decoding kernels launch with programmatic
 dependent launch (``kernels.decode.pdl``, the default on Hopper) and/or without. Both models of a row use the same.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,11 @@ import torch
 from common import gpu_name, loop_ms, sync, write_result
 
 import lit_hsa.kernels.decode.pdl as pdl
+from lit_hsa.config import ModelConfig, parse_length
 from lit_hsa.inference.decode import decode_forward
-from lit_hsa.config import ModelConfig
-from lit_hsa.config import parse_length
 from lit_hsa.inference.generate import prefill
-from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.inference.static_decode import GraphDecoder
+from lit_hsa.model.transformer import HSATransformer
 
 
 def graph_decode_ms(decoder: GraphDecoder, token: torch.Tensor, steps: int) -> float:
@@ -59,8 +59,13 @@ def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, 
         token = logits.argmax(-1, keepdim=True)
         decode_forward(model, token, state)  # warm-up of the one-token path
         eager_ms = loop_ms(lambda: decode_forward(model, token, state), steps, "cuda")
-        row = {"ok": True, "prefill_s": round(prefill_s, 3), "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
-               "peak_gib": round(peak, 3), "decode_eager_ms": round(eager_ms, 3)}
+        row = {
+            "ok": True,
+            "prefill_s": round(prefill_s, 3),
+            "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
+            "peak_gib": round(peak, 3),
+            "decode_eager_ms": round(eager_ms, 3),
+        }
         if not offload:
             decoder = GraphDecoder(model, state, state.pos + 2 * model.cfg.chunk_size + steps + 8)
             row["decode_graph_ms"] = round(graph_decode_ms(decoder, token[:, 0], steps), 3)
@@ -82,9 +87,11 @@ def profile_step(decoder: GraphDecoder, token: torch.Tensor, top: int = 12) -> d
     for e in events:
         by_name.setdefault(e.name, []).append(e.device_time)  # µs
     heaviest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return {"gpu_ops_per_step": len(events),
-            "gpu_busy_us": round(sum(e.device_time for e in events), 1),
-            "top_kernels": [{"name": n[:120], "calls": len(t), "us": round(sum(t), 1)} for n, t in heaviest]}
+    return {
+        "gpu_ops_per_step": len(events),
+        "gpu_busy_us": round(sum(e.device_time for e in events), 1),
+        "top_kernels": [{"name": n[:120], "calls": len(t), "us": round(sum(t), 1)} for n, t in heaviest],
+    }
 
 
 def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
@@ -101,8 +108,14 @@ def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
 
 
 @torch.no_grad()
-def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | None = None,
-                      fuse_blocks: bool = True, use_pdl: bool = True) -> dict:
+def measure_synthetic(
+    model: HSATransformer,
+    T: int,
+    steps: int,
+    compile: str | None = None,
+    fuse_blocks: bool = True,
+    use_pdl: bool = True,
+) -> dict:
     pdl.ENABLED = use_pdl  # read when the kernels are launched, so also at graph capture
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -115,8 +128,12 @@ def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | 
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
-        return {"ok": True, "decode_graph_ms": round(ms, 3), **profile_step(decoder, token),
-                "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
+        return {
+            "ok": True,
+            "decode_graph_ms": round(ms, 3),
+            **profile_step(decoder, token),
+            "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2),
+        }
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
 
@@ -133,8 +150,11 @@ def main() -> None:
     parser.add_argument("--synthetic-lengths", default="1m,4m,8m,16m")
     parser.add_argument("--segment", default="16k")
     parser.add_argument("--steps", type=int, default=64, help="timed decoding steps")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)",
+    )
     parser.add_argument("--compile-only", action="store_true", help="time the synthetic decode compiled only")
     parser.add_argument("--block-steps", default="fused", help="fused, modules or both (comma-separated)")
     parser.add_argument("--pdl", default="on", help="on, off or both (comma-separated)")
@@ -150,14 +170,20 @@ def main() -> None:
     modes = [(c, b == "fused", p == "on") for c in compiles for b in block_steps for p in pdls]
     segment = parse_length(args.segment)
     rows, synthetic = [], []
-    for attention, offloads, prefill_lengths in (("hsa", (False, True), args.lengths),
-                                                 ("full", (False,), args.full_lengths)):
+    for attention, offloads, prefill_lengths in (
+        ("hsa", (False, True), args.lengths),
+        ("full", (False,), args.full_lengths),
+    ):
         cfg = ModelConfig.from_name(args.preset, attention=attention)
         model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
         for offload in offloads:
             for T in lengths(prefill_lengths):
-                r = {"attention": attention, "offload": offload, "T": T,
-                     **measure_prefill(model, T, segment, offload, args.steps)}
+                r = {
+                    "attention": attention,
+                    "offload": offload,
+                    "T": T,
+                    **measure_prefill(model, T, segment, offload, args.steps),
+                }
                 rows.append(r)
                 print(r, flush=True)
                 if not r["ok"]:
@@ -165,8 +191,14 @@ def main() -> None:
         # uncompiled first: compiling changes the model's blocks in place
         for compile, fused, use_pdl in modes:
             for T in lengths(args.synthetic_lengths):
-                r = {"attention": attention, "T": T, "compile": compile, "fused_blocks": fused, "pdl": use_pdl,
-                     **measure_synthetic(model, T, args.steps, compile, fused, use_pdl)}
+                r = {
+                    "attention": attention,
+                    "T": T,
+                    "compile": compile,
+                    "fused_blocks": fused,
+                    "pdl": use_pdl,
+                    **measure_synthetic(model, T, args.steps, compile, fused, use_pdl),
+                }
                 synthetic.append(r)
                 print(r, flush=True)
         del model
@@ -178,27 +210,38 @@ def main() -> None:
     for r in rows:
         kv = "host" if r["offload"] else "GPU"
         if r["ok"]:
-            print(f"| {r['attention']} | {kv} | {r['T']:,} | {r['prefill_s']} | {r['prefill_us_per_token']} | "
-                  f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |")
+            print(
+                f"| {r['attention']} | {kv} | {r['T']:,} | {r['prefill_s']} | {r['prefill_us_per_token']} | "
+                f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |"
+            )
         else:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
     by = {(r["attention"], r["T"], r["compile"], r["fused_blocks"], r["pdl"]): r for r in synthetic}
     for mode in modes:
         compile, fused, use_pdl = mode
-        print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, dense blocks "
-              f"{'in fused kernels' if fused else 'through their modules'}, PDL {'on' if use_pdl else 'off'}, caches "
-              "of the given context (random contents):")
-        print("| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops | full / HSA |\n"
-              "|---|---|---|---|---|---|---|---|")
+        print(
+            f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, dense blocks "
+            f"{'in fused kernels' if fused else 'through their modules'}, PDL {'on' if use_pdl else 'off'}, caches "
+            "of the given context (random contents):"
+        )
+        print(
+            "| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops "
+            "| full / HSA |\n"
+            "|---|---|---|---|---|---|---|---|"
+        )
         for T in lengths(args.synthetic_lengths):
             h, f = by.get(("hsa", T, *mode), {}), by.get(("full", T, *mode), {})
             cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
             ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
-            print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
-                  f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |")
+            print(
+                f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
+                f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |"
+            )
     if args.out:
-        write_result(args.out, {"gpu": gpu, "preset": args.preset, "dtype": "bfloat16", "prefill": rows,
-                                "synthetic_decode": synthetic})
+        write_result(
+            args.out,
+            {"gpu": gpu, "preset": args.preset, "dtype": "bfloat16", "prefill": rows, "synthetic_decode": synthetic},
+        )
 
 
 if __name__ == "__main__":

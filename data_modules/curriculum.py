@@ -1,4 +1,5 @@
 """Context-length curriculum: the stages of ``trainer.seq_len_schedule`` at constant tokens per step."""
+
 from __future__ import annotations
 
 from .sources import DataError
@@ -15,7 +16,9 @@ def seq_len_stages(schedule: list[list[int]], seq_len: int, batch_size: int) -> 
     stages = []
     for step, length in sorted(lengths.items()):
         if tokens % length:
-            raise DataError(f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
-                              f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole")
+            raise DataError(
+                f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
+                f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole"
+            )
         stages.append((step, length, tokens // length))
     return stages

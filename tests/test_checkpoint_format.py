@@ -1,6 +1,7 @@
 """One weights format (``checkpoint_io.save_weights``), written by every tool and read by one loader; files written
 before it (``tests/data/checkpoints_da1192d``: an experiment's phase end and trained weights, a ``fit`` checkpoint, a
 converted model, all written by the code at commit da1192d) still load, to the logits they gave then."""
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +22,9 @@ def logits(net: HSATransformer) -> torch.Tensor:
         return net.eval()(EXPECTED["input_ids"])
 
 
-@pytest.mark.parametrize("name", ["experiment-phase-end.pt", "experiment.weights.pt", "fit-last.ckpt",
-                                  "hf-converted.ckpt"])
+@pytest.mark.parametrize(
+    "name", ["experiment-phase-end.pt", "experiment.weights.pt", "fit-last.ckpt", "hf-converted.ckpt"]
+)
 def test_files_written_before_the_one_format_load_to_the_same_logits(name):
     net, records = load_net(OLD / name)
     assert all(p.dtype == torch.float32 for p in net.parameters())

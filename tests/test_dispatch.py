@@ -1,5 +1,6 @@
 """``kernels.dispatch``: every kernel-or-reference decision, one test per branch. CUDA is simulated where a decision
 reads it (``use_fast_paths`` under ``auto``), so the branches run on the CPU."""
+
 import pytest
 import torch
 
@@ -61,8 +62,7 @@ def test_static_steps_trace_the_references_and_other_calls_stay_opaque():
     """The public HSA ops decide the path themselves: in a static decoding step (``q_start`` a tensor) they run the
     references, traced whole into a compiled block (no graph break, the reference's values); elsewhere they stay
     opaque to torch.compile (``torch.compiler.disable``), as their fast paths size work lists on the host."""
-    from lit_hsa.kernels.hsa import (hsa_attention, hsa_attention_reference, select_chunks,
-                                     select_chunks_reference)
+    from lit_hsa.kernels.hsa import hsa_attention, hsa_attention_reference, select_chunks, select_chunks_reference
 
     torch.manual_seed(0)
     B, T, H, D, S, C, K = 1, 1, 2, 16, 8, 6, 3

@@ -1,5 +1,6 @@
 """The documentation stays true: the generated configuration reference matches lit_hsa/config.py, the README stays
 short, and every relative link in README.md and docs/*.md points to a file that exists."""
+
 from __future__ import annotations
 
 import re
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from lit_hsa.config_reference import REGENERATE, reference_markdown
 from tests.helpers import ROOT
+
 LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # markdown [text](target) or [text](target "title")
 
 

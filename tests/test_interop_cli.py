@@ -1,6 +1,7 @@
 """`main.py convert` and `main.py export` as a user runs them: a Hugging Face folder in, a checkpoint that
 `generate` and `fit` (with the shipped recipe) read; a lit-hsa checkpoint out and back bit-exactly; bad input one line
 with exit code 2."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,14 @@ pytest.importorskip("safetensors")
 
 from lit_hsa.checkpoint_io import load_checkpoint_file, load_model  # noqa: E402
 from lit_hsa.cli import main  # noqa: E402
-from tests.helpers import FAST, ROOT, run_dir  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FAST,
+    ROOT,
+    run_dir,
+    tiny,  # noqa: E402
+)
 from tests.test_hf_export import random_model, write_ckpt  # noqa: E402
 from tests.test_hf_import import save_hf  # noqa: E402
-from tests.helpers import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +53,50 @@ def test_convert_full_then_generate(qwen3_dir, tmp_path, capsys):
 def test_convert_to_hsa_then_continue_with_the_recipe(qwen3_dir, tmp_path):
     folder, hf = qwen3_dir
     out = tmp_path / "converted" / "model.ckpt"
-    assert main(["convert", "--hf", str(folder), "--out", str(out), "--to", "hsa", "model.swa_window=32",
-                 "model.chunk_size=16", "model.hsa_topk=2"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--hf",
+                str(folder),
+                "--out",
+                str(out),
+                "--to",
+                "hsa",
+                "model.swa_window=32",
+                "model.chunk_size=16",
+                "model.hsa_topk=2",
+            ]
+        )
+        == 0
+    )
     model, _ = load_model(str(out), "cpu")
     assert (model.cfg.attention, model.cfg.n_lower_layers, model.cfg.n_groups) == ("hsa", 2, 1)
     x = torch.randint(0, 280, (1, 32))
     with torch.no_grad():  # within the window the converted model is the dense one
         assert (model(x) - hf(x).logits).abs().max() < 1e-4
-    assert main(["fit", "--config", str(out.with_suffix(".yaml")), "--config",
-                 str(ROOT / "configs/convert/hsa_from_dense.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
-                 "data.seq_len=512", "data.batch_size=1", "data.num_workers=0", "trainer.max_steps=2", "trainer.precision=32-true",
-                 "trainer.accumulate_grad_batches=1", "trainer.topk_schedule=[[0,32],[1,2]]",
-                 "trainer.val_check_interval=2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(out.with_suffix(".yaml")),
+                "--config",
+                str(ROOT / "configs/convert/hsa_from_dense.yaml"),
+                f"trainer.root_dir={tmp_path}",
+                *FAST,
+                "data.seq_len=512",
+                "data.batch_size=1",
+                "data.num_workers=0",
+                "trainer.max_steps=2",
+                "trainer.precision=32-true",
+                "trainer.accumulate_grad_batches=1",
+                "trainer.topk_schedule=[[0,32],[1,2]]",
+                "trainer.val_check_interval=2",
+            ]
+        )
+        == 0
+    )
     config = (run_dir(tmp_path, "hsa-from-dense") / "config.yaml").read_text()
     assert "name: qwen3-hsa" in config and "model.tokenizer.json" in config
 
@@ -76,20 +113,29 @@ def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
         assert torch.equal(back["state_dict"][f"model.{k}"], v), k
 
 
-@pytest.mark.parametrize("args, message", [
-    (["convert", "--hf", "{tmp}/nowhere", "--out", "{tmp}/o.ckpt"], "nowhere"),
-    (["convert", "--hf", "{tmp}/empty", "--out", "{tmp}/o.ckpt"], "config.json"),
-    (["convert", "--hf", "{tmp}/gpt2", "--out", "{tmp}/o.ckpt"], "gpt2"),
-    (["convert", "--hf", "{tmp}/broken", "--out", "{tmp}/o.ckpt"], "is not readable JSON"),
-    (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "model.swa_window=8"], "apply with --to hsa"),
-    (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "trainer.max_steps=3"],
-     "model.* overrides only"),
-    (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "model.swa_windw=8"],
-     "unknown config key 'model.swa_windw'"),
-    (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "model.n_groups=3"],
-     "must equal the dense model's 4 layers"),
-    (["export", "--ckpt", "{tmp}/missing.ckpt", "--out", "{tmp}/hf"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["convert", "--hf", "{tmp}/nowhere", "--out", "{tmp}/o.ckpt"], "nowhere"),
+        (["convert", "--hf", "{tmp}/empty", "--out", "{tmp}/o.ckpt"], "config.json"),
+        (["convert", "--hf", "{tmp}/gpt2", "--out", "{tmp}/o.ckpt"], "gpt2"),
+        (["convert", "--hf", "{tmp}/broken", "--out", "{tmp}/o.ckpt"], "is not readable JSON"),
+        (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "model.swa_window=8"], "apply with --to hsa"),
+        (
+            ["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "trainer.max_steps=3"],
+            "model.* overrides only",
+        ),
+        (
+            ["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "model.swa_windw=8"],
+            "unknown config key 'model.swa_windw'",
+        ),
+        (
+            ["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "model.n_groups=3"],
+            "must equal the dense model's 4 layers",
+        ),
+        (["export", "--ckpt", "{tmp}/missing.ckpt", "--out", "{tmp}/hf"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "gpt2").mkdir()
@@ -120,4 +166,6 @@ def test_a_converted_folder_can_be_moved(qwen3_dir, tmp_path, capsys):
     assert cfg.init_from == str(moved.resolve() / "model.ckpt")
     assert cfg.data.tokenizer == str(moved.resolve() / "model.tokenizer.json")
     capsys.readouterr()
-    assert main(["generate", "--ckpt", str(moved / "model.ckpt"), "--prompt", "the quick", "--max-new-tokens", "2"]) == 0
+    assert (
+        main(["generate", "--ckpt", str(moved / "model.ckpt"), "--prompt", "the quick", "--max-new-tokens", "2"]) == 0
+    )

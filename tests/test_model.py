@@ -1,13 +1,12 @@
 import pytest
 import torch
 
-from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess  # before triton
-
 import lit_hsa.kernels.dispatch as dispatch  # noqa: E402
 import lit_hsa.kernels.hsa as hsa  # noqa: E402
-from lit_hsa.model.transformer import HSATransformer  # noqa: E402
 from lit_hsa.kernels.hsa import fusion_weights  # noqa: E402
+from lit_hsa.model.transformer import HSATransformer  # noqa: E402
 from tests.helpers import VARIANTS, VOCAB, tiny  # noqa: E402
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess  # before triton
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -71,7 +70,9 @@ def test_fusion_weights():
     assert w[0, 2] == 0 and torch.all(w[1] == 0)
     w = fusion_weights(s, "stick_breaking")
     sig = torch.sigmoid
-    torch.testing.assert_close(w[0, :2], torch.stack([sig(torch.tensor(1.0)), sig(torch.tensor(0.0)) * sig(torch.tensor(-1.0))]))
+    torch.testing.assert_close(
+        w[0, :2], torch.stack([sig(torch.tensor(1.0)), sig(torch.tensor(0.0)) * sig(torch.tensor(-1.0))])
+    )
     assert w[0, 2] == 0 and torch.all(w[1] == 0)
 
 
@@ -84,6 +85,7 @@ def test_first_chunk_rows_get_zero_hsa_and_finite_grads(n_chunks):
     S = model.cfg.chunk_size
     outputs = []
     for block in model.hsa_blocks():
+
         def spy(*args, real=block.hsa_output, **kwargs):
             o = real(*args, **kwargs)
             o.retain_grad()
@@ -104,8 +106,14 @@ def test_first_chunk_rows_get_zero_hsa_and_finite_grads(n_chunks):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("backend,strategy", [("reference", None), pytest.param("triton", "chunk", marks=kernel_test),
-                                              pytest.param("triton", "query", marks=kernel_test)])
+@pytest.mark.parametrize(
+    "backend,strategy",
+    [
+        ("reference", None),
+        pytest.param("triton", "chunk", marks=kernel_test),
+        pytest.param("triton", "query", marks=kernel_test),
+    ],
+)
 def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend, strategy, monkeypatch):
     """``kernels.hsa.hsa_attention`` with all indices −1 (rows that select no chunk) and nonzero weights: output
     exactly 0 and gradients 0 (the output does not depend on the inputs), never NaN; reference and Triton kernel
@@ -116,8 +124,9 @@ def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend
 
         calls = []
         kernel = triton_attention.hsa_attention_triton
-        monkeypatch.setattr(triton_attention, "hsa_attention_triton",
-                            lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
+        monkeypatch.setattr(
+            triton_attention, "hsa_attention_triton", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
+        )
         monkeypatch.setitem(triton_attention.CONFIG, "strategy", strategy)
     monkeypatch.setattr(dispatch, "_backend", backend)
     device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"

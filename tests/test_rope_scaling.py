@@ -2,20 +2,21 @@
 without transformers: config validation and YAML, the scaled RoPE tables' properties, and every decoding path (eager
 caches, static caches, greedy generation, the fused Triton step under the interpreter) equal to the full forward
 with scaling and biases on. Comparison with transformers' own tables and models: ``tests/test_hf_import.py``."""
+
 import math
 
 import pytest
 import torch
 
-from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess
-
 from lit_hsa.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from lit_hsa.model.attention import Rotary, rope_frequencies  # noqa: E402
 from tests.helpers import VOCAB, tiny  # noqa: E402
+from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_module_in_subprocess
 
 LINEAR = dict(rope_type="linear", factor=2.0)
-LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-              original_max_position_embeddings=16)
+LLAMA3 = dict(
+    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8)
 SCALINGS = {"linear": LINEAR, "llama3": LLAMA3, "yarn": YARN}
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # Triton kernels: the GPU, else the interpreter on CPU
@@ -45,26 +46,40 @@ def test_rope_scaling_from_yaml_override_and_file(tmp_path):
     cfg = load_config(None, ["model.rope_scaling={rope_type: linear, factor: 2.0}", "model.qkv_bias=true"])
     assert cfg.model.rope_scaling == LINEAR and isinstance(cfg.model.rope_scaling, dict) and cfg.model.qkv_bias
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  rope_scaling:\n    rope_type: yarn\n    factor: 4\n"
-                    "    original_max_position_embeddings: 8\n    truncate: false\n  attn_out_bias: true\n")
+    path.write_text(
+        "model:\n  rope_scaling:\n    rope_type: yarn\n    factor: 4\n"
+        "    original_max_position_embeddings: 8\n    truncate: false\n  attn_out_bias: true\n"
+    )
     cfg = load_config(str(path))
     assert cfg.model.rope_scaling == {**YARN, "factor": 4, "truncate": False} and cfg.model.attn_out_bias
     assert load_config(str(path), ["model.rope_scaling=null"]).model.rope_scaling is None
 
 
-@pytest.mark.parametrize("scaling,message", [
-    (dict(rope_type="dynamic", factor=2.0), "rope_type: 'dynamic' is not supported; supported: linear, llama3, yarn"),
-    (dict(factor=2.0), "rope_type: None is not supported"),
-    (dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, original_max_position_embeddings=16),
-     "model.rope_scaling.high_freq_factor is required for rope_type llama3"),
-    (dict(rope_type="linear", factor=2.0, beta_fast=3),
-     "model.rope_scaling.beta_fast: unknown key for rope_type linear"),
-    (dict(rope_type="linear", factor="two"), "model.rope_scaling.factor must be a number, got 'two'"),
-    (dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=8, truncate=1),
-     "model.rope_scaling.truncate must be a bool"),
-    (dict(rope_type="linear", factor=0.0), "factor must be > 0"),
-    ({**LLAMA3, "high_freq_factor": 1.0}, r"high_freq_factor \(1.0\) must be greater than low_freq_factor"),
-])
+@pytest.mark.parametrize(
+    "scaling,message",
+    [
+        (
+            dict(rope_type="dynamic", factor=2.0),
+            "rope_type: 'dynamic' is not supported; supported: linear, llama3, yarn",
+        ),
+        (dict(factor=2.0), "rope_type: None is not supported"),
+        (
+            dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, original_max_position_embeddings=16),
+            "model.rope_scaling.high_freq_factor is required for rope_type llama3",
+        ),
+        (
+            dict(rope_type="linear", factor=2.0, beta_fast=3),
+            "model.rope_scaling.beta_fast: unknown key for rope_type linear",
+        ),
+        (dict(rope_type="linear", factor="two"), "model.rope_scaling.factor must be a number, got 'two'"),
+        (
+            dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=8, truncate=1),
+            "model.rope_scaling.truncate must be a bool",
+        ),
+        (dict(rope_type="linear", factor=0.0), "factor must be > 0"),
+        ({**LLAMA3, "high_freq_factor": 1.0}, r"high_freq_factor \(1.0\) must be greater than low_freq_factor"),
+    ],
+)
 def test_bad_rope_scaling_is_one_line(scaling, message):
     with pytest.raises(ConfigError, match=message) as e:
         ModelConfig(rope_scaling=scaling).validate()
@@ -156,7 +171,7 @@ def test_decoding_equals_full_forward_with_scaling_and_biases(case):
         ref = model(x)
         state, outs = DecodeState(), []
         for seg in (5, 1, 1, 9, 3, 16, 10):
-            outs.append(decode_forward(model, x[:, state.pos: state.pos + seg], state))
+            outs.append(decode_forward(model, x[:, state.pos : state.pos + seg], state))
         torch.testing.assert_close(torch.cat(outs, dim=1), ref, atol=1e-5, rtol=1e-5)
         _, state = prefill(model, x[:, :13], segment_size=5)
     decoder = GraphDecoder(model, state, max_len=45)
@@ -178,8 +193,9 @@ def test_fused_static_decoding_uses_the_scaled_tables(monkeypatch):
     calls = []
     original = fused_step.block_step
     monkeypatch.setattr(fused_step, "block_step", lambda *a: calls.append(a[0]) or original(*a))
-    cfg = tiny(attention="full", n_lower_layers=1, swa_layers_per_group=0, head_dim=16, first_dense_layers=2,
-               rope_scaling=YARN)
+    cfg = tiny(
+        attention="full", n_lower_layers=1, swa_layers_per_group=0, head_dim=16, first_dense_layers=2, rope_scaling=YARN
+    )
     model = HSATransformer(cfg).to(DEV).eval()
     x = torch.randint(0, VOCAB, (1, 17), device=DEV)
     outs, ref = static_decode_with_triton(model, x, 13)

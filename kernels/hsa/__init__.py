@@ -9,12 +9,19 @@ e.g. to compare training runs).
 The Triton modules are imported lazily, on first use: ``triton.jit`` decides at import time whether kernels are
 compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set that variable first.
 """
+
 from __future__ import annotations
 
 import torch
 
-from ..dispatch import (get_backend, hsa_attention_uses_kernel, select_chunks_uses_kernel, set_backend,
-                        static_step_uses_references, use_fast_paths)
+from ..dispatch import (
+    get_backend,
+    hsa_attention_uses_kernel,
+    select_chunks_uses_kernel,
+    set_backend,
+    static_step_uses_references,
+    use_fast_paths,
+)
 from .reference import fusion_weights, hsa_attention_reference, select_chunks_reference
 
 __all__ = [

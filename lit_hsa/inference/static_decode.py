@@ -15,6 +15,7 @@ lives on the device, so a step has the same shapes and addresses every time:
 The prompt is prefilled with the ordinary ``DecodeState`` (segments, any length); ``StaticDecodeState`` takes its
 caches over. A step that completes a chunk also runs the chunk encoder, so ``GraphDecoder`` keeps two graphs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,11 +24,10 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from lit_hsa.inference import fused_step
+from lit_hsa.inference.decode import CacheMask, DecodeState, KVCache, decode_forward, uncompiled
 from lit_hsa.kernels.decode import SPLIT_KEYS, ring_slot_and_mask, write_and_attend
 from lit_hsa.kernels.dispatch import fused_blocks_apply, use_ring_kernel
-
-from lit_hsa.inference.decode import CacheMask, DecodeState, KVCache, decode_forward, uncompiled
-from lit_hsa.inference import fused_step
 from lit_hsa.model.hsa import HSABlock, Memory
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.model.units import apply_compile, is_compiled
@@ -119,11 +119,13 @@ class StaticKVCache:
 
     @torch.compiler.disable
     def block_step(self, block: nn.Module, h: torch.Tensor, ctx, memory: Memory | None = None) -> torch.Tensor:
-        """A block's whole step (dense or HSA), h [B, 1, d] → [B, 1, d], in fused kernels (``lit_hsa.inference.fused_step``)."""
+        """A block's whole step (dense or HSA), h [B, 1, d] → [B, 1, d], in fused kernels
+        (``lit_hsa.inference.fused_step``)."""
         return fused_step.block_step(block, h, ctx, self, memory)
 
-    def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
-                           residual: torch.Tensor, rope=None) -> torch.Tensor:
+    def attend_and_project(
+        self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor, residual: torch.Tensor, rope=None
+    ) -> torch.Tensor:
         """residual [B, 1, d] + attend(q, k, v) · w_outᵀ → [B, 1, d]. Ring steps on the kernel merge the attention
         inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``). ``rope``
         (a ``kernels.decode.reference.HeadRope``; only where ``ring_kernel_applies``): q and k are raw projections
@@ -132,8 +134,9 @@ class StaticKVCache:
         if self.ring_kernel_applies(window, q, q.shape[-1]):
             from lit_hsa.kernels.decode.triton_ring import ring_attention_out_proj
 
-            return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck),
-                                           rope=rope)
+            return ring_attention_out_proj(
+                q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck), rope=rope
+            )
         if rope is not None:
             raise ValueError("attend_and_project: raw q/k (rope) are for steps on the ring kernel only")
         from lit_hsa.kernels.decode.triton_block import gemv
@@ -194,15 +197,23 @@ class StaticKVCache:
 
 class StaticDecodeState:
     """Drop-in for ``DecodeState`` in ``decode_forward(model, tokens [B, 1], state)``, with the static caches of the
-    module docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most positions
-    (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose kernels
-    convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense and
+    module docstring. ``state``: a prefilled ``DecodeState`` (its caches are taken over); ``max_len``: the most
+    positions (prompt + generated) the caches will hold. ``fused_casts``: the step runs in compiled blocks, whose
+    kernels convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense and
     HSA blocks step in fused Triton kernels where the backend switch allows (``lit_hsa.inference.fused_step``)."""
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False,
-                 fuse_blocks: bool = False):
+    def __init__(
+        self,
+        model: HSATransformer,
+        state: DecodeState,
+        max_len: int,
+        fused_casts: bool = False,
+        fuse_blocks: bool = False,
+    ):
         if state.offload_memory:
-            raise ValueError("static decoding keeps the chunk memory on the accelerator: offload_memory is not supported")
+            raise ValueError(
+                "static decoding keeps the chunk memory on the accelerator: offload_memory is not supported"
+            )
         if state.pos == 0:
             raise ValueError("prefill the prompt before static decoding (the caches take their dtypes from it)")
         if max_len <= state.pos:
@@ -282,11 +293,18 @@ class GraphDecoder:
     (``lit_hsa.inference.fused_step``), whether or not the rest is compiled.
     """
 
-    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None,
-                 fuse_blocks: bool = True):
+    def __init__(
+        self,
+        model: HSATransformer,
+        state: DecodeState,
+        max_len: int,
+        compile: str | None = None,
+        fuse_blocks: bool = True,
+    ):
         self.model = model
-        self.state = StaticDecodeState(model, state, max_len, fused_casts=compile == "inductor",
-                                       fuse_blocks=fuse_blocks)
+        self.state = StaticDecodeState(
+            model, state, max_len, fused_casts=compile == "inductor", fuse_blocks=fuse_blocks
+        )
         self.compile = compile
         if compile is not None:
             if not is_compiled(model):  # compiling again would pile up dynamo cache entries for the same blocks
@@ -337,5 +355,9 @@ class GraphDecoder:
         """The caller's autocast without its weight cache (see the class docstring); nothing without graphs."""
         if not self.use_graphs:
             return nullcontext()
-        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                              cache_enabled=False)
+        return torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )

@@ -11,6 +11,7 @@
   with ``Preempted``, which ``main.py`` turns into exit code 143; ``ckpt_path=…/last.ckpt`` resumes it, validation
   of that step included.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ from lit_hsa.checkpoint_io import (  # noqa: F401 (re-exported: the writer Light
     write_atomically,
 )
 from lit_hsa.config import ConfigError
+
 
 class Preempted(Exception):
     """The run stopped on SIGTERM / SIGUSR1 after saving ``path`` at optimizer step ``step``."""
@@ -92,8 +94,10 @@ class RunFolderLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise ConfigError(f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
-                              "time; wait for it, or give this run another trainer.run_name") from None
+            raise ConfigError(
+                f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
+                "time; wait for it, or give this run another trainer.run_name"
+            ) from None
         except OSError:  # a filesystem without locks (some network mounts): run unlocked, as before
             f.close()
             return self

@@ -1,5 +1,5 @@
-"""Every kernel-or-reference decision of lit-hsa, with the thresholds behind them: one place (``tests/test_dispatch.py``
-has a test per branch). Callers ask here and never decide themselves.
+"""Every kernel-or-reference decision of lit-hsa, with the thresholds behind them: one place
+(``tests/kernels/test_dispatch.py`` has a test per branch). Callers ask here and never decide themselves.
 
 The backend switch (``HSA_BACKEND`` in the environment, or ``set_backend``) governs the HSA and decoding ops:
 ``auto`` sends ops on CUDA tensors to the Triton kernels (when Triton is installed), ``triton`` sends them there on any

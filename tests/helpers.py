@@ -133,7 +133,7 @@ SCALE_TOLERANCE = 0.05
 
 def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     """Finite, and max |got − want| within ``SCALE_TOLERANCE`` (5%) of want's scale (max |want|): bf16 results
-    against fp32 ones (``tests/test_precision.py`` says why 5%)."""
+    against fp32 ones (``tests/model/test_precision.py`` says why 5%)."""
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     scale = want.abs().max().clamp_min(1e-6)
     err = (got.float() - want.float()).abs().max()

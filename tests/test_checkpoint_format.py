@@ -1,6 +1,7 @@
 """One weights format (``checkpoint_io.save_weights``), written by every tool and read by one loader; files written
-before it (``tests/data/checkpoints_da1192d``: an experiment's phase end and trained weights, a ``fit`` checkpoint, a
-converted model, all written by the code at commit da1192d) still load, to the logits they gave then."""
+before it (``tests/fixtures/checkpoints_da1192d``: an experiment's phase end and trained weights, a ``fit``
+checkpoint, a converted model, all written by the code at commit da1192d) still load, to the logits they gave
+then."""
 
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,7 @@ from lit_hsa.config import ConfigError, ModelConfig
 from lit_hsa.experiment import completed_phase, load_trained
 from lit_hsa.model.transformer import HSATransformer
 
-OLD = Path(__file__).parent / "data" / "checkpoints_da1192d"
+OLD = Path(__file__).parent / "fixtures" / "checkpoints_da1192d"
 EXPECTED = torch.load(OLD / "expected_logits.pt", weights_only=True)
 
 

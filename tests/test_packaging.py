@@ -59,7 +59,7 @@ def test_our_modules_are_loaded_once_under_lit_hsa_kernels():
 def kernel_imports() -> set[str]:
     """Every ``from lit_hsa.kernels... import`` module named in the project's code."""
     found = set()
-    for path in [*ROOT.glob("lit_hsa/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/*.py")]:
+    for path in [*ROOT.glob("lit_hsa/**/*.py"), *ROOT.glob("benchmarks/*.py"), *ROOT.glob("tests/**/*.py")]:
         if "kernels" in path.relative_to(ROOT).parts[:2]:
             continue
         for line in path.read_text().splitlines():

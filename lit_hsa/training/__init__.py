@@ -1,2 +1,2 @@
-"""Training: the LightningModule (``module``), callbacks, parallelism (activation checkpointing → compile → FSDP2,
+"""Training: the LightningModule (``module``), callbacks, parallelism (compile → activation checkpointing → FSDP2,
 ``parallel``), FLOPs for MFU, and run assembly from a config (``run``)."""

@@ -1,4 +1,4 @@
-"""Spec-level tests (issue #22): one HSA group re-implemented from docs/hsa-spec.md, compared with lit_hsa.model.
+"""Spec-level tests (issue #22): one HSA group re-implemented from docs/spec.md, compared with lit_hsa.model.
 
 The reference below is written from the spec with plain loops and einsum: its own RMSNorm, RoPE, softmax, top-k,
 attention, chunk encoder, retrieval, fusion and HSA operator. It reads only the model's *weights* (state_dict, by

@@ -20,8 +20,8 @@ from tests.helpers import (  # noqa: E402
     run_dir,
     tiny,  # noqa: E402
 )
-from tests.test_hf_export import random_model, write_ckpt  # noqa: E402
-from tests.test_hf_import import save_hf  # noqa: E402
+from tests.interop.test_hf_export import random_model, write_ckpt  # noqa: E402
+from tests.interop.test_hf_import import save_hf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

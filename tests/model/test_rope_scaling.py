@@ -1,7 +1,7 @@
 """The model options Hugging Face imports need (``model.rope_scaling``, ``model.qkv_bias``, ``model.attn_out_bias``),
 without transformers: config validation and YAML, the scaled RoPE tables' properties, and every decoding path (eager
 caches, static caches, greedy generation, the fused Triton step under the interpreter) equal to the full forward
-with scaling and biases on. Comparison with transformers' own tables and models: ``tests/test_hf_import.py``."""
+with scaling and biases on. Comparison with transformers' own tables and models: ``tests/interop/test_hf_import.py``."""
 
 import math
 

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import lit_hsa.kernels.hsa as hsa  # noqa: E402
 from lit_hsa.kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from lit_hsa.kernels.hsa.triton_attention import CONFIG, build_plan, hsa_attention_triton  # noqa: E402
 from lit_hsa.kernels.hsa.triton_select import select_chunks_fast  # noqa: E402
-from tests.helpers import rel_err  # noqa: E402
+from tests.helpers import ROOT, rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -222,7 +221,7 @@ def test_cpu_kernels_in_subprocess():
 def test_kernels_compile_for_sm90():
     """The interpreter runs kernels as Python; compiling them for an H100 also checks what only the compiler sees."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parent / "_compile_kernels_sm90.py"
+    script = ROOT / "tests" / "_compile_kernels_sm90.py"
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     if proc.returncode == 77:
         pytest.skip(proc.stdout.strip())

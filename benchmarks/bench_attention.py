@@ -13,7 +13,6 @@ chunk selection is timed in its own rows (``select``). SDPA is
 skipped past 128K (quadratic). Out-of-memory is recorded as ``"oom"``. The table gives ratios against SDPA and
 flex SWA-512 from the same run. ``--merge a.json b.json`` combines partial runs into one JSON/markdown.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -293,11 +292,7 @@ def device_meta() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": today(),
-        "B": 1,
-        "Hq": HQ,
-        "D": D,
-        "chunk": S,
-        "dtype": "bf16",
+        "B": 1, "Hq": HQ, "D": D, "chunk": S, "dtype": "bf16",
     }
 
 
@@ -336,39 +331,19 @@ def run(args) -> dict:
                         emit({**base, "method": "hsa_triton", "topk": K, "layout": layout, "status": "oom"})
                         continue
                     if "hsa" in methods:
-                        emit(
-                            {
-                                **base,
-                                "method": "hsa_triton",
-                                "topk": K,
-                                "layout": layout,
-                                **bench_hsa(q, k, v, do, idx, w, budget, args.profile),
-                            }
-                        )
+                        emit({**base, "method": "hsa_triton", "topk": K, "layout": layout,
+                              **bench_hsa(q, k, v, do, idx, w, budget, args.profile)})
                     if "nsa" in methods:
-                        emit(
-                            {
-                                **base,
-                                "method": "fla_nsa",
-                                "topk": K,
-                                "layout": layout,
-                                **bench_nsa(q, k, v, do, idx, budget),
-                            }
-                        )
+                        emit({**base, "method": "fla_nsa", "topk": K, "layout": layout,
+                              **bench_nsa(q, k, v, do, idx, budget)})
                     del idx, w
                     gc.collect()
                     torch.cuda.empty_cache()
                 if "select" in methods:
                     emit({**base, "method": "select_chunks", "topk": K, **bench_select(T, Hkv, K, budget)})
                 if "select_ref" in methods and T <= args.select_ref_max_t:
-                    emit(
-                        {
-                            **base,
-                            "method": "select_chunks_reference",
-                            "topk": K,
-                            **bench_select(T, Hkv, K, budget, reference=True),
-                        }
-                    )
+                    emit({**base, "method": "select_chunks_reference", "topk": K,
+                          **bench_select(T, Hkv, K, budget, reference=True)})
             del q, k, v, do
             gc.collect()
             torch.cuda.empty_cache()
@@ -424,10 +399,8 @@ def markdown(res: dict) -> str:
                 "|---|---|---|---|---|---|---|---|---|---|",
             ]
             for T in Ts:
-                hr, hl = (
-                    get("hsa_triton", T, Hkv, topk=K, layout="random"),
-                    get("hsa_triton", T, Hkv, topk=K, layout="locality"),
-                )
+                hr, hl = get("hsa_triton", T, Hkv, topk=K, layout="random"), get("hsa_triton", T, Hkv, topk=K,
+                                                                                   layout="locality")
                 sd, f5, f4 = get("sdpa_causal", T, Hkv), get("flex_swa512", T, Hkv), get("flex_swa4096", T, Hkv)
 
                 def ratio(a, b, inv=False):
@@ -446,32 +419,21 @@ def markdown(res: dict) -> str:
             lines.append("")
     sel = [r for r in rows if r["method"].startswith("select_chunks")]
     if sel:
-        lines += [
-            "## Chunk selection (`select_chunks`, Dr=128, bf16 inputs)",
-            "",
-            "| T | Hkv | top-k | path | fwd / fwd+bwd ms | peak GiB |",
-            "|---|---|---|---|---|---|",
-        ]
+        lines += ["## Chunk selection (`select_chunks`, Dr=128, bf16 inputs)", "",
+                  "| T | Hkv | top-k | path | fwd / fwd+bwd ms | peak GiB |", "|---|---|---|---|---|---|"]
         for r in sorted(sel, key=lambda r: (r["Hkv"], r["topk"], r["T"], r["method"])):
             path = "reference (block 1024)" if r["method"].endswith("reference") else "fast (GPU)"
-            lines.append(
-                f"| {_t_label(r['T'])} | {r['Hkv']} | {r['topk']} | {path} | {pair(r)} | "
-                f"{_fmt(r.get('peak_gib')) if r.get('status') == 'ok' else '—'} |"
-            )
+            lines.append(f"| {_t_label(r['T'])} | {r['Hkv']} | {r['topk']} | {path} | {pair(r)} | "
+                         f"{_fmt(r.get('peak_gib')) if r.get('status') == 'ok' else '—'} |")
         lines.append("")
     parts = [r for r in rows if r["method"] == "hsa_triton" and r.get("fwd_kernel_ms") is not None]
     if parts:
-        lines += [
-            "## HSA time split (prep = sorts of the indices + strategy choice; bwd = fwd+bwd − fwd)",
-            "",
-            "| T | Hkv | top-k | layout | strategy | prep | fwd kernel | bwd |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
+        lines += ["## HSA time split (prep = sorts of the indices + strategy choice; bwd = fwd+bwd − fwd)", "",
+                  "| T | Hkv | top-k | layout | strategy | prep | fwd kernel | bwd |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(parts, key=lambda r: (r["Hkv"], r["topk"], r["layout"], r["T"])):
-            lines.append(
-                f"| {_t_label(r['T'])} | {r['Hkv']} | {r['topk']} | {r['layout']} | {r['strategy']} | "
-                f"{_fmt(r['prep_ms'])} | {_fmt(r['fwd_kernel_ms'])} | {_fmt(r['fwdbwd_ms'] - r['fwd_ms'])} |"
-            )
+            lines.append(f"| {_t_label(r['T'])} | {r['Hkv']} | {r['topk']} | {r['layout']} | {r['strategy']} | "
+                         f"{_fmt(r['prep_ms'])} | {_fmt(r['fwd_kernel_ms'])} | {_fmt(r['fwdbwd_ms'] - r['fwd_ms'])} |")
         lines.append("")
     nsa = [r for r in rows if r["method"] == "fla_nsa"]
     if nsa:
@@ -484,36 +446,20 @@ def tune(args) -> None:
     from lit_hsa.kernels.hsa import triton_attention as ta
 
     V = []  # (pass, strategy, CONFIG overrides)
-    V += [
-        ("fwd", "chunk", {"fwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
-        for r, sr, w, st in ((64, 512, 4, 1), (64, 256, 4, 1), (64, 1024, 4, 1), (32, 512, 4, 1), (128, 512, 8, 1))
-    ]
-    V += [
-        ("fwd", "query", {"fwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
-        for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))
-    ]
-    V += [
-        ("bwd", "chunk", {"bwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
-        for r, sr, w, st in (
-            (64, 1024, 4, 2),
-            (64, 2048, 4, 2),
-            (64, 512, 4, 2),
-            (64, 1024, 4, 3),
-            (64, 1024, 8, 2),
-            (128, 2048, 8, 2),
-        )
-    ]
-    V += [
-        ("bwd", "query", {"bwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
-        for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))
-    ]
-    V += [
-        ("fwd", "chunk", {"reduce": dict(rows=r, num_warps=w, num_stages=st)})
-        for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2), (32, 2, 2))
-    ]
+    V += [("fwd", "chunk", {"fwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
+          for r, sr, w, st in ((64, 512, 4, 1), (64, 256, 4, 1), (64, 1024, 4, 1), (32, 512, 4, 1), (128, 512, 8, 1))]
+    V += [("fwd", "query", {"fwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    V += [("bwd", "chunk", {"bwd": dict(rows=r, seg_rows=sr, num_warps=w, num_stages=st)})
+          for r, sr, w, st in ((64, 1024, 4, 2), (64, 2048, 4, 2), (64, 512, 4, 2), (64, 1024, 4, 3),
+                               (64, 1024, 8, 2), (128, 2048, 8, 2))]
+    V += [("bwd", "query", {"bwd_qm": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2))]
+    V += [("fwd", "chunk", {"reduce": dict(rows=r, num_warps=w, num_stages=st)})
+          for r, w, st in ((64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2), (32, 2, 2))]
     # chunk-major partial buffer size (token slabs): more slabs = less memory, more K/V loads and items
     V += [(pas, "chunk", {"partial_budget": x}) for pas in ("fwd", "bwd") for x in (0.25, 0.5, 1.0, 2.0, 4.0)]
-    default = {key: (dict(val) if isinstance(val, dict) else val) for key, val in ta.CONFIG.items()}
+    default = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ta.CONFIG.items()}
     T = args.T[0] if args.T else 131072
     scale = 1 / math.sqrt(D)
     for Hkv in args.hkv:
@@ -538,22 +484,8 @@ def tune(args) -> None:
                     except Exception as exc:
                         ms = f"error {type(exc).__name__}: {str(exc)[:160]}"
                     ta.CONFIG.update({key: default[key] for key in cfg})
-                    print(
-                        json.dumps(
-                            {
-                                "tune": pas,
-                                "strategy": strategy,
-                                "T": T,
-                                "Hkv": Hkv,
-                                "topk": K,
-                                "layout": layout,
-                                "auto": auto,
-                                **cfg,
-                                "ms": ms,
-                            }
-                        ),
-                        flush=True,
-                    )
+                    print(json.dumps({"tune": pas, "strategy": strategy, "T": T, "Hkv": Hkv, "topk": K,
+                                      "layout": layout, "auto": auto, **cfg, "ms": ms}), flush=True)
                 del plan, idx, w
                 torch.cuda.empty_cache()
         del q, do, k, v
@@ -574,11 +506,8 @@ def main(argv=None):
     ap.add_argument("--select-ref-max-t", type=int, default=131072)
     ap.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per measurement")
     ap.add_argument("--merge", nargs="+", help="combine these JSON files (later rows win) instead of running")
-    ap.add_argument(
-        "--tune",
-        action="store_true",
-        help="time strategy/tile variants of the kernels alone at the first --T (default 128K)",
-    )
+    ap.add_argument("--tune", action="store_true",
+                    help="time strategy/tile variants of the kernels alone at the first --T (default 128K)")
     args = ap.parse_args(argv)
     if args.tune:
         return tune(args)

@@ -7,7 +7,6 @@ tokenizer and for a byte-level BPE `tokenizer.json` trained here on the embedded
 ``--single-file-mb N`` adds a corpus of one N-MB single-line text file (read in pieces, never whole): tokens/s and
 the peak resident memory of the process that streams it, in a fresh interpreter per tokenizer.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -33,11 +32,8 @@ def train_bpe(path: Path, vocab_size: int = 8192, n_files: int = 400) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([str(p) for p in stdlib_files()[:n_files]], trainer)
     tok.save(str(path))
 
@@ -51,14 +47,8 @@ def measure(tokenizer: str, workers: int, seq_len: int, batch_size: int, target_
     while tokens < target_tokens:
         tokens += next(it)["input_ids"].numel()
     elapsed = time.perf_counter() - start
-    return {
-        "tokenizer": Path(tokenizer).name,
-        "workers": workers,
-        "seq_len": seq_len,
-        "tokens": tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(tokens / elapsed),
-    }
+    return {"tokenizer": Path(tokenizer).name, "workers": workers, "seq_len": seq_len, "tokens": tokens,
+            "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed)}
 
 
 SINGLE_FILE_RUN = """
@@ -92,23 +82,12 @@ def single_file(folder: Path, size_mb: int) -> Path:
 
 
 def measure_single_file(path: Path, tokenizer: str, seq_len: int, batch_size: int, target_tokens: int) -> dict:
-    code = SINGLE_FILE_RUN.format(
-        root=str(Path(__file__).resolve().parents[1]),
-        path=str(path),
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        target=target_tokens,
-    )
+    code = SINGLE_FILE_RUN.format(root=str(Path(__file__).resolve().parents[1]), path=str(path), tokenizer=tokenizer,
+                                  seq_len=seq_len, batch_size=batch_size, target=target_tokens)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
-    return {
-        "corpus": f"one {path.stat().st_size / 2**20:.0f} MB line",
-        "tokenizer": Path(tokenizer).name,
-        "workers": 0,
-        "seq_len": seq_len,
-        **row,
-    }
+    return {"corpus": f"one {path.stat().st_size / 2**20:.0f} MB line", "tokenizer": Path(tokenizer).name,
+            "workers": 0, "seq_len": seq_len, **row}
 
 
 def main() -> None:
@@ -133,21 +112,14 @@ def main() -> None:
             for tokenizer in ("byte", str(bpe)):
                 rows.append(measure_single_file(path, tokenizer, args.seq_len, args.batch_size, args.tokens // 4))
 
-    print(
-        "\n| corpus | tokenizer | workers | seq_len | tokens | seconds | tokens/s | peak memory |\n"
-        "|---|---|---|---|---|---|---|---|"
-    )
+    print("\n| corpus | tokenizer | workers | seq_len | tokens | seconds | tokens/s | peak memory |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_rss_mb']:,} MB" if "peak_rss_mb" in r else "—"
-        print(
-            f"| {r.get('corpus', 'stdlib')} | {r['tokenizer']} | {r['workers']} | {r['seq_len']} | "
-            f"{r['tokens']:,} | {r['seconds']} | {r['tokens_per_s'] / 1e6:.2f}M | {peak} |"
-        )
-    result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "rows": rows,
-    }
+        print(f"| {r.get('corpus', 'stdlib')} | {r['tokenizer']} | {r['workers']} | {r['seq_len']} | "
+              f"{r['tokens']:,} | {r['seconds']} | {r['tokens_per_s'] / 1e6:.2f}M | {peak} |")
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+              "rows": rows}
     if args.out:
         write_result(args.out, result)
 

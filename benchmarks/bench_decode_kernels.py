@@ -11,7 +11,6 @@
 
     python benchmarks/bench_decode_kernels.py [--calls 50] [--parts ring,topk,blocks] [--out f.json]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -29,12 +28,8 @@ from lit_hsa.kernels.hsa.reference import topk_last_dim
 from lit_hsa.model.transformer import Block
 
 # (name, query heads, KV heads, head dim, window)
-RING_SHAPES = [
-    ("small SWA", 10, 2, 64, 512),
-    ("dense-0.5b SWA", 16, 4, 64, 4096),
-    ("moe-8b SWA", 16, 4, 128, 4096),
-    ("moe-8b HSA sub-layer", 16, 4, 128, 512),
-]
+RING_SHAPES = [("small SWA", 10, 2, 64, 512), ("dense-0.5b SWA", 16, 4, 64, 4096),
+               ("moe-8b SWA", 16, 4, 128, 4096), ("moe-8b HSA sub-layer", 16, 4, 128, 512)]
 BLOCK_KEYS = (64, 128)  # the kernel's default is 128
 TOPK_CHUNKS = [16_384, 65_536, 262_144]  # 1M, 4M, 16M cached tokens in chunks of 64
 
@@ -50,9 +45,8 @@ def ring_rows(calls: int) -> list[dict]:
         locks = torch.zeros(Hkv, dtype=torch.int32, device=dev)
         row = {"shape": name, "Hq": Hq, "Hkv": Hkv, "D": D, "W": W}
         for block_keys in BLOCK_KEYS:
-            row[f"triton_bw{block_keys}_us"] = round(
-                graph_us(lambda: ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys=block_keys), calls), 2
-            )
+            row[f"triton_bw{block_keys}_us"] = round(graph_us(
+                lambda: ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys=block_keys), calls), 2)
         row["reference_eager_us"] = round(graph_us(lambda: ring_attention_reference(q, k, v, ck, cv, pos), calls), 2)
         row["reference_compiled_us"] = round(graph_us(lambda: compiled(q, k, v, ck, cv, pos), calls), 2)
         rows.append(row)
@@ -64,12 +58,9 @@ def topk_rows(calls: int, k: int = 32) -> list[dict]:
     rows = []
     for C in TOPK_CHUNKS:
         s = torch.randn(1, 1, 1, C, device="cuda")
-        row = {
-            "chunks": C,
-            "k": k,
-            "torch_topk_us": round(graph_us(lambda: s.topk(k, dim=-1), calls), 2),
-            "staged_us": round(graph_us(lambda: topk_last_dim(s, k), calls), 2),
-        }
+        row = {"chunks": C, "k": k,
+               "torch_topk_us": round(graph_us(lambda: s.topk(k, dim=-1), calls), 2),
+               "staged_us": round(graph_us(lambda: topk_last_dim(s, k), calls), 2)}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -101,11 +92,8 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
         cos, sin = angle.cos(), angle.sin()
         row = {"preset": preset, "d_model": cfg.d_model, "ffn_hidden": cfg.ffn_hidden}
         ops = {
-            "attention_inputs": (
-                lambda b, h, cos, sin: fused_step.attention_inputs(b.attn_norm, b.attn, h, cos, sin),
-                _attention_inputs,
-                (cos, sin),
-            ),
+            "attention_inputs": (lambda b, h, cos, sin: fused_step.attention_inputs(b.attn_norm, b.attn, h, cos, sin),
+                                 _attention_inputs, (cos, sin)),
             "feed_forward": (fused_step.feed_forward, _feed_forward, ()),
         }
         with torch.no_grad():
@@ -116,7 +104,8 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
                 row[f"{name}_compiled_us"] = round(graph_us(lambda: compiled(next(layer), h, *extra), calls), 2)
             Hq, Hkv, D, W = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.swa_window
             q, k, v = (torch.randn(1, 1, n, D, device="cuda", dtype=torch.bfloat16) for n in (Hq, Hkv, Hkv))
-            rings = [[torch.randn(1, Hkv, W, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)] for _ in blocks]
+            rings = [[torch.randn(1, Hkv, W, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                     for _ in blocks]
             ring = itertools.cycle(zip(blocks, rings))
             locks = torch.zeros(Hkv, dtype=torch.int32, device="cuda")
 
@@ -137,12 +126,8 @@ def block_rows(calls: int, copies: int = 8) -> list[dict]:
                 block, (ck, cv) = next(ring)
                 return ring_attention_out_proj(q, k, v, ck, cv, pos, block.attn.o_proj.weight, h, block_keys=64)
 
-            for name, fn in (
-                ("merged_in_projection", fused_ring),
-                ("merged_in_projection_bw64", fused_ring_bw64),
-                ("then_gemv", ring_then_gemv),
-                ("then_linear", ring_then_linear),
-            ):
+            for name, fn in (("merged_in_projection", fused_ring), ("merged_in_projection_bw64", fused_ring_bw64),
+                             ("then_gemv", ring_then_gemv), ("then_linear", ring_then_linear)):
                 row[f"ring_out_proj_{name}_us"] = round(graph_us(fn, calls), 2)
         rows.append(row)
         print(row, flush=True)
@@ -163,18 +148,13 @@ def main() -> None:
     blocks = block_rows(args.calls) if "blocks" in parts else []
     gpu = gpu_name()
     print(f"\nSliding-window decoding step on {gpu}, bf16, batch 1, µs per call (CUDA graph replay)")
-    print(
-        "| shape | Hq/Hkv | D | W | "
-        + " | ".join(f"Triton BW={bw}" for bw in BLOCK_KEYS)
-        + " | reference eager | reference compiled |"
-    )
+    print("| shape | Hq/Hkv | D | W | " + " | ".join(f"Triton BW={bw}" for bw in BLOCK_KEYS)
+          + " | reference eager | reference compiled |")
     print("|---" * (6 + len(BLOCK_KEYS)) + "|")
     for r in ring:
         triton_us = " | ".join(str(r[f"triton_bw{bw}_us"]) for bw in BLOCK_KEYS)
-        print(
-            f"| {r['shape']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['W']} | {triton_us} | "
-            f"{r['reference_eager_us']} | {r['reference_compiled_us']} |"
-        )
+        print(f"| {r['shape']} | {r['Hq']}/{r['Hkv']} | {r['D']} | {r['W']} | {triton_us} | "
+              f"{r['reference_eager_us']} | {r['reference_compiled_us']} |")
     print("\nTop-32 of one row of chunk scores, µs per call")
     print("| chunks | torch.topk | staged |\n|---|---|---|")
     for r in topk:
@@ -183,21 +163,15 @@ def main() -> None:
     print("| preset | part | fused kernels | modules eager | modules compiled |\n|---|---|---|---|---|")
     for r in blocks:
         for part in ("attention_inputs", "feed_forward"):
-            print(
-                f"| {r['preset']} | {part.replace('_', ' ')} | {r[part + '_fused_us']} | {r[part + '_eager_us']} | "
-                f"{r[part + '_compiled_us']} |"
-            )
+            print(f"| {r['preset']} | {part.replace('_', ' ')} | {r[part + '_fused_us']} | {r[part + '_eager_us']} | "
+                  f"{r[part + '_compiled_us']} |")
     print("\nRing step + output projection + residual, µs per call")
-    print(
-        "| preset | merged in the projection (2 launches) | the same, key blocks of 64 | ring kernel, then gemv | "
-        "ring kernel, then nn.Linear |\n|---|---|---|---|---|"
-    )
+    print("| preset | merged in the projection (2 launches) | the same, key blocks of 64 | ring kernel, then gemv | "
+          "ring kernel, then nn.Linear |\n|---|---|---|---|---|")
     for r in blocks:
-        print(
-            f"| {r['preset']} | {r['ring_out_proj_merged_in_projection_us']} | "
-            f"{r['ring_out_proj_merged_in_projection_bw64_us']} | {r['ring_out_proj_then_gemv_us']} | "
-            f"{r['ring_out_proj_then_linear_us']} |"
-        )
+        print(f"| {r['preset']} | {r['ring_out_proj_merged_in_projection_us']} | "
+              f"{r['ring_out_proj_merged_in_projection_bw64_us']} | {r['ring_out_proj_then_gemv_us']} | "
+              f"{r['ring_out_proj_then_linear_us']} |")
     if args.out:
         write_result(args.out, {"gpu": gpu, "ring": ring, "topk": topk, "blocks": blocks})
 

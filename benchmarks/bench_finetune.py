@@ -6,7 +6,6 @@ Prints a markdown table and writes JSON.
     python benchmarks/bench_finetune.py [--preset dense-0.5b] [--lengths 8k,32k] [--targets attention,retrieval]
     python benchmarks/bench_finetune.py --preset tiny --lengths 256     # CPU smoke run (no memory figures)
 """
-
 from __future__ import annotations
 
 import argparse
@@ -22,9 +21,8 @@ from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.parallel import parallelize
 
 
-def finetune_steps(
-    cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup: int, steps: int, device: torch.device
-) -> dict:
+def finetune_steps(cfg: ModelConfig, T: int, lora: FinetuneConfig | None, warmup: int, steps: int,
+                   device: torch.device) -> dict:
     """``warmup`` untimed then ``steps`` timed optimizer steps on [1, T] random tokens; ``lora`` None = full
     fine-tuning. → tokens/s, peak GiB (CUDA), trainable parameters; ``{"oom": True}`` when memory runs out."""
     cuda = device.type == "cuda"
@@ -56,14 +54,8 @@ def finetune_steps(
         sync(device)
         elapsed = (time.perf_counter() - start) / steps
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
-        return {
-            "ok": True,
-            "tokens_per_s": round(T / elapsed),
-            "s_per_step": round(elapsed, 4),
-            "peak_gib": peak,
-            "trainable_params": trainable,
-            "loss": round(loss.item(), 3),
-        }
+        return {"ok": True, "tokens_per_s": round(T / elapsed), "s_per_step": round(elapsed, 4), "peak_gib": peak,
+                "trainable_params": trainable, "loss": round(loss.item(), 3)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
     finally:
@@ -80,10 +72,8 @@ def _cell(result: dict, key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| T | full tokens/s | LoRA tokens/s | full peak GiB | LoRA peak GiB | trainable full | trainable LoRA |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines = ["| T | full tokens/s | LoRA tokens/s | full peak GiB | LoRA peak GiB | trainable full | trainable LoRA |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         f, lo = r.get("full", {}), r.get("lora", {})
         cells = [_cell(x, key) for key in ("tokens_per_s", "peak_gib", "trainable_params") for x in (f, lo)]
@@ -98,12 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", default="attention,retrieval", help="LoRA module groups (finetune.lora_targets)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument(
-        "--base-dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="LoRA's frozen base matrices (finetune.lora_base_dtype)",
-    )
+    parser.add_argument("--base-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="LoRA's frozen base matrices (finetune.lora_base_dtype)")
     parser.add_argument("--methods", default="full,lora", help="which of full, lora to run (a large preset: lora)")
     # The first configuration of a process needed more than 2 untimed steps on an H100 (compilation, autotuning).
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
@@ -115,13 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     cfg = ModelConfig.from_name(args.preset)
     cfg = replace(cfg, vocab_size=cfg.vocab_size or 32000)
-    lora = FinetuneConfig(
-        method="lora",
-        lora_rank=args.rank,
-        lora_alpha=args.alpha,
-        lora_targets=args.targets.split(","),
-        lora_base_dtype=args.base_dtype,
-    )
+    lora = FinetuneConfig(method="lora", lora_rank=args.rank, lora_alpha=args.alpha,
+                          lora_targets=args.targets.split(","), lora_base_dtype=args.base_dtype)
     rows = []
     for T in (parse_length(x) for x in args.lengths.split(",")):
         row = {"T": T}
@@ -134,20 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     name = gpu_name(device)
     precision = "bf16 autocast" if device.type == "cuda" or args.base_dtype == "bf16" else "fp32"
-    print(
-        f"\n{args.preset} on {name}, {precision}, activation checkpointing, batch 1, "
-        f"LoRA rank {args.rank} on {args.targets}\n{table(rows)}"
-    )
-    result = {
-        "device": name,
-        "preset": args.preset,
-        "precision": precision,
-        "date": today(),
-        "lora": {"rank": args.rank, "alpha": args.alpha, "targets": lora.lora_targets, "base_dtype": args.base_dtype},
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "rows": rows,
-    }
+    print(f"\n{args.preset} on {name}, {precision}, activation checkpointing, batch 1, "
+          f"LoRA rank {args.rank} on {args.targets}\n{table(rows)}")
+    result = {"device": name, "preset": args.preset, "precision": precision, "date": today(),
+              "lora": {"rank": args.rank, "alpha": args.alpha, "targets": lora.lora_targets,
+                       "base_dtype": args.base_dtype},
+              "warmup": args.warmup, "steps": args.steps, "rows": rows}
     write_result(args.out or result_path("finetune", device), result)
     return result
 

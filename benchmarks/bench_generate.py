@@ -16,7 +16,6 @@
 through their modules (``GraphDecoder(fuse_blocks=False)``); ``--pdl``: the decoding kernels launch with programmatic
 dependent launch (``kernels.decode.pdl``, the default on Hopper) and/or without. Both models of a row use the same.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -59,13 +58,8 @@ def measure_prefill(model: HSATransformer, T: int, segment: int, offload: bool, 
         token = logits.argmax(-1, keepdim=True)
         decode_forward(model, token, state)  # warm-up of the one-token path
         eager_ms = loop_ms(lambda: decode_forward(model, token, state), steps, "cuda")
-        row = {
-            "ok": True,
-            "prefill_s": round(prefill_s, 3),
-            "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
-            "peak_gib": round(peak, 3),
-            "decode_eager_ms": round(eager_ms, 3),
-        }
+        row = {"ok": True, "prefill_s": round(prefill_s, 3), "prefill_us_per_token": round(prefill_s / T * 1e6, 2),
+               "peak_gib": round(peak, 3), "decode_eager_ms": round(eager_ms, 3)}
         if not offload:
             decoder = GraphDecoder(model, state, state.pos + 2 * model.cfg.chunk_size + steps + 8)
             row["decode_graph_ms"] = round(graph_decode_ms(decoder, token[:, 0], steps), 3)
@@ -87,11 +81,9 @@ def profile_step(decoder: GraphDecoder, token: torch.Tensor, top: int = 12) -> d
     for e in events:
         by_name.setdefault(e.name, []).append(e.device_time)  # µs
     heaviest = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return {
-        "gpu_ops_per_step": len(events),
-        "gpu_busy_us": round(sum(e.device_time for e in events), 1),
-        "top_kernels": [{"name": n[:120], "calls": len(t), "us": round(sum(t), 1)} for n, t in heaviest],
-    }
+    return {"gpu_ops_per_step": len(events),
+            "gpu_busy_us": round(sum(e.device_time for e in events), 1),
+            "top_kernels": [{"name": n[:120], "calls": len(t), "us": round(sum(t), 1)} for n, t in heaviest]}
 
 
 def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
@@ -108,14 +100,8 @@ def fill_static_caches(decoder: GraphDecoder, length: int) -> None:
 
 
 @torch.no_grad()
-def measure_synthetic(
-    model: HSATransformer,
-    T: int,
-    steps: int,
-    compile: str | None = None,
-    fuse_blocks: bool = True,
-    use_pdl: bool = True,
-) -> dict:
+def measure_synthetic(model: HSATransformer, T: int, steps: int, compile: str | None = None,
+                      fuse_blocks: bool = True, use_pdl: bool = True) -> dict:
     pdl.ENABLED = use_pdl  # read when the kernels are launched, so also at graph capture
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -128,12 +114,8 @@ def measure_synthetic(
         decoder.step(token)  # allocates and takes over every layer's cache
         fill_static_caches(decoder, T)
         ms = graph_decode_ms(decoder, token, steps)
-        return {
-            "ok": True,
-            "decode_graph_ms": round(ms, 3),
-            **profile_step(decoder, token),
-            "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2),
-        }
+        return {"ok": True, "decode_graph_ms": round(ms, 3), **profile_step(decoder, token),
+                "peak_gib": round((torch.cuda.max_memory_allocated() - base) / 2**30, 2)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
 
@@ -150,11 +132,8 @@ def main() -> None:
     parser.add_argument("--synthetic-lengths", default="1m,4m,8m,16m")
     parser.add_argument("--segment", default="16k")
     parser.add_argument("--steps", type=int, default=64, help="timed decoding steps")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)",
-    )
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the synthetic decode with inductor-compiled blocks (GraphDecoder compile=)")
     parser.add_argument("--compile-only", action="store_true", help="time the synthetic decode compiled only")
     parser.add_argument("--block-steps", default="fused", help="fused, modules or both (comma-separated)")
     parser.add_argument("--pdl", default="on", help="on, off or both (comma-separated)")
@@ -170,20 +149,14 @@ def main() -> None:
     modes = [(c, b == "fused", p == "on") for c in compiles for b in block_steps for p in pdls]
     segment = parse_length(args.segment)
     rows, synthetic = [], []
-    for attention, offloads, prefill_lengths in (
-        ("hsa", (False, True), args.lengths),
-        ("full", (False,), args.full_lengths),
-    ):
+    for attention, offloads, prefill_lengths in (("hsa", (False, True), args.lengths),
+                                                 ("full", (False,), args.full_lengths)):
         cfg = ModelConfig.from_name(args.preset, attention=attention)
         model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
         for offload in offloads:
             for T in lengths(prefill_lengths):
-                r = {
-                    "attention": attention,
-                    "offload": offload,
-                    "T": T,
-                    **measure_prefill(model, T, segment, offload, args.steps),
-                }
+                r = {"attention": attention, "offload": offload, "T": T,
+                     **measure_prefill(model, T, segment, offload, args.steps)}
                 rows.append(r)
                 print(r, flush=True)
                 if not r["ok"]:
@@ -191,14 +164,8 @@ def main() -> None:
         # uncompiled first: compiling changes the model's blocks in place
         for compile, fused, use_pdl in modes:
             for T in lengths(args.synthetic_lengths):
-                r = {
-                    "attention": attention,
-                    "T": T,
-                    "compile": compile,
-                    "fused_blocks": fused,
-                    "pdl": use_pdl,
-                    **measure_synthetic(model, T, args.steps, compile, fused, use_pdl),
-                }
+                r = {"attention": attention, "T": T, "compile": compile, "fused_blocks": fused, "pdl": use_pdl,
+                     **measure_synthetic(model, T, args.steps, compile, fused, use_pdl)}
                 synthetic.append(r)
                 print(r, flush=True)
         del model
@@ -210,38 +177,28 @@ def main() -> None:
     for r in rows:
         kv = "host" if r["offload"] else "GPU"
         if r["ok"]:
-            print(
-                f"| {r['attention']} | {kv} | {r['T']:,} | {r['prefill_s']} | {r['prefill_us_per_token']} | "
-                f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |"
-            )
+            print(f"| {r['attention']} | {kv} | {r['T']:,} | {r['prefill_s']} | {r['prefill_us_per_token']} | "
+                  f"{r['peak_gib']} | {r['decode_eager_ms']} | {r.get('decode_graph_ms', '-')} |")
         else:
             print(f"| {r['attention']} | {kv} | {r['T']:,} | OOM | | | | |")
     by = {(r["attention"], r["T"], r["compile"], r["fused_blocks"], r["pdl"]): r for r in synthetic}
     for mode in modes:
         compile, fused, use_pdl = mode
-        print(
-            f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, dense blocks "
-            f"{'in fused kernels' if fused else 'through their modules'}, PDL {'on' if use_pdl else 'off'}, caches "
-            "of the given context (random contents):"
-        )
-        print(
-            "| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops "
-            "| full / HSA |\n"
-            "|---|---|---|---|---|---|---|---|"
-        )
+        print(f"\nDecode with CUDA graphs{', blocks compiled' if compile else ''}, dense blocks "
+              f"{'in fused kernels' if fused else 'through their modules'}, PDL {'on' if use_pdl else 'off'}, caches "
+              "of the given context (random contents):")
+        print("| context | HSA ms/token | HSA GiB | HSA GPU ops | full ms/token | full GiB | full GPU ops | full / "
+              "HSA |\n"
+              "|---|---|---|---|---|---|---|---|")
         for T in lengths(args.synthetic_lengths):
             h, f = by.get(("hsa", T, *mode), {}), by.get(("full", T, *mode), {})
             cell = lambda r, k: r.get(k, "OOM") if r else "-"  # noqa: E731
             ratio = round(f["decode_graph_ms"] / h["decode_graph_ms"], 1) if h.get("ok") and f.get("ok") else "-"
-            print(
-                f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
-                f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |"
-            )
+            print(f"| {T:,} | {cell(h, 'decode_graph_ms')} | {cell(h, 'peak_gib')} | {cell(h, 'gpu_ops_per_step')} | "
+                  f"{cell(f, 'decode_graph_ms')} | {cell(f, 'peak_gib')} | {cell(f, 'gpu_ops_per_step')} | {ratio} |")
     if args.out:
-        write_result(
-            args.out,
-            {"gpu": gpu, "preset": args.preset, "dtype": "bfloat16", "prefill": rows, "synthetic_decode": synthetic},
-        )
+        write_result(args.out, {"gpu": gpu, "preset": args.preset, "dtype": "bfloat16", "prefill": rows,
+                                "synthetic_decode": synthetic})
 
 
 if __name__ == "__main__":

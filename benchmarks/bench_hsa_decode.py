@@ -7,7 +7,6 @@ than the L2 holds). Run with LIT_HSA_PDL=0 for each call's own time. (The commit
 
     LIT_HSA_PDL=0 python benchmarks/bench_hsa_decode.py [--out f.json]
 """
-
 import argparse
 import itertools
 
@@ -41,12 +40,8 @@ def main() -> None:
     _, idx, w = th.select_chunks_decode(q, None, 1e-6, landmarks[0], pos, K, S)
     mem = itertools.cycle(range(2))
     for slots in (1, 2, 4, 8):
-        us = graph_us(
-            lambda: th.hsa_chunks_decode(
-                q_hsa, q_norm, 1e-6, memories[next(mem)], memories[next(mem)], idx, w, S, slots=slots
-            ),
-            20,
-        )
+        us = graph_us(lambda: th.hsa_chunks_decode(q_hsa, q_norm, 1e-6, memories[next(mem)], memories[next(mem)],
+                                                  idx, w, S, slots=slots), 20)
         rows.append({"slots": slots, "attention_us": round(us, 2)})
         print(rows[-1], flush=True)
     if args.out:

@@ -7,7 +7,6 @@ FLOPs per token (width 4·768 + 768 = 3840). Target: MoE ≤ 1.5× dense. Prints
     python benchmarks/bench_moe.py --tokens 256 --d-model 64 --experts 8 --expert-hidden 32 --device cpu  # smoke
     python benchmarks/bench_moe.py --profile   # + where the time goes: torch.profiler, op by op, forward and backward
 """
-
 from __future__ import annotations
 
 import argparse
@@ -75,19 +74,12 @@ def profile_fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, iters: int = 5, top
         entry = totals.setdefault((event.name, phase), [0.0, 0])
         entry[0] += getattr(event, attr) / iters / 1e3
         entry[1] += 1
-    rows = sorted(
-        ((name, phase, ms, calls // iters) for (name, phase), (ms, calls) in totals.items() if ms > 0),
-        key=lambda r: -r[2],
-    )
+    rows = sorted(((name, phase, ms, calls // iters) for (name, phase), (ms, calls) in totals.items() if ms > 0),
+                  key=lambda r: -r[2])
     total = sum(r[2] for r in rows)
-    return {
-        "step_ms": round(total, 3),
-        "clock": "device" if x.is_cuda else "cpu",
-        "ops": [
-            {"op": name, "pass": phase, "ms": round(ms, 4), "share": round(ms / total, 4), "calls": calls}
-            for name, phase, ms, calls in rows[:top]
-        ],
-    }
+    return {"step_ms": round(total, 3), "clock": "device" if x.is_cuda else "cpu",
+            "ops": [{"op": name, "pass": phase, "ms": round(ms, 4), "share": round(ms / total, 4), "calls": calls}
+                    for name, phase, ms, calls in rows[:top]]}
 
 
 def main() -> int:
@@ -115,7 +107,8 @@ def main() -> int:
     for n in (parse_length(t) for t in args.tokens.split(",")):
         x = torch.randn(1, n, args.d_model, device=device, requires_grad=True)
         row = {"tokens": n}
-        for name, layer, backend in (("moe_grouped", moe, "auto"), ("moe_loop", moe, "loop"), ("dense", dense, "auto")):
+        for name, layer, backend in (("moe_grouped", moe, "auto"), ("moe_loop", moe, "loop"),
+                                     ("dense", dense, "auto")):
             set_expert_backend(backend)
             try:
                 row[f"{name}_ms"] = round(time_fwd_bwd(layer, x, args.warmup, args.iters), 3)
@@ -130,27 +123,21 @@ def main() -> int:
         rows.append(row)
     gpu = gpu_name(device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(
-        f"MoE layer fwd+bwd, {precision}, d {args.d_model}, {args.experts} experts × {args.expert_hidden}, top "
-        f"{args.top_k} + shared; dense SwiGLU width {args.top_k * args.expert_hidden + args.expert_hidden} ({gpu})"
-    )
+    print(f"MoE layer fwd+bwd, {precision}, d {args.d_model}, {args.experts} experts × {args.expert_hidden}, top "
+          f"{args.top_k} + shared; dense SwiGLU width {args.top_k * args.expert_hidden + args.expert_hidden} ({gpu})")
     print("| tokens | MoE grouped ms | MoE loop ms | dense ms | grouped / dense | loop / grouped |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['tokens']} | {r['moe_grouped_ms']} | {r['moe_loop_ms']} | {r['dense_ms']} | "
-            f"{r['grouped_vs_dense']}× | {r['loop_vs_grouped']}× |"
-        )
+        print(f"| {r['tokens']} | {r['moe_grouped_ms']} | {r['moe_loop_ms']} | {r['dense_ms']} | "
+              f"{r['grouped_vs_dense']}× | {r['loop_vs_grouped']}× |")
     for r in rows if args.profile else []:
         for name, prof in r["profile"].items():
             print(f"\n{name}, {r['tokens']} tokens: {prof['step_ms']} ms of {prof['clock']} time per fwd+bwd, by op")
             print("| op | ms | share | calls | pass |\n|---|---|---|---|---|")
             for op in prof["ops"]:
                 print(f"| {op['op'][:60]} | {op['ms']} | {op['share']:.1%} | {op['calls']} | {op['pass']} |")
-    write_result(
-        args.out or result_path("moe", device),
-        {"gpu": gpu, "date": today(), "torch": torch.__version__, "args": vars(args), "rows": rows},
-    )
+    write_result(args.out or result_path("moe", device), {"gpu": gpu, "date": today(), "torch": torch.__version__,
+                                                           "args": vars(args), "rows": rows})
     return 0
 
 

@@ -7,7 +7,6 @@ checkpointing. Prints a table and writes JSON.
 
 ``--profile T`` times one HSA step at T under torch.profiler and prints where the GPU time goes (top kernels).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -35,15 +34,8 @@ def _record_triton_compiles(stop: bool = False) -> list[str]:
     return names
 
 
-def train_steps(
-    cfg: ModelConfig,
-    T: int,
-    steps: int,
-    checkpointing: bool = True,
-    compile: bool = False,
-    profile: bool = False,
-    warmup: int = 2,
-) -> dict:
+def train_steps(cfg: ModelConfig, T: int, steps: int, checkpointing: bool = True, compile: bool = False,
+                profile: bool = False, warmup: int = 2) -> dict:
     """``warmup`` untimed steps then ``steps`` timed AdamW steps on [1, T] random tokens, bf16 autocast. Two warm-up
     steps: compiled, the second step still pays one-off work (~0.8 s at 16K on an H100, e.g. lazily compiled
     backward graphs), which one timed step of a few would otherwise absorb.
@@ -87,16 +79,10 @@ def train_steps(
         median = statistics.median(step_s)
         bounds = [*first_compile, len(compiled)]
         timed_compiles = {j: compiled[a:b] for j, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a}
-        return {
-            "ok": True,
-            "s_per_step": round(median, 4),
-            "tokens_per_s": round(T / median),
-            "tokens_per_s_mean": round(T / elapsed),
-            "step_s": step_s,
-            "triton_jit_compiles_in_timed_steps": timed_compiles,
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss": round(loss.item(), 3),
-        }
+        return {"ok": True, "s_per_step": round(median, 4), "tokens_per_s": round(T / median),
+                "tokens_per_s_mean": round(T / elapsed), "step_s": step_s,
+                "triton_jit_compiles_in_timed_steps": timed_compiles,
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(loss.item(), 3)}
     except torch.OutOfMemoryError:
         return {"ok": False, "oom": True}
     finally:
@@ -124,9 +110,8 @@ def main() -> None:
     for T in (parse_length(x) for x in args.lengths.split(",")):
         row = {"T": T}
         for attention in ("hsa", "full"):
-            row[attention] = train_steps(
-                ModelConfig.from_name(args.preset, attention=attention), T, args.steps, compile=args.compile
-            )
+            row[attention] = train_steps(ModelConfig.from_name(args.preset, attention=attention), T, args.steps,
+                                         compile=args.compile)
             print(f"T={T} {attention}: {row[attention]}", flush=True)
         if row["hsa"]["ok"] and row["full"]["ok"]:
             row["speedup_vs_full"] = round(row["hsa"]["tokens_per_s"] / row["full"]["tokens_per_s"], 2)
@@ -139,24 +124,18 @@ def main() -> None:
         if not r["ok"]:
             break
 
-    print(
-        f"\n{args.preset} on {gpu_name()}, bf16, activation checkpointing, batch 1"
-        + (", torch.compile per block" if args.compile else "")
-    )
+    print(f"\n{args.preset} on {gpu_name()}, bf16, activation checkpointing, batch 1"
+          + (", torch.compile per block" if args.compile else ""))
     print("| T | HSA tokens/s | full tokens/s | HSA / full | HSA peak GiB | full peak GiB |\n|---|---|---|---|---|---|")
     for r in rows:
         h, f = r["hsa"], r["full"]
-        print(
-            f"| {r['T']:,} | {h.get('tokens_per_s', 'OOM')} | {f.get('tokens_per_s', 'OOM')} | "
-            f"{r.get('speedup_vs_full', '-')} | {h.get('peak_gib', '-')} | {f.get('peak_gib', '-')} |"
-        )
+        print(f"| {r['T']:,} | {h.get('tokens_per_s', 'OOM')} | {f.get('tokens_per_s', 'OOM')} | "
+              f"{r.get('speedup_vs_full', '-')} | {h.get('peak_gib', '-')} | {f.get('peak_gib', '-')} |")
     ok = [r["T"] for r in longest if r["ok"]]
     print(f"longest trainable sequence: {max(ok):,} tokens" if ok else "no tried length fitted")
     if args.out:
-        write_result(
-            args.out,
-            {"gpu": gpu_name(), "preset": args.preset, "compile": args.compile, "rows": rows, "longest": longest},
-        )
+        write_result(args.out, {"gpu": gpu_name(), "preset": args.preset, "compile": args.compile, "rows": rows,
+                                "longest": longest})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Timers (milliseconds unless the name says otherwise):
 Result files: ``benchmarks/results/<name>_<gpu>_<date>.json`` (``result_path``), ``<gpu>`` being ``gpu_slug()``
 (``h100``, ``h200``, ``cpu``), written by ``write_result``.
 """
-
 from __future__ import annotations
 
 import datetime
@@ -45,15 +44,8 @@ def sync(device=None) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(
-    fn: Callable[[], Any],
-    warmup: int = 1,
-    iters: int = 10,
-    device=None,
-    *,
-    cuda_events: bool = False,
-    after: Callable[[], Any] | None = None,
-) -> float:
+def time_ms(fn: Callable[[], Any], warmup: int = 1, iters: int = 10, device=None, *, cuda_events: bool = False,
+            after: Callable[[], Any] | None = None) -> float:
     """Median ms of ``iters`` calls of ``fn()`` after ``warmup`` untimed calls (compilation, autotuning, allocator).
 
     Each call is timed alone: on a GPU (``device`` CUDA, or None with CUDA available) between synchronisations with

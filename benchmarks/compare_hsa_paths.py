@@ -3,7 +3,6 @@ initialisation and data, once with the Triton kernels and once with the PyTorch 
 
     python benchmarks/compare_hsa_paths.py [--preset small] [--steps 20] [--seq-len 2048] [--out f.json]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -63,9 +62,8 @@ def main() -> None:
         print(f"| {i} | {a:.4f} | {b:.4f} | {d:.4f} |")
     print(f"max |diff| = {max(diffs):.4f}, final losses {triton_losses[-1]:.4f} vs {reference_losses[-1]:.4f}")
     if args.out:
-        write_result(
-            args.out, {"gpu": gpu_name(), "preset": args.preset, "triton": triton_losses, "reference": reference_losses}
-        )
+        write_result(args.out, {"gpu": gpu_name(), "preset": args.preset, "triton": triton_losses,
+                                "reference": reference_losses})
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the table shows accuracy on fresh batches by step (chance: 1/16), and the first 
 
     python benchmarks/diag_recall.py [--steps 1000] [--variants "full:attention=full" "hsa:attention=hsa" ...]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -21,15 +20,10 @@ from lit_hsa.config import ModelConfig
 from lit_hsa.model.transformer import HSATransformer
 
 VOCAB, N_FILLER, N_KEYS = 64, 32, 16  # filler 0..31, keys 32..47, values 48..63
-DEFAULT_VARIANTS = [
-    "full:attention=full",
-    "swa:attention=swa",
-    "hsa:attention=hsa",
-    "hsa-dense:attention=hsa,hsa_topk=16",
-    "hsa-standard:attention=hsa,hsa_residual=standard",
-    "hsa-norm:attention=hsa,retrieval_norm=true",
-    "hsa-standard-norm:attention=hsa,hsa_residual=standard,retrieval_norm=true",
-]
+DEFAULT_VARIANTS = ["full:attention=full", "swa:attention=swa", "hsa:attention=hsa",
+                    "hsa-dense:attention=hsa,hsa_topk=16", "hsa-standard:attention=hsa,hsa_residual=standard",
+                    "hsa-norm:attention=hsa,retrieval_norm=true",
+                    "hsa-standard-norm:attention=hsa,hsa_residual=standard,retrieval_norm=true"]
 
 
 def recall_batch(n: int, seq_len: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,24 +50,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def train_variant(overrides: dict, args, device) -> dict:
-    base = dict(
-        name="tiny",
-        vocab_size=VOCAB,
-        d_model=128,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=32,
-        n_lower_layers=2,
-        n_groups=1,
-        swa_layers_per_group=1,
-        swa_window=16,
-        chunk_size=16,
-        hsa_topk=4,
-        moe=False,
-        ffn_hidden=256,
-        hsa_kv_heads=1,
-        retrieval_dim=128,
-    )
+    base = dict(name="tiny", vocab_size=VOCAB, d_model=128, n_heads=4, n_kv_heads=2, head_dim=32, n_lower_layers=2,
+                n_groups=1, swa_layers_per_group=1, swa_window=16, chunk_size=16, hsa_topk=4, moe=False,
+                ffn_hidden=256, hsa_kv_heads=1, retrieval_dim=128)
     torch.manual_seed(0)
     model = HSATransformer(ModelConfig(**{**base, **overrides})).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -94,12 +73,8 @@ def train_variant(overrides: dict, args, device) -> dict:
             curve.append((step, round(acc, 3)))
             if acc >= 0.9 and solved_at is None:
                 solved_at = step
-    return {
-        "overrides": overrides,
-        "curve": curve,
-        "solved_at": solved_at,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    return {"overrides": overrides, "curve": curve, "solved_at": solved_at,
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> None:
@@ -118,12 +93,8 @@ def main() -> None:
         name, overrides = parse_variant(text)
         results[name] = train_variant(overrides, args, device)
         r = results[name]
-        print(
-            f"| {name} | {r['solved_at'] or '—'} | "
-            + " ".join(f"{a:.2f}" for _, a in r["curve"])
-            + f" | {r['seconds']:.0f} s |",
-            flush=True,
-        )
+        print(f"| {name} | {r['solved_at'] or '—'} | " + " ".join(f"{a:.2f}" for _, a in r["curve"])
+              + f" | {r['seconds']:.0f} s |", flush=True)
     if args.out:
         write_result(args.out, {"args": vars(args), "device": str(device), "results": results})
 

@@ -4,7 +4,6 @@ saves, teardown. Run it with ``TORCH_LOGS=dynamo`` to see what torch.compile com
 
     TORCH_LOGS=dynamo python benchmarks/fit_timeline.py fit --config configs/stages/pretrain.yaml [key=value ...]
 """
-
 import sys
 import time
 
@@ -21,38 +20,18 @@ def stamp(what):
 
 
 class Timing(L.Callback):
-    def setup(self, trainer, pl_module, stage):
-        stamp("setup")
-
-    def on_fit_start(self, trainer, pl_module):
-        stamp("fit start")
-
-    def on_train_start(self, trainer, pl_module):
-        stamp("train start")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, i):
-        stamp(f"batch {i} start {tuple(batch['input_ids'].shape)}")
-
-    def on_train_batch_end(self, trainer, pl_module, out, batch, i):
-        stamp(f"batch {i} end")
-
-    def on_validation_start(self, trainer, pl_module):
-        stamp("validation start")
-
-    def on_validation_batch_end(self, trainer, pl_module, out, batch, i, dl=0):
-        stamp(f"val batch {i} end")
-
-    def on_validation_end(self, trainer, pl_module):
-        stamp("validation end")
-
-    def on_save_checkpoint(self, trainer, pl_module, ckpt):
-        stamp("save checkpoint (hook)")
-
-    def on_train_end(self, trainer, pl_module):
-        stamp("train end")
-
-    def teardown(self, trainer, pl_module, stage):
-        stamp("teardown")
+    def setup(self, trainer, pl_module, stage): stamp("setup")
+    def on_fit_start(self, trainer, pl_module): stamp("fit start")
+    def on_train_start(self, trainer, pl_module): stamp("train start")
+    def on_train_batch_start(self, trainer, pl_module, batch,
+                             i): stamp(f"batch {i} start {tuple(batch['input_ids'].shape)}")
+    def on_train_batch_end(self, trainer, pl_module, out, batch, i): stamp(f"batch {i} end")
+    def on_validation_start(self, trainer, pl_module): stamp("validation start")
+    def on_validation_batch_end(self, trainer, pl_module, out, batch, i, dl=0): stamp(f"val batch {i} end")
+    def on_validation_end(self, trainer, pl_module): stamp("validation end")
+    def on_save_checkpoint(self, trainer, pl_module, ckpt): stamp("save checkpoint (hook)")
+    def on_train_end(self, trainer, pl_module): stamp("train end")
+    def teardown(self, trainer, pl_module, stage): stamp("teardown")
 
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -10,7 +10,6 @@ chain through ``init_from=`` as the README describes, fine-tuning starts from th
 and writes ``gpu_smoke.json`` (GPU, date, per command: argv, return code, seconds, the output's tail on failure).
 Run it before any stop whose change touches code that runs on GPUs.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -25,16 +24,9 @@ import torch
 from common import ROOT, gpu_name, today, write_result
 
 # Shortening only: a few optimizer steps, one validation batch, progress bar off.
-SHORT = [
-    "trainer.max_steps=3",
-    "trainer.val_check_interval=3",
-    "trainer.checkpoint_every_n_steps=3",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.accumulate_grad_batches=1",
-    "trainer.enable_progress_bar=false",
-    "data.val_samples=2",
-]
+SHORT = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=3",
+         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.accumulate_grad_batches=1",
+         "trainer.enable_progress_bar=false", "data.val_samples=2"]
 STAGES = ("warmup", "pretrain", "midtrain", "anneal", "sft")
 
 
@@ -63,286 +55,74 @@ def plan(work: Path) -> list[Step]:
 
     steps = [
         # the README's main job (fp32, as shipped), and the default MoE model under bf16-mixed
-        Step(
-            "fit-tiny",
-            [
-                *fit,
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "trainer.max_steps=30",
-                "trainer.val_check_interval=30",
-                "trainer.checkpoint_every_n_steps=30",
-            ],
-        ),
-        Step(
-            "fit-tiny-moe-bf16",
-            [
-                *fit,
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "trainer.precision=bf16-mixed",
-                "trainer.run_name=tiny-bf16",
-                *SHORT,
-            ],
-        ),
+        Step("fit-tiny", [*fit, "--config", "configs/tiny.yaml", root, "trainer.max_steps=30",
+                          "trainer.val_check_interval=30", "trainer.checkpoint_every_n_steps=30"]),
+        Step("fit-tiny-moe-bf16", [*fit, "--config", "configs/tiny.yaml", root, "trainer.precision=bf16-mixed",
+                                   "trainer.run_name=tiny-bf16", *SHORT]),
         # `small` with MoE feed-forwards at 4K under bf16-mixed (the paper's model is MoE)
-        Step(
-            "fit-small-moe-bf16",
-            [
-                *fit,
-                "--config",
-                "configs/stages/pretrain.yaml",
-                root,
-                "model.moe=true",
-                "model.n_experts=8",
-                "model.experts_per_token=2",
-                "model.expert_hidden=640",
-                "model.n_shared_experts=1",
-                "trainer.run_name=small-moe",
-                *SHORT,
-            ],
-        ),
+        Step("fit-small-moe-bf16", [*fit, "--config", "configs/stages/pretrain.yaml", root, "model.moe=true",
+                                    "model.n_experts=8", "model.experts_per_token=2", "model.expert_hidden=640",
+                                    "model.n_shared_experts=1",
+                                    "trainer.run_name=small-moe", *SHORT]),
     ]
     previous = None
     for stage in STAGES:
         # every stage starts from the previous one's weights, as the README's stage commands do
         init = [lambda p=previous: f"init_from={ckpt(f'stage-{p}')}"] if previous else []
-        steps.append(
-            Step(
-                f"fit-stage-{stage}",
-                [
-                    *fit,
-                    "--config",
-                    f"configs/stages/{stage}.yaml",
-                    root,
-                    f"trainer.run_name=stage-{stage}",
-                    *SHORT,
-                    *init,
-                ],
-                [f"fit-stage-{previous}"] if previous else [],
-            )
-        )
+        steps.append(Step(f"fit-stage-{stage}", [*fit, "--config", f"configs/stages/{stage}.yaml", root,
+                                                 f"trainer.run_name=stage-{stage}", *SHORT, *init],
+                          [f"fit-stage-{previous}"] if previous else []))
         previous = stage
     anneal = lambda: f"init_from={ckpt('stage-anneal')}"  # noqa: E731
     steps += [
-        Step(
-            "finetune-lora",
-            [*fit, "--config", "configs/finetune/lora.yaml", root, *SHORT, anneal],
-            ["fit-stage-anneal"],
-        ),
-        Step(
-            "finetune-lora-resume",
-            [
-                *fit,
-                "--config",
-                "configs/finetune/lora.yaml",
-                root,
-                *SHORT,
-                "trainer.max_steps=5",
-                lambda: f"ckpt_path={ckpt('finetune-lora')}",
-            ],
-            ["finetune-lora"],
-        ),
-        Step(
-            "merge",
-            ["main.py", "merge", "--ckpt", lambda: ckpt("finetune-lora"), "--out", str(work / "merged.ckpt")],
-            ["finetune-lora"],
-        ),
-        Step(
-            "finetune-full",
-            [*fit, "--config", "configs/finetune/full.yaml", root, *SHORT, anneal],
-            ["fit-stage-anneal"],
-        ),
-        Step(
-            "validate",
-            [
-                "main.py",
-                "validate",
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "trainer.limit_val_batches=2",
-                lambda: f"ckpt_path={ckpt('tiny')}",
-            ],
-            ["fit-tiny"],
-        ),
-        Step(
-            "resume-tiny",
-            [
-                *fit,
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "trainer.max_steps=40",
-                "trainer.val_check_interval=40",
-                "trainer.checkpoint_every_n_steps=40",
-                lambda: f"ckpt_path={ckpt('tiny')}",
-            ],
-            ["fit-tiny"],
-        ),
-        Step(
-            "generate-graphs",
-            ["main.py", "generate", "--ckpt", lambda: ckpt("tiny"), "--prompt", "def main(", "--max-new-tokens", "64"],
-            ["fit-tiny"],
-        ),
-        Step(
-            "generate-merged-small",
-            [
-                "main.py",
-                "generate",
-                "--ckpt",
-                str(work / "merged.ckpt"),
-                "--prompt",
-                "import os\n" * 200,
-                "--max-new-tokens",
-                "64",
-            ],
-            ["merge"],
-        ),
-        Step(
-            "generate-compile",
-            [
-                "main.py",
-                "generate",
-                "--ckpt",
-                str(work / "merged.ckpt"),
-                "--prompt",
-                "import os\n" * 200,
-                "--max-new-tokens",
-                "64",
-                "--compile",
-            ],
-            ["merge"],
-        ),
-        Step(
-            "eval",
-            [
-                "main.py",
-                "eval",
-                "--ckpt",
-                lambda: ckpt("tiny"),
-                "--tasks",
-                "niah_single,niah_multiquery,vt",
-                "--lengths",
-                "1k,4k",
-                "--depths",
-                "0,1",
-                "--samples",
-                "1",
-                "--ppl-length",
-                "4k",
-                "--out",
-                str(work / "eval"),
-            ],
-            ["fit-tiny"],
-        ),
-        Step(
-            "experiment-1min",
-            [
-                "main.py",
-                "experiment",
-                "--config",
-                "configs/experiments/length_generalization.yaml",
-                "--models",
-                "hsa",
-                f"out_dir={work / 'experiment'}",
-                "train.trainer.max_time=00:00:01:00",
-                "eval.lengths=[1k,4k]",
-                "eval.samples=1",
-            ],
-        ),
+        Step("finetune-lora", [*fit, "--config", "configs/finetune/lora.yaml", root, *SHORT, anneal],
+             ["fit-stage-anneal"]),
+        Step("finetune-lora-resume", [*fit, "--config", "configs/finetune/lora.yaml", root, *SHORT,
+                                      "trainer.max_steps=5", lambda: f"ckpt_path={ckpt('finetune-lora')}"],
+             ["finetune-lora"]),
+        Step("merge", ["main.py", "merge", "--ckpt", lambda: ckpt("finetune-lora"), "--out",
+                       str(work / "merged.ckpt")], ["finetune-lora"]),
+        Step("finetune-full", [*fit, "--config", "configs/finetune/full.yaml", root, *SHORT, anneal],
+             ["fit-stage-anneal"]),
+        Step("validate", ["main.py", "validate", "--config", "configs/tiny.yaml", root, "trainer.limit_val_batches=2",
+                          lambda: f"ckpt_path={ckpt('tiny')}"], ["fit-tiny"]),
+        Step("resume-tiny", [*fit, "--config", "configs/tiny.yaml", root, "trainer.max_steps=40",
+                             "trainer.val_check_interval=40", "trainer.checkpoint_every_n_steps=40",
+                             lambda: f"ckpt_path={ckpt('tiny')}"], ["fit-tiny"]),
+        Step("generate-graphs", ["main.py", "generate", "--ckpt", lambda: ckpt("tiny"), "--prompt", "def main(",
+                                 "--max-new-tokens", "64"], ["fit-tiny"]),
+        Step("generate-merged-small", ["main.py", "generate", "--ckpt", str(work / "merged.ckpt"), "--prompt",
+                                       "import os\n" * 200, "--max-new-tokens", "64"], ["merge"]),
+        Step("generate-compile", ["main.py", "generate", "--ckpt", str(work / "merged.ckpt"), "--prompt",
+                                  "import os\n" * 200, "--max-new-tokens", "64", "--compile"], ["merge"]),
+        Step("eval", ["main.py", "eval", "--ckpt", lambda: ckpt("tiny"), "--tasks", "niah_single,niah_multiquery,vt",
+                      "--lengths", "1k,4k", "--depths", "0,1", "--samples", "1", "--ppl-length", "4k", "--out",
+                      str(work / "eval")], ["fit-tiny"]),
+        Step("experiment-1min", ["main.py", "experiment", "--config",
+                                 "configs/experiments/length_generalization.yaml", "--models", "hsa",
+                                 f"out_dir={work / 'experiment'}", "train.trainer.max_time=00:00:01:00",
+                                 "eval.lengths=[1k,4k]", "eval.samples=1"]),
         # Hugging Face round trip (docs/interop.md): a full-attention model out to HF format (native Qwen3), back
         # in as HSA, continued with the shipped recipe in bf16
-        Step(
-            "fit-tiny-full",
-            [
-                *fit,
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "model.attention=full",
-                "model.moe=false",
-                "trainer.run_name=tiny-full",
-                *SHORT,
-            ],
-        ),
-        Step(
-            "export",
-            ["main.py", "export", "--ckpt", lambda: ckpt("tiny-full"), "--out", str(work / "hf")],
-            ["fit-tiny-full"],
-        ),
-        Step(
-            "convert-to-hsa",
-            [
-                "main.py",
-                "convert",
-                "--hf",
-                str(work / "hf"),
-                "--out",
-                str(work / "converted" / "model.ckpt"),
-                "--to",
-                "hsa",
-                "model.swa_window=64",
-                "model.chunk_size=32",
-            ],
-            ["export"],
-        ),
-        Step(
-            "fit-converted",
-            [
-                *fit,
-                "--config",
-                str(work / "converted" / "model.yaml"),
-                "--config",
-                "configs/convert/hsa_from_dense.yaml",
-                root,
-                "data.seq_len=1024",
-                "trainer.run_name=converted",
-                *SHORT,
-            ],
-            ["convert-to-hsa"],
-        ),
+        Step("fit-tiny-full", [*fit, "--config", "configs/tiny.yaml", root, "model.attention=full", "model.moe=false",
+                               "trainer.run_name=tiny-full", *SHORT]),
+        Step("export", ["main.py", "export", "--ckpt", lambda: ckpt("tiny-full"), "--out", str(work / "hf")],
+             ["fit-tiny-full"]),
+        Step("convert-to-hsa", ["main.py", "convert", "--hf", str(work / "hf"), "--out",
+                                str(work / "converted" / "model.ckpt"), "--to", "hsa", "model.swa_window=64",
+                                "model.chunk_size=32"], ["export"]),
+        Step("fit-converted", [*fit, "--config", str(work / "converted" / "model.yaml"), "--config",
+                               "configs/convert/hsa_from_dense.yaml", root, "data.seq_len=1024",
+                               "trainer.run_name=converted", *SHORT], ["convert-to-hsa"]),
         # the paper recipe's phases (self-copy warm-up, then the main stage), BPE tokens, held-out perplexity
-        Step(
-            "experiment-paper-recipe",
-            [
-                "main.py",
-                "experiment",
-                "--config",
-                "configs/experiments/paper_recipe.yaml",
-                "--models",
-                "hsa",
-                "--seeds",
-                "0",
-                f"out_dir={work / 'paper_recipe'}",
-                "phases.0.max_steps=3",
-                "phases.1.max_steps=3",
-                "eval.lengths=[4k]",
-                "eval.samples=1",
-                "eval.ppl_windows=2",
-                "eval.ppl_lengths=[4k]",
-            ],
-        ),
-        Step(
-            "fit-fsdp-1gpu",
-            [
-                *fit,
-                "--config",
-                "configs/tiny.yaml",
-                root,
-                "trainer.strategy=fsdp",
-                "trainer.devices=1",
-                "trainer.run_name=tiny-fsdp",
-                *SHORT,
-            ],
-        ),
-        Step(
-            "consolidate",
-            ["main.py", "consolidate", "--ckpt", lambda: ckpt("tiny-fsdp"), "--out", str(work / "consolidated.ckpt")],
-            ["fit-fsdp-1gpu"],
-        ),
+        Step("experiment-paper-recipe", ["main.py", "experiment", "--config", "configs/experiments/paper_recipe.yaml",
+                                         "--models", "hsa", "--seeds", "0", f"out_dir={work / 'paper_recipe'}",
+                                         "phases.0.max_steps=3", "phases.1.max_steps=3", "eval.lengths=[4k]",
+                                         "eval.samples=1", "eval.ppl_windows=2", "eval.ppl_lengths=[4k]"]),
+        Step("fit-fsdp-1gpu", [*fit, "--config", "configs/tiny.yaml", root, "trainer.strategy=fsdp",
+                               "trainer.devices=1", "trainer.run_name=tiny-fsdp", *SHORT]),
+        Step("consolidate", ["main.py", "consolidate", "--ckpt", lambda: ckpt("tiny-fsdp"), "--out",
+                             str(work / "consolidated.ckpt")], ["fit-fsdp-1gpu"]),
     ]
     return steps
 
@@ -390,14 +170,8 @@ def main() -> int:
     rows, failed = [], set()
 
     def save() -> dict:  # after every step, so a run cut by a time limit keeps what it ran
-        result = {
-            "gpu": gpu_name(),
-            "date": today(),
-            "torch": torch.__version__,
-            "passed": sum(r["rc"] == 0 for r in rows),
-            "total": len(rows),
-            "steps": rows,
-        }
+        result = {"gpu": gpu_name(), "date": today(), "torch": torch.__version__,
+                  "passed": sum(r["rc"] == 0 for r in rows), "total": len(rows), "steps": rows}
         write_result(out / "gpu_smoke.json", result, quiet=True)
         return result
 

@@ -11,7 +11,6 @@ the training length for both (the dense model's RoPE attention stops at its trai
 sliding window through its chunk memory). Prints a table, writes ``hf_closed_loop_<gpu>_<date>.json`` and a plot.
 ``--scale cpu`` runs the same chain at toy size in a few minutes (a plumbing check, not a result).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -42,91 +41,32 @@ def scale(data: list[str], dense: list[str], convert: list[str], continued: list
 # its training length), so the comparison beyond it isolates what the architecture adds.
 SCALES = {
     "gpu": scale(
-        data=[
-            "data.seq_len=1024",
-            "data.batch_size=64",
-            "data.num_workers=4",
-            "data.synthetic_fraction=0.5",
-            "data.synthetic_tasks=[niah_single,niah_multiquery,self_copy]",
-            "data.answer_loss_weight=10.0",
-        ],
-        dense=[
-            "model.d_model=384",
-            "model.n_heads=6",
-            "model.n_kv_heads=2",
-            "model.head_dim=64",
-            "model.n_lower_layers=8",
-            "model.n_groups=0",
-            "model.swa_layers_per_group=0",
-            "model.ffn_hidden=1536",
-            "model.qk_norm=true",
-            "optim.lr=5e-4",
-            "trainer.max_steps=3000",
-            "trainer.max_time=00:00:03:00",
-            "trainer.precision=bf16-mixed",
-            "trainer.val_check_interval=1000",
-        ],
+        data=["data.seq_len=1024", "data.batch_size=64", "data.num_workers=4", "data.synthetic_fraction=0.5",
+              "data.synthetic_tasks=[niah_single,niah_multiquery,self_copy]", "data.answer_loss_weight=10.0"],
+        dense=["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=2", "model.head_dim=64",
+               "model.n_lower_layers=8", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=1536",
+               "model.qk_norm=true", "optim.lr=5e-4", "trainer.max_steps=3000", "trainer.max_time=00:00:03:00",
+               "trainer.precision=bf16-mixed", "trainer.val_check_interval=1000"],
         convert=["model.swa_window=128", "model.chunk_size=64", "model.hsa_topk=8", "model.hsa_kv_heads=1"],
-        continued=[
-            "trainer.topk_schedule=[[0,16],[300,8]]",
-            "trainer.max_steps=1500",
-            "trainer.max_time=00:00:02:00",
-            "trainer.accumulate_grad_batches=1",
-            "trainer.activation_checkpointing=false",
-            "trainer.val_check_interval=500",
-            "optim.warmup_steps=50",
-        ],
-        eval_windows=64,
-        lengths=[1024, 4096, 16384],
-        samples=4,
-        tasks=["niah_single", "niah_multiquery"],
-    ),
+        continued=["trainer.topk_schedule=[[0,16],[300,8]]", "trainer.max_steps=1500", "trainer.max_time=00:00:02:00",
+                   "trainer.accumulate_grad_batches=1", "trainer.activation_checkpointing=false",
+                   "trainer.val_check_interval=500", "optim.warmup_steps=50"],
+        eval_windows=64, lengths=[1024, 4096, 16384], samples=4, tasks=["niah_single", "niah_multiquery"]),
     "cpu": scale(
-        data=[
-            "data.seq_len=256",
-            "data.batch_size=4",
-            "data.num_workers=1",
-            "data.synthetic_fraction=0.5",
-            "data.synthetic_tasks=[niah_single,self_copy]",
-            "data.val_samples=2",
-        ],
-        dense=[
-            "model.d_model=64",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
-            "model.head_dim=16",
-            "model.n_lower_layers=4",
-            "model.n_groups=0",
-            "model.swa_layers_per_group=0",
-            "model.ffn_hidden=128",
-            "model.moe=false",
-            "trainer.max_steps=20",
-            "trainer.val_check_interval=20",
-            "trainer.limit_val_batches=1",
-        ],
+        data=["data.seq_len=256", "data.batch_size=4", "data.num_workers=1", "data.synthetic_fraction=0.5",
+              "data.synthetic_tasks=[niah_single,self_copy]", "data.val_samples=2"],
+        dense=["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+               "model.n_lower_layers=4", "model.n_groups=0", "model.swa_layers_per_group=0", "model.ffn_hidden=128",
+               "model.moe=false", "trainer.max_steps=20", "trainer.val_check_interval=20",
+               "trainer.limit_val_batches=1"],
         convert=["model.swa_window=64", "model.chunk_size=32", "model.hsa_topk=2", "model.hsa_kv_heads=1"],
-        continued=[
-            "trainer.topk_schedule=[[0,8],[10,2]]",
-            "trainer.max_steps=20",
-            "trainer.precision=32-true",
-            "trainer.accumulate_grad_batches=1",
-            "trainer.activation_checkpointing=false",
-            "trainer.val_check_interval=20",
-            "trainer.limit_val_batches=1",
-            "optim.warmup_steps=5",
-        ],
-        eval_windows=4,
-        lengths=[256, 1024],
-        samples=1,
-        tasks=["niah_single"],
-    ),
+        continued=["trainer.topk_schedule=[[0,8],[10,2]]", "trainer.max_steps=20", "trainer.precision=32-true",
+                   "trainer.accumulate_grad_batches=1", "trainer.activation_checkpointing=false",
+                   "trainer.val_check_interval=20", "trainer.limit_val_batches=1", "optim.warmup_steps=5"],
+        eval_windows=4, lengths=[256, 1024], samples=1, tasks=["niah_single"]),
 }
-COMMON = [
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=10",
-    "model.attention=full",
-    "model.moe=false",
-]
+COMMON = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10", "model.attention=full",
+          "model.moe=false"]
 
 
 def main_py(*args: str) -> None:
@@ -152,9 +92,8 @@ def retrieval(ckpt: Path, tasks: list[str], lengths: list[int], samples: int, de
     model, tokenizer = load_model(str(ckpt), device)
     haystack = held_out_tokens(DataConfig(), tokenizer, 2 * max(lengths))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-        rows = evaluate_retrieval(
-            model, tokenizer, haystack, tasks, lengths, [0.1, 0.5, 0.9], samples, 0, 16384, device
-        )
+        rows = evaluate_retrieval(model, tokenizer, haystack, tasks, lengths,
+                                  [0.1, 0.5, 0.9], samples, 0, 16384, device)
     table: dict = {}
     for r in rows:
         table.setdefault(r.task, {}).setdefault(str(r.length), []).append(r.accuracy)
@@ -172,13 +111,8 @@ def plot(result: dict, path: Path) -> None:
         for task, by_len in result[name]["retrieval"].items():
             ax.plot([int(n) for n in by_len], list(by_len.values()), style, label=f"{name} {task}")
     ax.axvline(result["train_length"], color="grey", lw=0.8)
-    ax.set(
-        xscale="log",
-        xlabel="context length (tokens)",
-        ylabel="accuracy",
-        ylim=(-0.05, 1.05),
-        title="dense (trained) vs converted to HSA + continued",
-    )
+    ax.set(xscale="log", xlabel="context length (tokens)", ylabel="accuracy", ylim=(-0.05, 1.05),
+           title="dense (trained) vs converted to HSA + continued")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -196,56 +130,32 @@ def main() -> None:
     runs, timings = work / "runs", {}
 
     start = time.perf_counter()
-    main_py(
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        *COMMON,
-        *scale["dense"],
-        f"trainer.root_dir={runs}",
-        "trainer.run_name=dense",
-    )
+    main_py("fit", "--config", "configs/tiny.yaml", *COMMON, *scale["dense"], f"trainer.root_dir={runs}",
+            "trainer.run_name=dense")
     dense = last_checkpoint(runs, "dense")
     timings["train_dense_s"] = time.perf_counter() - start
     main_py("export", "--ckpt", str(dense), "--out", str(work / "hf"))
-    main_py(
-        "convert", "--hf", str(work / "hf"), "--out", str(work / "hsa" / "model.ckpt"), "--to", "hsa", *scale["convert"]
-    )
+    main_py("convert", "--hf", str(work / "hf"), "--out", str(work / "hsa" / "model.ckpt"), "--to", "hsa",
+            *scale["convert"])
     start = time.perf_counter()
-    main_py(
-        "fit",
-        "--config",
-        str(work / "hsa" / "model.yaml"),
-        "--config",
-        "configs/convert/hsa_from_dense.yaml",
-        *scale["continue"],
-        "trainer.enable_progress_bar=false",
-        f"trainer.root_dir={runs}",
-        "trainer.run_name=hsa",
-    )
+    main_py("fit", "--config", str(work / "hsa" / "model.yaml"), "--config", "configs/convert/hsa_from_dense.yaml",
+            *scale["continue"], "trainer.enable_progress_bar=false", f"trainer.root_dir={runs}",
+            "trainer.run_name=hsa")
     hsa = last_checkpoint(runs, "hsa")
     timings["continue_hsa_s"] = time.perf_counter() - start
 
     length = int(next(o.split("=")[1] for o in scale["dense"] if o.startswith("data.seq_len=")))
-    losses = {
-        name: held_out_loss(path, length, scale["eval_windows"], device)
-        for name, path in (("dense", dense), ("converted", work / "hsa" / "model.ckpt"), ("hsa", hsa))
-    }
+    losses = {name: held_out_loss(path, length, scale["eval_windows"], device)
+              for name, path in (("dense", dense), ("converted", work / "hsa" / "model.ckpt"), ("hsa", hsa))}
     result = {
-        "gpu": gpu_name(),
-        "scale": args.scale,
-        "train_length": length,
-        "timings": timings,
+        "gpu": gpu_name(), "scale": args.scale, "train_length": length, "timings": timings,
         "commands": {"dense": scale["dense"], "convert": scale["convert"], "continue": scale["continue"]},
-        "held_out_loss": losses,
-        "hsa_vs_dense_loss": losses["hsa"] / losses["dense"],
+        "held_out_loss": losses, "hsa_vs_dense_loss": losses["hsa"] / losses["dense"],
         "dense": {"retrieval": retrieval(dense, scale["tasks"], scale["lengths"], scale["samples"], device)},
         "hsa": {"retrieval": retrieval(hsa, scale["tasks"], scale["lengths"], scale["samples"], device)},
     }
-    print(
-        f"held-out loss at {length}: dense {losses['dense']:.4f} | converted {losses['converted']:.4f} | "
-        f"hsa after continued training {losses['hsa']:.4f} ({100 * (result['hsa_vs_dense_loss'] - 1):+.2f}%)"
-    )
+    print(f"held-out loss at {length}: dense {losses['dense']:.4f} | converted {losses['converted']:.4f} | "
+          f"hsa after continued training {losses['hsa']:.4f} ({100 * (result['hsa_vs_dense_loss'] - 1):+.2f}%)")
     print("| model | task | " + " | ".join(str(n) for n in scale["lengths"]) + " |")
     for name in ("dense", "hsa"):
         for task, by_len in result[name]["retrieval"].items():

@@ -20,7 +20,6 @@ How each term is obtained (bf16-mixed as the configs train: fp32 parameters shar
 Not counted: the CUDA context and allocator fragmentation (a few GB), the chunk memory's K/V (included in the
 chunk encoder's output, small). Measured peaks on a GPU belong next to this plan (pending a GPU session).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -74,9 +73,8 @@ def hsa_kernel_like(q, k, v, weights, indices, chunk_size=64, sm_scale=None, off
 
 def select_kernel_like(q_slc, landmarks, topk, chunk_size=64, doc_ids=None, **kwargs):
     with torch.no_grad():
-        scores, indices = select_chunks_reference(
-            q_slc.detach(), landmarks.detach(), topk, chunk_size, doc_ids, **kwargs
-        )
+        scores, indices = select_chunks_reference(q_slc.detach(), landmarks.detach(), topk, chunk_size, doc_ids,
+                                                  **kwargs)
     return _Keeps.apply(scores.requires_grad_(), q_slc, landmarks, indices), indices
 
 
@@ -97,9 +95,8 @@ def saved_bytes(fn) -> int:
 def unit_activations(cfg: ModelConfig, T: int) -> dict[str, int]:
     """Saved-tensor bytes of one unit of each kind (largest block per kind) at length T, bf16 autocast, CPU."""
     torch.manual_seed(0)
-    small = ModelConfig(
-        **{**cfg.__dict__, "n_lower_layers": 2, "n_groups": 1, "swa_layers_per_group": 0, "vocab_size": 256}
-    )
+    small = ModelConfig(**{**cfg.__dict__, "n_lower_layers": 2, "n_groups": 1, "swa_layers_per_group": 0,
+                           "vocab_size": 256})
     model = HSATransformer(small)
     h = torch.randn(1, T, cfg.d_model, requires_grad=True)
     ctx = model.make_context(T, "cpu", None)
@@ -122,11 +119,8 @@ def plan(preset: str, seq_len: int) -> dict:
     units = transformer_units(model)
     largest_unit = max(sum(p.numel() for p in u.parameters()) for u in units)
     # activations: measured at two lengths, per unit kind, then scaled linearly
-    patches = [
-        (attention_module, "attend", flex_like_attend),
-        (hsa_module, "hsa_attention", hsa_kernel_like),
-        (hsa_module, "select_chunks", select_kernel_like),
-    ]
+    patches = [(attention_module, "attend", flex_like_attend), (hsa_module, "hsa_attention", hsa_kernel_like),
+               (hsa_module, "select_chunks", select_kernel_like)]
     originals = [(m, n, getattr(m, n)) for m, n, _ in patches]
     for m, n, f in patches:
         setattr(m, n, f)
@@ -151,36 +145,19 @@ def plan(preset: str, seq_len: int) -> dict:
         sharded = total * (4 + 4 + 8) / n
         working = largest_unit * 4 * 3  # two all-gathered fp32 units + one unsharded fp32 gradient
         per_gpu = sharded + working + activations
-        rows.append(
-            {
-                "gpus": n,
-                "params_gb": round(total * 4 / n / GB, 2),
-                "grads_gb": round(total * 4 / n / GB, 2),
-                "adamw_gb": round(total * 8 / n / GB, 2),
-                "fsdp_working_gb": round(working / GB, 2),
-                "activations_gb": round(activations / GB, 2),
-                "total_gb": round(per_gpu / GB, 1),
-                **{f"fits_{k.split()[0]}": per_gpu / GB <= cap for k, cap in CAPACITIES.items()},
-            }
-        )
-    return {
-        "preset": preset,
-        "seq_len": seq_len,
-        "date": today(),
-        "parameters": total,
-        "active": active,
-        "units": n_units,
-        "largest_unit_parameters": largest_unit,
-        "activations": {
-            "checkpoint_inputs_gb": round(checkpoint_inputs / GB, 2),
-            "recomputed_unit_gb": round(unit_peak / GB, 2),
-            "loss_chunk_gb": round(loss_chunk / GB, 2),
-            "per_unit_kind_fixed_mb": {k: round(v / 1e6, 1) for k, v in fixed.items()},
-            "per_unit_kind_per_token_kb": {k: round(v / 1e3, 2) for k, v in per_token.items()},
-            "measured_mb": {T: {k: round(v / 1e6, 1) for k, v in m.items()} for T, m in zip(short, per_kind)},
-        },
-        "rows": rows,
-    }
+        rows.append({"gpus": n, "params_gb": round(total * 4 / n / GB, 2), "grads_gb": round(total * 4 / n / GB, 2),
+                     "adamw_gb": round(total * 8 / n / GB, 2), "fsdp_working_gb": round(working / GB, 2),
+                     "activations_gb": round(activations / GB, 2), "total_gb": round(per_gpu / GB, 1),
+                     **{f"fits_{k.split()[0]}": per_gpu / GB <= cap for k, cap in CAPACITIES.items()}})
+    return {"preset": preset, "seq_len": seq_len, "date": today(), "parameters": total, "active": active,
+            "units": n_units, "largest_unit_parameters": largest_unit,
+            "activations": {"checkpoint_inputs_gb": round(checkpoint_inputs / GB, 2),
+                            "recomputed_unit_gb": round(unit_peak / GB, 2), "loss_chunk_gb": round(loss_chunk / GB, 2),
+                            "per_unit_kind_fixed_mb": {k: round(v / 1e6, 1) for k, v in fixed.items()},
+                            "per_unit_kind_per_token_kb": {k: round(v / 1e3, 2) for k, v in per_token.items()},
+                            "measured_mb": {T: {k: round(v / 1e6, 1) for k, v in m.items()}
+                                            for T, m in zip(short, per_kind)}},
+            "rows": rows}
 
 
 def main() -> int:
@@ -190,20 +167,15 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     result = plan(args.preset, parse_length(args.seq_len))
-    print(
-        f"{args.preset}: {result['parameters'] / 1e9:.2f}B parameters ({result['active'] / 1e9:.2f}B active), "
-        f"{result['seq_len']} tokens, FSDP2, bf16-mixed, activation checkpointing"
-    )
-    print(
-        "| GPUs | params GB | grads GB | AdamW GB | FSDP working GB | activations GB | total GB/GPU | 80 GB | 141 GB |"
-    )
+    print(f"{args.preset}: {result['parameters'] / 1e9:.2f}B parameters ({result['active'] / 1e9:.2f}B active), "
+          f"{result['seq_len']} tokens, FSDP2, bf16-mixed, activation checkpointing")
+    print("| GPUs | params GB | grads GB | AdamW GB | FSDP working GB | activations GB | total GB/GPU | 80 GB | 141 "
+          "GB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        print(
-            f"| {r['gpus']} | {r['params_gb']} | {r['grads_gb']} | {r['adamw_gb']} | {r['fsdp_working_gb']} | "
-            f"{r['activations_gb']} | {r['total_gb']} | {'yes' if r['fits_H100'] else 'no'} | "
-            f"{'yes' if r['fits_H200'] else 'no'} |"
-        )
+        print(f"| {r['gpus']} | {r['params_gb']} | {r['grads_gb']} | {r['adamw_gb']} | {r['fsdp_working_gb']} | "
+              f"{r['activations_gb']} | {r['total_gb']} | {'yes' if r['fits_H100'] else 'no'} | "
+              f"{'yes' if r['fits_H200'] else 'no'} |")
     print("activations:", result["activations"])
     write_result(args.out or result_path(f"memory_plan_{args.preset}_{args.seq_len}", "cpu"), result)
     return 0

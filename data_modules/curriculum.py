@@ -1,5 +1,4 @@
 """Context-length curriculum: the stages of ``trainer.seq_len_schedule`` at constant tokens per step."""
-
 from __future__ import annotations
 
 from .sources import DataError
@@ -16,9 +15,7 @@ def seq_len_stages(schedule: list[list[int]], seq_len: int, batch_size: int) -> 
     stages = []
     for step, length in sorted(lengths.items()):
         if tokens % length:
-            raise DataError(
-                f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
-                f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole"
-            )
+            raise DataError(f"trainer.seq_len_schedule: seq_len {length} must divide the tokens per step "
+                              f"(data.batch_size × data.seq_len = {tokens}) so the batch size stays whole")
         stages.append((step, length, tokens // length))
     return stages

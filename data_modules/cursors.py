@@ -5,7 +5,6 @@ whatever the position: counters, file positions and record references, never tex
 Random choices (shuffle-buffer slot, mixture source) are hashes of a counter instead of a generator's state, so the
 state is one integer and a resumed stream draws exactly what the uninterrupted one would have.
 """
-
 from __future__ import annotations
 
 import bisect
@@ -25,9 +24,8 @@ class DocumentSource(Protocol):
 
     files: list
 
-    def owned(
-        self, split: str, epoch: int, seed: int, shard: int, n_shards: int, cursor: Cursor
-    ) -> Iterator[tuple[Cursor, Ref, object]]: ...
+    def owned(self, split: str, epoch: int, seed: int, shard: int, n_shards: int,
+              cursor: Cursor) -> Iterator[tuple[Cursor, Ref, object]]: ...
 
     def decode(self, ref: Ref) -> object: ...
 
@@ -47,18 +45,11 @@ class SourceCursor:
     there, reading only the buffered records again.
     """
 
-    def __init__(
-        self, stream: DocumentSource, seed: int, shard: int, n_shards: int, buffer_size: int, state: dict | None = None
-    ):
+    def __init__(self, stream: DocumentSource, seed: int, shard: int, n_shards: int, buffer_size: int,
+                 state: dict | None = None):
         self.stream, self.seed, self.shard, self.n_shards, self.buffer_size = stream, seed, shard, n_shards, buffer_size
-        state = state or {
-            "epoch": 0,
-            "cursor": (0, (0, 0), 0),
-            "produced": False,
-            "draws": 0,
-            "buffer": [],
-            "repeat": None,
-        }
+        state = state or {"epoch": 0, "cursor": (0, (0, 0), 0), "produced": False, "draws": 0, "buffer": [],
+                          "repeat": None}
         self.epoch, self.cursor, self.produced = state["epoch"], tuple(state["cursor"]), state["produced"]
         self.draws = state["draws"]
         self.buffer = [(tuple(ref), stream.decode(ref)) for ref in state["buffer"]]
@@ -72,14 +63,9 @@ class SourceCursor:
         return self.stream.owned("train", self.epoch, self.seed, self.shard, self.n_shards, self.cursor)
 
     def state(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "cursor": self.cursor,
-            "produced": self.produced,
-            "draws": self.draws,
-            "buffer": [ref for ref, _ in self.buffer],
-            "repeat": None if self.repeat is None else (self.repeat[0], self.repeat[2]),
-        }
+        return {"epoch": self.epoch, "cursor": self.cursor, "produced": self.produced, "draws": self.draws,
+                "buffer": [ref for ref, _ in self.buffer],
+                "repeat": None if self.repeat is None else (self.repeat[0], self.repeat[2])}
 
     def _next_record(self) -> tuple[Ref, object]:
         """The next (reference, document) entering the buffer: a pending repeat, else the next owned record."""
@@ -118,9 +104,8 @@ class SourceCursor:
 class MixedCursor:
     """Weighted mixture of ``SourceCursor``s: draw ``k`` picks a source by a hash of ``(seed, shard, k)``."""
 
-    def __init__(
-        self, sources: list[SourceCursor], weights: list[float], seed: int, shard: int, n_shards: int, draws: int = 0
-    ):
+    def __init__(self, sources: list[SourceCursor], weights: list[float], seed: int, shard: int, n_shards: int,
+                 draws: int = 0):
         self.sources, self.key, self.draws = sources, ("mix", seed, shard, n_shards), draws
         self.cumulative = list(itertools.accumulate(weights))
 

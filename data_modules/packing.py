@@ -1,6 +1,5 @@
 """Documents → fixed-length training windows: a weighted mixture of sources, sharded over ranks and dataloader
 workers, seeded shuffling, batched tokenization, optional chunk alignment, resumable."""
-
 from __future__ import annotations
 
 import itertools
@@ -44,17 +43,8 @@ class DocumentStream:
     """Records of one source's files for one shard: ``(split, epoch)`` fix the file order; record ``g`` of the
     split (in that order) belongs to shard ``g % n_shards``. Only owned records are parsed."""
 
-    def __init__(
-        self,
-        files,
-        text_field: str,
-        val_fraction: float,
-        min_chars: int = 0,
-        long_doc_chars: int = 0,
-        long_doc_repeat: int = 1,
-        skip_bad_records: bool = False,
-        chat: bool = False,
-    ):
+    def __init__(self, files, text_field: str, val_fraction: float, min_chars: int = 0, long_doc_chars: int = 0,
+                 long_doc_repeat: int = 1, skip_bad_records: bool = False, chat: bool = False):
         self.files, self.text_field, self.val_fraction, self.chat = list(files), text_field, val_fraction, chat
         self.min_chars, self.long_doc_chars, self.long_doc_repeat = min_chars, long_doc_chars, long_doc_repeat
         self.skip_bad_records = skip_bad_records
@@ -70,9 +60,8 @@ class DocumentStream:
             random.Random(seed + epoch).shuffle(order)
         return order
 
-    def owned(
-        self, split: str, epoch: int, seed: int, shard: int, n_shards: int, cursor: Cursor = (0, (0, 0), 0)
-    ) -> Iterator[tuple[Cursor, Ref, str | bytes | list]]:
+    def owned(self, split: str, epoch: int, seed: int, shard: int, n_shards: int,
+              cursor: Cursor = (0, (0, 0), 0)) -> Iterator[tuple[Cursor, Ref, str | bytes | list]]:
         """``(cursor after, reference, document)`` for the shard's records of a split, read from ``cursor`` =
         (index in the epoch's file order, start inside that file, split records counted before it) on. A
         reference ``(file index, start)`` reads the record again alone (``decode``)."""
@@ -94,9 +83,8 @@ class DocumentStream:
     def _parse(self, path, position: int, raw) -> str | bytes | list | None:
         """A raw record → document; None when it is too short, or malformed and skipped (counted)."""
         try:
-            doc = (
-                chat_segments(path, position, raw) if self.chat else decode_record(path, position, raw, self.text_field)
-            )
+            doc = chat_segments(path, position, raw) if self.chat else decode_record(path, position, raw,
+                                                                                     self.text_field)
         except DataError:
             if not self.skip_bad_records:
                 raise
@@ -120,10 +108,8 @@ class DocumentStream:
         record = next(records_from(path, self.text_field, tuple(at)), None)
         doc = None if record is None else self._part(self._parse(path, record[0], record[1]), "train")
         if doc is None:
-            raise DataError(
-                f"{path}: the record at {tuple(at)} that a checkpoint points to is gone or no longer a "
-                "document; a resumed run needs the same data files"
-            )
+            raise DataError(f"{path}: the record at {tuple(at)} that a checkpoint points to is gone or no longer a "
+                            "document; a resumed run needs the same data files")
         return doc
 
     def copies(self, doc) -> int:
@@ -135,9 +121,8 @@ class DocumentStream:
             for _ in range(self.copies(doc)):
                 yield doc
 
-    def endless(
-        self, seed: int, shard: int, n_shards: int, shuffle_buffer: int, state: dict | None = None
-    ) -> SourceCursor:
+    def endless(self, seed: int, shard: int, n_shards: int, shuffle_buffer: int,
+                state: dict | None = None) -> SourceCursor:
         """Training documents, epoch after epoch, through a bounded seeded shuffle buffer; resumable (``state``)."""
         return SourceCursor(self, seed, shard, n_shards, shuffle_buffer, state)
 
@@ -154,10 +139,8 @@ def tokenize(docs: Iterator, tokenizer) -> Iterator[Document]:
                 yield Document(next(encoded))
                 continue
             parts = [(next(encoded), target) for _, target in doc]
-            yield Document(
-                np.concatenate([t for t, _ in parts]),
-                np.concatenate([np.full(len(t), target, dtype=bool) for t, target in parts]),
-            )
+            yield Document(np.concatenate([t for t, _ in parts]),
+                           np.concatenate([np.full(len(t), target, dtype=bool) for t, target in parts]))
 
     for doc in docs:
         if isinstance(doc, TextFile):  # in pieces, in order: what is batched before it goes first
@@ -182,9 +165,8 @@ def pieces_of(doc: TextFile, tokenizer) -> Iterator[Document]:
     yield Document(previous if previous is not None else np.zeros(0, dtype=np.int32))
 
 
-def document_pieces(
-    docs: Iterator[Document], eos_id: int, pad_id: int | None = None, align: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def document_pieces(docs: Iterator[Document], eos_id: int, pad_id: int | None = None,
+                    align: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Each document as ``(tokens [n] int32, doc_index [n] int64, target [n] bool)``: its tokens, then EOS, then
     padding to a multiple of ``align`` when given (so the next document starts on a chunk boundary). A document read
     in pieces comes as several such arrays, EOS and padding after its last."""
@@ -232,9 +214,8 @@ def cut_windows(pieces: Iterator[tuple[np.ndarray, ...]], seq_len: int) -> Itera
         n_held = len(held[0][0])
 
 
-def pack_windows(
-    docs: Iterator[Document], seq_len: int, eos_id: int, pad_id: int | None = None, align: int | None = None
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def pack_windows(docs: Iterator[Document], seq_len: int, eos_id: int, pad_id: int | None = None,
+                 align: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Concatenate documents (each followed by EOS, then padded to a multiple of ``align`` when given, so every
     document starts on a chunk boundary) and cut windows of ``seq_len + 1`` tokens with stride ``seq_len``: every
     token is a prediction target once.
@@ -245,9 +226,8 @@ def pack_windows(
     return cut_windows(document_pieces(docs, eos_id, pad_id, align), seq_len)
 
 
-def make_sample(
-    window: np.ndarray, doc_index: np.ndarray, target: np.ndarray, with_doc_ids: bool, weight: np.ndarray | None = None
-) -> dict:
+def make_sample(window: np.ndarray, doc_index: np.ndarray, target: np.ndarray, with_doc_ids: bool,
+                weight: np.ndarray | None = None) -> dict:
     """[L+1] arrays → input_ids [L], labels [L] (next token, −100 where not a target), doc_ids [L] (optional),
     loss_weight [L] float32 (when ``weight`` [L+1] is given: the weight of each label)."""
     tokens = torch.from_numpy(window.astype(np.int64))
@@ -276,28 +256,12 @@ class PackedStream(IterableDataset):
     ``max_batches``: the loader ends after that many batches (a curriculum stage); None: endless.
     """
 
-    def __init__(
-        self,
-        sources: list[DocumentStream],
-        weights: list[float],
-        tokenizer,
-        seq_len: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        batch_size: int = 1,
-        start_batch: int = 0,
-        with_doc_ids: bool = False,
-        align: int | None = None,
-        shuffle_buffer: int = 64,
-        synthetic_fraction: float = 0.0,
-        synthetic_tasks: tuple[str, ...] = TRAINING_TASKS,
-        answer_only_loss: bool = False,
-        answer_loss_weight: float = 1.0,
-        max_batches: int | None = None,
-        start_positions: dict[int, dict] | None = None,
-        track_position: bool = False,
-    ):
+    def __init__(self, sources: list[DocumentStream], weights: list[float], tokenizer, seq_len: int, seed: int,
+                 rank: int = 0, world_size: int = 1, batch_size: int = 1, start_batch: int = 0,
+                 with_doc_ids: bool = False, align: int | None = None, shuffle_buffer: int = 64,
+                 synthetic_fraction: float = 0.0, synthetic_tasks: tuple[str, ...] = TRAINING_TASKS,
+                 answer_only_loss: bool = False, answer_loss_weight: float = 1.0, max_batches: int | None = None,
+                 start_positions: dict[int, dict] | None = None, track_position: bool = False):
         super().__init__()
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
@@ -328,10 +292,8 @@ class PackedStream(IterableDataset):
 
     def _mixed_documents(self, shard: int, n_shards: int, state: dict | None = None) -> MixedCursor:
         states = state["sources"] if state else [None] * len(self.sources)
-        sources = [
-            s.endless(self.seed + 7919 * i, shard, n_shards, self.shuffle_buffer, states[i])
-            for i, s in enumerate(self.sources)
-        ]
+        sources = [s.endless(self.seed + 7919 * i, shard, n_shards, self.shuffle_buffer, states[i])
+                   for i, s in enumerate(self.sources)]
         return MixedCursor(sources, self.weights, self.seed, shard, n_shards, state["draws"] if state else 0)
 
     def _start_position(self, worker: int, n_workers: int) -> dict:
@@ -395,9 +357,8 @@ class PackedStream(IterableDataset):
         worker = (slot + self.start_batch) % n_workers
         shard, n_shards = self.rank * n_workers + worker, self.world_size * n_workers
         windows = self._positioned_windows(shard, n_shards, self._start_position(worker, n_workers))
-        for window, doc_index, target, weight, position in itertools.islice(
-            windows, self._samples_for(slot, n_workers)
-        ):
+        for window, doc_index, target, weight, position in itertools.islice(windows,
+                                                                             self._samples_for(slot, n_workers)):
             sample = make_sample(window, doc_index, target, self.with_doc_ids, weight)
             if self.track_position:
                 sample[POSITION_KEY] = (worker, position)
@@ -418,12 +379,10 @@ def collate_with_position(samples: list[dict]) -> dict:
     return batch
 
 
-def validation_windows(
-    sources: list[DocumentStream], tokenizer, seq_len: int, n: int, with_doc_ids: bool, align: int | None = None
-) -> list[dict]:
+def validation_windows(sources: list[DocumentStream], tokenizer, seq_len: int, n: int, with_doc_ids: bool,
+                       align: int | None = None) -> list[dict]:
     """The first ``n`` packed samples of the sources' validation records, sources interleaved: a fixed set (empty
     when they cannot fill one window; ``TextDataModule.validation_samples`` says so)."""
-
     def interleaved():
         iters = [s.documents("val", 0, 0, 0, 1) for s in sources]
         while iters:
@@ -435,9 +394,8 @@ def validation_windows(
                     yield doc
 
     samples = []
-    for window, doc_index, target in pack_windows(
-        tokenize(interleaved(), tokenizer), seq_len, tokenizer.eos_id, tokenizer.pad_id, align
-    ):
+    for window, doc_index, target in pack_windows(tokenize(interleaved(), tokenizer), seq_len, tokenizer.eos_id,
+                                                  tokenizer.pad_id, align):
         samples.append(make_sample(window, doc_index, target, with_doc_ids))
         if len(samples) == n:
             break

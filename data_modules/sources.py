@@ -6,7 +6,6 @@ A *record* is one document at a position of a file (line number for jsonl, row f
 train/validation split and the sharding over ranks and workers are decided per record, so any number of shards
 covers every record exactly once per epoch, even when the corpus is a single large file.
 """
-
 from __future__ import annotations
 
 import glob
@@ -295,10 +294,8 @@ def check_text_file(path: Path) -> None:
         raise DataError(f"cannot read '{path}': {e.strerror}") from e
     reason = binary_reason(head)
     if reason:
-        raise BinaryFileError(
-            f"'{path}' looks binary ({reason}); text files must be UTF-8 text: remove it, or set "
-            "data.skip_bad_records=true to skip such files"
-        )
+        raise BinaryFileError(f"'{path}' looks binary ({reason}); text files must be UTF-8 text: remove it, or set "
+                              "data.skip_bad_records=true to skip such files")
 
 
 def check_first_record(path: Path, text_field: str, chat: bool = False) -> None:

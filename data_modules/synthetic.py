@@ -20,7 +20,6 @@ All text pieces are built with ``tokenizer.encode`` and joined as token arrays, 
 filled with one ``np.resize`` and the sample with one ``np.concatenate``: the cost is O(length) numpy work plus a
 few Python operations per needle, so million-token samples take milliseconds.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,136 +57,20 @@ _TASK_OPTIONS: dict[str, dict] = {
 # Keys are "adjective-noun" pairs (64 × 64 = 4096 distinct keys): readable, and each is several tokens long for any
 # tokenizer, like RULER's word keys.
 _ADJECTIVES = (
-    "amber",
-    "ancient",
-    "bitter",
-    "bold",
-    "brave",
-    "bright",
-    "broken",
-    "calm",
-    "clever",
-    "cold",
-    "crimson",
-    "curious",
-    "dark",
-    "distant",
-    "dry",
-    "eager",
-    "early",
-    "empty",
-    "fading",
-    "fierce",
-    "gentle",
-    "golden",
-    "grand",
-    "green",
-    "hidden",
-    "hollow",
-    "humble",
-    "icy",
-    "idle",
-    "jolly",
-    "keen",
-    "late",
-    "lazy",
-    "little",
-    "lonely",
-    "loud",
-    "lucky",
-    "misty",
-    "modern",
-    "narrow",
-    "noble",
-    "odd",
-    "pale",
-    "patient",
-    "proud",
-    "purple",
-    "quick",
-    "quiet",
-    "rapid",
-    "rough",
-    "rusty",
-    "silent",
-    "silver",
-    "sleepy",
-    "smooth",
-    "solid",
-    "steady",
-    "sunny",
-    "swift",
-    "tidy",
-    "vast",
-    "wild",
-    "windy",
-    "young",
+    "amber", "ancient", "bitter", "bold", "brave", "bright", "broken", "calm", "clever", "cold", "crimson", "curious",
+    "dark", "distant", "dry", "eager", "early", "empty", "fading", "fierce", "gentle", "golden", "grand", "green",
+    "hidden", "hollow", "humble", "icy", "idle", "jolly", "keen", "late", "lazy", "little", "lonely", "loud", "lucky",
+    "misty", "modern", "narrow", "noble", "odd", "pale", "patient", "proud", "purple", "quick", "quiet", "rapid",
+    "rough", "rusty", "silent", "silver", "sleepy", "smooth", "solid", "steady", "sunny", "swift", "tidy", "vast",
+    "wild", "windy", "young",
 )
 _NOUNS = (
-    "anchor",
-    "apple",
-    "arrow",
-    "badger",
-    "basket",
-    "beacon",
-    "bridge",
-    "candle",
-    "canyon",
-    "castle",
-    "cedar",
-    "comet",
-    "copper",
-    "crane",
-    "desert",
-    "dolphin",
-    "falcon",
-    "feather",
-    "forest",
-    "fountain",
-    "garden",
-    "glacier",
-    "harbor",
-    "hammer",
-    "island",
-    "jacket",
-    "kettle",
-    "ladder",
-    "lantern",
-    "meadow",
-    "mirror",
-    "mountain",
-    "needle",
-    "orchard",
-    "otter",
-    "palace",
-    "pebble",
-    "pepper",
-    "pillow",
-    "planet",
-    "puzzle",
-    "quarry",
-    "rabbit",
-    "river",
-    "saddle",
-    "sparrow",
-    "spider",
-    "statue",
-    "stone",
-    "thunder",
-    "ticket",
-    "tiger",
-    "tower",
-    "tunnel",
-    "valley",
-    "violin",
-    "wagon",
-    "walnut",
-    "window",
-    "winter",
-    "wizard",
-    "yacht",
-    "zebra",
-    "zipper",
+    "anchor", "apple", "arrow", "badger", "basket", "beacon", "bridge", "candle", "canyon", "castle", "cedar", "comet",
+    "copper", "crane", "desert", "dolphin", "falcon", "feather", "forest", "fountain", "garden", "glacier", "harbor",
+    "hammer", "island", "jacket", "kettle", "ladder", "lantern", "meadow", "mirror", "mountain", "needle", "orchard",
+    "otter", "palace", "pebble", "pepper", "pillow", "planet", "puzzle", "quarry", "rabbit", "river", "saddle",
+    "sparrow", "spider", "statue", "stone", "thunder", "ticket", "tiger", "tower", "tunnel", "valley", "violin",
+    "wagon", "walnut", "window", "winter", "wizard", "yacht", "zebra", "zipper",
 )
 
 
@@ -222,15 +105,8 @@ class _Plan:
     depth: float
 
 
-def make_task(
-    task: str,
-    haystack: np.ndarray,
-    length: int,
-    tokenizer,
-    rng: np.random.Generator,
-    depth: float | None = None,
-    **options,
-) -> TaskSample:
+def make_task(task: str, haystack: np.ndarray, length: int, tokenizer, rng: np.random.Generator,
+              depth: float | None = None, **options) -> TaskSample:
     """Build one ``task`` sample of exactly ``length`` tokens over ``haystack``.
 
     ``haystack``: 1-D integer token ids of real text, any length; it is cropped, or cycled when too short, to fill
@@ -263,9 +139,8 @@ def make_task(
         depth = float(depth)
     haystack = np.asarray(haystack)
     if haystack.ndim != 1 or not np.issubdtype(haystack.dtype, np.integer):
-        raise ValueError(
-            f"haystack: must be a 1-D integer token array, got shape {haystack.shape} dtype {haystack.dtype}"
-        )
+        raise ValueError(f"haystack: must be a 1-D integer token array, got shape {haystack.shape} "
+                         f"dtype {haystack.dtype}")
     eos = np.array([tokenizer.eos_id] if opts["append_eos"] else [], dtype=np.int32)
 
     if task == "self_copy":
@@ -276,9 +151,8 @@ def make_task(
     fixed = sum(len(n) for n in plan.needles) + len(plan.question) + len(answer)
     room = length - fixed
     if room < 0:
-        raise ValueError(
-            f"length: {length} tokens cannot hold task '{task}': its needles, question and answer take {fixed} tokens"
-        )
+        raise ValueError(f"length: {length} tokens cannot hold task '{task}': its needles, question and answer "
+                         f"take {fixed} tokens")
     if room > 0 and len(haystack) == 0:
         raise ValueError("haystack: empty, but the task needs haystack tokens to fill the length")
     filler = np.resize(haystack.astype(np.int32, copy=False), room)
@@ -287,7 +161,7 @@ def make_task(
     order = np.argsort(positions, kind="stable")
     pieces, prev = [], 0
     for i in order:
-        pieces += [filler[prev : positions[i]], plan.needles[i]]
+        pieces += [filler[prev:positions[i]], plan.needles[i]]
         prev = positions[i]
     pieces += [filler[prev:], plan.question, answer]
     tokens = np.concatenate(pieces).astype(np.int32, copy=False)
@@ -299,14 +173,8 @@ def make_task(
     return TaskSample(tokens, answer_mask, prompt_len, plan.answers, task, plan.depth, length)
 
 
-def make_random_task(
-    haystack: np.ndarray,
-    length: int,
-    tokenizer,
-    rng: np.random.Generator,
-    tasks: tuple[str, ...] = TRAINING_TASKS,
-    **options,
-) -> TaskSample:
+def make_random_task(haystack: np.ndarray, length: int, tokenizer, rng: np.random.Generator,
+                     tasks: tuple[str, ...] = TRAINING_TASKS, **options) -> TaskSample:
     """Training mix-in: a task drawn uniformly from ``tasks`` at a random depth, over ``haystack`` (typically the
     packed window's own tokens, ``length = len(window)``). ``options`` must be accepted by every task in ``tasks``.
     """
@@ -342,13 +210,8 @@ def _niah_single(tokenizer, rng, depth, opts) -> _Plan:
     key = _keys(rng, 1, opts["key_type"])[0]
     value = _values(rng, 1, opts["value_digits"])[0]
     d = _depth(rng, depth)
-    return _Plan(
-        [_encode(tokenizer, NIAH_NEEDLE.format(key=key, value=value))],
-        [d],
-        _encode(tokenizer, NIAH_QUESTION.format(key=key)),
-        [value],
-        d,
-    )
+    return _Plan([_encode(tokenizer, NIAH_NEEDLE.format(key=key, value=value))], [d],
+                 _encode(tokenizer, NIAH_QUESTION.format(key=key)), [value], d)
 
 
 def _niah_multikey(tokenizer, rng, depth, opts) -> _Plan:
@@ -383,9 +246,8 @@ def _niah_multiquery(tokenizer, rng, depth, opts) -> _Plan:
     needles = [_encode(tokenizer, NIAH_NEEDLE.format(key=k, value=v)) for k, v in zip(keys, values)]
     names = [keys[i] for i in asked]
     joined = names[0] if q == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return _Plan(
-        needles, depths, _encode(tokenizer, MULTIQUERY_QUESTION.format(keys=joined)), [values[i] for i in asked], d
-    )
+    return _Plan(needles, depths, _encode(tokenizer, MULTIQUERY_QUESTION.format(keys=joined)),
+                 [values[i] for i in asked], d)
 
 
 def _vt(tokenizer, rng, depth, opts) -> _Plan:
@@ -394,22 +256,17 @@ def _vt(tokenizer, rng, depth, opts) -> _Plan:
     values = _values(rng, chains, opts["value_digits"])
     needles, depths = [], []
     for c in range(chains):
-        chain = names[c * (hops + 1) : (c + 1) * (hops + 1)]
+        chain = names[c * (hops + 1):(c + 1) * (hops + 1)]
         needles.append(_encode(tokenizer, VT_ASSIGN_VALUE.format(name=chain[0], value=values[c])))
         needles += [_encode(tokenizer, VT_ASSIGN_VAR.format(name=b, source=a)) for a, b in zip(chain, chain[1:])]
         # A chain is stated in order (each variable is defined before it is copied); chain 0 is asked.
         depths += _ordered_depths(rng, depth if c == 0 else None, hops + 1)
-    first = names[: hops + 1]
+    first = names[:hops + 1]
     return _Plan(needles, depths, _encode(tokenizer, VT_QUESTION.format(value=values[0])), first, depths[0])
 
 
-_PLANNERS = {
-    "niah_single": _niah_single,
-    "niah_multikey": _niah_multikey,
-    "niah_multivalue": _niah_multivalue,
-    "niah_multiquery": _niah_multiquery,
-    "vt": _vt,
-}
+_PLANNERS = {"niah_single": _niah_single, "niah_multikey": _niah_multikey, "niah_multivalue": _niah_multivalue,
+             "niah_multiquery": _niah_multiquery, "vt": _vt}
 
 
 def _self_copy(haystack: np.ndarray, length: int, tokenizer, eos: np.ndarray, separator: str) -> TaskSample:
@@ -418,10 +275,8 @@ def _self_copy(haystack: np.ndarray, length: int, tokenizer, eos: np.ndarray, se
     sep = _encode(tokenizer, separator)
     room = length - len(sep) - len(eos)
     if room < 2:
-        raise ValueError(
-            f"length: {length} tokens cannot hold task 'self_copy': the separator and EOS take "
-            f"{len(sep) + len(eos)} tokens and each copy needs at least one"
-        )
+        raise ValueError(f"length: {length} tokens cannot hold task 'self_copy': the separator and EOS take "
+                         f"{len(sep) + len(eos)} tokens and each copy needs at least one")
     if len(haystack) == 0:
         raise ValueError("haystack: empty, self_copy needs text to copy")
     n, lead = room // 2, room % 2
@@ -462,14 +317,12 @@ def _resolve_options(task: str, options: dict) -> dict:
     if opts.get("value_digits", 1) > 18:  # values are drawn as int64
         raise ValueError(f"value_digits: at most 18, got {opts['value_digits']}")
     if task == "niah_multiquery" and opts["num_queries"] > opts["num_pairs"]:
-        raise ValueError(
-            f"num_queries: {opts['num_queries']} queries need at least as many pairs (num_pairs={opts['num_pairs']})"
-        )
+        raise ValueError(f"num_queries: {opts['num_queries']} queries need at least as many pairs "
+                         f"(num_pairs={opts['num_pairs']})")
     n_keys = {"niah_multikey": "num_keys", "niah_multiquery": "num_pairs"}.get(task)
     if n_keys and opts["key_type"] == "word" and opts[n_keys] > len(_ADJECTIVES) * len(_NOUNS):
-        raise ValueError(
-            f"{n_keys}: at most {len(_ADJECTIVES) * len(_NOUNS)} distinct word keys, use key_type='uuid' for more"
-        )
+        raise ValueError(f"{n_keys}: at most {len(_ADJECTIVES) * len(_NOUNS)} distinct word keys, "
+                         f"use key_type='uuid' for more")
     return opts
 
 
@@ -505,14 +358,14 @@ def _keys(rng: np.random.Generator, n: int, key_type: str) -> list[str]:
 def _values(rng: np.random.Generator, n: int, digits: int) -> list[str]:
     """``n`` distinct ``digits``-digit decimal strings (no leading zero)."""
     low = 10 ** (digits - 1) if digits > 1 else 1
-    picks = rng.choice(10**digits - low, size=n, replace=False) + low
+    picks = rng.choice(10 ** digits - low, size=n, replace=False) + low
     return [str(int(v)) for v in picks]
 
 
 def _var_names(rng: np.random.Generator, n: int) -> list[str]:
     """``n`` distinct 5-letter upper-case variable names, as in RULER's variable tracking."""
-    picks = rng.choice(26**5, size=n, replace=False)
-    return ["".join(chr(65 + (int(p) // 26**k) % 26) for k in range(5)) for p in picks]
+    picks = rng.choice(26 ** 5, size=n, replace=False)
+    return ["".join(chr(65 + (int(p) // 26 ** k) % 26) for k in range(5)) for p in picks]
 
 
 def _needle_positions(depths: list[float], filler: np.ndarray, tokenizer, snap: int) -> np.ndarray:
@@ -531,7 +384,7 @@ def _needle_positions(depths: list[float], filler: np.ndarray, tokenizer, snap: 
             if p == 0 or p == room:
                 continue
             lo = max(0, int(p) - snap)
-            after = np.flatnonzero(filler[lo : int(p) + snap] == newline[0]) + lo + 1
+            after = np.flatnonzero(filler[lo:int(p) + snap] == newline[0]) + lo + 1
             if len(after):
                 positions[i] = after[np.argmin(np.abs(after - p))]
     order = np.argsort(np.asarray(depths), kind="stable")

@@ -1,6 +1,5 @@
 """``TextDataModule``: a weighted mixture of text sources (the embedded stdlib corpus, .txt / .jsonl / .parquet
 files) → tokenized, packed LM batches."""
-
 from __future__ import annotations
 
 import logging
@@ -45,29 +44,15 @@ def build_document_streams(cfg) -> tuple[list[DocumentStream], list[float]]:
         # The embedded corpus is known text: a few stdlib test modules are latin-1 / koi8-r on purpose.
         files, skipped = (stdlib_files(), []) if src.kind == "stdlib" else checked_files(src, cfg.skip_bad_records)
         if not files:
-            raise DataError(
-                f"{'data.paths' if cfg.paths else f'data.sources[{i}]'}: every file looks binary "
-                f"({_some(skipped)}); nothing to train on"
-            )
+            raise DataError(f"{'data.paths' if cfg.paths else f'data.sources[{i}]'}: every file looks binary "
+                            f"({_some(skipped)}); nothing to train on")
         binary += skipped
-        streams.append(
-            DocumentStream(
-                files,
-                src.text_field,
-                cfg.val_fraction,
-                src.min_chars,
-                src.long_doc_chars,
-                src.long_doc_repeat,
-                cfg.skip_bad_records,
-                chat=chat,
-            )
-        )
+        streams.append(DocumentStream(files, src.text_field, cfg.val_fraction, src.min_chars, src.long_doc_chars,
+                                      src.long_doc_repeat, cfg.skip_bad_records, chat=chat))
         weights.append(src.weight)
     if binary:
-        _warn_once(
-            f"skipped {len(binary)} binary file{'s' if len(binary) > 1 else ''} "
-            f"(data.skip_bad_records): {_some(binary)}"
-        )
+        _warn_once(f"skipped {len(binary)} binary file{'s' if len(binary) > 1 else ''} "
+                   f"(data.skip_bad_records): {_some(binary)}")
     return streams, weights
 
 
@@ -174,39 +159,19 @@ class TextDataModule(L.LightningDataModule):
         seq_len, batch_size, next_stage = self.stage_at(step)
         rank, world = self._rank_world()
         cfg = self.cfg
-        return PackedStream(
-            self.sources,
-            self.weights,
-            self.tokenizer,
-            seq_len,
-            cfg.seed,
-            rank,
-            world,
-            batch_size,
-            self._consumed,
-            cfg.document_masking,
-            self.align,
-            cfg.shuffle_buffer,
-            cfg.synthetic_fraction,
-            cfg.synthetic_tasks,
-            cfg.answer_only_loss,
-            cfg.answer_loss_weight,
-            max_batches=None if next_stage is None else (next_stage - step) * accumulate,
-            start_positions=dict(self._positions),
-            track_position=True,
-        )
+        return PackedStream(self.sources, self.weights, self.tokenizer, seq_len, cfg.seed, rank, world,
+                            batch_size, self._consumed, cfg.document_masking, self.align, cfg.shuffle_buffer,
+                            cfg.synthetic_fraction, cfg.synthetic_tasks, cfg.answer_only_loss,
+                            cfg.answer_loss_weight,
+                            max_batches=None if next_stage is None else (next_stage - step) * accumulate,
+                            start_positions=dict(self._positions), track_position=True)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         share_cores_with_workers(self.cfg.num_workers)
-        return DataLoader(
-            dataset,
-            batch_size=dataset.batch_size,
-            num_workers=self.cfg.num_workers,
-            persistent_workers=self.cfg.num_workers > 0,
-            collate_fn=collate_with_position,
-            prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None,
-        )
+        return DataLoader(dataset, batch_size=dataset.batch_size, num_workers=self.cfg.num_workers,
+                          persistent_workers=self.cfg.num_workers > 0, collate_fn=collate_with_position,
+                          prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers > 0 else None)
 
     def held_out_split(self) -> list:
         """The fixed validation windows (empty when the data cannot fill one), choosing once how the split is made:
@@ -217,9 +182,8 @@ class TextDataModule(L.LightningDataModule):
         cfg = self.cfg
 
         def windows() -> list:
-            return validation_windows(
-                self.sources, self.tokenizer, cfg.seq_len, cfg.val_samples, cfg.document_masking, self.align
-            )
+            return validation_windows(self.sources, self.tokenizer, cfg.seq_len, cfg.val_samples,
+                                      cfg.document_masking, self.align)
 
         self._val_samples = windows()
         if not self._val_samples and not all(s.chat for s in self.sources):
@@ -227,11 +191,9 @@ class TextDataModule(L.LightningDataModule):
                 source.held_out = "tails"
             self._val_samples = windows()
             if self._val_samples:
-                _warn_once(
-                    f"the documents held out whole (data.val_fraction={cfg.val_fraction:g}) cannot fill one "
-                    f"validation window of {cfg.seq_len + 1} tokens: holding out the last "
-                    f"{cfg.val_fraction:g} of every document instead"
-                )
+                _warn_once(f"the documents held out whole (data.val_fraction={cfg.val_fraction:g}) cannot fill one "
+                           f"validation window of {cfg.seq_len + 1} tokens: holding out the last "
+                           f"{cfg.val_fraction:g} of every document instead")
             else:  # no split fills a window: training data as usual; validation_samples() says why
                 for source in self.sources:
                     source.held_out = "records"
@@ -242,11 +204,9 @@ class TextDataModule(L.LightningDataModule):
         samples = self.held_out_split()
         if not samples:
             cfg = self.cfg
-            raise DataError(
-                f"the validation split has fewer than seq_len + 1 = {cfg.seq_len + 1} tokens, even with "
-                f"the last {cfg.val_fraction:g} of every document held out: raise data.val_fraction, "
-                "lower data.seq_len, or set trainer.limit_val_batches=0"
-            )
+            raise DataError(f"the validation split has fewer than seq_len + 1 = {cfg.seq_len + 1} tokens, even with "
+                            f"the last {cfg.val_fraction:g} of every document held out: raise data.val_fraction, "
+                            "lower data.seq_len, or set trainer.limit_val_batches=0")
         return samples
 
     def val_dataloader(self) -> DataLoader:
@@ -279,11 +239,9 @@ class TextDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         saved = state["ranks"]
         if len(saved) != world or len(saved[0]["positions"]) != self._workers():
-            raise DataError(
-                f"the checkpoint's data positions are for {len(saved)} ranks × "
-                f"{len(saved[0]['positions'])} workers, this run has {world} × {self._workers()}: "
-                "resume with the same devices and data.num_workers, or start anew with init_from="
-            )
+            raise DataError(f"the checkpoint's data positions are for {len(saved)} ranks × "
+                            f"{len(saved[0]['positions'])} workers, this run has {world} × {self._workers()}: "
+                            "resume with the same devices and data.num_workers, or start anew with init_from=")
         self._consumed = int(saved[rank]["batches_consumed"])
         self._positions = {w: p for w, p in enumerate(saved[rank]["positions"]) if p is not None}
 

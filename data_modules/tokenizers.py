@@ -3,7 +3,6 @@
 Both expose ``encode(text) -> int32 array``, ``encode_batch(texts) -> list of arrays``, ``decode(ids)``,
 ``vocab_size``, ``eos_id`` and ``pad_id``.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,8 +51,8 @@ class HFTokenizer:
         if eos is None:
             raise DataError(
                 f"data.tokenizer: '{path}' has no end-of-document token "
-                f"{'named ' + repr(eos_token) if eos_token else 'among ' + ', '.join(_EOS_CANDIDATES)}; "
-                "set data.eos_token"
+                f"{'named ' + repr(eos_token) if eos_token else 'among ' + ', '.join(_EOS_CANDIDATES)}; set "
+                "data.eos_token"
             )
         self.eos_id = eos
         self.pad_id = next((vocab[n] for n in _PAD_CANDIDATES if n in vocab), eos)

@@ -7,7 +7,6 @@ Only the training split is read (``data.val_fraction`` holds the rest out), so h
 text the tokenizer never saw. Special tokens: ``<|endoftext|>`` (id 0: ends every document) and ``<pad>`` (id 1).
 Byte-level (GPT-2's pre-tokenizer and decoder): every string round-trips, no unknown tokens.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -38,12 +37,8 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 

@@ -16,7 +16,6 @@ Decisions, by the op they serve:
   (``MAX_DECODE_CHUNKS``);
 - MoE experts: ``grouped_mm_applies``.
 """
-
 from __future__ import annotations
 
 import os
@@ -145,12 +144,8 @@ def use_ring_kernel(x: torch.Tensor, head_dim: int, window: int, compiled_fallba
     measured faster than the alternative (``compiled_fallback``: the reference compiled by inductor, else eager)."""
     if compiled_fallback and head_dim > RING_KERNEL_MAX_HEAD_DIM_COMPILED:
         return False
-    return (
-        use_fast_paths(x)
-        and x.dtype in FLOATS
-        and power_of_two_in(head_dim, 16, 256)
-        and window <= RING_KERNEL_MAX_WINDOW
-    )
+    return (use_fast_paths(x) and x.dtype in FLOATS and power_of_two_in(head_dim, 16, 256)
+            and window <= RING_KERNEL_MAX_WINDOW)
 
 
 def fused_blocks_apply(t: torch.Tensor) -> bool:
@@ -169,12 +164,8 @@ def hsa_decode_kernel_fits(chunk_size: int, head_dim: int, n_chunks: int, compil
     """Whether an HSA block's decoding step may take the fused kernels (``kernels.decode.triton_hsa``), as far as
     shapes go: power-of-two chunk size and head dim of at least 16, a memory holding chunks, and where the
     alternative is the modules compiled (``compiled``), at most ``MAX_DECODE_CHUNKS`` of them."""
-    return (
-        power_of_two_in(chunk_size, 16)
-        and power_of_two_in(head_dim, 16)
-        and n_chunks > 0
-        and (n_chunks <= MAX_DECODE_CHUNKS or not compiled)
-    )
+    return (power_of_two_in(chunk_size, 16) and power_of_two_in(head_dim, 16) and n_chunks > 0
+            and (n_chunks <= MAX_DECODE_CHUNKS or not compiled))
 
 
 # ------------------------------------------------------------------------------------------------ MoE experts
@@ -201,11 +192,8 @@ def grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _probe_grouped_mm_fp32() -> bool:
     try:
-        torch._grouped_mm(
-            torch.empty(16, 16, device="meta"),
-            torch.empty(1, 16, 16, device="meta"),
-            offs=torch.empty(1, dtype=torch.int32, device="meta"),
-        )
+        torch._grouped_mm(torch.empty(16, 16, device="meta"), torch.empty(1, 16, 16, device="meta"),
+                          offs=torch.empty(1, dtype=torch.int32, device="meta"))
     except RuntimeError:
         return False
     return True

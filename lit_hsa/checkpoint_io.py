@@ -16,7 +16,6 @@ Sharded (folder) checkpoints (FSDP resume, ``main.py consolidate``) are read by 
 ``meta.pt`` weights-only, but ``torch.distributed.checkpoint`` reads its own ``.metadata`` file with plain
 ``pickle.load``: resume or consolidate only folders you trust.
 """
-
 from __future__ import annotations
 
 import errno
@@ -75,11 +74,9 @@ def write_atomically(checkpoint: dict, path: Path) -> None:
         full = is_out_of_space(e) or free_bytes(path.parent) < FULL_DISK_BYTES  # (before the temporary goes)
         temporary.unlink(missing_ok=True)
         if full:
-            raise CheckpointWriteError(
-                f"cannot write checkpoint '{path}': no space left on its filesystem; the "
-                "previous checkpoint is unchanged: free space or set trainer.root_dir "
-                "elsewhere"
-            ) from None
+            raise CheckpointWriteError(f"cannot write checkpoint '{path}': no space left on its filesystem; the "
+                                       "previous checkpoint is unchanged: free space or set trainer.root_dir "
+                                       "elsewhere") from None
         if isinstance(e, PermissionError):
             raise CheckpointWriteError(f"cannot write checkpoint '{path}': {e.strerror}") from None
         raise
@@ -103,18 +100,15 @@ def free_bytes(folder: Path) -> int:
         return FULL_DISK_BYTES
 
 
+
 def save_weights(out: str | Path, state: dict[str, torch.Tensor], hparams: dict, **records: Any) -> None:
     """Write ``out`` atomically in the one weights format: ``state`` (the model's state-dict names, without the
     ``model.`` prefix a Lightning checkpoint adds), ``hparams`` (at least ``model``: the ModelConfig as a dict; also
     ``tokenizer``, ``eos_token`` where known) and ``records`` (plain data: what made the file)."""
     if not isinstance(hparams.get("model"), dict):
         raise TypeError("save_weights: hparams['model'] must be the model config as a dict")
-    checkpoint = {
-        "state_dict": {f"model.{k}": v for k, v in state.items()},
-        "hyper_parameters": hparams,
-        "pytorch-lightning_version": lightning.__version__,
-        **records,
-    }
+    checkpoint = {"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams,
+                  "pytorch-lightning_version": lightning.__version__, **records}
     write_atomically(checkpoint, Path(out))
 
 
@@ -130,17 +124,14 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist")
     try:
-        checkpoint = torch.load(
-            path, map_location=map_location, weights_only=WEIGHTS_ONLY, mmap=mmap and zipfile.is_zipfile(path)
-        )
+        checkpoint = torch.load(path, map_location=map_location, weights_only=WEIGHTS_ONLY,
+                                mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names the first global it refuses ("Unsupported global: GLOBAL os.system");
         # any other unpickling failure is a file that is not a checkpoint at all.
         if "unsupported global" in str(e).lower():  # also "...GLOBAL posix.system whose module posix is blocked"
-            raise ConfigError(
-                f"checkpoint '{path}' holds objects other than tensors and plain data: refusing to "
-                "unpickle it (weights_only)"
-            ) from None
+            raise ConfigError(f"checkpoint '{path}' holds objects other than tensors and plain data: refusing to "
+                              "unpickle it (weights_only)") from None
         raise ConfigError(unreadable(path)) from None
     except PermissionError as e:
         raise ConfigError(f"checkpoint '{path}' cannot be read: {e.strerror}") from None
@@ -182,10 +173,8 @@ def checkpoint_state(path: str, module, mmap: bool = False) -> dict:
     ``mmap``: mapped, not read (``load_checkpoint_file``), for a check whose weights are not used."""
     checkpoint = load_checkpoint_file(path, mmap=mmap)
     if checkpoint.get("lora_base"):
-        raise ConfigError(
-            f"checkpoint '{path}' holds LoRA adapters only: resume it with finetune.method=lora, or "
-            f"make a full one with `python main.py merge --ckpt {path} --out merged.ckpt`"
-        )
+        raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: resume it with finetune.method=lora, or "
+                          f"make a full one with `python main.py merge --ckpt {path} --out merged.ckpt`")
     if not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"checkpoint '{path}' holds no state_dict: not a checkpoint written by `main.py fit`")
     state = checkpoint["state_dict"]
@@ -200,11 +189,8 @@ def state_problems(state: dict, own: dict) -> str:
     none)."""
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
+    problems += [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
     return "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
 
 
@@ -215,15 +201,13 @@ def full_checkpoint(path: str | Path, mmap: bool = False) -> tuple[ModelConfig, 
     the file, not read (``load_checkpoint_file``)."""
     checkpoint = load_checkpoint_file(path, mmap=mmap)
     if checkpoint.get("lora_base"):
-        raise ConfigError(
-            f"checkpoint '{path}' holds LoRA adapters only: make a full one with "
-            f"`python main.py merge --ckpt {path} --out merged.ckpt`"
-        )
+        raise ConfigError(f"checkpoint '{path}' holds LoRA adapters only: make a full one with "
+                          f"`python main.py merge --ckpt {path} --out merged.ckpt`")
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, dict) or not isinstance(hparams.get("model"), dict):
         raise ConfigError(f"checkpoint '{path}' records no model hyper-parameters: not a checkpoint of `main.py fit`")
     cfg = ModelConfig(**hparams["model"])
-    state = {k[len("model.") :]: v for k, v in checkpoint.pop("state_dict", {}).items() if k.startswith("model.")}
+    state = {k[len("model."):]: v for k, v in checkpoint.pop("state_dict", {}).items() if k.startswith("model.")}
     with torch.device("meta"):  # names and shapes only
         problems = state_problems(state, HSATransformer(cfg).state_dict())
     if problems:

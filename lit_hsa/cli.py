@@ -4,7 +4,6 @@
 Configuration, checkpoint and data problems are reported as one line on stderr with exit code 2, before any training
 starts; a diverged run (non-finite loss or gradients) with exit code 3.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -30,13 +29,9 @@ from lit_hsa.training.run import run
 
 
 def config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        "-c",
-        action="append",
-        help="YAML config (configs/tiny.yaml); omitted keys keep their defaults. Repeat it to merge "
-        "several files in order (later keys win)",
-    )
+    parser.add_argument("--config", "-c", action="append",
+                        help="YAML config (configs/tiny.yaml); omitted keys keep their defaults. Repeat it to merge "
+                        "several files in order (later keys win)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. trainer.max_steps=30")
 
 
@@ -53,9 +48,8 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", default="1k,4k", help="comma-separated, k/m suffixes: 4k,64k,1m")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     parser.add_argument("--samples", type=int, default=4, help="samples per task × length × depth")
-    parser.add_argument(
-        "--ppl-length", default="0", help="tokens of held-out text for perplexity by position (0: skip)"
-    )
+    parser.add_argument("--ppl-length", default="0",
+                        help="tokens of held-out text for perplexity by position (0: skip)")
     parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus)")
     parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
 
@@ -77,13 +71,8 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument(
-        "--compile",
-        action="store_const",
-        const="inductor",
-        default=None,
-        help="compile the decoding step's blocks (CUDA; tens of seconds once, then faster tokens)",
-    )
+    parser.add_argument("--compile", action="store_const", const="inductor", default=None,
+                        help="compile the decoding step's blocks (CUDA; tens of seconds once, then faster tokens)")
 
 
 def ckpt_to_out_arguments(ckpt: str, out: str) -> Callable[[argparse.ArgumentParser], None]:
@@ -91,45 +80,31 @@ def ckpt_to_out_arguments(ckpt: str, out: str) -> Callable[[argparse.ArgumentPar
         parser.add_argument("--ckpt", required=True, help=ckpt)
         parser.add_argument("--out", required=True, help=out)
         parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
     return add
 
 
 def merge_arguments(parser: argparse.ArgumentParser) -> None:
-    ckpt_to_out_arguments(
-        "a LoRA fine-tuning checkpoint (finetune.method=lora)", "the full single-file checkpoint to write"
-    )(parser)
+    ckpt_to_out_arguments("a LoRA fine-tuning checkpoint (finetune.method=lora)",
+                          "the full single-file checkpoint to write")(parser)
     parser.add_argument("--base", help="its base checkpoint (default: the one recorded in --ckpt)")
 
 
 def convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
     parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
-    parser.add_argument(
-        "--to",
-        default="full",
-        choices=("full", "hsa"),
-        help="full: the same network; hsa: SWA + HSA layout, same function at conversion",
-    )
+    parser.add_argument("--to", default="full", choices=("full", "hsa"),
+                        help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16",
-    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16")
 
 
 def export_arguments(parser: argparse.ArgumentParser) -> None:
     ckpt_to_out_arguments("a full checkpoint (LoRA: `main.py merge` it first)", "the directory to write")(parser)
-    parser.add_argument(
-        "--native",
-        default="auto",
-        choices=("auto", "never"),
-        help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
-        "architecture; never: always the lit_hsa format (trust_remote_code)",
-    )
+    parser.add_argument("--native", default="auto", choices=("auto", "never"),
+                        help="auto: a model that is exactly Llama / Qwen2 / Qwen3 / Mistral is written as that "
+                        "architecture; never: always the lit_hsa format (trust_remote_code)")
 
 
 def _cuda() -> bool:
@@ -155,21 +130,10 @@ def run_generate(args: argparse.Namespace) -> None:
     text = Path(args.prompt_file).read_text() if args.prompt_file is not None else args.prompt
     prompt = torch.as_tensor(tokenizer.encode(text), dtype=torch.long, device=args.device)[None]
     if prompt.shape[1] == 0:
-        raise ConfigError(
-            f"the prompt{'' if args.prompt_file is None else f' in {args.prompt_file!r}'} is empty "
-            "(no tokens): give at least one character"
-        )
-    out = generate(
-        model,
-        prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        tokenizer.eos_id,
-        args.segment_size,
-        torch.Generator(device=args.device).manual_seed(args.seed),
-        compile=args.compile,
-    )
+        raise ConfigError(f"the prompt{'' if args.prompt_file is None else f' in {args.prompt_file!r}'} is empty "
+                          "(no tokens): give at least one character")
+    out = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id,
+                   args.segment_size, torch.Generator(device=args.device).manual_seed(args.seed), compile=args.compile)
     print(tokenizer.decode(out[0, prompt.shape[1] :].tolist()))
 
 
@@ -190,47 +154,25 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "fit": Command(
-        "Train (or fine-tune, or resume) a model from a YAML config and overrides.",
-        config_arguments,
-        lambda a: run("fit", load_config(a.config, a.overrides)),
-        intermixed=True,
-    ),
-    "validate": Command(
-        "Validation loss of a checkpoint (ckpt_path=...) on a config's held-out data.",
-        config_arguments,
-        lambda a: run("validate", load_config(a.config, a.overrides)),
-        intermixed=True,
-    ),
+    "fit": Command("Train (or fine-tune, or resume) a model from a YAML config and overrides.", config_arguments,
+                   lambda a: run("fit", load_config(a.config, a.overrides)), intermixed=True),
+    "validate": Command("Validation loss of a checkpoint (ckpt_path=...) on a config's held-out data.",
+                        config_arguments, lambda a: run("validate", load_config(a.config, a.overrides)),
+                        intermixed=True),
     "generate": Command("Generate text from a checkpoint.", generate_arguments, run_generate),
     "eval": Command("RULER-style retrieval accuracy and perplexity by position.", eval_arguments, run_eval),
-    "experiment": Command(
-        "Train several models with one recipe, evaluate retrieval by length.",
-        experiment_arguments,
-        run_experiment_command,
-        intermixed=True,
-    ),
-    "merge": Command(
-        "Fold LoRA adapters into a full checkpoint.", merge_arguments, lambda a: merge_checkpoint(a.ckpt, a.out, a.base)
-    ),
-    "consolidate": Command(
-        "Turn a sharded (FSDP) checkpoint folder into one file.",
-        ckpt_to_out_arguments(
-            "the checkpoint folder (…/checkpoints/last.ckpt/)", "the single-file checkpoint to write"
-        ),
-        lambda a: consolidate(a.ckpt, a.out),
-    ),
-    "convert": Command(
-        "A local Hugging Face model directory → a lit-hsa checkpoint.",
-        convert_arguments,
-        lambda a: convert(a.hf, a.out, a.to, a.overrides, a.seed),
-        intermixed=True,
-    ),
-    "export": Command(
-        "A lit-hsa checkpoint → a Hugging Face model directory.",
-        export_arguments,
-        lambda a: export_checkpoint(a.ckpt, a.out, a.native, a.overwrite),
-    ),
+    "experiment": Command("Train several models with one recipe, evaluate retrieval by length.",
+                          experiment_arguments, run_experiment_command, intermixed=True),
+    "merge": Command("Fold LoRA adapters into a full checkpoint.", merge_arguments,
+                     lambda a: merge_checkpoint(a.ckpt, a.out, a.base)),
+    "consolidate": Command("Turn a sharded (FSDP) checkpoint folder into one file.",
+                           ckpt_to_out_arguments("the checkpoint folder (…/checkpoints/last.ckpt/)",
+                                                 "the single-file checkpoint to write"),
+                           lambda a: consolidate(a.ckpt, a.out)),
+    "convert": Command("A local Hugging Face model directory → a lit-hsa checkpoint.", convert_arguments,
+                       lambda a: convert(a.hf, a.out, a.to, a.overrides, a.seed), intermixed=True),
+    "export": Command("A lit-hsa checkpoint → a Hugging Face model directory.", export_arguments,
+                      lambda a: export_checkpoint(a.ckpt, a.out, a.native, a.overwrite)),
 }
 
 
@@ -260,7 +202,7 @@ def one_line(error: Exception) -> str:
     """A DataLoader worker re-raises our error with the worker's traceback in the message: keep its last line."""
     last = str(error).strip().splitlines()[-1]
     prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    return last[len(prefix) :] if last.startswith(prefix) else last
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 def main(argv: list[str] | None = None) -> int:

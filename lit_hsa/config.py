@@ -3,7 +3,6 @@
 YAML files are merged onto these dataclasses with OmegaConf (``load_config``), so an unknown or mistyped key fails
 at start-up with the key's name. ``ModelConfig.from_name`` gives the named presets (litgpt style).
 """
-
 from __future__ import annotations
 
 import difflib
@@ -219,13 +218,8 @@ class TrainerConfig:
 
     def retrieval_eval(self) -> RetrievalEvalOptions:
         """The in-training retrieval probe's options (depth drawn at random per sample)."""
-        return RetrievalEvalOptions(
-            self.eval_tasks,
-            self.eval_lengths,
-            None,
-            self.eval_samples,
-            names={k: f"trainer.eval_{k}" for k in ("tasks", "lengths", "samples")},
-        )
+        return RetrievalEvalOptions(self.eval_tasks, self.eval_lengths, None, self.eval_samples,
+                                    names={k: f"trainer.eval_{k}" for k in ("tasks", "lengths", "samples")})
 
     def validate(self) -> None:
         check_choice("trainer.nan_policy", self.nan_policy, ("stop", "skip"))
@@ -239,15 +233,8 @@ class TrainerConfig:
         if self.eval_every_n_steps < 0:
             raise ConfigError(f"trainer.eval_every_n_steps must be >= 0, got {self.eval_every_n_steps}")
         self.retrieval_eval().validate()
-        for key in (
-            "max_steps",
-            "accumulate_grad_batches",
-            "val_check_interval",
-            "log_every_n_steps",
-            "checkpoint_every_n_steps",
-            "retrieval_stats_every",
-            "max_consecutive_nonfinite",
-        ):
+        for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
+                    "checkpoint_every_n_steps", "retrieval_stats_every", "max_consecutive_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
 
@@ -272,19 +259,15 @@ class FinetuneConfig:
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("finetune: lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         if self.method != "none" and not (cfg.init_from or cfg.ckpt_path):
-            raise ConfigError(
-                f"finetune.method={self.method} fine-tunes a trained model: set init_from=<checkpoint> "
-                "(or ckpt_path=<fine-tuning checkpoint> to resume)"
-            )
+            raise ConfigError(f"finetune.method={self.method} fine-tunes a trained model: set init_from=<checkpoint> "
+                              "(or ckpt_path=<fine-tuning checkpoint> to resume)")
         if self.method == "lora" and not self.lora_targets:
             raise ConfigError(f"finetune.lora_targets is empty; choose from {', '.join(LORA_TARGETS)}")
         check_choice("finetune.lora_base_dtype", self.lora_base_dtype, ("fp32", "bf16"))
         if self.lora_base_dtype == "bf16" and (self.method != "lora" or not cfg.trainer.precision.startswith("bf16")):
-            raise ConfigError(
-                "finetune.lora_base_dtype=bf16 keeps a LoRA run's frozen base in bf16: it needs "
-                f"finetune.method=lora and a bf16 trainer.precision, got {self.method} and "
-                f"{cfg.trainer.precision}"
-            )
+            raise ConfigError("finetune.lora_base_dtype=bf16 keeps a LoRA run's frozen base in bf16: it needs "
+                              f"finetune.method=lora and a bf16 trainer.precision, got {self.method} and "
+                              f"{cfg.trainer.precision}")
         if self.method == "lora" and cfg.trainer.strategy == "fsdp":
             raise ConfigError("finetune.method=lora runs on one device (or DDP), not with trainer.strategy=fsdp")
 
@@ -306,26 +289,21 @@ class Config:
         self.data.validate()
         self.optim.validate()
         self.trainer.validate()
-        if (
-            self.model.attention == "hsa" or self.data.align_docs_to_chunks
-        ) and self.data.seq_len % self.model.chunk_size:
+        chunked = self.model.attention == "hsa" or self.data.align_docs_to_chunks
+        if chunked and self.data.seq_len % self.model.chunk_size:
             raise ConfigError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.chunk_size ({self.model.chunk_size})"
             )
         if self.model.attention == "hsa" and self.data.document_masking and not self.data.align_docs_to_chunks:
-            raise ConfigError(
-                "data.document_masking with model.attention=hsa needs data.align_docs_to_chunks=true: "
-                "a chunk straddling two documents is encoded across both, so no document may retrieve it"
-            )
+            raise ConfigError("data.document_masking with model.attention=hsa needs data.align_docs_to_chunks=true: "
+                              "a chunk straddling two documents is encoded across both, so no document may retrieve it")
         self._validate_seq_len_schedule()
         for key in ("ckpt_path", "init_from"):
             if getattr(self, key) is not None and not Path(getattr(self, key)).exists():
                 raise ConfigError(f"{key} '{getattr(self, key)}' does not exist")
         if self.init_from is not None and Path(self.init_from).is_dir():
-            raise ConfigError(
-                f"init_from '{self.init_from}' is a sharded checkpoint folder; "
-                "make one file with `python main.py consolidate` first"
-            )
+            raise ConfigError(f"init_from '{self.init_from}' is a sharded checkpoint folder; "
+                              "make one file with `python main.py consolidate` first")
         # A LoRA resume may name both: init_from is then the frozen base the adapters were trained on.
         if self.ckpt_path and self.init_from and self.finetune.method != "lora":
             raise ConfigError("set either ckpt_path (full resume) or init_from (weights only), not both")
@@ -335,10 +313,8 @@ class Config:
         chunked = self.model.attention == "hsa" or self.data.align_docs_to_chunks
         for _, seq_len in self.trainer.seq_len_schedule:
             if chunked and seq_len % self.model.chunk_size:
-                raise ConfigError(
-                    f"trainer.seq_len_schedule: seq_len {seq_len} must be a multiple of "
-                    f"model.chunk_size ({self.model.chunk_size})"
-                )
+                raise ConfigError(f"trainer.seq_len_schedule: seq_len {seq_len} must be a multiple of "
+                                  f"model.chunk_size ({self.model.chunk_size})")
         try:
             seq_len_stages(self.trainer.seq_len_schedule, self.data.seq_len, self.data.batch_size)
         except DataError as e:
@@ -359,10 +335,8 @@ def load_yaml(path: str):
         if mark is not None:  # PyYAML's MarkedYAMLError: where the parser gave up, and what it was reading then
             start = getattr(e, "context_mark", None)
             context = f" ({e.context} at line {start.line + 1}, column {start.column + 1})" if start else ""
-            raise ConfigError(
-                f"config file '{path}' is not valid YAML: line {mark.line + 1}, column "
-                f"{mark.column + 1}: {e.problem}{context}"
-            ) from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: line {mark.line + 1}, column "
+                              f"{mark.column + 1}: {e.problem}{context}") from None
         key = f" (key '{e.full_key}')" if getattr(e, "full_key", None) else ""  # OmegaConf's own parse errors
         raise ConfigError(f"config file '{path}' is not valid YAML{key}: {str(e).splitlines()[0]}") from e
 
@@ -372,7 +346,6 @@ CONFIG_DIR = "${config_dir:}"  # in a config file's strings: that file's folder 
 
 def with_config_dir(node, folder: Path):
     """``node`` with ``${config_dir:}`` in its strings replaced by ``folder`` (other interpolations left alone)."""
-
     def walk(value):
         if isinstance(value, dict):
             return {k: walk(v) for k, v in value.items()}
@@ -385,21 +358,8 @@ def with_config_dir(node, folder: Path):
 
 
 # A model section holding these describes a whole network by itself: its name need not be a preset.
-MODEL_SHAPE_KEYS = frozenset(
-    {
-        "vocab_size",
-        "d_model",
-        "n_lower_layers",
-        "n_groups",
-        "swa_layers_per_group",
-        "n_heads",
-        "n_kv_heads",
-        "head_dim",
-        "attention",
-        "ffn_hidden",
-        "moe",
-    }
-)
+MODEL_SHAPE_KEYS = frozenset({"vocab_size", "d_model", "n_lower_layers", "n_groups", "swa_layers_per_group", "n_heads",
+                              "n_kv_heads", "head_dim", "attention", "ffn_hidden", "moe"})
 
 
 def load_config(path: str | list[str] | None = None, overrides: list[str] | None = None, base: Any = None) -> Config:
@@ -414,18 +374,16 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | None
     one-line message naming the bad key.
     """
     paths = [path] if isinstance(path, str) else list(path or [])
-    file_cfg = (
-        OmegaConf.merge(*(load_yaml(p) for p in paths)) if paths else OmegaConf.create(base if base is not None else {})
-    )
+    file_cfg = (OmegaConf.merge(*(load_yaml(p) for p in paths)) if paths
+                else OmegaConf.create(base if base is not None else {}))
     cli_cfg = parse_overrides(overrides)
     preset = str(OmegaConf.select(cli_cfg, "model.name") or OmegaConf.select(file_cfg, "model.name") or "tiny")
     given = set(OmegaConf.select(file_cfg, "model") or {}) | set(OmegaConf.select(cli_cfg, "model") or {})
     complete = preset not in PRESETS and given >= MODEL_SHAPE_KEYS
     model = ModelConfig(name=preset) if complete else ModelConfig.from_name(preset)
     schema = OmegaConf.structured(Config(model=model))
-    cfg: Config = merge_onto(
-        schema, file_cfg, cli_cfg, unknown_key=lambda key: f"unknown config key '{key}'{_suggest_key(key)}"
-    )
+    cfg: Config = merge_onto(schema, file_cfg, cli_cfg,
+                             unknown_key=lambda key: f"unknown config key '{key}'{_suggest_key(key)}")
     cfg.validate()
     return cfg
 
@@ -451,7 +409,6 @@ def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
 
 def save_config(cfg: Config, path: str | Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), str(path))
-
 
 def _suggest_key(full_key: str) -> str:
     """The closest valid key in the same section of the schema (list items like ``data.sources[0].x`` included)."""

@@ -10,7 +10,6 @@ presets: their description (the comment above each in ``PRESETS``), parameter co
 and every model key on which a preset differs from the schema's default. ``tests/test_docs.py`` fails when the
 committed file and this output differ.
 """
-
 from __future__ import annotations
 
 import inspect
@@ -87,7 +86,7 @@ def preset_descriptions() -> dict[str, str]:
     start = next(i for i, line in enumerate(lines) if line.startswith("PRESETS"))
     out: dict[str, str] = {}
     above: list[str] = []
-    for line in lines[start + 1 :]:
+    for line in lines[start + 1:]:
         if line.startswith("}"):
             break
         stripped = line.strip()
@@ -164,18 +163,11 @@ def preset_tables() -> list[str]:
         total, active = model.num_parameters()
         out.append(f"| `{name}` | {_count(total)} | {_count(active)} | {_cell(descriptions.get(name, ''))} |")
     default = ModelConfig()
-    differing = [
-        f.name
-        for f in fields(ModelConfig)
-        if f.name != "name" and any(getattr(p, f.name) != getattr(default, f.name) for p in PRESETS.values())
-    ]
-    out += [
-        "",
-        "Model keys on which a preset differs from the schema default:",
-        "",
-        "| key | default | " + " | ".join(f"`{n}`" for n in PRESETS) + " |",
-        "|---|---|" + "---|" * len(PRESETS),
-    ]
+    differing = [f.name for f in fields(ModelConfig) if f.name != "name"
+                 and any(getattr(p, f.name) != getattr(default, f.name) for p in PRESETS.values())]
+    out += ["", "Model keys on which a preset differs from the schema default:", "",
+            "| key | default | " + " | ".join(f"`{n}`" for n in PRESETS) + " |",
+            "|---|---|" + "---|" * len(PRESETS)]
     for key in differing:
         cells = [format_value(getattr(default, key))] + [format_value(getattr(p, key)) for p in PRESETS.values()]
         out.append(f"| `model.{key}` | " + " | ".join(cells) + " |")
@@ -201,14 +193,10 @@ def reference_markdown() -> str:
         if doc and cls is not Config:
             out += [doc, ""]
         out += section_table(prefix, cls) + [""]
-    out += [
-        "## Model presets",
-        "",
-        "`ModelConfig.from_name(name)`; parameters counted on the meta device with the preset's vocabulary "
-        "(`tiny`: 320, the byte tokenizer's 258 symbols padded to a multiple of 64); tied embeddings count once, "
-        "routed experts count k/E of their weights as active.",
-        "",
-    ]
+    out += ["## Model presets", "",
+            "`ModelConfig.from_name(name)`; parameters counted on the meta device with the preset's vocabulary "
+            "(`tiny`: 320, the byte tokenizer's 258 symbols padded to a multiple of 64); tied embeddings count once, "
+            "routed experts count k/E of their weights as active.", ""]
     out += preset_tables()
     return "\n".join(out) + "\n"
 

@@ -26,7 +26,6 @@ phase, parameters, FLOPs, held-out perplexity, perplexity by position, retrieval
 runs made in separate commands (one GPU session each) combine into one report, with the mean and spread over seeds
 of every metric.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -156,14 +155,9 @@ class Experiment:
 
     def validate_eval(self) -> None:
         ev = self.eval
-        RetrievalEvalOptions(
-            ev.tasks,
-            ev.lengths,
-            ev.depths,
-            ev.samples,
-            ev.segment_size,
-            names={k: f"eval.{k}" for k in ("tasks", "lengths", "depths", "samples", "segment_size")},
-        ).validate()
+        RetrievalEvalOptions(ev.tasks, ev.lengths, ev.depths, ev.samples, ev.segment_size,
+                             names={k: f"eval.{k}" for k in ("tasks", "lengths", "depths", "samples",
+                                                             "segment_size")}).validate()
         for key, values in (("eval.max_length", ev.max_length.values()), ("eval.ppl_lengths", ev.ppl_lengths)):
             for v in values:
                 try:
@@ -175,18 +169,15 @@ class Experiment:
         if ev.reference_model is not None:
             check_choice("eval.reference_model", ev.reference_model, tuple(self.models))
         if ev.ppl_windows < 0 or any(parse_length(n) < 2 for n in ev.ppl_lengths):
-            raise ConfigError(
-                f"eval.ppl_windows must be >= 0 and eval.ppl_lengths >= 2 tokens, got "
-                f"{ev.ppl_windows} and {ev.ppl_lengths}"
-            )
+            raise ConfigError(f"eval.ppl_windows must be >= 0 and eval.ppl_lengths >= 2 tokens, got "
+                              f"{ev.ppl_windows} and {ev.ppl_lengths}")
 
     def validate_phases(self) -> None:
         names = [p.name for p in self.phases]
         for i, p in enumerate(self.phases):
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):  # it names run folders
-                raise ConfigError(
-                    f"phases[{i}].name must be a word of letters, digits, '_', '.' or '-', got '{p.name}'"
-                )
+                raise ConfigError(f"phases[{i}].name must be a word of letters, digits, '_', '.' or '-', got "
+                                  f"'{p.name}'")
             if names.index(p.name) != i:
                 raise ConfigError(f"phases: two phases are named '{p.name}'")
             if p.max_steps < 1:
@@ -217,22 +208,16 @@ def check_phase_chain(model: str, configs: list[tuple[str, Config]]) -> None:
     reference = shapes(first.model)
     for name, cfg in configs:
         if cfg.model.attention == "full" and cfg.trainer.swa_window_schedule:
-            raise ConfigError(
-                f"model '{model}'{f', phase {name!r}' if name else ''}: trainer.swa_window_schedule "
-                f"needs a sliding window, model.attention is 'full' (add "
-                f"'{name + ':' if name else ''}trainer.swa_window_schedule=[]' to its overrides)"
-            )
+            raise ConfigError(f"model '{model}'{f', phase {name!r}' if name else ''}: trainer.swa_window_schedule "
+                              f"needs a sliding window, model.attention is 'full' (add "
+                              f"'{name + ':' if name else ''}trainer.swa_window_schedule=[]' to its overrides)")
         if cfg.data.tokenizer != first.data.tokenizer:
-            raise ConfigError(
-                f"model '{model}', phase '{name}': data.tokenizer '{cfg.data.tokenizer}' differs from "
-                f"phase '{first_name}' ('{first.data.tokenizer}'): phases share one model"
-            )
+            raise ConfigError(f"model '{model}', phase '{name}': data.tokenizer '{cfg.data.tokenizer}' differs from "
+                              f"phase '{first_name}' ('{first.data.tokenizer}'): phases share one model")
         problems = state_problems(shapes(cfg.model), reference)
         if problems:
-            raise ConfigError(
-                f"model '{model}', phase '{name}': its model.* keys change parameter shapes against "
-                f"phase '{first_name}' ({problems}): phases continue one model"
-            )
+            raise ConfigError(f"model '{model}', phase '{name}': its model.* keys change parameter shapes against "
+                              f"phase '{first_name}' ({problems}): phases continue one model")
 
 
 def shapes(model_cfg: ModelConfig) -> dict:
@@ -299,7 +284,6 @@ def apply_override(node, item: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-
 
 def train_run(exp: Experiment, model: str, seed: Optional[int]):
     """Train one run phase by phase → (the trained HSATransformer, training summary). Each phase leaves its final
@@ -370,13 +354,9 @@ def train_model(cfg: Config):
     module, datamodule, trainer = build_run(cfg)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=WEIGHTS_ONLY)
-    info = {
-        "steps": trainer.global_step,
-        "tokens": module.tokens_seen,
-        "seconds": round(time.perf_counter() - start, 1),
-        "flops": module.flops_seen,
-        "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
-    }
+    seconds = round(time.perf_counter() - start, 1)
+    info = {"steps": trainer.global_step, "tokens": module.tokens_seen, "seconds": seconds, "flops": module.flops_seen,
+            "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
     return module.model, info
 
 
@@ -392,26 +372,19 @@ def load_trained(path: Path):
 
 # ------------------------------------------------------------------------------------------------ evaluation
 
-
 def check_held_out(exp: Experiment, model: str, cfg: Config) -> None:
     """Perplexity on a held-out split too small for it would run over repeated text (``held_out_tokens`` cycles):
     refuse before training."""
-    need = max(
-        [
-            exp.eval.ppl_windows * cfg.data.seq_len + 1 if exp.eval.ppl_windows else 0,
-            *(n + 1 for n in exp.ppl_lengths(model)),
-        ]
-    )
+    need = max([exp.eval.ppl_windows * cfg.data.seq_len + 1 if exp.eval.ppl_windows else 0,
+                *(n + 1 for n in exp.ppl_lengths(model))])
     if not need:
         return
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
     have = len(held_out_prefix(cfg.data, tokenizer, need))
     if have < need:
-        raise ConfigError(
-            f"model '{model}': eval.ppl_windows × data.seq_len and eval.ppl_lengths need {need:,} "
-            f"held-out tokens, the held-out split has {have:,}: raise data.val_fraction (it is "
-            f"{cfg.data.val_fraction}) or lower them"
-        )
+        raise ConfigError(f"model '{model}': eval.ppl_windows × data.seq_len and eval.ppl_lengths need {need:,} "
+                          f"held-out tokens, the held-out split has {have:,}: raise data.val_fraction (it is "
+                          f"{cfg.data.val_fraction}) or lower them")
 
 
 def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Optional[int] = None) -> dict:
@@ -429,33 +402,19 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
         net, train_info = load_trained(weights)
     else:
         net, train_info = train_run(exp, model, seed)
-        save_weights(
-            weights,
-            {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in net.state_dict().items()},
-            weights_hparams(net, cfg),
-            train=train_info,
-        )
+        save_weights(weights, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                               for k, v in net.state_dict().items()}, weights_hparams(net, cfg), train=train_info)
     # Lightning hands the model back on the CPU after fit: evaluate on the accelerator the model trained on.
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
     net.to(device).eval()
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.data.eos_token)
     total, active = net.num_parameters()
     result = {
-        "experiment": exp.name,
-        "model": model,
-        "run": run,
-        "seed": seed,
-        "overrides": list(exp.models[model]),
-        "model_config": asdict(net.running_config()),
-        "train_seq_len": cfg.data.seq_len,
-        "train": train_info,
-        "parameters": {"total": total, "active": active},
-        "eval_seconds": 0.0,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": time.strftime("%Y-%m-%d"),
-        "perplexity": None,
-        "perplexity_by_position": {},
-        "retrieval": [],
+        "experiment": exp.name, "model": model, "run": run, "seed": seed, "overrides": list(exp.models[model]),
+        "model_config": asdict(net.running_config()), "train_seq_len": cfg.data.seq_len, "train": train_info,
+        "parameters": {"total": total, "active": active}, "eval_seconds": 0.0,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+        "perplexity": None, "perplexity_by_position": {}, "retrieval": [],
     }
     if eval_only and json_path.is_file():
         keep_earlier(result, json.loads(json_path.read_text()), exp, model)
@@ -474,50 +433,29 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
         text = held_out_tokens(cfg.data, tokenizer, n)
     if exp.eval.ppl_windows:
         result["perplexity"], seconds = timed(
-            lambda: held_out_perplexity(net, text, exp.eval.ppl_windows, cfg.data.seq_len, device)
-        )
+            lambda: held_out_perplexity(net, text, exp.eval.ppl_windows, cfg.data.seq_len, device))
         json_path.write_text(json.dumps(result, indent=2))
-        print(
-            f"{run}: held-out loss {result['perplexity']['loss']:.4f}, perplexity {result['perplexity']['ppl']:.3f} "
-            f"({exp.eval.ppl_windows} × {cfg.data.seq_len} tokens, {seconds:.0f} s)",
-            flush=True,
-        )
+        print(f"{run}: held-out loss {result['perplexity']['loss']:.4f}, perplexity {result['perplexity']['ppl']:.3f} "
+              f"({exp.eval.ppl_windows} × {cfg.data.seq_len} tokens, {seconds:.0f} s)", flush=True)
     for length in ppl_lengths:
         # length + 1 tokens: ``length`` predictions, so the last bucket ends at the length itself
         rows, seconds = timed(lambda: perplexity_by_position(net, text[: length + 1], exp.eval.segment_size, device))
         result["perplexity_by_position"][str(length)] = rows
         json_path.write_text(json.dumps(result, indent=2))
-        print(
-            f"{run}: loss by position over {short_length(length)}: "
-            + ", ".join(f"<{short_length(r['to'])} {r['loss']:.3f}" for r in rows)
-            + f" ({seconds:.0f} s)",
-            flush=True,
-        )
+        print(f"{run}: loss by position over {short_length(length)}: "
+              + ", ".join(f"<{short_length(r['to'])} {r['loss']:.3f}" for r in rows) + f" ({seconds:.0f} s)",
+              flush=True)
     lengths = exp.lengths(model)
     haystack = held_out_tokens(cfg.data, tokenizer, 2 * max(lengths)) if lengths else None
     for length in lengths:
-        rows, seconds = timed(
-            lambda: evaluate_retrieval(
-                net,
-                tokenizer,
-                haystack,
-                exp.eval.tasks,
-                [length],
-                exp.eval.depths,
-                exp.eval.samples,
-                exp.eval.seed,
-                exp.eval.segment_size,
-                device,
-            )
-        )
+        rows, seconds = timed(lambda: evaluate_retrieval(
+            net, tokenizer, haystack, exp.eval.tasks, [length], exp.eval.depths, exp.eval.samples, exp.eval.seed,
+            exp.eval.segment_size, device))
         result["retrieval"] += rows_as_dicts(rows)
         json_path.write_text(json.dumps(result, indent=2))
-        print(
-            f"{run} @ {short_length(length)}: "
-            + ", ".join(f"{task} {acc:.2f}" for task, acc in task_means(rows_as_dicts(rows)).items())
-            + f" ({seconds:.0f} s)",
-            flush=True,
-        )
+        print(f"{run} @ {short_length(length)}: " + ", ".join(f"{task} {acc:.2f}" for task, acc in
+                                                              task_means(rows_as_dicts(rows)).items())
+              + f" ({seconds:.0f} s)", flush=True)
     json_path.write_text(json.dumps(result, indent=2))
     return result
 
@@ -530,27 +468,19 @@ def keep_earlier(result: dict, earlier: dict, exp: Experiment, model: str) -> No
     result["eval_seconds"] = earlier.get("eval_seconds", 0.0)
     if not exp.eval.ppl_windows:
         result["perplexity"] = earlier.get("perplexity")
-    result["perplexity_by_position"] = {
-        n: rows for n, rows in earlier.get("perplexity_by_position", {}).items() if n not in ppl_lengths
-    }
+    result["perplexity_by_position"] = {n: rows for n, rows in earlier.get("perplexity_by_position", {}).items()
+                                        if n not in ppl_lengths}
 
 
 def task_means(rows: list[dict]) -> dict[str, float]:
     """Retrieval rows → {task: accuracy averaged over lengths, depths and samples}."""
-    return {
-        task: float(np.mean([r["accuracy"] for r in rows if r["task"] == task]))
-        for task in sorted({r["task"] for r in rows})
-    }
+    return {task: float(np.mean([r["accuracy"] for r in rows if r["task"] == task]))
+            for task in sorted({r["task"] for r in rows})}
 
 
-def run_experiment(
-    path: str,
-    overrides: list[str],
-    models: Optional[list[str]] = None,
-    summarize_only: bool = False,
-    eval_only: bool = False,
-    seeds: Optional[list[int]] = None,
-) -> Optional[dict]:
+def run_experiment(path: str, overrides: list[str], models: Optional[list[str]] = None,
+                   summarize_only: bool = False, eval_only: bool = False,
+                   seeds: Optional[list[int]] = None) -> Optional[dict]:
     exp = load_experiment(path, overrides)
     chosen = models or list(exp.models)
     for model in chosen:
@@ -565,11 +495,8 @@ def run_experiment(
             check_held_out(exp, model, exp.phase_configs(model, runs[0][1])[-1][1])
         for model, seed in runs:
             result = run_model(exp, model, eval_only, seed)
-            print(
-                f"{result['run']}: trained {result['train']['steps']} steps in {result['train']['seconds']:.0f} s, "
-                f"evaluated in {result['eval_seconds']:.0f} s",
-                flush=True,
-            )
+            print(f"{result['run']}: trained {result['train']['steps']} steps in {result['train']['seconds']:.0f} s, "
+                  f"evaluated in {result['eval_seconds']:.0f} s", flush=True)
     summary = summarize(exp.out_dir, exp.eval.reference_model)
     if summary is None:
         raise ConfigError(f"no model results in '{exp.out_dir}' to summarize")

@@ -5,7 +5,6 @@ Importing this module imports neither triton nor anything that does (``lit_hsa.m
 that run Triton kernels under the interpreter import ``tests.triton_interpret`` first, before triton, and may import
 these helpers at any point. Whatever would import triton is imported inside the helper that needs it.
 """
-
 from __future__ import annotations
 
 import importlib.util
@@ -27,34 +26,16 @@ VOCAB = 64
 
 def tiny(**overrides) -> ModelConfig:
     """The `tiny` preset shrunk further (d_model 32, chunks of 8, window 8, vocabulary ``VOCAB``), with overrides."""
-    base = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        chunk_size=8,
-        hsa_topk=2,
-        swa_window=8,
-        ffn_hidden=64,
-        expert_hidden=32,
-        retrieval_dim=16,
-    )
+    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, chunk_size=8, hsa_topk=2,
+                swa_window=8, ffn_hidden=64, expert_hidden=32, retrieval_dim=16)
     base.update(overrides)
     return ModelConfig.from_name("tiny", **base)
 
 
 VARIANTS = {  # model variants every model-level property is checked on (overrides of ``tiny``)
     "hsa": {},
-    "hsa-standard-stick-swa": dict(
-        hsa_residual="standard",
-        fusion="stick_breaking",
-        hsa_layer_swa=True,
-        hsa_swa_window=4,
-        pos_decay=True,
-        hsa_kv_heads=2,
-        shared_selection=True,
-    ),
+    "hsa-standard-stick-swa": dict(hsa_residual="standard", fusion="stick_breaking", hsa_layer_swa=True,
+                                   hsa_swa_window=4, pos_decay=True, hsa_kv_heads=2, shared_selection=True),
     "hsa-no-encoder-per-head": dict(encoder_layers=0, hsa_kv_heads=2, hsa_heads=4),
     "hsa-off-by-one": dict(softmax_off_by_one=True, hsa_layer_swa=True),
     "swa": dict(attention="swa"),
@@ -63,15 +44,8 @@ VARIANTS = {  # model variants every model-level property is checked on (overrid
 
 # ------------------------------------------------------------------------------------------------ `main.py` runs
 
-FAST = [
-    "data.seq_len=64",
-    "data.batch_size=2",
-    "data.val_samples=2",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "optim.warmup_steps=2",
-]
+FAST = ["data.seq_len=64", "data.batch_size=2", "data.val_samples=2", "trainer.limit_val_batches=1",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "optim.warmup_steps=2"]
 
 
 def run_dir(root: Path, name: str) -> Path:
@@ -84,15 +58,8 @@ def fit(tmp_path: Path, name: str, *extra: str) -> Path:
     asserts exit code 0 → the run's version folder."""
     from lit_hsa.cli import main
 
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        f"trainer.run_name={name}",
-        *FAST,
-        *extra,
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"trainer.run_name={name}", *FAST, *extra]
     assert main(args) == 0
     return run_dir(tmp_path, name)
 

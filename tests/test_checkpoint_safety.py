@@ -1,6 +1,5 @@
 """Issue 27 (hardening): no checkpoint a user names runs code; bad checkpoints and inputs are one line with exit code
 2, not tracebacks; a resumed run continues in its own version folder and `validate` makes no training version."""
-
 import pathlib
 import subprocess
 import sys
@@ -46,9 +45,8 @@ def truncated(ckpt, tmp_path_factory) -> pathlib.Path:
 
 
 def main_py(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
 def one_line_error(args: list[str] | subprocess.CompletedProcess) -> str:
@@ -68,42 +66,20 @@ def reading_commands(path, tmp_path) -> dict[str, list[str]]:
         "lora_base": [*fit, "finetune.method=lora", f"init_from={path}"],
         "validate": ["validate", *TINY, f"trainer.root_dir={tmp_path}", f"ckpt_path={path}"],
         "generate": ["generate", "--ckpt", str(path), "--prompt", "x", "--max-new-tokens", "1", "--device", "cpu"],
-        "eval": [
-            "eval",
-            "--ckpt",
-            str(path),
-            "--device",
-            "cpu",
-            "--tasks",
-            "niah_single",
-            "--lengths",
-            "1k",
-            "--samples",
-            "1",
-            "--out",
-            str(tmp_path / "eval"),
-        ],
+        "eval": ["eval", "--ckpt", str(path), "--device", "cpu", "--tasks", "niah_single", "--lengths", "1k",
+                 "--samples", "1", "--out", str(tmp_path / "eval")],
         "export": ["export", "--ckpt", str(path), "--out", str(tmp_path / "hf")],
         "merge": ["merge", "--ckpt", str(path), "--out", str(tmp_path / "merged.ckpt")],
-        "experiment": [
-            "experiment",
-            "--config",
-            "configs/experiments/length_generalization.yaml",
-            "--models",
-            "swa",
-            "--eval-only",
-            f"out_dir={tmp_path}",
-            "train.data.num_workers=0",
-        ],
+        "experiment": ["experiment", "--config", "configs/experiments/length_generalization.yaml", "--models",
+                       "swa", "--eval-only", f"out_dir={tmp_path}", "train.data.num_workers=0"],
     }
 
 
 NO_OUTPUT = ("tiny", "eval", "hf", "merged.ckpt")  # what the commands above would have written
 
 
-@pytest.mark.parametrize(
-    "command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export", "merge", "experiment"]
-)
+@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export",
+                                     "merge", "experiment"])
 @pytest.mark.slow
 def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
     marker = tmp_path / "pwned"
@@ -119,49 +95,31 @@ def test_a_crafted_checkpoint_runs_no_code(command, ckpt, tmp_path):
     assert not any((tmp_path / name).exists() for name in NO_OUTPUT)  # refused before any output
 
 
-@pytest.mark.parametrize(
-    "command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export", "merge"]
-)
+@pytest.mark.parametrize("command", ["init_from", "ckpt_path", "lora_base", "validate", "generate", "eval", "export",
+                                     "merge"])
 @pytest.mark.slow
 def test_a_truncated_checkpoint_is_one_line(command, truncated, tmp_path):
     assert one_line_error(reading_commands(truncated, tmp_path)[command]) == (
-        f"error: checkpoint '{truncated}' {UNREADABLE}"
-    )
+        f"error: checkpoint '{truncated}' {UNREADABLE}")
     assert not any((tmp_path / name).exists() for name in NO_OUTPUT)  # no run folder or output for a refused run
 
 
 @pytest.mark.parametrize("case", ["empty prompt", "eval length too short", "eval length 0", "run folder"])
 @pytest.mark.slow
 def test_bad_inputs_are_one_line(case, ckpt, tmp_path):
-    evaluate = [
-        "eval",
-        "--ckpt",
-        str(ckpt),
-        "--device",
-        "cpu",
-        "--tasks",
-        "niah_single",
-        "--samples",
-        "1",
-        "--out",
-        str(tmp_path / "eval"),
-    ]
+    evaluate = ["eval", "--ckpt", str(ckpt), "--device", "cpu", "--tasks", "niah_single", "--samples", "1",
+                "--out", str(tmp_path / "eval")]
     blocker = tmp_path / "a_file"
     blocker.write_text("")  # a folder cannot be made under a file (like /proc/x: refused by the OS)
     args, expected = {
-        "empty prompt": (
-            ["generate", "--ckpt", str(ckpt), "--device", "cpu", "--prompt", ""],
-            "--prompt is empty: give at least one character",
-        ),
-        "eval length too short": (
-            [*evaluate, "--lengths", "64"],
-            "--lengths: 64 tokens cannot hold task 'niah_single': its needles, question and answer take 123 tokens",
-        ),
-        "eval length 0": ([*evaluate, "--lengths", "0"], "--lengths must be >= 64 tokens, got 0"),
-        "run folder": (
-            ["fit", *TINY, f"trainer.root_dir={blocker / 'runs'}"],
-            f"cannot create the run directory '{blocker / 'runs' / 'tiny' / 'version_0'}': Not a directory",
-        ),
+        "empty prompt": (["generate", "--ckpt", str(ckpt), "--device", "cpu", "--prompt", ""],
+                         "--prompt is empty: give at least one character"),
+        "eval length too short": ([*evaluate, "--lengths", "64"], "--lengths: 64 tokens cannot hold task "
+                                  "'niah_single': its needles, question and answer take 123 tokens"),
+        "eval length 0": ([*evaluate, "--lengths", "0"],
+                          "--lengths must be >= 64 tokens, got 0"),
+        "run folder": (["fit", *TINY, f"trainer.root_dir={blocker / 'runs'}"],
+                       f"cannot create the run directory '{blocker / 'runs' / 'tiny' / 'version_0'}': Not a directory"),
     }[case]
     assert one_line_error(args) == f"error: {expected}"
     assert not (tmp_path / "eval").exists()
@@ -173,8 +131,7 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     bad.write_text("model:\n  name: tiny\n  hsa_topk: [1, 2\ndata:\n  seq_len: 64\n")
     assert one_line_error(["fit", "--config", str(bad)]) == (
         f"error: config file '{bad}' is not valid YAML: line 4, column 5: did not find expected ',' or ']' "
-        "(while parsing a flow sequence at line 3, column 13)"
-    )
+        "(while parsing a flow sequence at line 3, column 13)")
 
 
 def test_checkpoint_loader_accepts_our_files_and_names_bad_ones(ckpt, tmp_path):

@@ -1,5 +1,4 @@
 """What a user sees: `main.py fit` end to end on tiny settings, resume, validate, and one-line config errors."""
-
 import subprocess
 import sys
 
@@ -23,17 +22,12 @@ def test_fit_leaves_events_checkpoint_and_config(tmp_path):
 
 def test_resume_gives_the_same_losses(tmp_path):
     # Constant LR: a cosine schedule depends on max_steps, which differs between the interrupted and full runs.
-    common = [
-        "trainer.val_check_interval=100",
-        "data.num_workers=2",
-        "trainer.checkpoint_every_n_steps=3",
-        "optim.schedule=constant",
-    ]
+    common = ["trainer.val_check_interval=100", "data.num_workers=2", "trainer.checkpoint_every_n_steps=3",
+              "optim.schedule=constant"]
     straight = fit(tmp_path, "straight", "trainer.max_steps=7", *common)
     first = fit(tmp_path, "first", "trainer.max_steps=3", *common)
-    resumed = fit(
-        tmp_path, "resumed", "trainer.max_steps=7", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", *common
-    )
+    resumed = fit(tmp_path, "resumed", "trainer.max_steps=7", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+                  *common)
     expected, got = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
     assert sorted(got) == [s for s in sorted(expected) if s >= 3]  # resumed run logs steps 3..6 only
     for step, loss in got.items():
@@ -42,35 +36,20 @@ def test_resume_gives_the_same_losses(tmp_path):
 
 def test_validate_from_checkpoint(tmp_path):
     run = fit(tmp_path, "v", "trainer.max_steps=2")
-    args = [
-        "validate",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-        *FAST,
-    ]
+    args = ["validate", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *FAST]
     assert main(args) == 0
 
 
 @pytest.mark.parametrize(
     "override, needle",
-    [
-        ("model.no_such_key=1", "no_such_key"),
-        ("data.sources=[{kind: files}]", "data.sources[0].paths"),
-        ("data.paths=[missing.txt]", "missing.txt"),
-        ("data.tokenizer=missing/tokenizer.json", "missing/tokenizer.json"),
-    ],
+    [("model.no_such_key=1", "no_such_key"), ("data.sources=[{kind: files}]", "data.sources[0].paths"),
+     ("data.paths=[missing.txt]", "missing.txt"), ("data.tokenizer=missing/tokenizer.json", "missing/tokenizer.json")],
 )
 @pytest.mark.slow
 def test_bad_config_exits_nonzero_with_one_line(override, needle):
-    proc = subprocess.run(
-        [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", override],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
@@ -82,16 +61,8 @@ def test_malformed_record_mid_training_stops_with_file_and_line(tmp_path, capsys
     lines = [json.dumps({"text": "hello world " * 40}) for _ in range(120)]
     lines[90] = '{"text": oops'
     (tmp_path / "mid.jsonl").write_text("\n".join(lines) + "\n")
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        f"data.paths=[{tmp_path / 'mid.jsonl'}]",
-        "data.num_workers=1",
-        "trainer.max_steps=40",
-        *FAST,
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"data.paths=[{tmp_path / 'mid.jsonl'}]", "data.num_workers=1", "trainer.max_steps=40", *FAST]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: {tmp_path / 'mid.jsonl'}:91: malformed JSON (Expecting value)"
@@ -100,28 +71,15 @@ def test_malformed_record_mid_training_stops_with_file_and_line(tmp_path, capsys
 def test_generate_from_checkpoint(tmp_path, capsys):
     run = fit(tmp_path, "gen", "trainer.max_steps=2")
     capsys.readouterr()
-    args = [
-        "generate",
-        "--ckpt",
-        str(run / "checkpoints" / "last.ckpt"),
-        "--prompt",
-        "def main(",
-        "--max-new-tokens",
-        "16",
-        "--segment-size",
-        "4",
-        "--device",
-        "cpu",
-    ]
+    args = ["generate", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--prompt", "def main(", "--max-new-tokens",
+            "16", "--segment-size", "4", "--device", "cpu"]
     assert main(args) == 0
     assert capsys.readouterr().out.strip("\n")  # some text came out
     assert main(["generate", "--ckpt", str(tmp_path / "none.ckpt"), "--prompt", "x"]) == 2
     capsys.readouterr()
     assert main([*args, "--compile"]) == 2
-    assert (
-        capsys.readouterr().err.strip()
-        == "error: --compile speeds up CUDA-graph decoding: it needs a CUDA --device, got 'cpu'"
-    )
+    expected = "error: --compile speeds up CUDA-graph decoding: it needs a CUDA --device, got 'cpu'"
+    assert capsys.readouterr().err.strip() == expected
 
 
 KILL_SCRIPT = """
@@ -145,13 +103,8 @@ trainer.fit(module, datamodule=datamodule)
 
 @pytest.mark.slow
 def test_kill_9_then_resume_from_last_matches_uninterrupted_run(tmp_path):
-    common = [
-        "trainer.val_check_interval=100",
-        "data.num_workers=2",
-        "trainer.checkpoint_every_n_steps=3",
-        "optim.schedule=constant",
-        "trainer.max_steps=8",
-    ]
+    common = ["trainer.val_check_interval=100", "data.num_workers=2", "trainer.checkpoint_every_n_steps=3",
+              "optim.schedule=constant", "trainer.max_steps=8"]
     straight = fit(tmp_path, "straight", *common)
     overrides = [f"trainer.root_dir={tmp_path}", "trainer.run_name=killed", *FAST, *common]
     script = KILL_SCRIPT.format(root=str(ROOT), config=str(ROOT / "configs/tiny.yaml"), overrides=overrides)
@@ -180,17 +133,9 @@ def test_help_lists_every_subcommand_and_each_has_its_own(capsys):
 
     listing = help_text(["--help"])
     assert all(f" {name} " in listing for name in COMMANDS)
-    flags = {
-        "fit": "--config",
-        "validate": "--config",
-        "eval": "--lengths",
-        "generate": "--prompt-file",
-        "export": "--native",
-        "convert": "--to",
-        "experiment": "--eval-only",
-        "merge": "--base",
-        "consolidate": "--overwrite",
-    }
+    flags = {"fit": "--config", "validate": "--config", "eval": "--lengths", "generate": "--prompt-file",
+             "export": "--native", "convert": "--to", "experiment": "--eval-only", "merge": "--base",
+             "consolidate": "--overwrite"}
     assert set(flags) == set(COMMANDS)
     for name, command in COMMANDS.items():
         text = help_text([name, "--help"])

@@ -2,7 +2,6 @@
 our own code): the learning-rate schedule, the MoE balance loss and balancing bias step, training FLOPs with tied
 and untied embeddings, the LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the
 sampling distribution (temperature, nucleus) and RMSNorm. How this project tests: tests/README.md."""
-
 import math
 
 import pytest
@@ -21,17 +20,14 @@ from tests.helpers import fit, scalars, tiny
 COSINE = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=4, schedule="cosine")
 
 
-@pytest.mark.parametrize(
-    "step, multiplier",
-    [
-        (0, 0.25),  # the first step trains at lr / warmup_steps, not at 0
-        (3, 1.0),  # warm-up ends at the full rate
-        (4, 1.0),  # the cosine starts at its top
-        (12, 0.55),  # halfway through the cosine (steps 4..20): (1 + 0.1) / 2
-        (20, 0.1),  # max_steps: exactly min_lr / lr
-        (27, 0.1),  # past max_steps (a resumed run keeps the horizon): stays at min_lr
-    ],
-)
+@pytest.mark.parametrize("step, multiplier", [
+    (0, 0.25),  # the first step trains at lr / warmup_steps, not at 0
+    (3, 1.0),  # warm-up ends at the full rate
+    (4, 1.0),  # the cosine starts at its top
+    (12, 0.55),  # halfway through the cosine (steps 4..20): (1 + 0.1) / 2
+    (20, 0.1),  # max_steps: exactly min_lr / lr
+    (27, 0.1),  # past max_steps (a resumed run keeps the horizon): stays at min_lr
+])
 def test_cosine_schedule_anchor_values(step, multiplier):
     assert lr_lambda(step, COSINE, max_steps=20) == pytest.approx(multiplier, abs=1e-12)
 
@@ -47,14 +43,8 @@ def test_logged_learning_rate_follows_the_schedule(tmp_path):
     then a cosine from 3e-3 to 3e-4 over steps 2..6."""
     run = fit(tmp_path, "lr", "trainer.max_steps=6", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.schedule=cosine")
     lr = scalars(run, "lr-AdamW/pg1")
-    expected = {
-        0: 1.5e-3,
-        1: 3e-3,
-        2: 3e-3,
-        3: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi / 4)),
-        4: 1.65e-3,
-        5: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(3 * math.pi / 4)),
-    }
+    expected = {0: 1.5e-3, 1: 3e-3, 2: 3e-3, 3: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi / 4)),
+                4: 1.65e-3, 5: 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(3 * math.pi / 4))}
     assert sorted(lr) == sorted(expected)
     for step, value in expected.items():
         assert lr[step] == pytest.approx(value, rel=1e-6), step
@@ -139,12 +129,8 @@ def test_lora_update_is_scaled_by_alpha_over_rank():
         A, B = getattr(lora, f"lora_{name}_A")[e], getattr(lora, f"lora_{name}_B")[e]
         return x @ getattr(moe, f"w_{name}")[e] + 3.0 * (x @ A @ B)
 
-    want = torch.stack(
-        [
-            expert("down", torch.nn.functional.silu(expert("gate", t, e)) * expert("up", t, e), e)
-            for t, e in zip(tokens, chosen)
-        ]
-    )
+    want = torch.stack([expert("down", torch.nn.functional.silu(expert("gate", t, e)) * expert("up", t, e), e)
+                        for t, e in zip(tokens, chosen)])
     torch.testing.assert_close(moe(tokens), want, atol=1e-5, rtol=1e-5)
 
 
@@ -153,15 +139,9 @@ def test_lora_update_is_scaled_by_alpha_over_rank():
 
 def test_schedules_follow_the_optimizer_step_under_gradient_accumulation(tmp_path):
     """With 2 micro-batches per step, top-k and window change at optimizer step 2 (batch 4), not at batch 2."""
-    run = fit(
-        tmp_path,
-        "accumulate",
-        "trainer.max_steps=4",
-        "trainer.accumulate_grad_batches=2",
-        "trainer.topk_schedule=[[0,4],[2,1]]",
-        "trainer.swa_window_schedule=[[0,16],[2,8]]",
-        "trainer.log_every_n_steps=1",
-    )
+    run = fit(tmp_path, "accumulate", "trainer.max_steps=4", "trainer.accumulate_grad_batches=2",
+              "trainer.topk_schedule=[[0,4],[2,1]]", "trainer.swa_window_schedule=[[0,16],[2,8]]",
+              "trainer.log_every_n_steps=1")
     assert scalars(run, "schedule/hsa_topk") == {0: 4.0, 1: 4.0, 2: 1.0, 3: 1.0}
     assert scalars(run, "schedule/swa_window") == {0: 16.0, 1: 16.0, 2: 8.0, 3: 8.0}
     # the learning rate too (tiny.yaml: 3e-3 cosine to 3e-4, FAST: 2 warm-up steps), one value per optimizer step
@@ -180,13 +160,9 @@ def test_sampling_draws_from_the_tempered_nucleus(monkeypatch):
     from lit_hsa.inference import generate as generate_module
 
     seen = []
-    monkeypatch.setattr(
-        generate_module.torch,
-        "multinomial",
-        lambda probs, n, generator=None: (
-            seen.append(probs / probs.sum(-1, keepdim=True)) or torch.zeros(probs.shape[0], n, dtype=torch.long)
-        ),
-    )
+    monkeypatch.setattr(generate_module.torch, "multinomial",
+                        lambda probs, n, generator=None: seen.append(probs / probs.sum(-1, keepdim=True))
+                        or torch.zeros(probs.shape[0], n, dtype=torch.long))
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     for temperature, top_p in [(0.5, 1.0), (2.0, 1.0), (1.0, 0.8)]:
         generate_module.sample_next(logits, temperature, top_p)

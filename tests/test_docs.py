@@ -1,6 +1,5 @@
 """The documentation stays true: the generated configuration reference matches lit_hsa/config.py, the README stays
 short, and every relative link in README.md and docs/*.md points to a file that exists."""
-
 from __future__ import annotations
 
 import re

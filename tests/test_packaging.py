@@ -3,7 +3,6 @@ package ``lit_hsa.kernels``: ``lit_hsa/kernels`` links to that folder, so import
 alone, for Python, editors and static analysis, and a built wheel installs them under ``lit_hsa/`` only. The PyPI
 package named ``kernels`` (a dependency of transformers) keeps its name beside ours, from the repository root or
 elsewhere."""
-
 import shutil
 import subprocess
 import sys
@@ -19,9 +18,8 @@ FAKE_PYPI_KERNELS = "VERSION = 'pypi'\n"
 
 def run_python(code: str, cwd, extra_path) -> str:
     env_path = f"import sys; sys.path.insert(1, {str(extra_path)!r}); "
-    result = subprocess.run(
-        [sys.executable, "-c", env_path + code], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", env_path + code], cwd=cwd, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -37,9 +35,8 @@ def test_an_installed_kernels_package_keeps_its_name_beside_ours(tmp_path):
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text(FAKE_PYPI_KERNELS)
-    code = (
-        "import lit_hsa.kernels.dispatch as d, lit_hsa.model.transformer, kernels; print(kernels.VERSION, d.__file__)"
-    )
+    code = ("import lit_hsa.kernels.dispatch as d, lit_hsa.model.transformer, kernels; "
+            "print(kernels.VERSION, d.__file__)")
     for cwd in (ROOT, tmp_path):  # the repository root is sys.path[0] there, as for `python main.py`
         version, dispatch_file = run_python(code, cwd, site).split()
         assert version == "pypi"
@@ -47,10 +44,8 @@ def test_an_installed_kernels_package_keeps_its_name_beside_ours(tmp_path):
 
 
 def test_our_modules_are_loaded_once_under_lit_hsa_kernels():
-    code = (
-        "import sys, lit_hsa.model.transformer, lit_hsa.inference.fused_step, lit_hsa.inference.static_decode; "
-        "print(sorted(n for n, m in list(sys.modules.items()) if 'kernels' in n.split('.')))"
-    )
+    code = ("import sys, lit_hsa.model.transformer, lit_hsa.inference.fused_step, lit_hsa.inference.static_decode; "
+            "print(sorted(n for n, m in list(sys.modules.items()) if 'kernels' in n.split('.')))")
     names = eval(run_python(code, ROOT, ROOT / "nonexistent"))
     assert "lit_hsa.kernels.dispatch" in names and "lit_hsa.kernels.hsa.reference" in names
     assert all(n.startswith("lit_hsa.kernels.") or n == "lit_hsa.kernels" for n in names), names
@@ -78,9 +73,8 @@ def test_static_analysis_resolves_kernel_imports():
     project = jedi.Project(str(ROOT))
     for module in modules:
         source = f"import {module}\n"
-        found = jedi.Script(source, path=str(ROOT / "_probe.py"), project=project).goto(
-            1, len(source) - 2, follow_imports=True
-        )
+        found = jedi.Script(source, path=str(ROOT / "_probe.py"), project=project).goto(1, len(source) - 2,
+                                                                                           follow_imports=True)
         assert found and found[0].module_path is not None, module
         assert Path(found[0].module_path).resolve().is_relative_to((ROOT / "kernels").resolve()), (module, found)
 
@@ -92,23 +86,8 @@ def test_built_wheel_holds_the_kernels_under_lit_hsa_only(tmp_path):
         shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "No module named" in proc.stderr:
         pytest.skip(f"cannot build a wheel here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-2000:]

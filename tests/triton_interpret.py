@@ -2,7 +2,6 @@
 before triton itself is first imported (triton's own library functions are decorated then), so the first test module
 importing this one sets it. If some other module imported triton earlier in the process, the kernel tests of a module
 are skipped in-process and ``run_module_in_subprocess`` runs that module again in a fresh interpreter."""
-
 import os
 import subprocess
 import sys

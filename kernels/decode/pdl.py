@@ -12,7 +12,6 @@ of the step may write (activations, the position, scratch buffers) and before it
 weights and caches written in earlier steps (those kernels finished: every step also runs kernels launched without
 PDL — embedding, head, compiled blocks — which start only after all earlier work has finished).
 """
-
 from __future__ import annotations
 
 import os
@@ -35,13 +34,8 @@ ENABLED = os.environ.get("LIT_HSA_PDL", "1") != "0"
 def use_pdl(t: torch.Tensor) -> bool:
     """Whether kernels working on ``t`` launch with PDL: CUDA compute capability >= 9, a Triton that has it, and not
     switched off (``ENABLED``)."""
-    return (
-        ENABLED
-        and gdc_wait is not None
-        and t.is_cuda
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and torch.cuda.get_device_capability(t.device)[0] >= 9
-    )
+    return (ENABLED and gdc_wait is not None and t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
 
 def pdl_args(t: torch.Tensor) -> dict:

@@ -5,7 +5,6 @@ layer keeps a *ring* of ``W`` slots where position ``p`` lives in slot ``p mod W
 the ring always holds the last ``W`` positions. The current position lives on the device (a 0-d tensor), so a step
 has the same shapes and addresses every time and can be captured in a CUDA graph.
 """
-
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -72,9 +71,8 @@ class HeadRope(NamedTuple):
     eps: float
 
 
-def norm_rope_reference(
-    x: torch.Tensor, norm_w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float
-) -> torch.Tensor:
+def norm_rope_reference(x: torch.Tensor, norm_w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                        eps: float) -> torch.Tensor:
     """x [..., D] → RoPE(RMSNorm(x)) in fp32 (rope = GPT-NeoX halves: dim i rotates with dim i + D/2); cos, sin
     [1, D/2]."""
     c, s = cos.reshape(-1).float(), sin.reshape(-1).float()

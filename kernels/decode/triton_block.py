@@ -18,7 +18,6 @@ the head norms and RoPE: ``norm_rope_rows``; ``qkv_rope`` where another attentio
 ``write_slot`` save a step's launches around the blocks. Weights are ``nn.Linear``'s ``[out, in]``, contiguous;
 products accumulate in fp32; outputs take the input's dtype (the residual's where one is added).
 """
-
 from __future__ import annotations
 
 import os
@@ -64,27 +63,9 @@ def _input_tile(X, NW, cols, ok, rstd, NORM: tl.constexpr, parts=1, stride_xp=0)
 
 @triton.jit
 def _qkv_rope_kernel(
-    X,
-    NW,
-    WQ,
-    WK,
-    WV,
-    QNW,
-    KNW,
-    COS,
-    SIN,
-    Q,
-    KO,
-    VO,
-    K,
-    HQ,
-    HKV,
-    eps,
-    stride_xb,
-    D: tl.constexpr,
-    BK: tl.constexpr,
-    HEAD_NORM: tl.constexpr,
-    PDL: tl.constexpr,
+    X, NW, WQ, WK, WV, QNW, KNW, COS, SIN, Q, KO, VO,
+    K, HQ, HKV, eps, stride_xb,
+    D: tl.constexpr, BK: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     head = tl.program_id(0)  # 0..HQ-1: query heads, then HKV key heads, then HKV value heads
     b = tl.program_id(1)
@@ -194,30 +175,10 @@ def _weight_rows(W1, W2, W3, rows, N1, N2, K, STACKED: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    X,
-    NW,
-    W1,
-    W2,
-    W3,
-    RES,
-    Y,
-    N,
-    K,
-    N1,
-    N2,
-    eps,
-    stride_xb,
-    stride_rb,
-    stride_yb,
-    parts,
-    stride_xp,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    NORM: tl.constexpr,
-    GATED: tl.constexpr,
-    STACKED: tl.constexpr,
-    RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
+    X, NW, W1, W2, W3, RES, Y,
+    N, K, N1, N2, eps, stride_xb, stride_rb, stride_yb, parts, stride_xp,
+    BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, STACKED: tl.constexpr,
+    RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -266,9 +227,8 @@ def _interpreted() -> bool:
 def _check_weights(name: str, K: int, *weights: torch.Tensor) -> None:
     for w in weights:
         if w.dim() != 2 or w.shape[1] != K or not w.is_contiguous():
-            raise ValueError(
-                f"{name}: weights must be contiguous [out, {K}], got {tuple(w.shape)} (contiguous={w.is_contiguous()})"
-            )
+            raise ValueError(f"{name}: weights must be contiguous [out, {K}], got {tuple(w.shape)} "
+                             f"(contiguous={w.is_contiguous()})")
 
 
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
@@ -277,18 +237,9 @@ def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def qkv_rope(
-    x: torch.Tensor,
-    norm_w: torch.Tensor,
-    wq: torch.Tensor,
-    wk: torch.Tensor,
-    wv: torch.Tensor,
-    q_norm_w: torch.Tensor | None,
-    k_norm_w: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+             q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [B, 1, d] (one token per sequence); norm_w [d]; wq [Hq·D, d], wk, wv [Hkv·D, d]; q/k_norm_w [D] or None
     (no per-head norm); cos, sin [1, D/2] (fp32, the token's position) → q [B, 1, Hq, D], k, v [B, 1, Hkv, D] in
     x's dtype: q = rope(n_q(wq·n(x))), k = rope(n_k(wk·n(x))), v = wv·n(x), n = RMSNorm with ``eps``."""
@@ -297,10 +248,8 @@ def qkv_rope(
     D = 2 * cos.shape[-1]
     _check_weights("qkv_rope", K, wq, wk, wv)
     if D & (D - 1) or D < 4 or wq.shape[0] % D or wk.shape[0] % D or wv.shape != wk.shape:
-        raise ValueError(
-            f"qkv_rope: head dim {D} (a power of two) must divide wq {tuple(wq.shape)} and wk "
-            f"{tuple(wk.shape)}, and wv must match wk"
-        )
+        raise ValueError(f"qkv_rope: head dim {D} (a power of two) must divide wq {tuple(wq.shape)} and wk "
+                         f"{tuple(wk.shape)}, and wv must match wk")
     if (q_norm_w is None) != (k_norm_w is None):
         raise ValueError("qkv_rope: give both per-head norm weights or neither")
     Hq, Hkv = wq.shape[0] // D, wk.shape[0] // D
@@ -310,26 +259,8 @@ def qkv_rope(
     qn, kn = (q_norm_w, k_norm_w) if head_norm else (norm_w, norm_w)  # unread without HEAD_NORM
     cos, sin = cos.reshape(-1).float().contiguous(), sin.reshape(-1).float().contiguous()
     _qkv_rope_tuned[(Hq + 2 * Hkv, B)](
-        xr,
-        norm_w,
-        wq,
-        wk,
-        wv,
-        qn,
-        kn,
-        cos,
-        sin,
-        q,
-        k,
-        v,
-        K,
-        Hq,
-        Hkv,
-        eps,
-        xr.stride(0),
-        D=D,
-        HEAD_NORM=head_norm,
-        **pdl_args(xr),
+        xr, norm_w, wq, wk, wv, qn, kn, cos, sin, q, k, v,
+        K, Hq, Hkv, eps, xr.stride(0), D=D, HEAD_NORM=head_norm, **pdl_args(xr),
     )
     return q, k, v
 
@@ -339,10 +270,8 @@ def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tenso
     ``inv_freq`` [D/2] (any float dtype; a model cast to bf16 casts it too): ``Rotary.cos_sin(pos.view(1))`` in one
     launch instead of six (arange, add, cast, multiply, cos, sin): at batch 1 a step pays per launch."""
     if pos.numel() != 1 or not inv_freq.is_floating_point() or inv_freq.dim() != 1:
-        raise ValueError(
-            f"rope_cos_sin: pos must hold one position and inv_freq be a float [D/2], got "
-            f"{tuple(pos.shape)} / {inv_freq.dtype} {tuple(inv_freq.shape)}"
-        )
+        raise ValueError(f"rope_cos_sin: pos must hold one position and inv_freq be a float [D/2], got "
+                         f"{tuple(pos.shape)} / {inv_freq.dtype} {tuple(inv_freq.shape)}")
     half = inv_freq.numel()
     cos, sin = (inv_freq.new_empty(1, half, dtype=torch.float32) for _ in range(2))
     _rope_table_kernel[(1,)](pos, inv_freq, cos, sin, half, BH=triton.next_power_of_2(half), **pdl_args(inv_freq))
@@ -366,13 +295,10 @@ def write_slot(buf: torch.Tensor, x: torch.Tensor, pos: torch.Tensor) -> None:
     B, S, N = buf.shape
     xr = unit_stride_rows(x)
     if xr.shape != (B, N) or buf.stride(-1) != 1 or pos.numel() != 1:
-        raise ValueError(
-            f"write_slot: x {tuple(x.shape)} must be [{B}, 1, {N}] for buf {tuple(buf.shape)} (unit "
-            f"stride in the last dim), pos one position, got {tuple(pos.shape)}"
-        )
-    _write_slot_kernel[(B,)](
-        xr, buf, pos, S, N, xr.stride(0), buf.stride(0), buf.stride(1), BD=triton.next_power_of_2(N), **pdl_args(xr)
-    )
+        raise ValueError(f"write_slot: x {tuple(x.shape)} must be [{B}, 1, {N}] for buf {tuple(buf.shape)} (unit "
+                         f"stride in the last dim), pos one position, got {tuple(pos.shape)}")
+    _write_slot_kernel[(B,)](xr, buf, pos, S, N, xr.stride(0), buf.stride(0), buf.stride(1),
+                             BD=triton.next_power_of_2(N), **pdl_args(xr))
 
 
 def autotuned(configs: list, key: list[str], interpreted: "triton.Config", prune=None):
@@ -402,21 +328,8 @@ def _fitting_k(configs, named_args, **kwargs):
 # every 2K-16K tile with 4 or 8 warps picked for `small`, a spread around them, and tiles as wide as 4096 for
 # ``_prefetching_tiles``, which then keeps only the tiles of one width per shape; a short list keeps the first
 # step's tuning to seconds (benchmarks/results/decode_kernels_blocks_h200_2026-11-29.json).
-_GEMV_TILES = [
-    (1, 2048, 4),
-    (2, 1024, 4),
-    (2, 2048, 4),
-    (4, 512, 4),
-    (4, 1024, 4),
-    (8, 256, 4),
-    (8, 512, 8),
-    (16, 256, 8),
-    (16, 512, 8),
-    (32, 128, 4),
-    (1, 4096, 4),
-    (2, 4096, 8),
-    (8, 1024, 8),
-]
+_GEMV_TILES = [(1, 2048, 4), (2, 1024, 4), (2, 2048, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 8),
+               (16, 256, 8), (16, 512, 8), (32, 128, 4), (1, 4096, 4), (2, 4096, 8), (8, 1024, 8)]
 _TILE_VALUES_PER_THREAD = 32  # weights (both matrices, gated) a tile puts in each thread's registers, at most
 
 
@@ -431,41 +344,24 @@ def _prefetching_tiles(configs, named_args, **kwargs):
     gated = kwargs.get("GATED", named_args.get("GATED"))  # constexprs come as keywords
     fit = []
     for target in (width // 2 if gated else width, width):
-        fit = fit or [
-            c
-            for c in configs
-            if c.kwargs["BK"] <= target
-            and c.kwargs["BN"] * c.kwargs["BK"] * (2 if gated else 1) <= _TILE_VALUES_PER_THREAD * 32 * c.num_warps
-        ]
+        fit = fit or [c for c in configs if c.kwargs["BK"] <= target and c.kwargs["BN"] * c.kwargs["BK"]
+                      * (2 if gated else 1) <= _TILE_VALUES_PER_THREAD * 32 * c.num_warps]
     widest = max((c.kwargs["BK"] for c in fit), default=0)
     return [c for c in fit if c.kwargs["BK"] == widest] or configs[:1]
 
 
-_gemv_tuned = autotuned(
-    [triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in _GEMV_TILES],
-    ["N", "K", "NORM", "GATED", "STACKED", "RESIDUAL", "PDL"],
-    triton.Config({"BN": 8, "BK": 64}, num_warps=4),
-    prune=_prefetching_tiles,
-)(_gemv_kernel)
+_gemv_tuned = autotuned([triton.Config({"BN": bn, "BK": bk}, num_warps=w) for bn, bk, w in _GEMV_TILES],
+                        ["N", "K", "NORM", "GATED", "STACKED", "RESIDUAL", "PDL"],
+                        triton.Config({"BN": 8, "BK": 64}, num_warps=4), prune=_prefetching_tiles)(_gemv_kernel)
 # one program per head, whose tile is [D/2, BK] twice (`small`: BK=256, 8 warps)
 _QKV_TILES = [(128, 4), (256, 4), (256, 8), (512, 8)]  # (BK, warps)
-_qkv_rope_tuned = autotuned(
-    [triton.Config({"BK": bk}, num_warps=w) for bk, w in _QKV_TILES],
-    ["K", "HQ", "HKV", "D", "HEAD_NORM", "PDL"],
-    triton.Config({"BK": 64}, num_warps=4),
-    prune=_fitting_k,
-)(_qkv_rope_kernel)
+_qkv_rope_tuned = autotuned([triton.Config({"BK": bk}, num_warps=w) for bk, w in _QKV_TILES],
+                            ["K", "HQ", "HKV", "D", "HEAD_NORM", "PDL"], triton.Config({"BK": 64}, num_warps=4),
+                            prune=_fitting_k)(_qkv_rope_kernel)
 
 
-def gemv(
-    x: torch.Tensor,
-    w: torch.Tensor | list[torch.Tensor],
-    *,
-    norm_w: torch.Tensor | None = None,
-    eps: float = 0.0,
-    w_up: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor | list[torch.Tensor], *, norm_w: torch.Tensor | None = None,
+         eps: float = 0.0, w_up: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x: [B, K], [B, 1, K] or [B, P, K] (P partial results, summed as they are loaded); w (and w_up): [N, K], or w
     a list of up to three [Ni, K] matrices whose rows are stacked (N = ΣNi: e.g. q, k, v projections in one launch,
     no concatenated copy) → [B, N] in x's dtype (residual's when given):
@@ -496,27 +392,11 @@ def gemv(
     w1, w2, w3 = (stack + [stack[0]] * 2)[:3]
     grid = lambda meta: (triton.cdiv(N, meta["BN"]), B)  # noqa: E731
     _gemv_tuned[grid](
-        xr,
-        norm_w if norm_w is not None else dummy,
-        w1,
-        w_up if w_up is not None else w2,
-        w3,
-        residual if residual is not None else dummy,
-        y,
-        N,
-        K,
-        sizes[0],
-        sizes[1],
-        eps,
-        xr.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        y.stride(0),
-        parts,
-        xr.stride(1) if parts > 1 else 0,
-        NORM=norm_w is not None,
-        GATED=w_up is not None,
-        STACKED=len(stack) > 1,
-        RESIDUAL=residual is not None,
+        xr, norm_w if norm_w is not None else dummy, w1, w_up if w_up is not None else w2, w3,
+        residual if residual is not None else dummy, y,
+        N, K, sizes[0], sizes[1], eps, xr.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+        parts, xr.stride(1) if parts > 1 else 0,
+        NORM=norm_w is not None, GATED=w_up is not None, STACKED=len(stack) > 1, RESIDUAL=residual is not None,
         **pdl_args(xr),
     )
     return y

@@ -23,7 +23,6 @@ bisection over its 32 bits. (Many ranges — memories of millions of tokens — 
 maxima, and the candidates are read in blocks.) Slots are then ranked by chunk index (most recent first). Ties at
 the k-th score keep the earliest candidates (``torch.topk`` leaves ties unspecified).
 """
-
 from __future__ import annotations
 
 import math
@@ -132,27 +131,10 @@ def _kth_key(CAND_S, n, stride, K, BLOCK: tl.constexpr):
 
 @triton.jit
 def _chunk_topk_kernel(
-    QS,
-    QNW,
-    LMK,
-    POS,
-    CAND_S,
-    CAND_I,
-    C,
-    HR,
-    DR,
-    K,
-    CHUNK,
-    scale,
-    eps,
-    stride_qb,
-    stride_lb,
-    stride_lc,
-    stride_lh,
-    CPP: tl.constexpr,
-    BD: tl.constexpr,
-    QNORM: tl.constexpr,
-    PDL: tl.constexpr,
+    QS, QNW, LMK, POS, CAND_S, CAND_I,
+    C, HR, DR, K, CHUNK, scale, eps,
+    stride_qb, stride_lb, stride_lc, stride_lh,
+    CPP: tl.constexpr, BD: tl.constexpr, QNORM: tl.constexpr, PDL: tl.constexpr,
 ):
     bh = tl.program_id(0)
     rng = tl.program_id(1)
@@ -199,24 +181,10 @@ def _log_sigmoid(x):
 
 @triton.jit
 def _select_kernel(
-    CAND_S,
-    CAND_I,
-    DECAY,
-    KEPT_S,
-    KEPT_I,
-    SEL_S,
-    SEL_I,
-    SEL_W,
-    RANGES,
-    K,
-    RP: tl.constexpr,
-    RANK_RANGES: tl.constexpr,
-    CB: tl.constexpr,
-    MP: tl.constexpr,
-    KP: tl.constexpr,
-    FUSION: tl.constexpr,
-    POS_DECAY: tl.constexpr,
-    PDL: tl.constexpr,
+    CAND_S, CAND_I, DECAY, KEPT_S, KEPT_I, SEL_S, SEL_I, SEL_W,
+    RANGES, K,
+    RP: tl.constexpr, RANK_RANGES: tl.constexpr, CB: tl.constexpr, MP: tl.constexpr, KP: tl.constexpr,
+    FUSION: tl.constexpr, POS_DECAY: tl.constexpr, PDL: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     n_cand = RANGES * K
@@ -284,17 +252,9 @@ def _select_kernel(
     tl.store(SEL_W + out + j, w, mask=j < K)
 
 
-def select_chunks_decode(
-    q_slc: torch.Tensor,
-    q_norm_w: torch.Tensor | None,
-    eps: float,
-    landmarks: torch.Tensor,
-    pos: torch.Tensor,
-    topk: int,
-    chunk_size: int,
-    fusion: str = "softmax",
-    pos_decay: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def select_chunks_decode(q_slc: torch.Tensor, q_norm_w: torch.Tensor | None, eps: float, landmarks: torch.Tensor,
+                         pos: torch.Tensor, topk: int, chunk_size: int, fusion: str = "softmax",
+                         pos_decay: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoding token per sequence at position ``pos`` (0-d int tensor on the device).
 
     q_slc: [B, Hr·Dr] or [B, 1, Hr·Dr], the retrieval projection before its per-head RMSNorm (weight ``q_norm_w``
@@ -305,10 +265,8 @@ def select_chunks_decode(
     B, C, Hr, Dr = landmarks.shape
     q = q_slc.reshape(B, -1)
     if q.shape[1] != Hr * Dr or landmarks.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError(
-            f"select_chunks_decode: q_slc {tuple(q_slc.shape)} must hold Hr·Dr = {Hr * Dr} values per "
-            f"sequence, and q_slc / landmarks {tuple(landmarks.shape)} be contiguous in the last dim"
-        )
+        raise ValueError(f"select_chunks_decode: q_slc {tuple(q_slc.shape)} must hold Hr·Dr = {Hr * Dr} values per "
+                         f"sequence, and q_slc / landmarks {tuple(landmarks.shape)} be contiguous in the last dim")
     if fusion not in FUSIONS:
         raise ValueError(f"select_chunks_decode: fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
     K = max(1, min(topk, C))
@@ -321,28 +279,10 @@ def select_chunks_decode(
     KP = triton.next_power_of_2(K)
     BD = max(16, min(triton.next_power_of_2(Dr), TILE // CPP))
     _chunk_topk_kernel[(B * Hr, ranges)](
-        q,
-        q_norm_w if q_norm_w is not None else q,
-        landmarks,
-        pos,
-        cand_s,
-        cand_i,
-        C,
-        Hr,
-        Dr,
-        K,
-        chunk_size,
-        1.0 / math.sqrt(Dr),
-        eps,
-        q.stride(0),
-        landmarks.stride(0),
-        landmarks.stride(1),
-        landmarks.stride(2),
-        CPP=CPP,
-        BD=BD,
-        QNORM=q_norm_w is not None,
-        num_warps=TOPK_WARPS,
-        **pdl_args(q),
+        q, q_norm_w if q_norm_w is not None else q, landmarks, pos, cand_s, cand_i,
+        C, Hr, Dr, K, chunk_size, 1.0 / math.sqrt(Dr), eps,
+        q.stride(0), landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
+        CPP=CPP, BD=BD, QNORM=q_norm_w is not None, num_warps=TOPK_WARPS, **pdl_args(q),
     )
     MP = max(KEPT, KP)
     kept_s = torch.empty(B * Hr, MP, device=dev)
@@ -351,56 +291,21 @@ def select_chunks_decode(
     sel_i = torch.empty(B, Hr, K, device=dev, dtype=torch.int32)
     sel_w = torch.empty(B, Hr, K, device=dev)
     _select_kernel[(B * Hr,)](
-        cand_s,
-        cand_i,
-        pos_decay if pos_decay is not None else cand_s,
-        kept_s,
-        kept_i,
-        sel_s,
-        sel_i,
-        sel_w,
-        ranges,
-        K,
-        RP=min(BISECT_MAX, max(16, triton.next_power_of_2(ranges))),
-        RANK_RANGES=RANK_MAX,
-        CB=min(CAND_BLOCK, triton.next_power_of_2(ranges * K)),
-        MP=MP,
-        KP=KP,
-        FUSION=FUSIONS[fusion],
-        POS_DECAY=pos_decay is not None,
-        num_warps=SELECT_WARPS,
-        **pdl_args(q),
+        cand_s, cand_i, pos_decay if pos_decay is not None else cand_s, kept_s, kept_i, sel_s, sel_i, sel_w,
+        ranges, K, RP=min(BISECT_MAX, max(16, triton.next_power_of_2(ranges))), RANK_RANGES=RANK_MAX,
+        CB=min(CAND_BLOCK, triton.next_power_of_2(ranges * K)), MP=MP, KP=KP,
+        FUSION=FUSIONS[fusion], POS_DECAY=pos_decay is not None, num_warps=SELECT_WARPS, **pdl_args(q),
     )
     return sel_s, sel_i, sel_w
 
 
 @triton.jit
 def _hsa_chunks_kernel(
-    Q,
-    QNW,
-    KM,
-    VM,
-    SEL_I,
-    SEL_W,
-    PART,
-    HKV,
-    HR,
-    G,
-    K,
-    eps,
-    qk_scale,
-    stride_qb,
-    stride_kb,
-    stride_kt,
-    stride_pb,
-    stride_pp,
-    D: tl.constexpr,
-    GP: tl.constexpr,
-    S: tl.constexpr,
-    SLOTS: tl.constexpr,
-    HEAD_NORM: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr,
+    Q, QNW, KM, VM, SEL_I, SEL_W, PART,
+    HKV, HR, G, K, eps, qk_scale,
+    stride_qb, stride_kb, stride_kt, stride_pb, stride_pp,
+    D: tl.constexpr, GP: tl.constexpr, S: tl.constexpr, SLOTS: tl.constexpr, HEAD_NORM: tl.constexpr,
+    DOT_PREC: tl.constexpr, PDL: tl.constexpr,
 ):
     bg = tl.program_id(0)
     group = tl.program_id(1)
@@ -421,9 +326,8 @@ def _hsa_chunks_kernel(
     heads = tl.arange(0, GP)  # GP >= 16 rows for tl.dot; rows past G are masked
     head_ok = heads < G
     q_cols = (g * G + heads) * D
-    q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + q_cols[:, None] + offs_d[None, :], mask=head_ok[:, None], other=0.0
-    ).to(tl.float32)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + q_cols[:, None] + offs_d[None, :], mask=head_ok[:, None],
+                other=0.0).to(tl.float32)
     if HEAD_NORM:
         q = q * tl.rsqrt(tl.sum(q * q, 1) / D + eps)[:, None] * tl.load(QNW + offs_d).to(tl.float32)[None, :]
     s = tl.dot((q * qk_scale).to(k.dtype), tl.trans(k), input_precision=DOT_PREC)  # [GP, SLOTS·S], log2 domain
@@ -435,17 +339,8 @@ def _hsa_chunks_kernel(
     tl.store(out + q_cols[:, None] + offs_d[None, :], o, mask=head_ok[:, None])
 
 
-def hsa_chunks_decode(
-    q: torch.Tensor,
-    q_norm_w: torch.Tensor | None,
-    eps: float,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    chunk_size: int,
-    slots: int = 2,
-) -> torch.Tensor:
+def hsa_chunks_decode(q: torch.Tensor, q_norm_w: torch.Tensor | None, eps: float, k: torch.Tensor, v: torch.Tensor,
+                      indices: torch.Tensor, weights: torch.Tensor, chunk_size: int, slots: int = 2) -> torch.Tensor:
     """q: [B, Hq·D] or [B, 1, Hq·D] before its per-head RMSNorm (weight ``q_norm_w`` [D] or None); k, v: the chunk
     memory [B, C·S, Hkv, D]; indices (int32), weights (fp32): [B, Hr, K] from ``select_chunks_decode`` (Hr = Hkv,
     or 1 shared by all KV heads) → partial outputs [B, P, Hq·D] (fp32), P = ceil(K / slots) groups of ``slots``
@@ -455,54 +350,21 @@ def hsa_chunks_decode(
     qr = q.reshape(B, -1)
     Hq = qr.shape[1] // D
     S = chunk_size
-    if (
-        qr.shape[1] != Hq * D
-        or Hq % Hkv
-        or Hkv % Hr
-        or v.shape != k.shape
-        or T % S
-        or k.stride(-1) != 1
-        or v.stride() != k.stride()
-        or qr.stride(-1) != 1
-    ):
-        raise ValueError(
-            f"hsa_chunks_decode: q {tuple(q.shape)}, memory {tuple(k.shape)} / {tuple(v.shape)} and "
-            f"selection {tuple(indices.shape)} do not fit [B, Hq·D] / [B, C·S, Hkv, D] / [B, Hr, K]"
-        )
+    if (qr.shape[1] != Hq * D or Hq % Hkv or Hkv % Hr or v.shape != k.shape or T % S or k.stride(-1) != 1
+            or v.stride() != k.stride() or qr.stride(-1) != 1):
+        raise ValueError(f"hsa_chunks_decode: q {tuple(q.shape)}, memory {tuple(k.shape)} / {tuple(v.shape)} and "
+                         f"selection {tuple(indices.shape)} do not fit [B, Hq·D] / [B, C·S, Hkv, D] / [B, Hr, K]")
     if D & (D - 1) or S & (S - 1) or D < 16 or S < 16 or slots & (slots - 1):
-        raise ValueError(
-            f"hsa_chunks_decode: head dim {D}, chunk size {S} and slots {slots} must be powers of two "
-            "(D and S at least 16)"
-        )
+        raise ValueError(f"hsa_chunks_decode: head dim {D}, chunk size {S} and slots {slots} must be powers of two "
+                         "(D and S at least 16)")
     groups = triton.cdiv(K, slots)
     part = torch.empty(B, groups, Hq * D, device=q.device)
     prec = "ieee" if k.dtype == torch.float32 else "tf32"
     _hsa_chunks_kernel[(B * Hkv, groups)](
-        qr,
-        q_norm_w if q_norm_w is not None else qr,
-        k,
-        v,
-        indices,
-        weights,
-        part,
-        Hkv,
-        Hr,
-        Hq // Hkv,
-        K,
-        eps,
-        _LOG2E / math.sqrt(D),
-        qr.stride(0),
-        k.stride(0),
-        k.stride(1),
-        part.stride(0),
-        part.stride(1),
-        D=D,
-        GP=max(16, triton.next_power_of_2(Hq // Hkv)),
-        S=S,
-        SLOTS=slots,
-        HEAD_NORM=q_norm_w is not None,
-        DOT_PREC=prec,
-        num_warps=4,
-        **pdl_args(qr),
+        qr, q_norm_w if q_norm_w is not None else qr, k, v, indices, weights, part,
+        Hkv, Hr, Hq // Hkv, K, eps, _LOG2E / math.sqrt(D),
+        qr.stride(0), k.stride(0), k.stride(1), part.stride(0), part.stride(1),
+        D=D, GP=max(16, triton.next_power_of_2(Hq // Hkv)), S=S, SLOTS=slots, HEAD_NORM=q_norm_w is not None,
+        DOT_PREC=prec, num_warps=4, **pdl_args(qr),
     )
     return part

@@ -15,7 +15,6 @@ spread over the SMs rather than streamed by one program per KV head
 attention output, faster than the in-kernel merge and a separate projection
 (benchmarks/results/decode_kernels_blocks_h200_2026-11-29.json).
 """
-
 from __future__ import annotations
 
 import math
@@ -37,45 +36,11 @@ MERGE_TILE = 8192  # fp32 values of partial outputs the merge loads at once (32 
 
 @triton.jit
 def _ring_decode_kernel(
-    Q,
-    KN,
-    VN,
-    CK,
-    CV,
-    O,
-    POS,
-    PART_M,
-    PART_L,
-    PART_ACC,
-    LOCKS,
-    COS,
-    SIN,
-    QNW,
-    KNW,
-    HKV,
-    G,
-    W,
-    qk_scale,
-    SPLITS,
-    BLOCKS_PER_SPLIT,
-    eps,
-    stride_qb,
-    stride_qh,
-    stride_nb,
-    stride_nh,
-    stride_cb,
-    stride_ch,
-    stride_cw,
-    D: tl.constexpr,
-    GP: tl.constexpr,
-    BW: tl.constexpr,
-    SP: tl.constexpr,
-    SC: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    MERGE: tl.constexpr,
-    ROPE: tl.constexpr,
-    HEAD_NORM: tl.constexpr,
-    PDL: tl.constexpr,
+    Q, KN, VN, CK, CV, O, POS, PART_M, PART_L, PART_ACC, LOCKS, COS, SIN, QNW, KNW,
+    HKV, G, W, qk_scale, SPLITS, BLOCKS_PER_SPLIT, eps,
+    stride_qb, stride_qh, stride_nb, stride_nh, stride_cb, stride_ch, stride_cw,
+    D: tl.constexpr, GP: tl.constexpr, BW: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr, DOT_PREC: tl.constexpr,
+    MERGE: tl.constexpr, ROPE: tl.constexpr, HEAD_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     bg = tl.program_id(0)
     split = tl.program_id(1)
@@ -150,23 +115,8 @@ def _ring_decode_kernel(
 
 
 @triton.jit
-def _merge_when_last(
-    O,
-    PART_M,
-    PART_L,
-    PART_ACC,
-    LOCKS,
-    bg,
-    q_rows,
-    heads,
-    head_ok,
-    offs_d,
-    SPLITS,
-    D: tl.constexpr,
-    GP: tl.constexpr,
-    SP: tl.constexpr,
-    SC: tl.constexpr,
-):
+def _merge_when_last(O, PART_M, PART_L, PART_ACC, LOCKS, bg, q_rows, heads, head_ok, offs_d, SPLITS,
+                     D: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, SC: tl.constexpr):
     tl.debug_barrier()  # every thread's partial is written before the counter releases it to the merging program
     done = tl.atomic_add(LOCKS + bg, 1, sem="acq_rel")
     if done == SPLITS - 1:  # the last range of this (sequence, KV head) to finish merges them all
@@ -176,9 +126,8 @@ def _merge_when_last(
         first_part = (bg * SPLITS).to(tl.int64) * GP
         ranges = tl.arange(0, SP)
         stats = first_part + ranges[:, None] * GP + heads[None, :]  # [SP, GP]
-        m_all = tl.max(
-            tl.load(PART_M + stats, mask=(ranges < SPLITS)[:, None], other=float("-inf"), cache_modifier=".cg"), 0
-        )
+        m_all = tl.max(tl.load(PART_M + stats, mask=(ranges < SPLITS)[:, None], other=float("-inf"),
+                               cache_modifier=".cg"), 0)
         # the token's own slot is always valid, so m_all is finite and the total weight l_all > 0
         l_all = tl.zeros([GP], tl.float32)
         out = tl.zeros([GP, D], tl.float32)
@@ -189,12 +138,8 @@ def _merge_when_last(
             m_c = tl.load(PART_M + rows_c, mask=ok, other=float("-inf"), cache_modifier=".cg")
             scale = tl.math.exp2(m_c - m_all[None, :])  # 0 for empty ranges and padding
             l_all += tl.sum(scale * tl.load(PART_L + rows_c, mask=ok, other=0.0, cache_modifier=".cg"), 0)
-            acc_c = tl.load(
-                PART_ACC + rows_c[:, :, None] * D + offs_d[None, None, :],
-                mask=ok[:, :, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )  # [SC, GP, D]
+            acc_c = tl.load(PART_ACC + rows_c[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None],
+                            other=0.0, cache_modifier=".cg")  # [SC, GP, D]
             out += tl.sum(scale[:, :, None] * acc_c, 0)
         out = out / tl.where(head_ok, l_all, 1.0)[:, None]
         tl.store(O + q_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty), mask=head_ok[:, None])
@@ -212,16 +157,13 @@ def _check(q, k, v, ck, cv, name: str) -> None:
     B, n, Hq, D = q.shape
     Hkv = ck.shape[1]
     if n != 1 or k.shape != (B, 1, Hkv, D) or v.shape != k.shape or cv.shape != ck.shape or Hq % Hkv:
-        raise ValueError(
-            f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"rings {tuple(ck.shape)} / {tuple(cv.shape)} do not fit [B, 1, Hq, D] / [B, Hkv, W, D]"
-        )
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"rings {tuple(ck.shape)} / {tuple(cv.shape)} do not fit [B, 1, Hq, D] / [B, Hkv, W, D]")
     from ..dispatch import ring_kernel_fits
 
     if not ring_kernel_fits(q, ck):
-        raise ValueError(
-            f"{name} needs fp32/fp16/bf16 and a power-of-two head dim in [16, 256], got {q.dtype} / {ck.dtype}, D={D}"
-        )
+        raise ValueError(f"{name} needs fp32/fp16/bf16 and a power-of-two head dim in [16, 256], got "
+                         f"{q.dtype} / {ck.dtype}, D={D}")
     if ck.stride(-1) != 1 or cv.stride() != ck.stride():
         raise ValueError(f"{name}: the rings must be contiguous in the head dim with equal strides")
 
@@ -232,10 +174,8 @@ def _rope_args(rope: HeadRope | None, D: int):
     if rope is None:
         return None, None, None, None, 0.0
     if (rope.q_norm_w is None) != (rope.k_norm_w is None) or rope.cos.numel() != D // 2 or rope.sin.numel() != D // 2:
-        raise ValueError(
-            f"ring attention: rope needs cos, sin of {D // 2} values and both per-head norm weights or "
-            f"neither, got cos {tuple(rope.cos.shape)}, sin {tuple(rope.sin.shape)}"
-        )
+        raise ValueError(f"ring attention: rope needs cos, sin of {D // 2} values and both per-head norm weights or "
+                         f"neither, got cos {tuple(rope.cos.shape)}, sin {tuple(rope.sin.shape)}")
     cos, sin = (t.reshape(-1).float().contiguous() for t in (rope.cos, rope.sin))
     return cos, sin, rope.q_norm_w, rope.k_norm_w, rope.eps
 
@@ -258,63 +198,17 @@ def _ring_partials(q, k, v, ck, cv, pos, locks, out, block_keys: int, num_warps:
     merge = out is not None
     prec = "ieee" if ck.dtype == torch.float32 else "tf32"
     _ring_decode_kernel[(B * Hkv, splits)](
-        q,
-        k,
-        v,
-        ck,
-        cv,
-        out if merge else q,
-        pos,
-        part_m,
-        part_l,
-        part_acc,
-        locks if merge else pos,
-        cos,
-        sin,
-        q_norm_w,
-        k_norm_w,
-        Hkv,
-        G,
-        W,
-        _LOG2E / math.sqrt(D),
-        splits,
-        per_split,
-        eps,
-        q.stride(0),
-        q.stride(2),
-        k.stride(0),
-        k.stride(2),
-        ck.stride(0),
-        ck.stride(1),
-        ck.stride(2),
-        D=D,
-        GP=GP,
-        BW=block_keys,
-        SP=SP,
-        SC=min(SP, max(1, MERGE_TILE // (GP * D))),
-        DOT_PREC=prec,
-        MERGE=merge,
-        ROPE=rope is not None,
-        HEAD_NORM=q_norm_w is not None,
-        num_warps=num_warps,
-        num_stages=2,
-        **pdl_args(q),
+        q, k, v, ck, cv, out if merge else q, pos, part_m, part_l, part_acc, locks if merge else pos,
+        cos, sin, q_norm_w, k_norm_w, Hkv, G, W, _LOG2E / math.sqrt(D), splits, per_split, eps,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), ck.stride(0), ck.stride(1), ck.stride(2),
+        D=D, GP=GP, BW=block_keys, SP=SP, SC=min(SP, max(1, MERGE_TILE // (GP * D))), DOT_PREC=prec, MERGE=merge,
+        ROPE=rope is not None, HEAD_NORM=q_norm_w is not None, num_warps=num_warps, num_stages=2, **pdl_args(q),
     )
     return part_m, part_l, part_acc, splits, GP
 
 
-def ring_attention_triton(
-    q,
-    k,
-    v,
-    ck,
-    cv,
-    pos: torch.Tensor,
-    locks: torch.Tensor | None = None,
-    block_keys: int = 128,
-    num_warps: int = 8,
-    rope: HeadRope | None = None,
-) -> torch.Tensor:
+def ring_attention_triton(q, k, v, ck, cv, pos: torch.Tensor, locks: torch.Tensor | None = None,
+                          block_keys: int = 128, num_warps: int = 8, rope: HeadRope | None = None) -> torch.Tensor:
     """q: [B, 1, Hq, D], k/v: [B, 1, Hkv, D] of the token at ``pos`` (0-d int tensor), rings ck/cv [B, Hkv, W, D]
     (written in place) → [B, 1, Hq, D] in q.dtype (contiguous). Scale 1/sqrt(D).
 
@@ -338,24 +232,9 @@ def ring_attention_triton(
 
 @triton.jit
 def _merge_out_proj_kernel(
-    PART_M,
-    PART_L,
-    PART_ACC,
-    W,
-    RES,
-    Y,
-    N,
-    HQ,
-    G,
-    SPLITS,
-    stride_rb,
-    stride_yb,
-    D: tl.constexpr,
-    GP: tl.constexpr,
-    HP: tl.constexpr,
-    SP: tl.constexpr,
-    BN: tl.constexpr,
-    PDL: tl.constexpr,
+    PART_M, PART_L, PART_ACC, W, RES, Y,
+    N, HQ, G, SPLITS, stride_rb, stride_yb,
+    D: tl.constexpr, GP: tl.constexpr, HP: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -365,11 +244,8 @@ def _merge_out_proj_kernel(
     heads = tl.arange(0, HP)
     ranges = tl.arange(0, SP)
     cols = heads[:, None] * D + offs_d[None, :]
-    w = tl.load(
-        W + rows.to(tl.int64)[:, None, None] * (HQ * D) + cols[None, :, :],
-        mask=row_ok[:, None, None] & (heads < HQ)[None, :, None],
-        other=0.0,
-    )  # [BN, HP, D]
+    w = tl.load(W + rows.to(tl.int64)[:, None, None] * (HQ * D) + cols[None, :, :],
+                mask=row_ok[:, None, None] & (heads < HQ)[None, :, None], other=0.0)  # [BN, HP, D]
     wait_for_inputs(PDL)
     ok = (heads < HQ)[:, None] & (ranges < SPLITS)[None, :]  # [HP, SP]
     # every query head's partials at once (independent loads in flight together): [HP, SP] statistics, [HP, SP, D]
@@ -391,27 +267,14 @@ MERGE_IN_PROJECTION_MAX = 8192
 
 
 _OUT_PROJ_ROWS = [(2, 4), (4, 4), (8, 4), (16, 4), (16, 8)]  # (rows, warps); `small` on an H200 took 16 rows, 4 warps
-_merge_out_proj_tuned = autotuned(
-    [triton.Config({"BN": bn}, num_warps=w) for bn, w in _OUT_PROJ_ROWS],
-    ["N", "HQ", "G", "SPLITS", "PDL"],
-    triton.Config({"BN": 4}, num_warps=4),
-)(_merge_out_proj_kernel)
+_merge_out_proj_tuned = autotuned([triton.Config({"BN": bn}, num_warps=w) for bn, w in _OUT_PROJ_ROWS],
+                                  ["N", "HQ", "G", "SPLITS", "PDL"], triton.Config({"BN": 4}, num_warps=4))(
+    _merge_out_proj_kernel)
 
 
-def ring_attention_out_proj(
-    q,
-    k,
-    v,
-    ck,
-    cv,
-    pos: torch.Tensor,
-    w_out: torch.Tensor,
-    residual: torch.Tensor,
-    locks: torch.Tensor | None = None,
-    block_keys: int = 128,
-    num_warps: int = 8,
-    rope: HeadRope | None = None,
-) -> torch.Tensor:
+def ring_attention_out_proj(q, k, v, ck, cv, pos: torch.Tensor, w_out: torch.Tensor, residual: torch.Tensor,
+                            locks: torch.Tensor | None = None, block_keys: int = 128,
+                            num_warps: int = 8, rope: HeadRope | None = None) -> torch.Tensor:
     """The ring step of ``ring_attention_triton`` followed by the output projection and the residual:
     residual [B, 1, d] + attention(q, ...) [B, Hq·D] · w_out [d, Hq·D]ᵀ → [B, 1, d] in residual's dtype. ``rope``
     as for ``ring_attention_triton``.
@@ -425,34 +288,18 @@ def ring_attention_out_proj(
     B, _, Hq, D = q.shape
     d = residual.shape[-1]
     if w_out.shape != (d, Hq * D) or not w_out.is_contiguous() or residual.numel() != B * d:
-        raise ValueError(
-            f"ring_attention_out_proj: w_out {tuple(w_out.shape)} must be contiguous [{d}, {Hq * D}] "
-            f"and residual {tuple(residual.shape)} [{B}, 1, {d}]"
-        )
+        raise ValueError(f"ring_attention_out_proj: w_out {tuple(w_out.shape)} must be contiguous [{d}, {Hq * D}] "
+                         f"and residual {tuple(residual.shape)} [{B}, 1, {d}]")
     res = unit_stride_rows(residual)  # [B, d], unit stride along d
     HP, SP = triton.next_power_of_2(Hq), triton.next_power_of_2(ring_splits(ck.shape[2], block_keys)[0])
     if HP * SP * D > MERGE_IN_PROJECTION_MAX:
         o = ring_attention_triton(q, k, v, ck, cv, pos, locks, block_keys, num_warps, rope)
         return gemv(o.reshape(B, Hq * D), w_out, residual=res).view(B, 1, d)
-    part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps, rope)
+    part_m, part_l, part_acc, splits, GP = _ring_partials(q, k, v, ck, cv, pos, None, None, block_keys, num_warps,
+                                                          rope)
     y = torch.empty_like(res)
     _merge_out_proj_tuned[lambda meta: (triton.cdiv(d, meta["BN"]), B)](
-        part_m,
-        part_l,
-        part_acc,
-        w_out,
-        res,
-        y,
-        d,
-        Hq,
-        Hq // ck.shape[1],
-        splits,
-        res.stride(0),
-        y.stride(0),
-        D=D,
-        GP=GP,
-        HP=HP,
-        SP=SP,
-        **pdl_args(q),
+        part_m, part_l, part_acc, w_out, res, y, d, Hq, Hq // ck.shape[1], splits, res.stride(0), y.stride(0),
+        D=D, GP=GP, HP=HP, SP=SP, **pdl_args(q),
     )
     return y.view(B, 1, d)

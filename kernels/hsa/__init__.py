@@ -9,7 +9,6 @@ e.g. to compare training runs).
 The Triton modules are imported lazily, on first use: ``triton.jit`` decides at import time whether kernels are
 compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set that variable first.
 """
-
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,6 @@ Conventions
   token and KV head; an empty slot has index ``-1`` (its weight is ignored and its contribution is 0).
 - Query head ``h`` reads KV head ``h // (Hq // Hkv)``.
 """
-
 from __future__ import annotations
 
 import math
@@ -26,9 +25,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_hsa_inputs(q, k, v, weights, indices, chunk_size: int) -> None:
     """Raise ``ValueError`` naming the first argument whose shape or dtype breaks the spec §4 contract."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}")
     B, T, Hq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
@@ -41,8 +39,8 @@ def check_hsa_inputs(q, k, v, weights, indices, chunk_size: int) -> None:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if weights.shape != indices.shape or tuple(weights.shape[:3]) != (B, T, Hkv):
         raise ValueError(
-            f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be "
-            f"[B={B}, T={T}, Hkv={Hkv}, K]"
+            f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} must both be [B={B}, T={T}, "
+            f"Hkv={Hkv}, K]"
         )
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")

@@ -35,7 +35,6 @@ Work and memory are linear in the number of selected (token, slot) pairs in both
 Empty slots (index −1) contribute 0 and get gradient 0 for their weight; rows whose slots are all empty come out
 as 0. Indices ≥ the number of chunks are clamped to the last chunk, as the reference does.
 """
-
 from __future__ import annotations
 
 import math
@@ -121,25 +120,8 @@ def _item_header(ITEMS, n_items, NCHUNK, HKV):
 
 
 @triton.jit
-def _pair_rows(
-    PERM,
-    start,
-    part,
-    i,
-    count,
-    T,
-    TOPK,
-    HKV,
-    b64,
-    g,
-    G,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    HB: tl.constexpr,
-    BP: tl.constexpr,
-    D: tl.constexpr,
-):
+def _pair_rows(PERM, start, part, i, count, T, TOPK, HKV, b64, g, G, stride_qb, stride_qt, stride_qh,
+               HB: tl.constexpr, BP: tl.constexpr, D: tl.constexpr):
     """Rows of tile i of an item (BP pairs × HB heads): (flat pair ids, mask, offsets of q/dO rows, offsets of the
     rows in the partial buffer [pairs, G, D])."""
     M: tl.constexpr = BP * HB
@@ -156,32 +138,12 @@ def _pair_rows(
 
 @triton.jit(do_not_specialize=["n_items"])
 def _hsa_fwd_kernel(
-    Q,
-    K,
-    V,
-    W,
-    PERM,
-    ITEMS,
-    PART,
-    n_items,
-    T,
-    HKV,
-    NCHUNK,
-    TOPK,
-    G,
-    qk_scale,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    S: tl.constexpr,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    BP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr,
+    Q, K, V, W, PERM, ITEMS, PART,
+    n_items, T, HKV, NCHUNK, TOPK, G, qk_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BP: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     """One item: every pair's ``w · softmax · V`` [HB heads, D] into its own row block of PART (no atomics)."""
     start, count, part, c, g, b = _item_header(ITEMS, n_items, NCHUNK, HKV)
@@ -192,9 +154,8 @@ def _hsa_fwd_kernel(
     _, k, v = _load_chunk(K, V, b64, c, g, stride_kb, stride_kt, stride_kh, S, D)  # k, v: [S, D]
     kt = tl.trans(k)
     for i in range(0, count, BP):
-        p, row_ok, q_rows, part_rows = _pair_rows(
-            PERM, start, part, i, count, T, TOPK, HKV, b64, g, G, stride_qb, stride_qt, stride_qh, HB, BP, D
-        )
+        p, row_ok, q_rows, part_rows = _pair_rows(PERM, start, part, i, count, T, TOPK, HKV, b64, g, G,
+                                                  stride_qb, stride_qt, stride_qh, HB, BP, D)
         w = tl.load(W + p, mask=row_ok, other=0.0).to(tl.float32)
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         pe, l = _chunk_exp(q, kt, qk_scale, DOT_PREC, OFF_BY_ONE)
@@ -205,38 +166,12 @@ def _hsa_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_items"])
 def _hsa_bwd_kernel(
-    Q,
-    K,
-    V,
-    W,
-    DO,
-    PERM,
-    ITEMS,
-    PART,
-    DK,
-    DV,
-    DW,
-    n_items,
-    T,
-    HKV,
-    NCHUNK,
-    TOPK,
-    G,
-    qk_scale,
-    sm_scale,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    S: tl.constexpr,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    BP: tl.constexpr,
-    COMPUTE_DQ: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr,
+    Q, K, V, W, DO, PERM, ITEMS, PART, DK, DV, DW,
+    n_items, T, HKV, NCHUNK, TOPK, G, qk_scale, sm_scale,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BP: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr, DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     """One item: dK/dV of its chunk (registers, added once), and with COMPUTE_DQ each pair's dq part into PART and
     its ∂L/∂w."""
@@ -252,9 +187,8 @@ def _hsa_bwd_kernel(
     dv = tl.zeros([S, D], dtype=tl.float32)
     pr = tl.arange(0, BP)
     for i in range(0, count, BP):
-        p, row_ok, q_rows, part_rows = _pair_rows(
-            PERM, start, part, i, count, T, TOPK, HKV, b64, g, G, stride_qb, stride_qt, stride_qh, HB, BP, D
-        )
+        p, row_ok, q_rows, part_rows = _pair_rows(PERM, start, part, i, count, T, TOPK, HKV, b64, g, G,
+                                                  stride_qb, stride_qt, stride_qh, HB, BP, D)
         w = tl.load(W + p, mask=row_ok, other=0.0).to(tl.float32)
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -271,7 +205,8 @@ def _hsa_bwd_kernel(
             pp = tl.load(PERM + start + i + pr, mask=pair_ok, other=0)
             tl.atomic_add(DW + pp, dw, mask=pair_ok, sem="relaxed")
             dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * sm_scale
-            tl.store(PART + part_rows[:, None] + offs_d[None, :], dq.to(PART.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(PART + part_rows[:, None] + offs_d[None, :], dq.to(PART.dtype.element_ty),
+                     mask=row_ok[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
         dv += tl.dot(tl.trans((prob * w[:, None]).to(do.dtype)), do, input_precision=DOT_PREC)
 
@@ -281,23 +216,10 @@ def _hsa_bwd_kernel(
 
 @triton.jit(do_not_specialize=["t0", "n_tok"])
 def _hsa_reduce_kernel(
-    PART,
-    IDX,
-    RANK,
-    OUT,
-    t0,
-    n_tok,
-    T,
-    HKV,
-    TOPK,
-    G,
-    stride_ob,
-    stride_ot,
-    stride_oh,
-    D: tl.constexpr,
-    GP: tl.constexpr,
-    BT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    PART, IDX, RANK, OUT,
+    t0, n_tok, T, HKV, TOPK, G,
+    stride_ob, stride_ot, stride_oh,
+    D: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """OUT[b, t0 + τ, g·G + h] = Σ_j PART[RANK[b, t, g, j], h] over the token's valid slots (0 if none), for the
     ``n_tok`` tokens of one slab; grid (token blocks, B·Hkv). Rows: BT tokens × GP heads."""
@@ -326,26 +248,8 @@ def _hsa_reduce_kernel(
 
 
 @triton.jit
-def _qm_header(
-    Q,
-    IDX,
-    W,
-    UCOUNT,
-    T,
-    HKV,
-    NCHUNK,
-    TOPK,
-    G,
-    n_blk,
-    u_width,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    BT: tl.constexpr,
-    KP: tl.constexpr,
-):
+def _qm_header(Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh,
+               D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
     """What a query-major program (grid: blocks, B·Hkv, heads) works on: its query rows and their tile q [M, D],
     the [BT, KP] index/weight tiles of its tokens, and where its chunk union starts in UNION and how long it is."""
     blk = tl.program_id(0)
@@ -382,39 +286,15 @@ def _row_weights(idx, w, c, HB: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _hsa_fwd_qm_kernel(
-    Q,
-    K,
-    V,
-    W,
-    IDX,
-    UNION,
-    UCOUNT,
-    O,
-    T,
-    HKV,
-    NCHUNK,
-    TOPK,
-    G,
-    qk_scale,
-    n_blk,
-    u_width,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    S: tl.constexpr,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    BT: tl.constexpr,
-    KP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr,
+    Q, K, V, W, IDX, UNION, UCOUNT, O,
+    T, HKV, NCHUNK, TOPK, G, qk_scale, n_blk, u_width,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
-        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP
-    )
+        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
     offs_d = tl.arange(0, D)
     acc = tl.zeros([BT * HB, D], dtype=tl.float32)
     for u in range(0, n_union):
@@ -428,42 +308,15 @@ def _hsa_fwd_qm_kernel(
 
 @triton.jit
 def _hsa_bwd_qm_kernel(
-    Q,
-    K,
-    V,
-    W,
-    IDX,
-    UNION,
-    UCOUNT,
-    DO,
-    DQ,
-    DW,
-    T,
-    HKV,
-    NCHUNK,
-    TOPK,
-    G,
-    qk_scale,
-    sm_scale,
-    n_blk,
-    u_width,
-    stride_qb,
-    stride_qt,
-    stride_qh,
-    stride_kb,
-    stride_kt,
-    stride_kh,
-    S: tl.constexpr,
-    D: tl.constexpr,
-    HB: tl.constexpr,
-    BT: tl.constexpr,
-    KP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    OFF_BY_ONE: tl.constexpr,
+    Q, K, V, W, IDX, UNION, UCOUNT, DO, DQ, DW,
+    T, HKV, NCHUNK, TOPK, G, qk_scale, sm_scale, n_blk, u_width,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    S: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF_BY_ONE: tl.constexpr,
 ):
     b, g, q_rows, row_ok, q, idx, w, slot, slot_ok, union_start, n_union = _qm_header(
-        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP
-    )
+        Q, IDX, W, UCOUNT, T, HKV, NCHUNK, TOPK, G, n_blk, u_width, stride_qb, stride_qt, stride_qh, D, HB, BT, KP)
     offs_d = tl.arange(0, D)
     do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     dq = tl.zeros([BT * HB, D], dtype=tl.float32)
@@ -498,11 +351,8 @@ def _sort_pairs(idx: torch.Tensor, n_chunks: int, n_slab: int) -> tuple[torch.Te
     B, T, Hkv, K = idx.shape
     dev, nb = idx.device, B * Hkv * n_chunks
     ar = lambda n: torch.arange(n, device=dev, dtype=torch.int32)  # noqa: E731
-    slab_bg = (
-        (ar(T) // _slab_tokens(T, n_slab))[None, :, None, None] * (B * Hkv)
-        + ar(B)[:, None, None, None] * Hkv
-        + ar(Hkv)[None, None, :, None]
-    )
+    slab_bg = ((ar(T) // _slab_tokens(T, n_slab))[None, :, None, None] * (B * Hkv)
+               + ar(B)[:, None, None, None] * Hkv + ar(Hkv)[None, None, :, None])
     key = torch.where(idx >= 0, slab_bg * n_chunks + idx, n_slab * nb).reshape(-1)
     _, perm = torch.sort(key, stable=True)
     # scatter_add rather than bincount: bincount reads the largest key back to the host to size its output.
@@ -511,9 +361,8 @@ def _sort_pairs(idx: torch.Tensor, n_chunks: int, n_slab: int) -> tuple[torch.Te
     return perm.to(torch.int32), counts[:-1]
 
 
-def _cut_items(
-    idx: torch.Tensor, n_chunks: int, n_slab: int, perm: torch.Tensor, counts: torch.Tensor, seg: int
-) -> torch.Tensor:
+def _cut_items(idx: torch.Tensor, n_chunks: int, n_slab: int, perm: torch.Tensor, counts: torch.Tensor,
+               seg: int) -> torch.Tensor:
     """Buckets cut into items of at most ``seg`` pairs → [n_slab, 4, cap] int32 (see ``HSAPlan``)."""
     B, T, Hkv, K = idx.shape
     dev, nb = perm.device, B * Hkv * n_chunks
@@ -759,30 +608,14 @@ def _slabs(plan: HSAPlan, cfg: dict, G: int, D: int, out: torch.Tensor | None, l
         if out is not None:
             n_tok = min(slab, T - s * slab)
             _hsa_reduce_kernel[(triton.cdiv(n_tok, bt), B * Hkv)](
-                part,
-                plan.indices,
-                ranks,
-                out,
-                s * slab,
-                n_tok,
-                T,
-                Hkv,
-                K,
-                G,
-                out.stride(0),
-                out.stride(1),
-                out.stride(2),
-                D=D,
-                GP=gp,
-                BT=bt,
-                NUM_STAGES=red["num_stages"],
-                num_warps=red["num_warps"],
+                part, plan.indices, ranks, out,
+                s * slab, n_tok, T, Hkv, K, G, out.stride(0), out.stride(1), out.stride(2),
+                D=D, GP=gp, BT=bt, NUM_STAGES=red["num_stages"], num_warps=red["num_warps"],
             )
 
 
-def _forward(
-    q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str, off_by_one: bool = False
-):
+def _forward(q, k, v, weights, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str,
+             off_by_one: bool = False):
     B, T, Hq, D = q.shape
     _, Hkv, C, K, G = _common_args(q, k, weights, chunk_size)
     prec = _dot_precision(q.dtype)
@@ -792,80 +625,30 @@ def _forward(
         hb, bt, n_hb = _heads(cfg["rows"], G)
         union, counts, _ = plan.union(bt)
         _hsa_fwd_qm_kernel[(counts.shape[1], B * Hkv, n_hb)](
-            q,
-            k,
-            v,
-            weights,
-            plan.indices,
-            union,
-            counts,
-            o,
-            T,
-            Hkv,
-            C,
-            K,
-            G,
-            sm_scale * _LOG2E,
-            counts.shape[1],
-            union.shape[2],
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            S=chunk_size,
-            D=D,
-            HB=hb,
-            BT=bt,
-            KP=triton.next_power_of_2(K),
-            DOT_PREC=prec,
-            OFF_BY_ONE=off_by_one,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            q, k, v, weights, plan.indices, union, counts, o,
+            T, Hkv, C, K, G, sm_scale * _LOG2E, counts.shape[1], union.shape[2],
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec, OFF_BY_ONE=off_by_one,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return o
     cfg = CONFIG["fwd"]
 
     def launch(grid, items, perm, part, hb, bp):
         _hsa_fwd_kernel[grid](
-            q,
-            k,
-            v,
-            weights,
-            perm,
-            items,
-            part,
-            items.shape[1],
-            T,
-            Hkv,
-            C,
-            K,
-            G,
-            sm_scale * _LOG2E,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            S=chunk_size,
-            D=D,
-            HB=hb,
-            BP=bp,
-            DOT_PREC=prec,
-            OFF_BY_ONE=off_by_one,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            q, k, v, weights, perm, items, part,
+            items.shape[1], T, Hkv, C, K, G, sm_scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            S=chunk_size, D=D, HB=hb, BP=bp, DOT_PREC=prec, OFF_BY_ONE=off_by_one,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     _slabs(plan, cfg, G, D, o, launch)
     return o
 
 
-def _backward(
-    q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str, off_by_one: bool = False
-):
+def _backward(q, k, v, weights, do, plan: HSAPlan, chunk_size: int, sm_scale: float, strategy: str,
+              off_by_one: bool = False):
     """→ dq, dk, dv, dw (dq in q.dtype, dk/dv/dw fp32)."""
     B, T, Hq, D = q.shape
     _, Hkv, C, K, G = _common_args(q, k, weights, chunk_size)
@@ -880,79 +663,21 @@ def _backward(
         hb, bt, n_hb = _heads(cfg["rows"], G)
         union, counts, _ = plan.union(bt)
         _hsa_bwd_qm_kernel[(counts.shape[1], B * Hkv, n_hb)](
-            q,
-            k,
-            v,
-            weights,
-            plan.indices,
-            union,
-            counts,
-            do,
-            dq,
-            dw,
-            T,
-            Hkv,
-            C,
-            K,
-            G,
-            sm_scale * _LOG2E,
-            sm_scale,
-            counts.shape[1],
-            union.shape[2],
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            S=chunk_size,
-            D=D,
-            HB=hb,
-            BT=bt,
-            KP=triton.next_power_of_2(K),
-            DOT_PREC=prec,
-            OFF_BY_ONE=off_by_one,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            q, k, v, weights, plan.indices, union, counts, do, dq, dw,
+            T, Hkv, C, K, G, sm_scale * _LOG2E, sm_scale, counts.shape[1], union.shape[2],
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            S=chunk_size, D=D, HB=hb, BT=bt, KP=triton.next_power_of_2(K), DOT_PREC=prec, OFF_BY_ONE=off_by_one,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     cfg = CONFIG["bwd"]
 
     def launch(grid, items, perm, part, hb, bp):
         _hsa_bwd_kernel[grid](
-            q,
-            k,
-            v,
-            weights,
-            do,
-            perm,
-            items,
-            dk if part is None else part,
-            dk,
-            dv,
-            dw,
-            items.shape[1],
-            T,
-            Hkv,
-            C,
-            K,
-            G,
-            sm_scale * _LOG2E,
-            sm_scale,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            S=chunk_size,
-            D=D,
-            HB=hb,
-            BP=bp,
-            COMPUTE_DQ=not query,
-            DOT_PREC=prec,
-            OFF_BY_ONE=off_by_one,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            q, k, v, weights, do, perm, items, dk if part is None else part, dk, dv, dw,
+            items.shape[1], T, Hkv, C, K, G, sm_scale * _LOG2E, sm_scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            S=chunk_size, D=D, HB=hb, BP=bp, COMPUTE_DQ=not query, DOT_PREC=prec, OFF_BY_ONE=off_by_one,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     _slabs(plan, cfg, G, D, None if query else dq, launch)
@@ -1002,13 +727,6 @@ def hsa_attention_triton(
     _check_kernel_shapes(q, chunk_size)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _HSATriton.apply(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        weights.contiguous(),
-        indices,
-        chunk_size,
-        scale,
-        plan,
+        q.contiguous(), k.contiguous(), v.contiguous(), weights.contiguous(), indices, chunk_size, scale, plan,
         off_by_one,
     )

@@ -12,7 +12,6 @@ the cost:
   blocks with dense GEMMs (score, then gather the kept entries; backward: scatter into the dense block, two GEMMs),
   so no ``[B, T, H, topk, Dr]`` gather of landmarks is ever built (16 GiB at 1M tokens, top-64, Dr=128 in bf16).
 """
-
 from __future__ import annotations
 
 import math
@@ -82,14 +81,8 @@ class _GatheredScores(torch.autograd.Function):
         return dq_t.transpose(1, 2), dl_t.transpose(1, 2).to(lmk.dtype), None, None, None, None
 
 
-def gathered_scores(
-    q: torch.Tensor,
-    lmk: torch.Tensor,
-    idx: torch.Tensor,
-    scale: float,
-    block: int | None = None,
-    visible: tuple[int, int] | None = None,
-):
+def gathered_scores(q: torch.Tensor, lmk: torch.Tensor, idx: torch.Tensor, scale: float, block: int | None = None,
+                    visible: tuple[int, int] | None = None):
     """q: [B, T, H, Dr], lmk: [B, C, H, Dr], idx: [B, T, H, K] → scores [B, T, H, K] in q.dtype (−inf where
     idx < 0), differentiable in q and lmk, with memory O(block · C) (default block: ~256 MiB of fp32 scores).
     ``visible`` = (q_start, chunk_size): query t sees only chunks i with (i+1)·S <= t + q_start (as the selection

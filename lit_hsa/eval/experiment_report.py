@@ -1,7 +1,6 @@
 """The report of ``main.py experiment``: every ``<run>.json`` of an experiment's folder combined into
 ``length_generalization.json`` (every metric as mean and spread over a model's seeds, the held-out perplexity ratio
 to a reference model), ``summary.md`` and the plots ``accuracy_vs_length.png`` and ``loss_vs_position.png``."""
-
 from __future__ import annotations
 
 import json
@@ -16,24 +15,15 @@ from lit_hsa.eval.ruler import EvalRow, short_length
 def spread(values: list[float]) -> dict:
     """mean, min, max and the sample standard deviation (0 for one value) over runs, and their number."""
     v = np.asarray(values, dtype=float)
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "n": len(v),
-    }
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": len(v)}
 
 
 def run_scalars(r: dict) -> dict[str, float]:
     """One run's scalar metrics: training (per phase too), evaluation time, held-out loss and perplexity."""
     t = r["train"]
-    s = {
-        "train_steps": t["steps"],
-        "train_tokens": t["tokens"],
-        "train_seconds": t["seconds"],
-        "eval_seconds": r["eval_seconds"],
-    }
+    s = {"train_steps": t["steps"], "train_tokens": t["tokens"], "train_seconds": t["seconds"],
+         "eval_seconds": r["eval_seconds"]}
     if "flops" in t:
         s.update(train_flops=t["flops"], flops_per_token=t["flops_per_token"])
     for p in t.get("phases", []):
@@ -75,30 +65,19 @@ def perplexity_stats(by_model: dict[str, list[dict]], reference: Optional[str]) 
     for model, runs in by_model.items():
         ppl = [r["perplexity"] for r in runs if r.get("perplexity")]
         if ppl:
-            stats[model] = {
-                "loss": spread([p["loss"] for p in ppl]),
-                "ppl": spread([p["ppl"] for p in ppl]),
-                "windows": ppl[0]["windows"],
-                "window_length": ppl[0]["window_length"],
-                "tokens_crc32": ppl[0]["tokens_crc32"],
-                "same_windows": len({p["tokens_crc32"] for p in ppl}) == 1,
-            }
+            stats[model] = {"loss": spread([p["loss"] for p in ppl]), "ppl": spread([p["ppl"] for p in ppl]),
+                            "windows": ppl[0]["windows"], "window_length": ppl[0]["window_length"],
+                            "tokens_crc32": ppl[0]["tokens_crc32"],
+                            "same_windows": len({p["tokens_crc32"] for p in ppl}) == 1}
     ref = stats.get(reference) if reference else None
     for model, s in stats.items():
-        comparable = (
-            ref is not None and s["same_windows"] and ref["same_windows"] and s["tokens_crc32"] == ref["tokens_crc32"]
-        )
+        comparable = ref is not None and s["same_windows"] and ref["same_windows"] \
+            and s["tokens_crc32"] == ref["tokens_crc32"]
         s["ratio_to_reference"] = s["ppl"]["mean"] / ref["ppl"]["mean"] if comparable else None
-        ref_by_seed = (
-            {r.get("seed"): r["perplexity"]["ppl"] for r in by_model[reference] if r.get("perplexity")}
-            if comparable
-            else {}
-        )
-        paired = [
-            r["perplexity"]["ppl"] / ref_by_seed[r.get("seed")]
-            for r in by_model[model]
-            if r.get("perplexity") and r.get("seed") in ref_by_seed
-        ]
+        ref_by_seed = {r.get("seed"): r["perplexity"]["ppl"] for r in by_model[reference] if r.get("perplexity")} \
+            if comparable else {}
+        paired = [r["perplexity"]["ppl"] / ref_by_seed[r.get("seed")] for r in by_model[model]
+                  if r.get("perplexity") and r.get("seed") in ref_by_seed]
         s["ratio_by_seed"] = spread(paired) if paired else None
     return stats
 
@@ -108,18 +87,11 @@ def position_stats(by_model: dict[str, list[dict]]) -> dict:
     stats: dict = {}
     for model, runs in by_model.items():
         for length in sorted({n for r in runs for n in r.get("perplexity_by_position", {})}, key=int):
-            measured = [
-                r["perplexity_by_position"][length] for r in runs if length in r.get("perplexity_by_position", {})
-            ]
+            by_position = [r.get("perplexity_by_position", {}) for r in runs]
+            measured = [p[length] for p in by_position if length in p]
             stats.setdefault(model, {})[length] = [
-                {
-                    "from": b["from"],
-                    "to": b["to"],
-                    "loss": spread([m[i]["loss"] for m in measured]),
-                    "ppl": spread([m[i]["ppl"] for m in measured]),
-                }
-                for i, b in enumerate(measured[0])
-            ]
+                {"from": b["from"], "to": b["to"], "loss": spread([m[i]["loss"] for m in measured]),
+                 "ppl": spread([m[i]["ppl"] for m in measured])} for i, b in enumerate(measured[0])]
     return stats
 
 
@@ -128,16 +100,10 @@ def model_summary(runs: list[dict]) -> dict:
     scalars = [run_scalars(r) for r in runs]
     names = [k for k in scalars[0] if all(k in s for s in scalars)]
     first = runs[0]
-    return {
-        "runs": [r.get("run", r["model"]) for r in runs],
-        "seeds": [r.get("seed") for r in runs],
-        "train_seq_len": first["train_seq_len"],
-        "overrides": first["overrides"],
-        "parameters": first.get("parameters"),
-        "device": first["device"],
-        "date": max(r["date"] for r in runs),
-        "metrics": {k: spread([s[k] for s in scalars]) for k in names},
-    }
+    return {"runs": [r.get("run", r["model"]) for r in runs], "seeds": [r.get("seed") for r in runs],
+            "train_seq_len": first["train_seq_len"], "overrides": first["overrides"],
+            "parameters": first.get("parameters"), "device": first["device"], "date": max(r["date"] for r in runs),
+            "metrics": {k: spread([s[k] for s in scalars]) for k in names}}
 
 
 def summarize(out_dir: str | Path, reference_model: Optional[str] = None) -> Optional[dict]:
@@ -153,19 +119,14 @@ def summarize(out_dir: str | Path, reference_model: Optional[str] = None) -> Opt
     for r in sorted(results, key=lambda r: (r["model"], r.get("seed") is not None, r.get("seed") or 0)):
         by_model.setdefault(r["model"], []).append(r)
     accuracy = accuracy_stats(results)
-    summary = {
-        "models": {m: model_summary(runs) for m, runs in by_model.items()},
-        "reference_model": reference_model,
-        "perplexity": perplexity_stats(by_model, reference_model),
-        "perplexity_by_position": position_stats(by_model),
-        "accuracy": {
-            task: {m: {str(n): s["mean"] for n, s in acc.items()} for m, acc in per.items()}
-            for task, per in accuracy.items()
-        },
-        "accuracy_spread": {
-            task: {m: {str(n): s for n, s in acc.items()} for m, acc in per.items()} for task, per in accuracy.items()
-        },
-    }
+    summary = {"models": {m: model_summary(runs) for m, runs in by_model.items()},
+               "reference_model": reference_model,
+               "perplexity": perplexity_stats(by_model, reference_model),
+               "perplexity_by_position": position_stats(by_model),
+               "accuracy": {task: {m: {str(n): s["mean"] for n, s in acc.items()} for m, acc in per.items()}
+                            for task, per in accuracy.items()},
+               "accuracy_spread": {task: {m: {str(n): s for n, s in acc.items()} for m, acc in per.items()}
+                                   for task, per in accuracy.items()}}
     (out / "length_generalization.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(markdown_summary(summary, results))
     train_lengths = {m: s["train_seq_len"] for m, s in summary["models"].items()}
@@ -182,52 +143,32 @@ def cell(s: dict, fmt: str = ".2f") -> str:
 
 
 def markdown_summary(summary: dict, results: list[dict]) -> str:
-    return (
-        "\n".join(
-            [
-                *models_table(summary),
-                *accuracy_markdown(summary["accuracy_spread"]),
-                *positions_table(summary["perplexity_by_position"]),
-                *run_lines(results),
-            ]
-        )
-        + "\n"
-    )
+    return "\n".join([*models_table(summary), *accuracy_markdown(summary["accuracy_spread"]),
+                      *positions_table(summary["perplexity_by_position"]), *run_lines(results)]) + "\n"
 
 
 def models_table(summary: dict) -> list[str]:
     """Parameters, compute and held-out perplexity per model (mean (min–max) over seeds; ± the std)."""
     ref = summary["reference_model"]
-    lines = [
-        f"| model | seeds | parameters (active) | train tokens | FLOPs/token | train FLOPs | held-out loss | "
-        f"held-out ppl | ppl / {ref or 'reference'} |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"| model | seeds | parameters (active) | train tokens | FLOPs/token | train FLOPs | held-out loss | "
+             f"held-out ppl | ppl / {ref or 'reference'} |", "|---|---|---|---|---|---|---|---|---|"]
     for model, s in summary["models"].items():
         m, p, ppl = s["metrics"], s["parameters"], summary["perplexity"].get(model)
         params = f"{p['total'] / 1e6:.2f}M ({p['active'] / 1e6:.2f}M)" if p else "—"
         flops = [f"{m[k]['mean']:.3g}" if k in m else "—" for k in ("flops_per_token", "train_flops")]
-        loss = (
-            "—"
-            if not ppl
-            else cell(ppl["loss"], ".4f") + (f" ± {ppl['loss']['std']:.4f}" if ppl["loss"]["n"] > 1 else "")
-        )
+        loss = "—" if not ppl else cell(ppl["loss"], ".4f") + (f" ± {ppl['loss']['std']:.4f}"
+                                                                 if ppl["loss"]["n"] > 1 else "")
         ratio = "—"
         if ppl and ppl["ratio_to_reference"] is not None:
             by_seed = ppl["ratio_by_seed"]
-            ratio = f"{ppl['ratio_to_reference']:.4f}" + (
-                f" ({by_seed['min']:.4f}–{by_seed['max']:.4f} by seed)" if by_seed and by_seed["n"] > 1 else ""
-            )
-        lines.append(
-            f"| {model} | {len(s['runs'])} | {params} | {cell(m['train_tokens'], ',.0f')} | {flops[0]} | "
-            f"{flops[1]} | {loss} | {cell(ppl['ppl'], '.3f') if ppl else '—'} | {ratio} |"
-        )
+            ratio = f"{ppl['ratio_to_reference']:.4f}" + (f" ({by_seed['min']:.4f}–{by_seed['max']:.4f} by seed)"
+                                                          if by_seed and by_seed["n"] > 1 else "")
+        lines.append(f"| {model} | {len(s['runs'])} | {params} | {cell(m['train_tokens'], ',.0f')} | {flops[0]} | "
+                     f"{flops[1]} | {loss} | {cell(ppl['ppl'], '.3f') if ppl else '—'} | {ratio} |")
     windows = [p for p in summary["perplexity"].values()]
     if windows:
-        lines.append(
-            f"\nHeld-out perplexity: {windows[0]['windows']} windows of {windows[0]['window_length']} tokens "
-            "of the held-out split; mean (min–max) ± std over seeds."
-        )
+        lines.append(f"\nHeld-out perplexity: {windows[0]['windows']} windows of {windows[0]['window_length']} tokens "
+                     "of the held-out split; mean (min–max) ± std over seeds.")
     return lines + [""]
 
 
@@ -236,17 +177,12 @@ def accuracy_markdown(accuracy: dict) -> list[str]:
     lengths = sorted({int(n) for per in accuracy.values() for acc in per.values() for n in acc})
     if not lengths:
         return []
-    lines = [
-        "| task | model | " + " | ".join(short_length(n) for n in lengths) + " |",
-        "|---|---|" + "---|" * len(lengths),
-    ]
+    lines = ["| task | model | " + " | ".join(short_length(n) for n in lengths) + " |",
+             "|---|---|" + "---|" * len(lengths)]
     for task, per in accuracy.items():
         for model, acc in per.items():
-            lines.append(
-                f"| {task} | {model} | "
-                + " | ".join(cell(acc[str(n)]) if str(n) in acc else "—" for n in lengths)
-                + " |"
-            )
+            lines.append(f"| {task} | {model} | " + " | ".join(cell(acc[str(n)]) if str(n) in acc else "—"
+                                                              for n in lengths) + " |")
     return lines + [""]
 
 
@@ -256,17 +192,12 @@ def positions_table(positions: dict) -> list[str]:
         return []
     longest = {m: per[max(per, key=int)] for m, per in positions.items()}
     edges = sorted({b["to"] for rows in longest.values() for b in rows})
-    lines = [
-        "Loss by position (held-out sequence; bucket = positions up to the column's length):",
-        "",
-        "| model | " + " | ".join(f"<{short_length(n)}" for n in edges) + " |",
-        "|---|" + "---|" * len(edges),
-    ]
+    lines = ["Loss by position (held-out sequence; bucket = positions up to the column's length):", "",
+             "| model | " + " | ".join(f"<{short_length(n)}" for n in edges) + " |", "|---|" + "---|" * len(edges)]
     for model, rows in longest.items():
         by_edge = {b["to"]: b["loss"] for b in rows}
-        lines.append(
-            f"| {model} | " + " | ".join(cell(by_edge[n], ".3f") if n in by_edge else "—" for n in edges) + " |"
-        )
+        lines.append(f"| {model} | " + " | ".join(cell(by_edge[n], ".3f") if n in by_edge else "—" for n in edges)
+                     + " |")
     return lines + [""]
 
 
@@ -275,12 +206,9 @@ def run_lines(results: list[dict]) -> list[str]:
     for r in results:
         t = r["train"]
         phases = ", ".join(f"{p['name']} {p['steps']} steps" for p in t.get("phases", []))
-        lines.append(
-            f"- {r.get('run', r['model'])}: trained at {r['train_seq_len']} tokens, {t['steps']} steps"
-            + (f" ({phases})" if phases else "")
-            + f", {t['tokens'] / 1e6:.1f}M tokens, {t['seconds']:.0f} s; "
-            f"eval {r['eval_seconds']:.0f} s ({r['device']}, {r['date']})"
-        )
+        lines.append(f"- {r.get('run', r['model'])}: trained at {r['train_seq_len']} tokens, {t['steps']} steps"
+                     + (f" ({phases})" if phases else "") + f", {t['tokens'] / 1e6:.1f}M tokens, {t['seconds']:.0f} s; "
+                     f"eval {r['eval_seconds']:.0f} s ({r['device']}, {r['date']})")
     return lines
 
 
@@ -292,15 +220,9 @@ def plot_accuracy(accuracy: dict, path: Path, train_lengths: dict[str, int]) -> 
     for ax, task in zip(axes[0], tasks):
         for model, acc in accuracy[task].items():
             lengths = sorted(acc)
-            (line,) = ax.plot(lengths, [acc[n]["mean"] for n in lengths], marker="o", label=model)
-            ax.fill_between(
-                lengths,
-                [acc[n]["min"] for n in lengths],
-                [acc[n]["max"] for n in lengths],
-                color=line.get_color(),
-                alpha=0.15,
-                linewidth=0,
-            )
+            line, = ax.plot(lengths, [acc[n]["mean"] for n in lengths], marker="o", label=model)
+            ax.fill_between(lengths, [acc[n]["min"] for n in lengths], [acc[n]["max"] for n in lengths],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
             ax.axvline(train_lengths[model], color=line.get_color(), linestyle=":", alpha=0.6)
         ax.set_xscale("log", base=2)
         ax.set_title(task)
@@ -322,15 +244,9 @@ def plot_positions(positions: dict, path: Path, train_lengths: dict[str, int]) -
     for model, per in positions.items():
         rows = per[max(per, key=int)]
         ends = [b["to"] for b in rows]
-        (line,) = ax.plot(ends, [b["loss"]["mean"] for b in rows], marker="o", label=model)
-        ax.fill_between(
-            ends,
-            [b["loss"]["min"] for b in rows],
-            [b["loss"]["max"] for b in rows],
-            color=line.get_color(),
-            alpha=0.15,
-            linewidth=0,
-        )
+        line, = ax.plot(ends, [b["loss"]["mean"] for b in rows], marker="o", label=model)
+        ax.fill_between(ends, [b["loss"]["min"] for b in rows], [b["loss"]["max"] for b in rows],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
         ax.axvline(train_lengths[model], color=line.get_color(), linestyle=":", alpha=0.6)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position bucket end (tokens); dotted: training length")
@@ -349,3 +265,5 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+

@@ -1,6 +1,5 @@
 """Held-out perplexity of a trained model: the mean next-token loss over windows of the training length, each
 window without context (as in training), on the held-out split (``eval.run.held_out_tokens``)."""
-
 from __future__ import annotations
 
 import zlib
@@ -13,14 +12,8 @@ from lit_hsa.model.transformer import HSATransformer
 
 
 @torch.no_grad()
-def held_out_perplexity(
-    net: HSATransformer,
-    tokens: np.ndarray,
-    n_windows: int,
-    window: int,
-    device: torch.device,
-    batch_tokens: int = 65536,
-) -> dict:
+def held_out_perplexity(net: HSATransformer, tokens: np.ndarray, n_windows: int, window: int,
+                        device: torch.device, batch_tokens: int = 65536) -> dict:
     """Mean next-token loss over ``n_windows`` consecutive windows of ``window`` tokens (window i: inputs
     ``tokens[i·W : (i+1)·W]``, targets shifted by one; each window starts without context, as in training).
     tokens: [≥ n_windows·W + 1] int → {windows, window_length, tokens, tokens_crc32, loss, ppl}."""
@@ -35,14 +28,8 @@ def held_out_perplexity(
             loss = net(inputs[rows].to(device), labels=targets[rows].to(device))
         total += float(loss) * inputs[rows].numel()
     loss = total / inputs.numel()
-    return {
-        "windows": n_windows,
-        "window_length": window,
-        "tokens": inputs.numel(),
-        "tokens_crc32": zlib.crc32(x.numpy().tobytes()),
-        "loss": loss,
-        "ppl": float(np.exp(loss)),
-    }
+    return {"windows": n_windows, "window_length": window, "tokens": inputs.numel(),
+            "tokens_crc32": zlib.crc32(x.numpy().tobytes()), "loss": loss, "ppl": float(np.exp(loss))}
 
 
 def autocast(device: torch.device):

@@ -3,7 +3,6 @@
 Every sample is built by ``data_modules.synthetic.make_task`` (the generators training mixes in), prefilled in
 segments, then answered greedily; ``synthetic.score`` is RULER's string match.
 """
-
 from __future__ import annotations
 
 import zlib
@@ -30,51 +29,36 @@ class EvalRow:
     samples: int
 
 
-def retrieval_sample(task: str, length: int, depth: float | None, i: int, seed: int, haystack: np.ndarray, tokenizer):
+def retrieval_sample(task: str, length: int, depth: float | None, i: int, seed: int, haystack: np.ndarray,
+                     tokenizer):
     """Sample ``i`` of (task, length, depth): deterministic given ``seed``, over a random window of ``haystack``."""
     rng = np.random.default_rng([seed, zlib.crc32(task.encode()), length, int((depth or 0) * 1000), i])
     start = int(rng.integers(0, max(1, len(haystack) - length)))
     return make_task(task, haystack[start : start + length], length, tokenizer, rng, depth)
 
 
-def check_retrieval_samples(
-    tokenizer,
-    haystack: np.ndarray,
-    tasks: list[str],
-    lengths: list[int],
-    depths: list[float],
-    samples: int,
-    seed: int = 0,
-) -> None:
+def check_retrieval_samples(tokenizer, haystack: np.ndarray, tasks: list[str], lengths: list[int],
+                            depths: list[float], samples: int, seed: int = 0) -> None:
     """Build every sample ``evaluate_retrieval`` would score (cheap next to decoding them), so that a length too
     short for a task fails before hours of evaluation, not in the middle. Raises make_task's ``ValueError``
     ("length: 64 tokens cannot hold task 'niah_single': its needles, question and answer take 123 tokens")."""
     for task in tasks:
         for length in lengths:
-            for depth in [None] if task in DEPTHLESS_TASKS else depths:
+            for depth in ([None] if task in DEPTHLESS_TASKS else depths):
                 for i in range(samples):
                     retrieval_sample(task, length, depth, i, seed, haystack, tokenizer)
 
 
 @torch.no_grad()
-def evaluate_retrieval(
-    model: HSATransformer,
-    tokenizer,
-    haystack: np.ndarray,
-    tasks: list[str],
-    lengths: list[int],
-    depths: list[float],
-    samples: int = 4,
-    seed: int = 0,
-    segment_size: int = 4096,
-    device: str | torch.device = "cpu",
-) -> list[EvalRow]:
+def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, tasks: list[str], lengths: list[int],
+                       depths: list[float], samples: int = 4, seed: int = 0, segment_size: int = 4096,
+                       device: str | torch.device = "cpu") -> list[EvalRow]:
     """Accuracy per (task, length, depth), each the mean score of ``samples`` generated answers."""
     model.eval()
     rows = []
     for task in tasks:
         for length in lengths:
-            for depth in [None] if task in DEPTHLESS_TASKS else depths:
+            for depth in ([None] if task in DEPTHLESS_TASKS else depths):
                 total = 0.0
                 for i in range(samples):
                     sample = retrieval_sample(task, length, depth, i, seed, haystack, tokenizer)
@@ -87,9 +71,8 @@ def evaluate_retrieval(
 
 
 @torch.no_grad()
-def perplexity_by_position(
-    model: HSATransformer, tokens: np.ndarray, segment_size: int = 4096, device: str | torch.device = "cpu"
-) -> list[dict]:
+def perplexity_by_position(model: HSATransformer, tokens: np.ndarray, segment_size: int = 4096,
+                           device: str | torch.device = "cpu") -> list[dict]:
     """Next-token loss of one long sequence, averaged over position buckets [0, 2^k): does the loss keep falling
     (or at least not rise) past the training length? tokens: [T] int."""
     model.eval()
@@ -138,12 +121,8 @@ def plot_results(rows: list[EvalRow], out_dir) -> list[str]:
         depths = sorted({r.depth for r in rows if r.task == task and r.depth is not None})
         if not depths:
             continue
-        grid = np.array(
-            [
-                [next(r.accuracy for r in rows if (r.task, r.length, r.depth) == (task, n, d)) for n in lengths]
-                for d in depths
-            ]
-        )
+        grid = np.array([[next(r.accuracy for r in rows if (r.task, r.length, r.depth) == (task, n, d))
+                          for n in lengths] for d in depths])
         fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(lengths), 1.2 + 0.5 * len(depths)))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [short_length(n) for n in lengths])

@@ -1,6 +1,5 @@
 """``python main.py eval``: retrieval accuracy by task × length × depth and perplexity by position, written as
 JSON, PNG plots and TensorBoard events."""
-
 from __future__ import annotations
 
 import json
@@ -49,14 +48,10 @@ def cli_options(args) -> RetrievalEvalOptions:
         depths = [float(d) for d in args.depths.split(",")]
     except ValueError:
         raise ConfigError(f"--depths: use comma-separated numbers in [0, 1], got '{args.depths}'") from None
-    return RetrievalEvalOptions(
-        [t.strip() for t in args.tasks.split(",") if t.strip()],
-        args.lengths.split(","),
-        depths,
-        args.samples,
-        args.segment_size,
-        names={k: "--" + k.replace("_", "-") for k in ("tasks", "lengths", "depths", "samples", "segment_size")},
-    ).validate()
+    return RetrievalEvalOptions([t.strip() for t in args.tasks.split(",") if t.strip()], args.lengths.split(","),
+                                depths, args.samples, args.segment_size,
+                                names={k: "--" + k.replace("_", "-") for k in ("tasks", "lengths", "depths",
+                                                                               "samples", "segment_size")}).validate()
 
 
 def run_eval(args) -> None:
@@ -76,12 +71,10 @@ def run_eval(args) -> None:
         check_retrieval_samples(tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed)
     except ValueError as e:
         message = str(e)
-        raise ConfigError(
-            "--lengths: " + message.removeprefix("length: ") if message.startswith("length: ") else message
-        ) from None
-    rows = evaluate_retrieval(
-        model, tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed, args.segment_size, args.device
-    )
+        raise ConfigError("--lengths: " + message.removeprefix("length: ") if message.startswith("length: ")
+                          else message) from None
+    rows = evaluate_retrieval(model, tokenizer, haystack, tasks, lengths, depths, args.samples, args.seed,
+                              args.segment_size, args.device)
     ppl = perplexity_by_position(model, haystack[:ppl_length], args.segment_size, args.device) if ppl_length else []
 
     out = Path(args.out)

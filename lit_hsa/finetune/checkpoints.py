@@ -5,7 +5,6 @@ module, and ``main.py merge`` (adapters + base → one full checkpoint).
 A LoRA checkpoint is a Lightning checkpoint whose ``state_dict`` holds only ``lora_state_dict`` (adapters and
 buffers) and whose ``lora_base`` is ``{"path": base checkpoint, "fingerprint": fingerprint(its state_dict)}``.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -37,10 +36,8 @@ def load_base(module, path: str, expected_fingerprint: str | None = None) -> Non
     state = checkpoint_state(path, module)
     found = fingerprint(state)
     if expected_fingerprint is not None and found != expected_fingerprint:
-        raise ConfigError(
-            f"base checkpoint '{path}' is not the one the LoRA adapters were trained on (weights "
-            f"fingerprint {found}, expected {expected_fingerprint}); pass the original as init_from="
-        )
+        raise ConfigError(f"base checkpoint '{path}' is not the one the LoRA adapters were trained on (weights "
+                          f"fingerprint {found}, expected {expected_fingerprint}); pass the original as init_from=")
     module.load_state_dict(state, strict=False)  # the adapters are not in a base checkpoint (checked above)
     module.lora_base = {"path": str(Path(path).resolve()), "fingerprint": found}
 
@@ -50,10 +47,8 @@ def read_lora_checkpoint(path: str) -> dict:
         raise ConfigError(f"LoRA checkpoint '{path}' does not exist")
     checkpoint = load_checkpoint_file(path)  # weights_only: a crafted file is refused, nothing of it runs
     if not checkpoint.get("lora_base"):
-        raise ConfigError(
-            f"'{path}' is not a LoRA checkpoint (it records no base checkpoint); "
-            "to fine-tune from a full checkpoint use init_from="
-        )
+        raise ConfigError(f"'{path}' is not a LoRA checkpoint (it records no base checkpoint); "
+                          "to fine-tune from a full checkpoint use init_from=")
     return checkpoint
 
 
@@ -62,10 +57,8 @@ def _recorded_base(checkpoint: dict, ckpt_path: str, base: str | None) -> tuple[
     record = checkpoint["lora_base"]
     path = base or record["path"]
     if not Path(path).is_file():
-        raise ConfigError(
-            f"base checkpoint '{path}' of LoRA checkpoint '{ckpt_path}' does not exist; "
-            "name the base with init_from= (fit) or --base (merge)"
-        )
+        raise ConfigError(f"base checkpoint '{path}' of LoRA checkpoint '{ckpt_path}' does not exist; "
+                          "name the base with init_from= (fit) or --base (merge)")
     return path, record["fingerprint"]
 
 
@@ -82,16 +75,12 @@ def load_lora_base(module, init_from: str | None, ckpt_path: str | None) -> None
 def check_adapters(module, checkpoint: dict) -> None:
     """A LoRA checkpoint's state must be exactly the module's adapters + buffers, with its base already loaded."""
     if module.lora_base is None:
-        raise ConfigError(
-            "this checkpoint holds LoRA adapters only (no base weights): fold them into a full one "
-            "with `python main.py merge --ckpt <this checkpoint> --out merged.ckpt`"
-        )
+        raise ConfigError("this checkpoint holds LoRA adapters only (no base weights): fold them into a full one "
+                          "with `python main.py merge --ckpt <this checkpoint> --out merged.ckpt`")
     problems = state_problems(checkpoint["state_dict"], lora_state_dict(module))
     if problems:
-        raise ConfigError(
-            f"LoRA checkpoint does not fit this fine-tuning config ({problems}); "
-            "check finetune.lora_targets and finetune.lora_rank"
-        )
+        raise ConfigError(f"LoRA checkpoint does not fit this fine-tuning config ({problems}); "
+                          "check finetune.lora_targets and finetune.lora_rank")
 
 
 def adapted_model(hparams: dict) -> nn.Module:
@@ -116,12 +105,6 @@ def merge_checkpoint(ckpt_path: str, out: str, base: str | None = None) -> None:
     merge_lora(module.model)
     del hparams["finetune"]
     state = module.model.state_dict()
-    save_weights(
-        out,
-        state,
-        hparams,
-        global_step=checkpoint.get("global_step", 0),
-        epoch=checkpoint.get("epoch", 0),
-        merged_from={"lora": str(Path(ckpt_path).resolve()), "base": module.lora_base["path"]},
-    )
+    save_weights(out, state, hparams, global_step=checkpoint.get("global_step", 0), epoch=checkpoint.get("epoch", 0),
+                 merged_from={"lora": str(Path(ckpt_path).resolve()), "base": module.lora_base["path"]})
     print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} parameters)")

@@ -4,7 +4,6 @@ one-token steps alike), and lets the state's cache run a block's step itself whe
 fused kernels). The caches: ``KVCache`` (attention: sliding-window layers keep W positions, full-attention layers
 all), the chunk memory (landmarks + K/V, optionally in host memory: ``OffloadedMemory``) and ``DecodeState`` holding
 them. The model knows none of this: it attends through the masks it is given and reads the memory it is given."""
-
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -36,9 +35,8 @@ class DecodeCache(Protocol):
 
     def mask(self, window: int | None) -> "CacheMask": ...
 
-    def attend(
-        self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
-    ) -> torch.Tensor: ...
+    def attend(self, layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> torch.Tensor: ...
 
     def steps_block(self, block: nn.Module, ctx: Context, memory: Memory | None) -> bool: ...
 
@@ -125,6 +123,7 @@ class KVCache:
         return sliding_window_blocks(q, k, v, window)
 
 
+
 class GrowingKV:
     """Tensors appended along dim 1 (time) into buffers that grow by a quarter when full, so a step writes only its
     new positions: concatenating the whole cache each token would copy all of it (gigabytes at a million cached
@@ -171,6 +170,7 @@ class GrowingKV:
 @dataclass
 class OffloadedMemory(Memory):
     """Chunk memory whose K/V live in (pinned) host memory; HSA fetches only the selected chunks."""
+
 
     def chunks_for(self, indices: torch.Tensor, chunk_size: int, device) -> tuple[Memory, torch.Tensor]:
         """Copy only the chunks that ``indices`` [B, T, H, K] select to ``device``; returns the compact memory and

@@ -19,7 +19,6 @@ for each ``HSABlock`` where ``hsa_fusable`` also holds. A part of a dense block 
 first step tunes the kernels' launch shapes (seconds, once per shape and process; Triton keeps the compiled kernels
 on disk).
 """
-
 from __future__ import annotations
 
 import torch
@@ -47,16 +46,12 @@ def _norm_eps(*norms: nn.Module) -> float | None:
 
 
 def attention_fusable(norm: nn.Module, attn: SelfAttention) -> bool:
-    return (
-        _plain(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-        and isinstance(norm, RMSNorm)
-        and type(attn.q_norm) is type(attn.k_norm)
-        and _norm_eps(norm, attn.q_norm, attn.k_norm) is not None
-    )
+    return (_plain(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj) and isinstance(norm, RMSNorm)
+            and type(attn.q_norm) is type(attn.k_norm) and _norm_eps(norm, attn.q_norm, attn.k_norm) is not None)
 
 
 def ffn_fusable(norm: nn.Module, ffn: nn.Module) -> bool:
-    return type(ffn) is SwiGLU and _plain(ffn.w_gate, ffn.w_up, ffn.w_down) and isinstance(norm, RMSNorm)
+    return (type(ffn) is SwiGLU and _plain(ffn.w_gate, ffn.w_up, ffn.w_down) and isinstance(norm, RMSNorm))
 
 
 def _head_norm_weight(norm: nn.Module) -> torch.Tensor | None:
@@ -67,18 +62,8 @@ def attention_inputs(norm: nn.Module, attn: SelfAttention, h: torch.Tensor, cos:
     """q, k, v of a fusable attention (``norm``, ``attn``) from h [B, 1, d], in one launch (``qkv_rope``)."""
     from lit_hsa.kernels.decode.triton_block import qkv_rope
 
-    return qkv_rope(
-        h,
-        norm.weight,
-        attn.q_proj.weight,
-        attn.k_proj.weight,
-        attn.v_proj.weight,
-        _head_norm_weight(attn.q_norm),
-        _head_norm_weight(attn.k_norm),
-        cos,
-        sin,
-        norm.eps,
-    )
+    return qkv_rope(h, norm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    _head_norm_weight(attn.q_norm), _head_norm_weight(attn.k_norm), cos, sin, norm.eps)
 
 
 def attention_step(norm: nn.Module, attn: SelfAttention, window: int | None, h: torch.Tensor, ctx, kv) -> torch.Tensor:
@@ -117,18 +102,12 @@ def hsa_fusable(block: nn.Module, ctx, memory, compiled: bool = False) -> bool:
     alternative is the modules compiled, memories up to a bound). Otherwise the block runs its modules, compiled with
     the model where it is."""
     ret, cfg = block.retrieval, block.cfg
-    return (
-        not block.training
-        and ctx.doc_ids is None
-        and not isinstance(memory, OffloadedMemory)
-        and not cfg.softmax_off_by_one  # the decoding kernel has the plain per-chunk softmax only
-        and hsa_decode_kernel_fits(cfg.chunk_size, cfg.head_dim, memory.n_chunks, compiled)
-        and _plain(ret.q_proj, block.q_proj, block.o_proj)
-        and isinstance(ret.norm, RMSNorm)
-        and isinstance(ret.q_norm, (RMSNorm, nn.Identity))
-        and isinstance(block.hsa_norm, RMSNorm)
-        and isinstance(block.q_norm, RMSNorm)
-    )
+    return (not block.training and ctx.doc_ids is None and not isinstance(memory, OffloadedMemory)
+            and not cfg.softmax_off_by_one  # the decoding kernel has the plain per-chunk softmax only
+            and hsa_decode_kernel_fits(cfg.chunk_size, cfg.head_dim, memory.n_chunks, compiled)
+            and _plain(ret.q_proj, block.q_proj, block.o_proj) and isinstance(ret.norm, RMSNorm)
+            and isinstance(ret.q_norm, (RMSNorm, nn.Identity)) and isinstance(block.hsa_norm, RMSNorm)
+            and isinstance(block.q_norm, RMSNorm))
 
 
 def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieval: torch.Tensor) -> torch.Tensor:
@@ -141,22 +120,13 @@ def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieva
 
     cfg, ret = block.cfg, block.retrieval
     q_slc = gemv(h_retrieval, ret.q_proj.weight, norm_w=ret.norm.weight, eps=ret.norm.eps)
-    _, indices, weights = select_chunks_decode(
-        q_slc,
-        _head_norm_weight(ret.q_norm),
-        getattr(ret.q_norm, "eps", 0.0),
-        memory.landmarks,
-        kv.pos_t,
-        ret.topk,
-        cfg.chunk_size,
-        cfg.fusion,
-        ret.pos_decay,
-    )
+    _, indices, weights = select_chunks_decode(q_slc, _head_norm_weight(ret.q_norm), getattr(ret.q_norm, "eps", 0.0),
+                                               memory.landmarks, kv.pos_t, ret.topk, cfg.chunk_size, cfg.fusion,
+                                               ret.pos_decay)
     block.last_selection = (weights.unsqueeze(1), indices.unsqueeze(1))  # [B, 1, Hr, K], as the module's
     q = gemv(h, block.q_proj.weight, norm_w=block.hsa_norm.weight, eps=block.hsa_norm.eps)
-    parts = hsa_chunks_decode(
-        q, block.q_norm.weight, block.q_norm.eps, memory.k, memory.v, indices, weights, cfg.chunk_size
-    )
+    parts = hsa_chunks_decode(q, block.q_norm.weight, block.q_norm.eps, memory.k, memory.v, indices, weights,
+                              cfg.chunk_size)
     return gemv(parts, block.o_proj.weight, residual=h).view_as(h)
 
 
@@ -175,3 +145,4 @@ def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch
     if ffn_fusable(block.ffn_norm, block.ffn):
         return feed_forward(block, h)
     return h + block.ffn(block.ffn_norm(h))
+

@@ -1,7 +1,6 @@
 """Incremental decoding with bounded caches: the prompt is prefilled in segments, then tokens are sampled one at a
 time. SWA layers keep W positions, the chunk memory (landmarks + K/V) grows by one entry per completed chunk, and
 full-attention layers (the `full` baseline) keep everything."""
-
 from __future__ import annotations
 
 import torch
@@ -11,9 +10,8 @@ from lit_hsa.inference.static_decode import GraphDecoder
 from lit_hsa.model.transformer import HSATransformer
 
 
-def sample_next(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """logits: [B, V] → token ids [B]. temperature 0 = greedy; top_p < 1 keeps the smallest set of tokens whose
     probability mass reaches top_p (nucleus sampling)."""
     if temperature <= 0:
@@ -28,13 +26,8 @@ def sample_next(
 
 
 @torch.no_grad()
-def prefill(
-    model: HSATransformer,
-    prompt: torch.Tensor,
-    segment_size: int = 4096,
-    state: DecodeState | None = None,
-    offload_memory: bool = False,
-) -> tuple[torch.Tensor, DecodeState]:
+def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 4096,
+            state: DecodeState | None = None, offload_memory: bool = False) -> tuple[torch.Tensor, DecodeState]:
     """Feed prompt [B, P] in segments of ``segment_size`` tokens (memory bounded by the segment, not P).
     ``offload_memory``: chunk K/V go to host memory, only landmarks stay on the accelerator.
     Returns the logits of the last prompt token [B, V] and the decode state."""
@@ -48,19 +41,10 @@ def prefill(
 
 
 @torch.no_grad()
-def generate(
-    model: HSATransformer,
-    prompt: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    segment_size: int = 4096,
-    generator: torch.Generator | None = None,
-    offload_memory: bool = False,
-    cuda_graphs: bool | None = None,
-    compile: str | None = None,
-) -> torch.Tensor:
+def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
+             generator: torch.Generator | None = None, offload_memory: bool = False,
+             cuda_graphs: bool | None = None, compile: str | None = None) -> torch.Tensor:
     """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS).
 
     ``cuda_graphs`` (default: on CUDA without ``offload_memory``): decode with static caches, one CUDA graph
@@ -70,9 +54,8 @@ def generate(
     if cuda_graphs is None:
         cuda_graphs = prompt.is_cuda and not offload_memory
     if compile is not None and not cuda_graphs:
-        raise ValueError(
-            "compile= applies to static (CUDA-graph) decoding: pass cuda_graphs=True, without offload_memory"
-        )
+        raise ValueError("compile= applies to static (CUDA-graph) decoding: pass cuda_graphs=True, without "
+                         "offload_memory")
     logits, state = prefill(model, prompt, segment_size, offload_memory=offload_memory)
     # (the last new token is never fed back, so one new token needs no decoding step at all)
     static = cuda_graphs and max_new_tokens > 1

@@ -15,7 +15,6 @@ lives on the device, so a step has the same shapes and addresses every time:
 The prompt is prefilled with the ordinary ``DecodeState`` (segments, any length); ``StaticDecodeState`` takes its
 caches over. A step that completes a chunk also runs the chunk encoder, so ``GraphDecoder`` keeps two graphs.
 """
-
 from __future__ import annotations
 
 import functools
@@ -123,9 +122,8 @@ class StaticKVCache:
         (``lit_hsa.inference.fused_step``)."""
         return fused_step.block_step(block, h, ctx, self, memory)
 
-    def attend_and_project(
-        self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor, residual: torch.Tensor, rope=None
-    ) -> torch.Tensor:
+    def attend_and_project(self, layer: nn.Module, q, k, v, window: int | None, w_out: torch.Tensor,
+                           residual: torch.Tensor, rope=None) -> torch.Tensor:
         """residual [B, 1, d] + attend(q, k, v) · w_outᵀ → [B, 1, d]. Ring steps on the kernel merge the attention
         inside the projection (``ring_attention_out_proj``); other steps attend, then project (``gemv``). ``rope``
         (a ``kernels.decode.reference.HeadRope``; only where ``ring_kernel_applies``): q and k are raw projections
@@ -134,9 +132,8 @@ class StaticKVCache:
         if self.ring_kernel_applies(window, q, q.shape[-1]):
             from lit_hsa.kernels.decode.triton_ring import ring_attention_out_proj
 
-            return ring_attention_out_proj(
-                q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck), rope=rope
-            )
+            return ring_attention_out_proj(q, k, v, ck, cv, self.pos_t, w_out, residual, self._ring_locks(ck),
+                                           rope=rope)
         if rope is not None:
             raise ValueError("attend_and_project: raw q/k (rope) are for steps on the ring kernel only")
         from lit_hsa.kernels.decode.triton_block import gemv
@@ -202,18 +199,11 @@ class StaticDecodeState:
     kernels convert what they load, so the landmarks stay in the memory's dtype (see below). ``fuse_blocks``: dense and
     HSA blocks step in fused Triton kernels where the backend switch allows (``lit_hsa.inference.fused_step``)."""
 
-    def __init__(
-        self,
-        model: HSATransformer,
-        state: DecodeState,
-        max_len: int,
-        fused_casts: bool = False,
-        fuse_blocks: bool = False,
-    ):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, fused_casts: bool = False,
+                 fuse_blocks: bool = False):
         if state.offload_memory:
-            raise ValueError(
-                "static decoding keeps the chunk memory on the accelerator: offload_memory is not supported"
-            )
+            raise ValueError("static decoding keeps the chunk memory on the accelerator: offload_memory is not "
+                             "supported")
         if state.pos == 0:
             raise ValueError("prefill the prompt before static decoding (the caches take their dtypes from it)")
         if max_len <= state.pos:
@@ -293,18 +283,11 @@ class GraphDecoder:
     (``lit_hsa.inference.fused_step``), whether or not the rest is compiled.
     """
 
-    def __init__(
-        self,
-        model: HSATransformer,
-        state: DecodeState,
-        max_len: int,
-        compile: str | None = None,
-        fuse_blocks: bool = True,
-    ):
+    def __init__(self, model: HSATransformer, state: DecodeState, max_len: int, compile: str | None = None,
+                 fuse_blocks: bool = True):
         self.model = model
-        self.state = StaticDecodeState(
-            model, state, max_len, fused_casts=compile == "inductor", fuse_blocks=fuse_blocks
-        )
+        self.state = StaticDecodeState(model, state, max_len, fused_casts=compile == "inductor",
+                                       fuse_blocks=fuse_blocks)
         self.compile = compile
         if compile is not None:
             if not is_compiled(model):  # compiling again would pile up dynamo cache entries for the same blocks
@@ -355,9 +338,5 @@ class GraphDecoder:
         """The caller's autocast without its weight cache (see the class docstring); nothing without graphs."""
         if not self.use_graphs:
             return nullcontext()
-        return torch.autocast(
-            "cuda",
-            dtype=torch.get_autocast_dtype("cuda"),
-            enabled=torch.is_autocast_enabled("cuda"),
-            cache_enabled=False,
-        )
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                              cache_enabled=False)

@@ -9,7 +9,6 @@ One difference: the two special tokens are added tokens, so ``tokenizers`` (and 
 the literal text ``<|endoftext|>`` as id 256, where ``ByteTokenizer`` encodes its 13 bytes. ``tokenizer_config``
 sets ``split_special_tokens`` so that ``transformers.AutoTokenizer`` encodes it as bytes, like ``ByteTokenizer``.
 """
-
 from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -41,9 +40,8 @@ def byte_tokenizer() -> Tokenizer:
     # use_regex=False: with no merges, splitting text into words first changes no id, it only costs time
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(
-        [AddedToken(EOS_TOKEN, special=True, normalized=False), AddedToken(PAD_TOKEN, special=True, normalized=False)]
-    )
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False),
+                            AddedToken(PAD_TOKEN, special=True, normalized=False)])
     # The ids are fixed by ByteTokenizer: a mismatch here would silently shift every special token of the export.
     assert (tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)) == (ByteTokenizer.eos_id, ByteTokenizer.pad_id)
     return tok

@@ -1,6 +1,5 @@
 """``python main.py convert``: a local Hugging Face model directory → a lit-hsa checkpoint (with its tokenizer and a
 config to continue training from it), as the same network (``--to full``) or as an HSA model (``--to hsa``)."""
-
 from __future__ import annotations
 
 from dataclasses import fields
@@ -49,7 +48,5 @@ def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None
         raise ConfigError("--to full keeps the network as it is: model.* overrides apply with --to hsa")
     write_checkpoint(out, cfg, state, tokenizer, eos_token, source)
     n = sum(v.numel() for v in state.values())
-    print(
-        f"wrote {out} ({source['model_type']} → {cfg.attention}: {cfg.n_layers} blocks, {n:,} parameters) with "
-        f"{Path(out).with_suffix('.yaml')}: python main.py fit --config {Path(out).with_suffix('.yaml')} ..."
-    )
+    print(f"wrote {out} ({source['model_type']} → {cfg.attention}: {cfg.n_layers} blocks, {n:,} parameters) with "
+          f"{Path(out).with_suffix('.yaml')}: python main.py fit --config {Path(out).with_suffix('.yaml')} ...")

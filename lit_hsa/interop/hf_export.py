@@ -18,7 +18,6 @@ for ``byte`` an equivalent byte-level tokenizer, see ``byte_tokenizer.py``) and 
 Needs the ``hf`` extra (``transformers``, ``safetensors``), imported where used: the CLI imports this module for
 every command.
 """
-
 from __future__ import annotations
 
 import json
@@ -47,21 +46,10 @@ NATIVE_CHOICES = ("auto", "never")
 MODELING_FILE = "modeling_lit_hsa.py"
 WEIGHTS_FILE = "model.safetensors"
 # Every file an export may write: what `overwrite` replaces (other files in the folder are left alone).
-EXPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    WEIGHTS_FILE,
-    MODELING_FILE,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-)
-NATIVE_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+EXPORT_FILES = ("config.json", "generation_config.json", WEIGHTS_FILE, MODELING_FILE, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json")
+NATIVE_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                        "qwen3": "Qwen3ForCausalLM"}
 # RoPE scalings whose transformers form is computed from their dict alone, as lit-hsa computes them (types that also
 # read max_position_embeddings, e.g. dynamic, would not map: a lit-hsa model has no such length).
 NATIVE_ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
@@ -97,9 +85,8 @@ def export_checkpoint(ckpt: str, out_dir: str, native: str = "auto", overwrite: 
     else:
         write_native(out, native_config(model_type, cfg, tokens, dtype), state, cfg)
         fmt, note = model_type, f"native {model_type}"
-    GenerationConfig(
-        bos_token_id=None, eos_token_id=tokens["eos_token_id"], pad_token_id=tokens["pad_token_id"], do_sample=False
-    ).save_pretrained(out)
+    GenerationConfig(bos_token_id=None, eos_token_id=tokens["eos_token_id"], pad_token_id=tokens["pad_token_id"],
+                     do_sample=False).save_pretrained(out)
     params = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {note}; {params:,} weights in {str(dtype).removeprefix('torch.')}, tokenizer {tokenizer_spec}")
     return fmt
@@ -147,10 +134,8 @@ def write_lit_hsa(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], t
     config = {
         "architectures": ["LitHSAForCausalLM"],
         "model_type": "lit_hsa",
-        "auto_map": {
-            "AutoConfig": "modeling_lit_hsa.LitHSAConfig",
-            "AutoModelForCausalLM": "modeling_lit_hsa.LitHSAForCausalLM",
-        },
+        "auto_map": {"AutoConfig": "modeling_lit_hsa.LitHSAConfig",
+                     "AutoModelForCausalLM": "modeling_lit_hsa.LitHSAForCausalLM"},
         "lit_hsa": asdict(cfg),
         "vocab_size": cfg.vocab_size,
         **tokens,
@@ -211,33 +196,19 @@ def native_config(model_type: str, cfg: ModelConfig, tokens: dict, dtype) -> Pre
 
     window = None if cfg.attention == "full" else cfg.swa_window
     kwargs = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_act="silu",
-        rms_norm_eps=cfg.norm_eps,
-        initializer_range=cfg.init_std,
-        tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=MAX_POSITIONS,
-        dtype=str(dtype).removeprefix("torch."),
-        **tokens,
-        **rope_kwargs(model_type, cfg),
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
+        tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=MAX_POSITIONS,
+        dtype=str(dtype).removeprefix("torch."), **tokens, **rope_kwargs(model_type, cfg),
     )
     if model_type in ("llama", "qwen3"):
         kwargs["attention_bias"] = cfg.qkv_bias  # (then also o's: native_plan checked)
     if model_type == "mistral":
         kwargs["sliding_window"] = window
     if model_type in ("qwen2", "qwen3"):  # sliding window in every layer or none
-        kwargs.update(
-            use_sliding_window=window is not None,
-            sliding_window=window,
-            max_window_layers=0,
-            layer_types=["sliding_attention" if window else "full_attention"] * cfg.n_layers,
-        )
+        kwargs.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
+                      layer_types=["sliding_attention" if window else "full_attention"] * cfg.n_layers)
     config = AutoConfig.for_model(model_type, **kwargs)
     config.architectures = [NATIVE_ARCHITECTURES[model_type]]
     return config
@@ -291,13 +262,8 @@ def write_tokenizer(out: Path, spec: str, tokenizer) -> dict:
         names = (tok.id_to_token(tokenizer.eos_id), tok.id_to_token(tokenizer.pad_id))
     special = {"eos_token": names[0], "pad_token": names[1]}
     tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "bos_token": None,
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": MAX_POSITIONS,
         # ByteTokenizer encodes the text "<|endoftext|>" as its bytes: so does transformers with this flag
         "split_special_tokens": spec == "byte",
@@ -321,10 +287,8 @@ def read_lit_hsa_dir(hf_dir: str) -> tuple[ModelConfig, dict[str, torch.Tensor],
     config = read_json(path / "config.json", what="config.json (not a Hugging Face model folder?)")
     model_type = config.get("model_type")
     if model_type != "lit_hsa":
-        raise ConfigError(
-            f"'{hf_dir}' holds a '{model_type}' model, not a lit_hsa export (native models are "
-            "imported by `python main.py convert`)"
-        )
+        raise ConfigError(f"'{hf_dir}' holds a '{model_type}' model, not a lit_hsa export (native models are "
+                          "imported by `python main.py convert`)")
     try:
         cfg = ModelConfig(**config["lit_hsa"])
     except (KeyError, TypeError) as e:  # no `lit_hsa` dict, or keys this ModelConfig does not have
@@ -337,12 +301,11 @@ def read_lit_hsa_dir(hf_dir: str) -> tuple[ModelConfig, dict[str, torch.Tensor],
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"'{weights}' is not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     with torch.device("meta"):  # shapes only, no memory
         own = HSATransformer(cfg).state_dict()
-    problems = "; ".join(
-        filter(None, [state_problems(state, own), *(f"unexpected {k}" for k in tensors if not k.startswith("model."))])
-    )
+    problems = "; ".join(filter(None, [state_problems(state, own),
+                                       *(f"unexpected {k}" for k in tensors if not k.startswith("model."))]))
     if problems:
         raise ConfigError(f"'{weights}' does not hold this model's weights ({problems})")
     tokenizer = path / "tokenizer.json"

@@ -11,7 +11,6 @@ runs. ``safetensors`` is the optional ``hf`` extra, imported inside ``read_weigh
 reproduce exactly (another activation, MLP biases, a mixed sliding / full layout, other RoPE types, partial RoPE) is
 refused with one ``ConfigError`` line rather than imported approximately.
 """
-
 from __future__ import annotations
 
 import json
@@ -65,7 +64,8 @@ def read_dense(hf_dir: str) -> ImportedModel:
     state = convert_state(weights, cfg)
     tokenizer = folder / "tokenizer.json"
     tokenizer_path = str(tokenizer) if tokenizer.is_file() else None
-    return ImportedModel(cfg, state, tokenizer_path, eos_token_of(folder, hf, tokenizer_path), hf["model_type"], dtype)
+    return ImportedModel(cfg, state, tokenizer_path, eos_token_of(folder, hf, tokenizer_path), hf["model_type"],
+                         dtype)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -116,30 +116,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     qkv_bias = model_type == "qwen2" or (model_type in ("llama", "qwen3") and bool(hf.get("attention_bias")))
     out_bias = model_type in ("llama", "qwen3") and bool(hf.get("attention_bias"))
     cfg = ModelConfig(
-        name=model_type,
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_lower_layers=n_layers,
-        n_groups=0,
-        swa_layers_per_group=0,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        name=model_type, vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_lower_layers=n_layers, n_groups=0,
+        swa_layers_per_group=0, n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-        swa_window=window or ModelConfig.swa_window,
-        rope_base=float(rope_base),
-        rope_scaling=rope_scaling,
-        qk_norm=model_type == "qwen3",
-        qkv_bias=qkv_bias,
-        attn_out_bias=out_bias,
-        attention=attention,
-        ffn_hidden=hf["intermediate_size"],
-        moe=False,
-        n_experts=0,
-        experts_per_token=0,
-        expert_hidden=0,
-        n_shared_experts=0,
-        first_dense_layers=0,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        swa_window=window or ModelConfig.swa_window, rope_base=float(rope_base), rope_scaling=rope_scaling,
+        qk_norm=model_type == "qwen3", qkv_bias=qkv_bias, attn_out_bias=out_bias, attention=attention,
+        ffn_hidden=hf["intermediate_size"], moe=False, n_experts=0, experts_per_token=0, expert_hidden=0,
+        n_shared_experts=0, first_dense_layers=0, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
     )
     try:
@@ -157,10 +140,8 @@ def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     if params and set(params) <= layer_types:  # one dict per layer type: importable when they are all the same
         per_type = list(params.values())
         if any(p != per_type[0] for p in per_type[1:]):
-            raise ConfigError(
-                f"{where}: rope_parameters differ between layer types ({', '.join(params)}); "
-                "one RoPE for all layers is supported"
-            )
+            raise ConfigError(f"{where}: rope_parameters differ between layer types ({', '.join(params)}); "
+                              "one RoPE for all layers is supported")
         params = per_type[0] or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
@@ -170,16 +151,13 @@ def rope_from_hf(hf: dict, where: str) -> tuple[float, dict | None]:
     if kind == "default":
         return theta, None
     if kind not in ROPE_SCALING_KEYS:
-        raise ConfigError(
-            f"{where}: rope_type {kind!r} is not supported; supported: default, {', '.join(ROPE_SCALING_KEYS)}"
-        )
+        raise ConfigError(f"{where}: rope_type {kind!r} is not supported; supported: default, "
+                          f"{', '.join(ROPE_SCALING_KEYS)}")
     required, optional = ROPE_SCALING_KEYS[kind]
     unknown = [k for k in params if k not in _ROPE_META and k not in required + optional]
     if unknown:
-        raise ConfigError(
-            f"{where}: rope key {unknown[0]!r} is not understood for rope_type {kind} "
-            f"(keys: {', '.join(required + optional)})"
-        )
+        raise ConfigError(f"{where}: rope key {unknown[0]!r} is not understood for rope_type {kind} "
+                          f"(keys: {', '.join(required + optional)})")
     scaling = {"rope_type": kind, **{k: params[k] for k in required + optional if params.get(k) is not None}}
     if kind in ("llama3", "yarn"):
         # transformers: a top-level original_max_position_embeddings wins (Phi-3 style), else the dict's, else
@@ -203,25 +181,18 @@ def attention_layout(hf: dict, model_type: str, n_layers: int, where: str) -> tu
     layer_types = hf.get("layer_types")
     if layer_types is None:  # transformers' default: the layers from max_window_layers on slide
         first = hf.get("max_window_layers", 28)
-        layer_types = [
-            "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)
-        ]
+        layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                       for i in range(n_layers)]
     if len(layer_types) != n_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
-        raise ConfigError(
-            f"{where}: layer_types must name full_attention or sliding_attention for each of the "
-            f"{n_layers} layers, got {layer_types}"
-        )
+        raise ConfigError(f"{where}: layer_types must name full_attention or sliding_attention for each of the "
+                          f"{n_layers} layers, got {layer_types}")
     sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
     if sliding and window is None:
-        raise ConfigError(
-            f"{where}: layer_types has sliding_attention layers but use_sliding_window is false or "
-            "sliding_window is null"
-        )
+        raise ConfigError(f"{where}: layer_types has sliding_attention layers but use_sliding_window is false or "
+                          "sliding_window is null")
     if sliding and len(sliding) < n_layers:
-        raise ConfigError(
-            f"{where}: layers {', '.join(map(str, sliding))} use a sliding window and the others full "
-            "attention; only uniform layouts import (all full or all sliding)"
-        )
+        raise ConfigError(f"{where}: layers {', '.join(map(str, sliding))} use a sliding window and the others full "
+                          "attention; only uniform layouts import (all full or all sliding)")
     return ("swa", window) if sliding else ("full", None)
 
 
@@ -240,10 +211,8 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
-            raise ConfigError(
-                f"'{folder}': shard {absent[0]} listed in {index.name} is missing"
-                f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}"
-            )
+            raise ConfigError(f"'{folder}': shard {absent[0]} listed in {index.name} is missing"
+                              f"{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}")
     elif (folder / "model.safetensors").is_file():
         files = [folder / "model.safetensors"]
     else:
@@ -279,10 +248,8 @@ def convert_state(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         # some tied checkpoints store the head anyway; transformers then uses the embedding for both
         head, embed = weights.pop("lm_head.weight"), weights.get("model.embed_tokens.weight")
         if embed is not None and not torch.equal(head, embed):
-            raise ConfigError(
-                "tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
-                "set tie_word_embeddings false in config.json to keep a separate head"
-            )
+            raise ConfigError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight; "
+                              "set tie_word_embeddings false in config.json to keep a separate head")
     state, unexpected = {}, []
     for name, tensor in weights.items():
         ours = to_ours.get(name)
@@ -294,11 +261,8 @@ def convert_state(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         state[ours] = tensor.contiguous()
     missing = [to_hf.get(k, k) for k in own if k not in state]
     if missing or unexpected:
-        parts = [
-            f"{what} tensors {_first(names)}"
-            for what, names in (("missing", missing), ("unexpected", unexpected))
-            if names
-        ]
+        parts = [f"{what} tensors {_first(names)}" for what, names in (("missing", missing),
+                                                                       ("unexpected", unexpected)) if names]
         raise ConfigError(f"weights do not fit config.json ({cfg.name}): {'; '.join(parts)}")
     return state
 
@@ -329,14 +293,8 @@ def eos_token_of(folder: Path, hf: dict, tokenizer_json: str | None) -> str | No
 # ---------------------------------------------------------------------------------------------------- checkpoint
 
 
-def write_checkpoint(
-    out: str,
-    cfg: ModelConfig,
-    state: dict[str, torch.Tensor],
-    tokenizer_json: str | None,
-    eos_token: str | None,
-    converted_from: dict[str, Any],
-) -> None:
+def write_checkpoint(out: str, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer_json: str | None,
+                     eos_token: str | None, converted_from: dict[str, Any]) -> None:
     """Write ``out`` in the one weights format (``checkpoint_io.save_weights``: float32 weights; hyper-parameters
     ``model``, ``tokenizer``, ``eos_token``, ``converted_from``), the file ``load_model`` / ``init_from=`` read.
     Beside it: ``<stem>.tokenizer.json`` (a copy of ``tokenizer_json``; its absolute path is what the checkpoint
@@ -352,10 +310,8 @@ def write_checkpoint(
     out_path = Path(out)
     vocab = cfg.vocab_size or 0
     if tokenizer_json is None and vocab > BYTE_VOCAB:
-        raise ConfigError(
-            f"no tokenizer.json for a vocabulary of {vocab} tokens: a tokenizer.json is needed "
-            f"(the byte tokenizer covers {BYTE_VOCAB})"
-        )
+        raise ConfigError(f"no tokenizer.json for a vocabulary of {vocab} tokens: a tokenizer.json is needed "
+                          f"(the byte tokenizer covers {BYTE_VOCAB})")
     try:
         tok = build_tokenizer(tokenizer_json or "byte", eos_token)
     except DataError as e:
@@ -370,18 +326,12 @@ def write_checkpoint(
             shutil.copyfile(tokenizer_json, copy)
         tokenizer = str(copy.resolve())
     model = asdict(cfg)
-    save_weights(
-        out_path,
-        {k: v.float().contiguous() for k, v in state.items()},
-        {"model": model, "tokenizer": tokenizer, "eos_token": eos_token, "converted_from": dict(converted_from)},
-    )
+    save_weights(out_path, {k: v.float().contiguous() for k, v in state.items()},
+                 {"model": model, "tokenizer": tokenizer, "eos_token": eos_token,
+                  "converted_from": dict(converted_from)})
     # Paths relative to the fragment's own folder (config.CONFIG_DIR): the converted files can move together
-    fragment = {
-        "model": model,
-        "data": {
-            "tokenizer": tokenizer if tokenizer == "byte" else f"{CONFIG_DIR}/{Path(tokenizer).name}",
-            "eos_token": eos_token,
-        },
-        "init_from": f"{CONFIG_DIR}/{out_path.name}",
-    }
+    fragment = {"model": model,
+                "data": {"tokenizer": tokenizer if tokenizer == "byte" else f"{CONFIG_DIR}/{Path(tokenizer).name}",
+                         "eos_token": eos_token},
+                "init_from": f"{CONFIG_DIR}/{out_path.name}"}
     OmegaConf.save(OmegaConf.create(fragment), out_path.with_suffix(".yaml"))

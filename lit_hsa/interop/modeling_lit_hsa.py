@@ -23,7 +23,6 @@ The tokenizer: ``AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)`` (t
 first: without the flag it asks whether to run this file, then falls back to a plain config; the tokenizer is the
 same). Tested with transformers 5.25.
 """
-
 from __future__ import annotations
 
 import torch
@@ -76,9 +75,8 @@ class LitHSACache:
         raise NotImplementedError("lit-hsa's decoding state cannot be reordered for beam search: pass use_cache=False")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "lit-hsa's decoding state cannot be cropped (assisted decoding): pass use_cache=False"
-        )
+        raise NotImplementedError("lit-hsa's decoding state cannot be cropped (assisted decoding): pass "
+                                  "use_cache=False")
 
 
 def fresh_buffers(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -140,63 +138,43 @@ class LitHSAForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return self.model.lm_head  # None when tied to the embedding
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.Tensor,
-        cache: LitHSACache | None = None,
-        past_key_values: LitHSACache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        use_cache: bool | None = None,
-        **kwargs,
-    ) -> dict:
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: LitHSACache | None = None,
+                                      past_key_values: LitHSACache | None = None,
+                                      attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
+                                      **kwargs) -> dict:
         """input_ids: [B, T] all tokens so far → the forward's inputs: only the tokens the cache has not seen."""
         cache = cache if cache is not None else past_key_values
         if cache is not None:
-            input_ids = input_ids[:, cache.get_seq_length() :]
+            input_ids = input_ids[:, cache.get_seq_length():]
         return {"input_ids": input_ids, CACHE_FIELD: cache, "attention_mask": attention_mask, "use_cache": use_cache}
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        cache: LitHSACache | None = None,
-        past_key_values: LitHSACache | None = None,
-        use_cache: bool | None = None,
-        return_dict: bool | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: LitHSACache | None = None,
+                past_key_values: LitHSACache | None = None, use_cache: bool | None = None,
+                return_dict: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast | tuple:
         """input_ids [B, T] int64 → logits [B, T, V]. ``cache`` (or, with ``use_cache``, a new one): the tokens
         follow those the cache has seen, and it is extended in place. ``labels`` [B, T]: loss of predicting
         labels[:, t + 1] at t (−100 ignored)."""
         if inputs_embeds is not None:
             raise ValueError("LitHSAForCausalLM takes input_ids only, not inputs_embeds")
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "attention_mask has zeros (padding): lit-hsa models have no padding mask; "
-                "pass rows of equal length without padding"
-            )
+            raise ValueError("attention_mask has zeros (padding): lit-hsa models have no padding mask; "
+                             "pass rows of equal length without padding")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
             cache = LitHSACache()
         if cache is not None:
             with uncompiled():  # as lit-hsa's generate(): growing caches must not recompile compiled blocks
-                logits = torch.cat(
-                    [
-                        decode_forward(self.model, input_ids[:, s : s + PREFILL_SEGMENT], cache.state)
-                        for s in range(0, input_ids.shape[1], PREFILL_SEGMENT)
-                    ],
-                    dim=1,
-                )
+                logits = torch.cat([decode_forward(self.model, input_ids[:, s : s + PREFILL_SEGMENT], cache.state)
+                                    for s in range(0, input_ids.shape[1], PREFILL_SEGMENT)], dim=1)
         else:
             logits = self.model(input_ids)
         loss = None
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten().to(logits.device), ignore_index=IGNORE_INDEX
-            )
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(logits.device),
+                                   ignore_index=IGNORE_INDEX)
         if return_dict is False:
             return tuple(x for x in (loss, logits, cache) if x is not None)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})

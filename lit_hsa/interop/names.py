@@ -4,7 +4,6 @@ an ``HSATransformer`` whose blocks are all ``Block``s (``attention: full`` or ``
 HF layer ``i`` is the model's ``i``-th block in ``HSATransformer.blocks()`` order: ``lower.{i}`` for
 ``i < n_lower_layers``, else ``upper.{i - n_lower_layers}``.
 """
-
 from __future__ import annotations
 
 # HF name inside `model.layers.{i}.` → ours inside the block; weight and (where a family has them) bias.

@@ -20,7 +20,6 @@ Tencent-Hunyuan/HiLS-Attention: HSA layers reuse the dense layer's projections, 
 - Retrieval query, landmark projection, [CLS]: random (``init_std``), with ``retrieval_norm`` on so selection
   scores start O(1) rather than near zero.
 """
-
 from __future__ import annotations
 
 from dataclasses import replace
@@ -50,36 +49,18 @@ def hsa_config(dense: ModelConfig, **overrides) -> ModelConfig:
     if dense.moe:
         raise ConfigError("converting MoE checkpoints to HSA is not supported: convert a dense one")
     n_lower, groups, per_group = default_layout(dense.n_layers)
-    cfg = replace(
-        dense,
-        name=f"{dense.name}-hsa",
-        attention="hsa",
-        n_lower_layers=n_lower,
-        n_groups=groups,
-        swa_layers_per_group=per_group,
-        swa_window=min(dense.swa_window, 4096) if dense.attention == "swa" else 512,
-        hsa_layer_swa=True,
-        hsa_swa_window=None,
-        hsa_heads=None,
-        hsa_kv_heads=dense.n_kv_heads,
-        retrieval_dim=None,
-        retrieval_norm=True,
-        chunk_size=64,
-        hsa_topk=16,
-        encoder_layers=1,
-    )
+    cfg = replace(dense, name=f"{dense.name}-hsa", attention="hsa", n_lower_layers=n_lower, n_groups=groups,
+                  swa_layers_per_group=per_group, swa_window=min(dense.swa_window, 4096) if dense.attention == "swa"
+                  else 512, hsa_layer_swa=True, hsa_swa_window=None, hsa_heads=None, hsa_kv_heads=dense.n_kv_heads,
+                  retrieval_dim=None, retrieval_norm=True, chunk_size=64, hsa_topk=16, encoder_layers=1)
     cfg = replace(cfg, **overrides)
     if cfg.n_layers != dense.n_layers:
-        raise ConfigError(
-            f"model.n_lower_layers + model.n_groups × (1 + model.swa_layers_per_group) = {cfg.n_layers} "
-            f"must equal the dense model's {dense.n_layers} layers"
-        )
+        raise ConfigError(f"model.n_lower_layers + model.n_groups × (1 + model.swa_layers_per_group) = {cfg.n_layers} "
+                          f"must equal the dense model's {dense.n_layers} layers")
     if cfg.hsa_q_heads != dense.n_heads or dense.n_kv_heads % cfg.hsa_kv_heads:
-        raise ConfigError(
-            f"model.hsa_heads must equal the dense model's {dense.n_heads} query heads and "
-            f"model.hsa_kv_heads divide its {dense.n_kv_heads} KV heads, got {cfg.hsa_q_heads} and "
-            f"{cfg.hsa_kv_heads}"
-        )
+        raise ConfigError(f"model.hsa_heads must equal the dense model's {dense.n_heads} query heads and "
+                          f"model.hsa_kv_heads divide its {dense.n_kv_heads} KV heads, got {cfg.hsa_q_heads} and "
+                          f"{cfg.hsa_kv_heads}")
     cfg.validate()
     return cfg
 
@@ -90,9 +71,8 @@ def pool_heads(weight: torch.Tensor, heads: int, head_dim: int, groups: int) -> 
     return weight.view(groups, heads // groups, head_dim, -1).mean(dim=1).reshape(groups * head_dim, -1)
 
 
-def dense_to_hsa(
-    dense: ModelConfig, state: dict[str, torch.Tensor], seed: int = 0, **overrides
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int = 0,
+                 **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The HSA config and state dict converted from a dense model's (names as ``HSATransformer.state_dict()``);
     parts with no dense counterpart are drawn with ``seed``."""
     cfg = hsa_config(dense, **overrides)
@@ -106,7 +86,7 @@ def dense_to_hsa(
     def layer_names(i: int) -> list[str]:
         """The names of dense layer i's weights inside its block."""
         prefix = block_name(i, dense.n_lower_layers) + "."
-        return [k[len(prefix) :] for k in state if k.startswith(prefix)]
+        return [k[len(prefix):] for k in state if k.startswith(prefix)]
 
     hsa_layers = [cfg.n_lower_layers + g * (1 + cfg.swa_layers_per_group) for g in range(cfg.n_groups)]
     for key in ("embed.weight", "norm.weight", "lm_head.weight"):
@@ -131,9 +111,8 @@ def dense_to_hsa(
     first = hsa_layers[0]
     out["memory.norm.weight"] = layer(first, "attn_norm.weight")
     for proj in ("k_proj", "v_proj"):
-        out[f"memory.{proj}.weight"] = pool_heads(
-            layer(first, f"attn.{proj}.weight"), dense.n_kv_heads, dense.head_dim, cfg.hsa_kv_heads
-        )
+        out[f"memory.{proj}.weight"] = pool_heads(layer(first, f"attn.{proj}.weight"), dense.n_kv_heads,
+                                                  dense.head_dim, cfg.hsa_kv_heads)
     if dense.qk_norm:
         out["memory.k_norm.weight"] = layer(first, "attn.k_norm.weight")
     first_attention = [k for k in layer_names(first) if k.startswith("attn.")]

@@ -1,6 +1,5 @@
 """Dense-key attention used by the SWA and full-attention blocks: RoPE, causal / sliding-window / document masks,
 and the backend that computes them (SDPA with an explicit mask on CPU, flex_attention with a block mask on CUDA)."""
-
 from __future__ import annotations
 
 import functools
@@ -52,11 +51,8 @@ def rope_frequencies(head_dim: int, base: float, scaling: dict | None = None) ->
         attention_factor = scaling.get("attention_factor")
         if attention_factor is None:
             mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            attention_factor = (
-                float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
-                if mscale and mscale_all_dim
-                else _yarn_mscale(factor)
-            )
+            attention_factor = (float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+                                if mscale and mscale_all_dim else _yarn_mscale(factor))
         # HF reads these with `or`: 0 or None means the paper's defaults
         beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
@@ -169,9 +165,8 @@ def _flex_block_mask(T: int, window: int | None, doc_ids: torch.Tensor | None, d
 FLEX_BLOCK = 128  # flex_attention's default block size (queries and keys)
 
 
-def block_mask_from_rules(
-    T: int, window: int | None, doc_ids: torch.Tensor | None, device, mask_mod, block: int = FLEX_BLOCK
-):
+def block_mask_from_rules(T: int, window: int | None, doc_ids: torch.Tensor | None, device, mask_mod,
+                          block: int = FLEX_BLOCK):
     """The flex_attention ``BlockMask`` of causal attention (within ``window`` when given, within documents when
     ``doc_ids`` [B, T] is given), classified block by block from the rules with a few tensor ops: a [q-block,
     kv-block] pair is skipped when no query of the one may see a key of the other, *full* when every query sees
@@ -229,9 +224,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.transpose(1, 2)
 
 
-def sliding_window_blocks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int = 1024
-) -> torch.Tensor:
+def sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                           block: int = 1024) -> torch.Tensor:
     """Sliding-window attention of the n newest positions: q [B, n, Hq, D] against k/v [B, L, Hkv, D] (L >= n; the
     last n keys belong to the queries). Queries go ``block`` at a time against only the keys their window reaches,
     so a long prefill segment costs O(n · (block + window)) instead of an [n, L] mask and O(n · L) work."""
@@ -255,17 +249,8 @@ class SelfAttention(nn.Module):
     ``bidirectional=True`` (the chunk encoder) attends to every position with no mask.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        head_dim: int,
-        qk_norm: bool = True,
-        bias: bool = False,
-        eps: float = 1e-6,
-        out_bias: bool = False,
-    ):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qk_norm: bool = True,
+                 bias: bool = False, eps: float = 1e-6, out_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
@@ -282,15 +267,13 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: AttentionMask | None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: AttentionMask | None) -> torch.Tensor:
         """x: [B, T, d]; mask None = bidirectional."""
         q, k, v = self.qkv(x, cos, sin)
         if mask is None:
-            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True).transpose(
-                1, 2
-            )
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                 enable_gqa=True).transpose(1, 2)
         else:
             out = mask.attend(self, q, k, v)
         return self.o_proj(out.reshape(*x.shape[:2], -1))

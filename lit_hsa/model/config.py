@@ -7,7 +7,6 @@ schedule changes while a model runs (retrieved chunks, SWA window) is the model'
 (``HSATransformer.set_hsa_topk`` / ``set_swa_window``), never a rewrite of its config; ``dataclasses.replace``
 makes a changed copy.
 """
-
 from __future__ import annotations
 
 import difflib
@@ -26,10 +25,8 @@ LORA_TARGETS = ("attention", "retrieval", "experts", "router", "ffn")
 ROPE_SCALING_KEYS = {
     "linear": (("factor",), ()),
     "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
-    "yarn": (
-        ("factor", "original_max_position_embeddings"),
-        ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"),
-    ),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")),
 }
 
 
@@ -117,9 +114,8 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         if name not in PRESETS:
-            raise ConfigError(
-                f"model.name: unknown preset '{name}'{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}"
-            )
+            raise ConfigError(f"model.name: unknown preset '{name}'{_suggest(name, PRESETS)}; presets: "
+                              f"{', '.join(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
     def validate(self) -> None:
@@ -127,25 +123,15 @@ class ModelConfig:
         check_choice("model.attn_backend", self.attn_backend, ATTN_BACKENDS)
         check_choice("model.hsa_residual", self.hsa_residual, HSA_RESIDUALS)
         check_choice("model.fusion", self.fusion, FUSIONS)
-        for key in (
-            "d_model",
-            "n_heads",
-            "n_kv_heads",
-            "head_dim",
-            "swa_window",
-            "chunk_size",
-            "hsa_topk",
-            "hsa_kv_heads",
-            "ffn_hidden",
-        ):
+        for key in ("d_model", "n_heads", "n_kv_heads", "head_dim", "swa_window", "chunk_size", "hsa_topk",
+                    "hsa_kv_heads", "ffn_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(f"model.vocab_size must be >= 1 or null, got {self.vocab_size}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                              f"({self.n_kv_heads})")
         if self.hsa_q_heads % self.hsa_kv_heads:
             raise ConfigError(
                 f"model.hsa_heads ({self.hsa_q_heads}) must be a multiple of model.hsa_kv_heads ({self.hsa_kv_heads})"
@@ -163,14 +149,13 @@ class ModelConfig:
         if self.attention == "hsa" and self.n_groups < 1:
             raise ConfigError("model.n_groups must be >= 1 when model.attention is 'hsa'")
         if min(self.n_lower_layers, self.n_groups, self.swa_layers_per_group, self.encoder_layers) < 0:
-            raise ConfigError(
-                "model layer counts (n_lower_layers, n_groups, swa_layers_per_group, encoder_layers) must be >= 0"
-            )
+            raise ConfigError("model layer counts (n_lower_layers, n_groups, swa_layers_per_group, encoder_layers) "
+                              "must be >= 0")
         if self.moe:
             if self.n_experts < 1 or not 1 <= self.experts_per_token <= self.n_experts:
                 raise ConfigError(
-                    f"model.experts_per_token ({self.experts_per_token}) must be in "
-                    f"[1, model.n_experts ({self.n_experts})]"
+                    f"model.experts_per_token ({self.experts_per_token}) must be in [1, model.n_experts "
+                    f"({self.n_experts})]"
                 )
             if self.expert_hidden < 1:
                 raise ConfigError(f"model.expert_hidden must be >= 1, got {self.expert_hidden}")
@@ -184,106 +169,34 @@ PRESETS: dict[str, ModelConfig] = {
     # The authors' published 345M SWA+HSA shape (8 lower SWA blocks + 2 groups × (HSA + 4 SWA), head dim 64, chunk 64,
     # top-k 32, SWA 512, HSA with 1 KV head) at width 640 so it lands at ~130M: one-GPU experiments.
     "small": ModelConfig(
-        name="small",
-        vocab_size=32000,
-        d_model=640,
-        n_lower_layers=8,
-        n_groups=2,
-        swa_layers_per_group=4,
-        n_heads=10,
-        n_kv_heads=2,
-        head_dim=64,
-        swa_window=512,
-        chunk_size=64,
-        hsa_topk=32,
-        hsa_kv_heads=1,
-        retrieval_dim=640,
-        ffn_hidden=2560,
-        moe=False,
-        n_experts=0,
-        experts_per_token=0,
-        expert_hidden=0,
-        n_shared_experts=0,
-        first_dense_layers=0,
+        name="small", vocab_size=32000, d_model=640, n_lower_layers=8, n_groups=2, swa_layers_per_group=4,
+        n_heads=10, n_kv_heads=2, head_dim=64, swa_window=512, chunk_size=64, hsa_topk=32, hsa_kv_heads=1,
+        retrieval_dim=640, ffn_hidden=2560, moe=False, n_experts=0, experts_per_token=0, expert_hidden=0,
+        n_shared_experts=0, first_dense_layers=0,
     ),
     # One-GPU MoE: `small`'s layout (8 SWA blocks + 2 × (HSA + 4 SWA)) at width 768 with 32 routed experts of width
     # 768, 4 active + 1 shared, dense first layer: ~1.06B total, ~0.21B active.
     "moe-1b-a0.2b": ModelConfig(
-        name="moe-1b-a0.2b",
-        vocab_size=32000,
-        d_model=768,
-        n_lower_layers=8,
-        n_groups=2,
-        swa_layers_per_group=4,
-        n_heads=12,
-        n_kv_heads=2,
-        head_dim=64,
-        swa_window=512,
-        chunk_size=64,
-        hsa_topk=32,
-        hsa_kv_heads=1,
-        retrieval_dim=768,
-        ffn_hidden=3072,
-        moe=True,
-        n_experts=32,
-        experts_per_token=4,
-        expert_hidden=768,
-        n_shared_experts=1,
-        first_dense_layers=1,
+        name="moe-1b-a0.2b", vocab_size=32000, d_model=768, n_lower_layers=8, n_groups=2, swa_layers_per_group=4,
+        n_heads=12, n_kv_heads=2, head_dim=64, swa_window=512, chunk_size=64, hsa_topk=32, hsa_kv_heads=1,
+        retrieval_dim=768, ffn_hidden=3072, moe=True, n_experts=32, experts_per_token=4, expert_hidden=768,
+        n_shared_experts=1, first_dense_layers=1,
     ),
     # Paper small-scale dense model: ~0.5B, SWA 4K in SWA blocks, HSA blocks with an SWA-512 sub-layer, top-k 64.
     "dense-0.5b": ModelConfig(
-        name="dense-0.5b",
-        vocab_size=32000,
-        d_model=1024,
-        n_lower_layers=14,
-        n_groups=2,
-        swa_layers_per_group=6,
-        n_heads=16,
-        n_kv_heads=4,
-        head_dim=64,
-        swa_window=4096,
-        chunk_size=64,
-        hsa_topk=64,
-        hsa_kv_heads=1,
-        retrieval_dim=1024,
-        hsa_layer_swa=True,
-        hsa_swa_window=512,
-        ffn_hidden=4096,
-        moe=False,
-        n_experts=0,
-        experts_per_token=0,
-        expert_hidden=0,
-        n_shared_experts=0,
-        first_dense_layers=0,
+        name="dense-0.5b", vocab_size=32000, d_model=1024, n_lower_layers=14, n_groups=2, swa_layers_per_group=6,
+        n_heads=16, n_kv_heads=4, head_dim=64, swa_window=4096, chunk_size=64, hsa_topk=64, hsa_kv_heads=1,
+        retrieval_dim=1024, hsa_layer_swa=True, hsa_swa_window=512, ffn_hidden=4096, moe=False, n_experts=0,
+        experts_per_token=0, expert_hidden=0, n_shared_experts=0, first_dense_layers=0,
     ),
     # Paper's 8B-A1B MoE (Ling-2.0 style): 64 routed experts, 4 active + 1 shared, expert width half the dense width,
     # dense first layer, HSA Hq:Hkv = 16:1. Widths are ours (the paper does not publish them), chosen so that
     # total ≈ 7.7B and active ≈ 1.2B (embeddings included).
     "moe-8b-a1b": ModelConfig(
-        name="moe-8b-a1b",
-        vocab_size=157184,
-        d_model=2048,
-        n_lower_layers=12,
-        n_groups=2,
-        swa_layers_per_group=5,
-        n_heads=16,
-        n_kv_heads=4,
-        head_dim=128,
-        swa_window=4096,
-        chunk_size=64,
-        hsa_topk=64,
-        hsa_kv_heads=1,
-        retrieval_dim=2048,
-        hsa_layer_swa=True,
-        hsa_swa_window=512,
-        ffn_hidden=1536,
-        moe=True,
-        n_experts=64,
-        experts_per_token=4,
-        expert_hidden=768,
-        n_shared_experts=1,
-        first_dense_layers=1,
+        name="moe-8b-a1b", vocab_size=157184, d_model=2048, n_lower_layers=12, n_groups=2, swa_layers_per_group=5,
+        n_heads=16, n_kv_heads=4, head_dim=128, swa_window=4096, chunk_size=64, hsa_topk=64, hsa_kv_heads=1,
+        retrieval_dim=2048, hsa_layer_swa=True, hsa_swa_window=512, ffn_hidden=1536, moe=True, n_experts=64,
+        experts_per_token=4, expert_hidden=768, n_shared_experts=1, first_dense_layers=1,
     ),
 }
 
@@ -297,16 +210,13 @@ def check_rope_scaling(scaling: Any) -> None:
         raise ConfigError(f"model.rope_scaling must be a mapping with a rope_type, or null; got {scaling!r}")
     kind = scaling.get("rope_type")
     if kind not in ROPE_SCALING_KEYS:
-        raise ConfigError(
-            f"model.rope_scaling.rope_type: {kind!r} is not supported; supported: "
-            f"{', '.join(ROPE_SCALING_KEYS)} (or rope_scaling: null for plain RoPE)"
-        )
+        raise ConfigError(f"model.rope_scaling.rope_type: {kind!r} is not supported; supported: "
+                          f"{', '.join(ROPE_SCALING_KEYS)} (or rope_scaling: null for plain RoPE)")
     required, optional = ROPE_SCALING_KEYS[kind]
     for key in scaling:
         if key != "rope_type" and key not in required + optional:
-            raise ConfigError(
-                f"model.rope_scaling.{key}: unknown key for rope_type {kind} (keys: {', '.join(required + optional)})"
-            )
+            raise ConfigError(f"model.rope_scaling.{key}: unknown key for rope_type {kind} (keys: "
+                              f"{', '.join(required + optional)})")
     for key in required:
         if scaling.get(key) is None:
             raise ConfigError(f"model.rope_scaling.{key} is required for rope_type {kind}")
@@ -315,16 +225,13 @@ def check_rope_scaling(scaling: Any) -> None:
             continue
         expected = bool if key == "truncate" else (int, float)
         if not isinstance(value, expected) or (key != "truncate" and isinstance(value, bool)):
-            raise ConfigError(
-                f"model.rope_scaling.{key} must be a {'bool' if key == 'truncate' else 'number'}, got {value!r}"
-            )
+            raise ConfigError(f"model.rope_scaling.{key} must be a {'bool' if key == 'truncate' else 'number'}, "
+                              f"got {value!r}")
     if scaling["factor"] <= 0 or scaling.get("original_max_position_embeddings", 1) < 1:
         raise ConfigError("model.rope_scaling: factor must be > 0 and original_max_position_embeddings >= 1")
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise ConfigError(
-            f"model.rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must be greater than "
-            f"low_freq_factor ({scaling['low_freq_factor']})"
-        )
+        raise ConfigError(f"model.rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must be greater than "
+                          f"low_freq_factor ({scaling['low_freq_factor']})")
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -335,3 +242,4 @@ def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+

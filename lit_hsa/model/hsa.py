@@ -1,7 +1,6 @@
 """The HSA parts of the model (spec §2–§3): the chunk memory (a bidirectional encoder over each chunk with a learned
 [CLS] appended last → landmarks, and K/V for HSA), retrieval (top-k visible chunks + fusion weights), and the HSA
 block. Plain ``nn.Module``s; the HSA math itself lives in ``kernels/hsa/reference.py``."""
-
 from __future__ import annotations
 
 import math
@@ -23,9 +22,8 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, bias=True, eps=cfg.norm_eps
-        )
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, bias=True,
+                                  eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, 64 * math.ceil(8 * cfg.d_model / 3 / 64))
 
@@ -56,11 +54,8 @@ class Memory:
 # hook (which re-gathers the chunk encoder's weights) on the tensors tree_flatten finds in a unit's output; as an
 # opaque leaf, torch <= 2.11 hooked nothing and backward read the encoder's freed shards.
 pytree.register_pytree_node(
-    Memory,
-    lambda m: ((m.landmarks, m.k, m.v), type(m)),
-    lambda children, cls: cls(*children),
-    serialized_type_name="lit_hsa.Memory",
-)
+    Memory, lambda m: ((m.landmarks, m.k, m.v), type(m)), lambda children, cls: cls(*children),
+    serialized_type_name="lit_hsa.Memory")
 
 
 class ChunkMemory(nn.Module):
@@ -90,11 +85,8 @@ class ChunkMemory(nn.Module):
         B, T, d = h.shape
         C = T // self.S
         if C == 0:
-            return Memory(
-                h.new_zeros(B, 0, self.n_r, self.dr),
-                h.new_zeros(B, 0, self.n_kv, self.hd),
-                h.new_zeros(B, 0, self.n_kv, self.hd),
-            )
+            return Memory(h.new_zeros(B, 0, self.n_r, self.dr), h.new_zeros(B, 0, self.n_kv, self.hd),
+                          h.new_zeros(B, 0, self.n_kv, self.hd))
         x = h[:, : C * self.S].reshape(B * C, self.S, d)
         if self.layers:
             x = torch.cat([x, self.cls.to(x.dtype).expand(B * C, 1, d)], dim=1)
@@ -150,15 +142,8 @@ class Retrieval(nn.Module):
         # No more slots than chunks exist: a dense top-k (warm-up) on a short sequence would otherwise carry
         # empty slots that still cost gather and attention work.
         topk = max(1, min(self.topk, memory.landmarks.shape[1]))
-        scores, indices = select_chunks(
-            q_slc,
-            memory.landmarks,
-            topk,
-            cfg.chunk_size,
-            doc_ids,
-            q_start=q_start,
-            gumbel_noise=cfg.gumbel_noise and self.training,
-        )
+        scores, indices = select_chunks(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
+                                        q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
             scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
@@ -180,16 +165,8 @@ class HSABlock(nn.Module):
         self.swa_window = swa_window
         if swa_window is not None:
             self.swa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-            self.swa = SelfAttention(
-                cfg.d_model,
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                cfg.head_dim,
-                cfg.qk_norm,
-                cfg.qkv_bias,
-                cfg.norm_eps,
-                cfg.attn_out_bias,
-            )
+            self.swa = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm,
+                                     cfg.qkv_bias, cfg.norm_eps, cfg.attn_out_bias)
         self.retrieval = Retrieval(cfg)
         self.hsa_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.q_proj = nn.Linear(cfg.d_model, cfg.hsa_q_heads * cfg.head_dim, bias=False)
@@ -205,9 +182,8 @@ class HSABlock(nn.Module):
             h = h + self.swa(self.swa_norm(h), ctx.cos, ctx.sin, ctx.masks[self.swa_window])
         return self.feed_forward(h, h + self.hsa_output(h, ctx, memory, h_in))
 
-    def hsa_output(
-        self, h: torch.Tensor, ctx: Context, memory: Memory, h_retrieval: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def hsa_output(self, h: torch.Tensor, ctx: Context, memory: Memory,
+                   h_retrieval: torch.Tensor | None = None) -> torch.Tensor:
         """o = o_proj(HSA(norm h)) with the chunks the retrieval selects from ``h_retrieval`` (the block's input;
         default h): h [B, T, d] → [B, T, d]."""
         cfg = self.cfg
@@ -219,16 +195,8 @@ class HSABlock(nn.Module):
         self.last_selection = (weights.detach(), indices.detach())
         q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
         memory, indices = memory.chunks_for(indices, cfg.chunk_size, h.device)
-        o = hsa_attention(
-            q,
-            memory.k.to(q.dtype),
-            memory.v.to(q.dtype),
-            weights,
-            indices,
-            cfg.chunk_size,
-            off_by_one=cfg.softmax_off_by_one,
-            q_start=ctx.q_start,
-        )
+        o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
+                          off_by_one=cfg.softmax_off_by_one, q_start=ctx.q_start)
         return self.o_proj(o.reshape(B, T, -1))
 
     def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ in row blocks: the CPU generator gives the same numbers for a tensor drawn whole
 elements. Each process draws every value but keeps only its own rows. ``load_full_state`` writes a full (mapped)
 state dict into the same shards.
 """
-
 from __future__ import annotations
 
 import math
@@ -79,7 +78,7 @@ def write_rows(tensor: torch.Tensor, rows: Callable[[int, int], torch.Tensor]) -
         values = rows(start, stop)
         a, b = max(start, first), min(stop, last)
         if a < b:
-            local[a - first : b - first].copy_(values[a - start : b - start])
+            local[a - first:b - first].copy_(values[a - start:b - start])
 
 
 def draw(tensor: torch.Tensor, kind: str, generator: torch.Generator, std: float = 1.0, keep: bool = True) -> None:
@@ -90,9 +89,8 @@ def draw(tensor: torch.Tensor, kind: str, generator: torch.Generator, std: float
 
     def rows(start: int, stop: int) -> torch.Tensor:
         values = torch.empty((stop - start, *full[1:]) if len(full) else (1,), dtype=tensor.dtype)
-        return (
-            values.normal_(0.0, std, generator=generator) if kind == "normal" else values.uniform_(generator=generator)
-        )
+        return values.normal_(0.0, std, generator=generator) if kind == "normal" else values.uniform_(
+            generator=generator)
 
     if keep:
         write_rows(tensor, rows)
@@ -102,13 +100,8 @@ def draw(tensor: torch.Tensor, kind: str, generator: torch.Generator, std: float
 
 
 @torch.no_grad()
-def materialize(
-    model: nn.Module,
-    device: torch.device | str,
-    rng_state: torch.Tensor,
-    init_std: float,
-    init_targets: Callable[[nn.Module], list[tuple[torch.Tensor, str]]],
-) -> None:
+def materialize(model: nn.Module, device: torch.device | str, rng_state: torch.Tensor, init_std: float,
+                init_targets: Callable[[nn.Module], list[tuple[torch.Tensor, str]]]) -> None:
     """Give a model built on the meta device (and possibly sharded since) storage on ``device`` and the values an
     eager build gets when the CPU generator starts at ``rng_state`` (``torch.get_rng_state()`` taken before the
     build). ``init_targets(module)``: the model's own initialisation of one module (``HSATransformer.init_targets``).

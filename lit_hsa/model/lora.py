@@ -13,7 +13,6 @@ Our own rather than ``peft``: peft needs transformers + accelerate (absent from 
 Every adapter parameter name contains a component starting with ``lora_`` (``is_adapter_key``); B starts at zero so
 an adapted model starts equal to its base. Module groups (``config.LORA_TARGETS``) are mapped in ``lora_sites``.
 """
-
 from __future__ import annotations
 
 import math
@@ -147,10 +146,8 @@ def apply_lora(model: nn.Module, cfg: LoRASettings) -> int:
             _replace(model, name, LoRALinear(module, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_trainable == 0:
-        raise ConfigError(
-            f"finetune.lora_targets {list(cfg.lora_targets)} match no module of this model "
-            "(e.g. experts/router need model.moe: true)"
-        )
+        raise ConfigError(f"finetune.lora_targets {list(cfg.lora_targets)} match no module of this model "
+                          "(e.g. experts/router need model.moe: true)")
     return n_trainable
 
 
@@ -176,11 +173,8 @@ def is_adapter_key(key: str) -> bool:
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` less its frozen parameters: the adapter weights and the persistent buffers (MoE
     ``expert_bias`` keeps balancing during fine-tuning; buffers are small). What a LoRA checkpoint holds."""
-    return {
-        k: v.detach()
-        for k, v in module.state_dict(keep_vars=True).items()
-        if not (isinstance(v, nn.Parameter) and not v.requires_grad)
-    }
+    return {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()
+            if not (isinstance(v, nn.Parameter) and not v.requires_grad)}
 
 
 @torch.no_grad()

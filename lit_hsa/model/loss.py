@@ -1,6 +1,5 @@
 """Cross-entropy over the LM head without materialising [T, vocab] logits: at 512K tokens × 32K vocabulary the
 fp32 logits alone would take 64 GiB. Rows are processed in chunks whose logits are recomputed in backward."""
-
 from __future__ import annotations
 
 import torch
@@ -10,9 +9,8 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def chunk_loss_sum(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, token_weight: torch.Tensor | None
-) -> torch.Tensor:
+def chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    token_weight: torch.Tensor | None) -> torch.Tensor:
     """Summed (weighted) cross-entropy of one row chunk. Compiled (``apply_compile``), the fp32 cast, log-softmax
     and label pick fuse into one pass over the logits instead of three [rows, V] fp32 round trips."""
     logits = F.linear(h, weight).float()
@@ -22,14 +20,9 @@ def chunk_loss_sum(
     return (losses * token_weight).sum()
 
 
-def chunked_cross_entropy(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    token_weight: torch.Tensor | None = None,
-    chunk_rows: int = 8192,
-    chunk_loss=chunk_loss_sum,
-) -> torch.Tensor:
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          token_weight: torch.Tensor | None = None, chunk_rows: int = 8192,
+                          chunk_loss=chunk_loss_sum) -> torch.Tensor:
     """h: [N, d] final hidden states, weight: [V, d] LM head, labels: [N] (−100 ignored) → mean loss (fp32).
 
     ``token_weight`` [N] (optional): per-target weights, e.g. synthetic-task answers up-weighted so a few answer

@@ -1,6 +1,5 @@
 """Mixture-of-Experts feed-forward (Ling-2.0 / DeepSeek-V3 style): routed SwiGLU experts + shared expert,
 auxiliary-loss-free load balancing with a per-expert selection bias, optional small balance loss."""
-
 from __future__ import annotations
 
 import functools
@@ -66,16 +65,8 @@ class MoE(nn.Module):
     (``grouped_matmul``): no Python loop over tokens, and where grouped GEMMs apply no host synchronisation either.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_experts: int,
-        experts_per_token: int,
-        expert_hidden: int,
-        n_shared_experts: int = 1,
-        bias_update_rate: float = 1e-3,
-        aux_loss_coef: float = 0.0,
-    ):
+    def __init__(self, d_model: int, n_experts: int, experts_per_token: int, expert_hidden: int,
+                 n_shared_experts: int = 1, bias_update_rate: float = 1e-3, aux_loss_coef: float = 0.0):
         super().__init__()
         self.n_experts, self.top_k = n_experts, experts_per_token
         self.bias_update_rate, self.aux_loss_coef = bias_update_rate, aux_loss_coef
@@ -119,9 +110,8 @@ class MoE(nn.Module):
             y = y + self.shared(xf)
         return y.view(shape)
 
-    def _run_sorted(
-        self, xf: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor
-    ) -> torch.Tensor:
+    def _run_sorted(self, xf: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor,
+                    gates: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, each expert run once on its slice; updates the load statistics and aux loss."""
         n_tokens = xf.shape[0]
         flat_expert = chosen.flatten()  # [N*k]
@@ -191,13 +181,6 @@ def expert_load_stats(load: torch.Tensor) -> dict[str, float]:
 
 def make_ffn(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     if cfg.moe and layer_idx >= cfg.first_dense_layers:
-        return MoE(
-            cfg.d_model,
-            cfg.n_experts,
-            cfg.experts_per_token,
-            cfg.expert_hidden,
-            cfg.n_shared_experts,
-            cfg.router_bias_update_rate,
-            cfg.aux_loss_coef,
-        )
+        return MoE(cfg.d_model, cfg.n_experts, cfg.experts_per_token, cfg.expert_hidden, cfg.n_shared_experts,
+                   cfg.router_bias_update_rate, cfg.aux_loss_coef)
     return SwiGLU(cfg.d_model, cfg.ffn_hidden)

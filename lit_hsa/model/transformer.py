@@ -6,7 +6,6 @@
            → n_groups × [HSABlock → swa_layers_per_group × Block(SWA)]
            → RMSNorm → LM head
 """
-
 from __future__ import annotations
 
 from dataclasses import replace
@@ -29,16 +28,8 @@ class Block(nn.Module):
         super().__init__()
         self.window = window
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = SelfAttention(
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            cfg.qk_norm,
-            cfg.qkv_bias,
-            cfg.norm_eps,
-            cfg.attn_out_bias,
-        )
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias,
+                                  cfg.norm_eps, cfg.attn_out_bias)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = make_ffn(cfg, layer_idx)
 
@@ -164,13 +155,8 @@ class HSATransformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        doc_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        loss_weight: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for the tokens, or with ``labels`` [B, T] the mean cross-entropy (weighted by
         ``loss_weight`` [B, T] when given), computed in row chunks so [T, V] logits never exist (and inside forward,
         so FSDP has the head weight gathered). Decoding with caches: ``lit_hsa.inference.decode.decode_forward``."""
@@ -185,9 +171,8 @@ class HSATransformer(nn.Module):
         h = self.norm(h)
         if labels is not None:
             weights = loss_weight.flatten() if loss_weight is not None else None
-            return chunked_cross_entropy(
-                h.flatten(0, 1), self.head_weight(), labels.flatten(), weights, chunk_loss=self.chunk_loss
-            )
+            return chunked_cross_entropy(h.flatten(0, 1), self.head_weight(), labels.flatten(), weights,
+                                         chunk_loss=self.chunk_loss)
         return F.linear(h, self.head_weight())
 
     def num_parameters(self) -> tuple[int, int]:

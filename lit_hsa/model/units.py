@@ -1,6 +1,5 @@
 """The units the model is cut into for per-unit work (compile for training and decoding, activation checkpointing
 and FSDP2 sharding in ``lit_hsa.training.parallel``): every block, and the chunk encoder."""
-
 from __future__ import annotations
 
 import torch

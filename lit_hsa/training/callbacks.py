@@ -1,6 +1,5 @@
 """Training callbacks: retrieval statistics and heat-map, HSA top-k / SWA-window schedules, context-length
 curriculum, in-training retrieval evaluation — all logged to TensorBoard."""
-
 from __future__ import annotations
 
 import warnings
@@ -68,7 +67,8 @@ class RetrievalMonitor(L.Callback):
                 pl_module.log(f"retrieval/block{i}_{name}", value)
             experiment = getattr(trainer.logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "add_image"):
-                experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], chunk_size), step)
+                experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], chunk_size),
+                                     step)
 
 
 def scheduled_value(schedule: list[list[int]], step: int) -> int | None:
@@ -117,10 +117,8 @@ class ContextCurriculum(L.Callback):
         seq_len, batch_size, _ = trainer.datamodule.stage_at(trainer.global_step)
         shape = tuple(batch["input_ids"].shape)
         if shape != (batch_size, seq_len):
-            raise RuntimeError(
-                f"step {trainer.global_step}: batch of shape {shape}, the curriculum says "
-                f"({batch_size}, {seq_len}): the train loader was not rebuilt at the stage change"
-            )
+            raise RuntimeError(f"step {trainer.global_step}: batch of shape {shape}, the curriculum says "
+                               f"({batch_size}, {seq_len}): the train loader was not rebuilt at the stage change")
         pl_module.log("train/seq_len", float(seq_len))
         pl_module.log("train/batch_size", float(batch_size))
 
@@ -145,17 +143,8 @@ class RetrievalEval(L.Callback):
         model = pl_module.model
         was_training = model.training
         # depth None: drawn at random per sample
-        rows = evaluate_retrieval(
-            model,
-            tokenizer,
-            self._haystack,
-            self.tasks,
-            self.lengths,
-            [None],
-            self.samples,
-            seed=step,
-            device=pl_module.device,
-        )
+        rows = evaluate_retrieval(model, tokenizer, self._haystack, self.tasks, self.lengths, [None], self.samples,
+                                  seed=step, device=pl_module.device)
         model.train(was_training)
         for r in rows:
             pl_module.log(f"eval/{r.task}_{r.length}", r.accuracy, rank_zero_only=True)
@@ -164,20 +153,10 @@ class RetrievalEval(L.Callback):
 # Dense peak FLOP/s (NVIDIA's datasheets) of GPUs whose figure Lightning's table lacks ('NVIDIA H200' is not in it)
 # or gives at the sparse rate (its 'h200 sxm1' bf16 entry is 2 PFLOP/s): MFU is measured against dense peaks.
 DENSE_PEAK_FLOPS = {
-    "h200 nvl": {
-        torch.float64: 30e12,
-        torch.float32: 60e12,
-        "tfloat32": 417.5e12,
-        torch.bfloat16: 835e12,
-        torch.float16: 835e12,
-    },
-    "h200": {
-        torch.float64: 34e12,
-        torch.float32: 67e12,
-        "tfloat32": 494.7e12,
-        torch.bfloat16: 989.4e12,
-        torch.float16: 989.4e12,
-    },
+    "h200 nvl": {torch.float64: 30e12, torch.float32: 60e12, "tfloat32": 417.5e12, torch.bfloat16: 835e12,
+                 torch.float16: 835e12},
+    "h200": {torch.float64: 34e12, torch.float32: 67e12, "tfloat32": 494.7e12, torch.bfloat16: 989.4e12,
+             torch.float16: 989.4e12},
 }
 
 
@@ -200,11 +179,8 @@ class MFUThroughputMonitor(ThroughputMonitor):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         device = trainer.strategy.root_device
-        peak = (
-            dense_peak_flops(torch.cuda.get_device_name(device), str(trainer.precision))
-            if device.type == "cuda"
+        peak = dense_peak_flops(torch.cuda.get_device_name(device), str(trainer.precision)) if device.type == "cuda" \
             else None
-        )
         with warnings.catch_warnings():
             if peak is not None:  # Lightning warns "FLOPs not found" for what we fill in below
                 warnings.filterwarnings("ignore", message="FLOPs not found")
@@ -230,11 +206,9 @@ def progress_bar() -> L.Callback:
         @property
         def total_train_batches(self):
             t = self.trainer
-            return (
-                t.max_steps * t.accumulate_grad_batches
-                if t.max_steps and t.max_steps > 0
-                else super().total_train_batches
-            )
+            if t.max_steps and t.max_steps > 0:
+                return t.max_steps * t.accumulate_grad_batches
+            return super().total_train_batches
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             done = trainer.fit_loop.epoch_loop.total_batch_idx  # this batch's index in the whole run

@@ -11,7 +11,6 @@
   with ``Preempted``, which ``main.py`` turns into exit code 143; ``ckpt_path=…/last.ckpt`` resumes it, validation
   of that step included.
 """
-
 from __future__ import annotations
 
 import os
@@ -94,10 +93,8 @@ class RunFolderLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise ConfigError(
-                f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
-                "time; wait for it, or give this run another trainer.run_name"
-            ) from None
+            raise ConfigError(f"run folder '{self.path.parent}' is in use by {holder}: one run writes a folder at a "
+                              "time; wait for it, or give this run another trainer.run_name") from None
         except OSError:  # a filesystem without locks (some network mounts): run unlocked, as before
             f.close()
             return self

@@ -1,6 +1,5 @@
 """Training FLOPs per token, counted analytically so MFU is right for sparse attention: matmuls 6 × active
 parameters; attention 12 × (keys actually read per query) × head_dim × heads (QKᵀ and PV, forward + backward)."""
-
 from __future__ import annotations
 
 from lit_hsa.config import ModelConfig

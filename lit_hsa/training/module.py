@@ -1,6 +1,5 @@
 """``HSALitModule``: the LightningModule around ``HSATransformer`` — loss, metrics, optimizer, LR schedule,
 MoE balancing updates and their logging."""
-
 from __future__ import annotations
 
 import logging
@@ -46,9 +45,8 @@ def quiet_library_notices() -> None:
     Idempotent."""
     if not any(isinstance(f, _LightningTips) for f in rank_zero.log.filters):
         rank_zero.log.addFilter(_LightningTips())
-    warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
-    )
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
@@ -65,52 +63,31 @@ def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def schedule_note(cfg: OptimConfig, step: int, max_steps: int, horizon: int) -> str:
     """The line a resume with another ``trainer.max_steps`` prints about its learning rate."""
-    plan = (
-        f"cosine to optim.min_lr={cfg.min_lr:g} at step {horizon}, then constant"
-        if cfg.schedule == "cosine"
-        else "constant after warm-up: unchanged"
-    )
-    return (
-        f"resuming at step {step} with trainer.max_steps={max_steps}: the learning-rate schedule keeps the "
-        f"{horizon} steps it was planned over ({plan})"
-    )
+    plan = (f"cosine to optim.min_lr={cfg.min_lr:g} at step {horizon}, then constant" if cfg.schedule == "cosine"
+            else "constant after warm-up: unchanged")
+    return (f"resuming at step {step} with trainer.max_steps={max_steps}: the learning-rate schedule keeps the "
+            f"{horizon} steps it was planned over ({plan})")
 
 
 class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional, loss_weight [B, T]
     optional}``."""
 
-    def __init__(
-        self,
-        model: dict | ModelConfig,
-        optim: dict | OptimConfig,
-        max_steps: int = 1000,
-        tokenizer: str = "byte",
-        eos_token: str | None = None,
-        nan_policy: str = "stop",
-        activation_checkpointing: bool = False,
-        compile: bool = False,
-        finetune: dict | FinetuneConfig | None = None,
-        max_consecutive_nonfinite: int = 5,
-        meta_init: bool = False,
-    ):
+    def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
+                 tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
+                 activation_checkpointing: bool = False, compile: bool = False,
+                 finetune: dict | FinetuneConfig | None = None, max_consecutive_nonfinite: int = 5,
+                 meta_init: bool = False):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         ft = finetune if isinstance(finetune, FinetuneConfig) else FinetuneConfig(**(finetune or {}))
         # Plain dicts in the checkpoint so it loads without pickled classes; the tokenizer spec lets `generate` and
         # `eval` rebuild the tokenizer from the checkpoint alone.
-        hparams = {
-            "model": asdict(model_cfg),
-            "optim": asdict(optim_cfg),
-            "max_steps": max_steps,
-            "tokenizer": tokenizer,
-            "eos_token": eos_token,
-            "nan_policy": nan_policy,
-            "activation_checkpointing": activation_checkpointing,
-            "compile": compile,
-            "max_consecutive_nonfinite": max_consecutive_nonfinite,
-        }
+        hparams = {"model": asdict(model_cfg), "optim": asdict(optim_cfg), "max_steps": max_steps,
+                   "tokenizer": tokenizer, "eos_token": eos_token, "nan_policy": nan_policy,
+                   "activation_checkpointing": activation_checkpointing, "compile": compile,
+                   "max_consecutive_nonfinite": max_consecutive_nonfinite}
         if ft.method != "none":  # ordinary (and merged) checkpoints keep plain hyper-parameters
             hparams["finetune"] = asdict(ft)
         self.save_hyperparameters(hparams)
@@ -156,9 +133,8 @@ class HSALitModule(L.LightningModule):
         if getattr(self, "_parallelized", False):
             return
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        parallelize(
-            self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks, mesh=mesh
-        )
+        parallelize(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
+                    mesh=mesh)
         if self.init_rng_state is not None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             materialize(self.model, device, self.init_rng_state, self.model_cfg.init_std, self.model.init_targets)
@@ -184,18 +160,14 @@ class HSALitModule(L.LightningModule):
         planned = checkpoint.get("schedule_horizon", checkpoint.get("hyper_parameters", {}).get("max_steps"))
         if planned is not None and int(planned) != self.max_steps:
             self.schedule_horizon = int(planned)
-            rank_zero_info(
-                schedule_note(
-                    self.optim_cfg, int(checkpoint.get("global_step", 0)), self.max_steps, self.schedule_horizon
-                )
-            )
+            rank_zero_info(schedule_note(self.optim_cfg, int(checkpoint.get("global_step", 0)),
+                                                   self.max_steps, self.schedule_horizon))
         if self.finetune_cfg.method == "lora":
             check_adapters(self, checkpoint)
 
     def _lm_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(
-            batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"], loss_weight=batch.get("loss_weight")
-        )
+        return self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"],
+                          loss_weight=batch.get("loss_weight"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self._lm_loss(batch)
@@ -228,10 +200,8 @@ class HSALitModule(L.LightningModule):
         if self.nan_policy == "skip":
             self._nonfinite_loss = loss.item()
             return None
-        raise NonFiniteLossError(
-            f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
-            "lower optim.lr or set trainer.nan_policy=skip"
-        )
+        raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                                 "lower optim.lr or set trainer.nan_policy=skip")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss = self._lm_loss(batch)
@@ -270,17 +240,14 @@ class HSALitModule(L.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([g.to_local().norm() for g in grads]))
         if norm is None or scaler is not None:
             norm = torch.zeros((), device=self.device)
-        flags = torch.stack(
-            [torch.tensor(float(loss is not None), device=norm.device), (~torch.isfinite(norm)).float()]
-        )
+        flags = torch.stack([torch.tensor(float(loss is not None), device=norm.device),
+                             (~torch.isfinite(norm)).float()])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank skips (or stops) together
         if flags[1]:
             if self.nan_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm ({norm.item()}) at step {self.global_step}; "
-                    "lower optim.lr or set trainer.nan_policy=skip"
-                )
+                raise NonFiniteLossError(f"non-finite gradient norm ({norm.item()}) at step {self.global_step}; "
+                                         "lower optim.lr or set trainer.nan_policy=skip")
             return f"gradient norm {norm.item()}"
         if flags[0]:
             return "loss non-finite on another rank" if loss is None else f"loss {loss}"
@@ -303,8 +270,7 @@ class HSALitModule(L.LightningModule):
             raise NonFiniteLossError(
                 f"{self._consecutive_nonfinite} optimizer steps in a row skipped for a non-finite loss or gradient "
                 f"norm (the last at step {self.global_step}: {problem}); the model has diverged: lower optim.lr "
-                f"(trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite})"
-            )
+                f"(trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite})")
 
     @torch.no_grad()
     def _update_moe_balance(self) -> None:
@@ -337,7 +303,6 @@ class HSALitModule(L.LightningModule):
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
         fused = all(p.is_cuda for p in self.parameters()) and not mixed
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, cfg, self.schedule_horizon)
-        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lambda step: lr_lambda(step, cfg, self.schedule_horizon))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

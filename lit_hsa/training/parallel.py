@@ -1,6 +1,5 @@
 """Parallelism, configured not hand-coded (torchtitan style): per-block compile → activation checkpointing →
 FSDP2 ``fully_shard`` per block, applied in one place from the trainer config. The model code knows nothing of it."""
-
 from __future__ import annotations
 
 from torch import nn
@@ -29,9 +28,8 @@ def apply_fsdp(model: nn.Module, mesh, reshard_after_forward: bool = True) -> No
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
 
-def parallelize(
-    model: nn.Module, *, activation_checkpointing: bool, compile: bool, mesh=None, compile_backend: str = "inductor"
-) -> nn.Module:
+def parallelize(model: nn.Module, *, activation_checkpointing: bool, compile: bool, mesh=None,
+                compile_backend: str = "inductor") -> nn.Module:
     # Compile before wrapping for checkpointing: every wrapper shares one forward, so compiling the wrappers makes
     # dynamo guard on the wrapped block's type and recompile for each kind of unit (SWA block, HSA block, chunk
     # encoder) and argument list, which exhausts its recompile limit; the blocks' own forwards stay separate.
@@ -50,3 +48,4 @@ def is_parallelized(model: nn.Module) -> bool:
     except ImportError:  # older torch
         return False
     return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+

@@ -1,6 +1,5 @@
 """Run assembly: a ``Config`` → (``HSALitModule``, ``TextDataModule``, Lightning ``Trainer``), with its logger (one
 version folder per run, resumes included), checkpointers, callbacks and strategy; ``run`` fits or validates it."""
-
 from __future__ import annotations
 
 import re
@@ -49,19 +48,9 @@ def build_run(cfg: Config, command: str = "fit"):
     t = cfg.trainer
     if t.limit_val_batches != 0:  # data errors before the model is built (and before any run folder)
         datamodule.validation_samples()
-    module = HSALitModule(
-        cfg.model,
-        cfg.optim,
-        t.max_steps,
-        cfg.data.tokenizer,
-        cfg.data.eos_token,
-        t.nan_policy,
-        t.activation_checkpointing,
-        t.compile,
-        finetune=cfg.finetune,
-        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
-        meta_init=t.strategy == "fsdp",
-    )
+    module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
+                          t.activation_checkpointing, t.compile, finetune=cfg.finetune,
+                          max_consecutive_nonfinite=t.max_consecutive_nonfinite, meta_init=t.strategy == "fsdp")
     load_start_weights(module, cfg)  # before the Trainer: a bad checkpoint is one line, with no run folder made
 
     logger = run_logger(cfg, command)
@@ -79,59 +68,29 @@ def build_run(cfg: Config, command: str = "fit"):
     # periodic saves, `last` included, until the monitored metric exists: a crash before the first validation
     # would leave nothing to resume), and the best by val/loss after each validation.
     # enable_version_counter=False: a resume writes its last.ckpt over the one it started from, not last-v1.ckpt
-    last_checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        save_top_k=0,
-        save_last=True,
-        every_n_train_steps=t.checkpoint_every_n_steps,
-        enable_version_counter=False,
-    )
-    best_checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        filename="step{step:06d}-val{val/loss:.3f}",
-        auto_insert_metric_name=False,
-        monitor="val/loss",
-        mode="min",
-        save_top_k=1,
-    )
+    last_checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=0, save_last=True,
+                                      every_n_train_steps=t.checkpoint_every_n_steps, enable_version_counter=False)
+    best_checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="step{step:06d}-val{val/loss:.3f}",
+                                      auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(
-        strategy=make_strategy(t),
-        num_nodes=t.num_nodes,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        precision=t.precision,
-        max_steps=t.max_steps,
-        max_time=t.max_time,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
-        log_every_n_steps=t.log_every_n_steps,
-        logger=logger,
-        callbacks=[
-            last_checkpoint,
-            best_checkpoint,
-            LearningRateMonitor(logging_interval="step"),
-            RetrievalMonitor(t.retrieval_stats_every),
-            MFUThroughputMonitor(
-                batch_size_fn=lambda b: b["input_ids"].shape[0],
-                window_size=max(2, t.log_every_n_steps),
-                length_fn=lambda b: b["input_ids"].numel(),
-            ),
-            AttentionSchedule(t.topk_schedule, t.swa_window_schedule),
-            ContextCurriculum(),
-            RetrievalEval(t.eval_every_n_steps, t.retrieval_eval(), cfg.data),
-            config_saver(cfg),
-            Preemption(checkpoint_dir),
-            *([progress_bar()] if t.enable_progress_bar else []),
-        ],
+        strategy=make_strategy(t), num_nodes=t.num_nodes, accelerator=t.accelerator, devices=t.devices,
+        precision=t.precision, max_steps=t.max_steps, max_time=t.max_time,
+        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.gradient_clip_val,
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
+        callbacks=[last_checkpoint, best_checkpoint, LearningRateMonitor(logging_interval="step"),
+                   RetrievalMonitor(t.retrieval_stats_every),
+                   MFUThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
+                                        window_size=max(2, t.log_every_n_steps),
+                                        length_fn=lambda b: b["input_ids"].numel()),
+                   AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
+                   RetrievalEval(t.eval_every_n_steps, t.retrieval_eval(), cfg.data),
+                   config_saver(cfg), Preemption(checkpoint_dir),
+                   *([progress_bar()] if t.enable_progress_bar else [])],
         plugins=[AtomicCheckpointIO()],
         # the train loader ends at each seq_len_schedule stage: a new epoch, with a loader of the new shape
-        reload_dataloaders_every_n_epochs=1,
-        deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
-        default_root_dir=t.root_dir,
+        reload_dataloaders_every_n_epochs=1, deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar, default_root_dir=t.root_dir,
     )
     return module, datamodule, trainer
 
@@ -184,7 +143,6 @@ def config_saver(cfg: Config):
     """A callback writing the resolved config to the run's log folder when the trainer starts (rank zero), rather
     than when the run is built: a run refused before it starts (bad checkpoint) leaves no version folder. A resumed
     run overwrites it with the config it continues under."""
-
     def save(trainer, module, stage) -> None:
         if trainer.is_global_zero:
             Path(trainer.logger.log_dir).mkdir(parents=True, exist_ok=True)
@@ -209,10 +167,8 @@ def make_strategy(t):
 
 def run(command: str, cfg: Config) -> None:
     if command == "validate" and not cfg.ckpt_path and not cfg.init_from:
-        raise ConfigError(
-            "validate needs the checkpoint to validate: ckpt_path=runs/<run>/version_N/checkpoints/"
-            "last.ckpt (or init_from=); without one it would validate a randomly initialised model"
-        )
+        raise ConfigError("validate needs the checkpoint to validate: ckpt_path=runs/<run>/version_N/checkpoints/"
+                          "last.ckpt (or init_from=); without one it would validate a randomly initialised model")
     module, datamodule, trainer = build_run(cfg, command)
     log_dir = Path(trainer.logger.log_dir)
     fresh = not log_dir.exists()
@@ -242,9 +198,8 @@ def saved_checkpoints(trainer) -> str:
         if callback.last_model_path:
             parts.append(f"last {callback.last_model_path}")
         if callback.monitor and callback.best_model_path:
-            parts.append(
-                f"best by {callback.monitor} ({float(callback.best_model_score):.4f}) {callback.best_model_path}"
-            )
+            parts.append(f"best by {callback.monitor} ({float(callback.best_model_score):.4f}) "
+                         f"{callback.best_model_path}")
     return "checkpoints: " + ("; ".join(parts) or "none written")
 
 

@@ -1,6 +1,5 @@
 """Context-length curriculum (trainer.seq_len_schedule): validation, batch shapes by step at constant tokens per
 step, an unbroken token stream across a shape change, and exact resume across a stage boundary."""
-
 from types import SimpleNamespace
 
 import pytest
@@ -11,15 +10,12 @@ from lit_hsa.config import ConfigError, DataConfig, load_config
 from tests.helpers import fit, scalars
 
 
-@pytest.mark.parametrize(
-    "schedule, needle",
-    [
-        ("[[0,48]]", "seq_len 48 must be a multiple of model.chunk_size (32)"),
-        ("[[0,512]]", "seq_len 512 must divide the tokens per step (data.batch_size × data.seq_len = 256)"),
-        ("[[4,32],[2,64]]", "trainer.seq_len_schedule steps must be increasing"),
-        ("[[4]]", "trainer.seq_len_schedule must be [[step, value], ...]"),
-    ],
-)
+@pytest.mark.parametrize("schedule, needle", [
+    ("[[0,48]]", "seq_len 48 must be a multiple of model.chunk_size (32)"),
+    ("[[0,512]]", "seq_len 512 must divide the tokens per step (data.batch_size × data.seq_len = 256)"),
+    ("[[4,32],[2,64]]", "trainer.seq_len_schedule steps must be increasing"),
+    ("[[4]]", "trainer.seq_len_schedule must be [[step, value], ...]"),
+])
 def test_schedule_errors_name_the_key(schedule, needle):
     with pytest.raises(ConfigError) as error:
         load_config(None, ["data.seq_len=128", "data.batch_size=2", f"trainer.seq_len_schedule={schedule}"])
@@ -47,9 +43,8 @@ def shard_streams(batches: list[torch.Tensor], n_workers: int) -> list[torch.Ten
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_shape_changes_by_step_and_the_token_stream_continues(corpus, num_workers):
-    cfg = DataConfig(
-        paths=[str(corpus)], seq_len=64, batch_size=2, num_workers=num_workers, val_fraction=0.1, shuffle_buffer=4
-    )
+    cfg = DataConfig(paths=[str(corpus)], seq_len=64, batch_size=2, num_workers=num_workers, val_fraction=0.1,
+                     shuffle_buffer=4)
     switched = batches_by_step(TextDataModule(cfg, seq_len_schedule=[[3, 32], [5, 128]]), 8)
     assert [tuple(b.shape) for b in switched] == [(2, 64)] * 3 + [(4, 32)] * 2 + [(1, 128)] * 3
     plain = batches_by_step(TextDataModule(cfg), 8)
@@ -63,22 +58,16 @@ def straight_run(tmp_path_factory):
     return root, fit(root, "straight", "trainer.max_steps=6", *CURRICULUM)
 
 
-CURRICULUM = [
-    "trainer.seq_len_schedule=[[3,32]]",
-    "data.num_workers=2",
-    "trainer.val_check_interval=100",
-    "trainer.checkpoint_every_n_steps=1",
-    "optim.schedule=constant",
-]
+CURRICULUM = ["trainer.seq_len_schedule=[[3,32]]", "data.num_workers=2", "trainer.val_check_interval=100",
+              "trainer.checkpoint_every_n_steps=1", "optim.schedule=constant"]
 
 
 @pytest.mark.parametrize("stop", [3, 4])  # exactly at the stage boundary, and one step into the new stage
 def test_resume_across_the_stage_boundary_gives_the_same_losses(straight_run, stop):
     root, straight = straight_run
     first = fit(root, f"first{stop}", f"trainer.max_steps={stop}", *CURRICULUM)
-    resumed = fit(
-        root, f"resumed{stop}", "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", *CURRICULUM
-    )
+    resumed = fit(root, f"resumed{stop}", "trainer.max_steps=6", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+                  *CURRICULUM)
     expected, got = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
     assert sorted(got) == list(range(stop, 6))
     for step, loss in got.items():

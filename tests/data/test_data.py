@@ -94,12 +94,9 @@ def test_parquet_source(tmp_path):
 
 
 def test_mixture_follows_weights(tmp_path, corpus, jsonl):
-    cfg = DataConfig(
-        sources=[SourceConfig(paths=[str(corpus)], weight=1.0), SourceConfig(paths=[str(jsonl)], weight=3.0)],
-        seq_len=32,
-        num_workers=0,
-        val_fraction=0.05,
-    )
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(corpus)], weight=1.0),
+                              SourceConfig(paths=[str(jsonl)], weight=3.0)],
+                     seq_len=32, num_workers=0, val_fraction=0.05)
     dm = TextDataModule(cfg)
     docs = dm.train_dataset()._mixed_documents(0, 1)
     from_jsonl = sum(isinstance(next(docs), str) for _ in range(400))  # jsonl gives str, text files bytes
@@ -111,9 +108,8 @@ def test_resumed_stream_continues_exactly(corpus, num_workers, start):
     stream = DocumentStream(resolve_paths([str(corpus / "*.txt")]), "text", 0.1)
 
     def batches(start_batch, n):
-        ds = PackedStream(
-            [stream], [1.0], ByteTokenizer(), 16, seed=3, batch_size=2, start_batch=start_batch, shuffle_buffer=4
-        )
+        ds = PackedStream([stream], [1.0], ByteTokenizer(), 16, seed=3, batch_size=2, start_batch=start_batch,
+                          shuffle_buffer=4)
         it = iter(DataLoader(ds, batch_size=2, num_workers=num_workers))
         return [next(it)["input_ids"] for _ in range(n)]
 
@@ -124,9 +120,8 @@ def test_resumed_stream_continues_exactly(corpus, num_workers, start):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_datamodule_resumes_from_saved_positions(corpus, num_workers):
-    cfg = DataConfig(
-        paths=[str(corpus)], seq_len=16, batch_size=2, num_workers=num_workers, val_fraction=0.1, shuffle_buffer=4
-    )
+    cfg = DataConfig(paths=[str(corpus)], seq_len=16, batch_size=2, num_workers=num_workers, val_fraction=0.1,
+                     shuffle_buffer=4)
 
     def consume(dm, n):  # hand each batch to the DataModule as Lightning does when it takes it
         it = iter(dm.train_dataloader())
@@ -152,9 +147,8 @@ def mixed_files(tmp_path, corpus):
 
     lines = [json.dumps({"text": f"record {i} " * (3 + i % 17)}) if i % 7 else "" for i in range(300)]
     (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
-    pq.write_table(
-        pa.table({"text": [f"row {i} " * (2 + i % 13) for i in range(500)]}), tmp_path / "p.parquet", row_group_size=64
-    )
+    pq.write_table(pa.table({"text": [f"row {i} " * (2 + i % 13) for i in range(500)]}), tmp_path / "p.parquet",
+                   row_group_size=64)
     return corpus, tmp_path / "x.jsonl", tmp_path / "p.parquet"
 
 
@@ -162,25 +156,13 @@ def mixed_files(tmp_path, corpus):
 def mixed_sources(mixed_files):
     """Text files (long ones repeated), a jsonl with blank lines and a parquet file of several row groups."""
     text, jsonl, parquet = mixed_files
-    return [
-        DocumentStream(resolve_paths([str(text)]), "text", 0.1, long_doc_chars=150, long_doc_repeat=2),
-        DocumentStream([jsonl], "text", 0.1),
-        DocumentStream([parquet], "text", 0.1),
-    ]
+    return [DocumentStream(resolve_paths([str(text)]), "text", 0.1, long_doc_chars=150, long_doc_repeat=2),
+            DocumentStream([jsonl], "text", 0.1), DocumentStream([parquet], "text", 0.1)]
 
 
 def positioned_stream(sources, positions=None, **options):
-    return PackedStream(
-        sources,
-        [1.0, 2.0, 1.5][: len(sources)],
-        ByteTokenizer(),
-        48,
-        seed=3,
-        shuffle_buffer=5,
-        track_position=True,
-        start_positions=positions,
-        **options,
-    )
+    return PackedStream(sources, [1.0, 2.0, 1.5][: len(sources)], ByteTokenizer(), 48, seed=3, shuffle_buffer=5,
+                        track_position=True, start_positions=positions, **options)
 
 
 def pending_repeats(position: dict) -> int:
@@ -216,27 +198,18 @@ def loader_batches(dataset: PackedStream, n_workers: int, n: int) -> list[dict]:
             patch.setattr(packing, "get_worker_info", lambda: SimpleNamespace(num_workers=n_workers, id=slot))
             count = packing.batches_of(slot, n_workers, n) * dataset.batch_size
             per_worker.append(iter(list(itertools.islice(iter(dataset), count))))
-    return [
-        collate_with_position([next(per_worker[b % n_workers]) for _ in range(dataset.batch_size)]) for b in range(n)
-    ]
+    return [collate_with_position([next(per_worker[b % n_workers]) for _ in range(dataset.batch_size)])
+            for b in range(n)]
 
 
 def test_datamodule_with_workers_resumes_from_every_batch(mixed_files):
     """Two dataloader workers keep a position each: the DataModule's state after any of 100 consumed batches
     (shuffle buffer on, long documents repeated, repeats pending at some of them) resumes exactly."""
     text, jsonl, parquet = mixed_files
-    cfg = DataConfig(
-        sources=[
-            SourceConfig(paths=[str(text)], long_doc_chars=150, long_doc_repeat=3),
-            SourceConfig(paths=[str(jsonl)], weight=2.0, long_doc_chars=40, long_doc_repeat=2),
-            SourceConfig(paths=[str(parquet)]),
-        ],
-        seq_len=48,
-        batch_size=2,
-        num_workers=2,
-        val_fraction=0.1,
-        shuffle_buffer=5,
-    )
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(text)], long_doc_chars=150, long_doc_repeat=3),
+                              SourceConfig(paths=[str(jsonl)], weight=2.0, long_doc_chars=40, long_doc_repeat=2),
+                              SourceConfig(paths=[str(parquet)])],
+                     seq_len=48, batch_size=2, num_workers=2, val_fraction=0.1, shuffle_buffer=5)
     n, ahead = 100, 6
     dm = TextDataModule(cfg)
     states = [copy.deepcopy(dm.state_dict())]
@@ -275,9 +248,8 @@ def test_resume_reads_a_bounded_number_of_records(tmp_path, monkeypatch):
         reads.clear()
         _, position = full[j][POSITION_KEY]
         assert position["documents"]["sources"][0]["epoch"] == (0 if j == 10 else 3)
-        assert torch.equal(
-            next(iter(positioned_stream([source], {0: position})))["input_ids"], full[j + 1]["input_ids"]
-        )
+        assert torch.equal(next(iter(positioned_stream([source], {0: position})))["input_ids"],
+                           full[j + 1]["input_ids"])
         cost[j] = len(reads)
     assert cost[1990] <= 5 + TOKENIZE_BATCH + 8 and abs(cost[1990] - cost[10]) <= 8  # buffer + tokenizer batch
 
@@ -288,16 +260,8 @@ def test_datamodule_batches_doc_ids_and_alignment(tmp_path):
     EOS and its padding), every document starting on a chunk boundary, no padding or EOS→next-token target."""
     for i in range(40):
         (tmp_path / f"d{i:02d}.txt").write_text("x" * (5 + i % 15))
-    cfg = DataConfig(
-        paths=[str(tmp_path)],
-        seq_len=32,
-        batch_size=2,
-        num_workers=0,
-        document_masking=True,
-        align_docs_to_chunks=True,
-        val_fraction=0.2,
-        val_samples=3,
-    )
+    cfg = DataConfig(paths=[str(tmp_path)], seq_len=32, batch_size=2, num_workers=0, document_masking=True,
+                     align_docs_to_chunks=True, val_fraction=0.2, val_samples=3)
     dm = TextDataModule(cfg, chunk_size=8)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape == batch["doc_ids"].shape == (2, 32)
@@ -320,9 +284,8 @@ def test_datamodule_batches_doc_ids_and_alignment(tmp_path):
 
 
 def test_long_documents_filter_and_upweight(corpus):
-    stream = DocumentStream(
-        resolve_paths([str(corpus)]), "text", 0.01, min_chars=60, long_doc_chars=300, long_doc_repeat=3
-    )
+    stream = DocumentStream(resolve_paths([str(corpus)]), "text", 0.01, min_chars=60, long_doc_chars=300,
+                            long_doc_repeat=3)
     docs = list(stream.documents("train", 0, 0, 0, 1))
     assert all(len(d) >= 60 for d in docs)
     long = [d for d in docs if len(d) >= 300]
@@ -376,14 +339,8 @@ def test_hf_tokenizer_file(tmp_path, corpus):
 
 
 def test_synthetic_tasks_mixed_into_training(corpus):
-    cfg = DataConfig(
-        paths=[str(corpus)],
-        seq_len=256,
-        num_workers=0,
-        synthetic_fraction=0.5,
-        synthetic_tasks=["niah_single"],
-        answer_only_loss=True,
-    )
+    cfg = DataConfig(paths=[str(corpus)], seq_len=256, num_workers=0, synthetic_fraction=0.5,
+                     synthetic_tasks=["niah_single"], answer_only_loss=True)
     ds = TextDataModule(cfg).train_dataset()
     samples = [s for _, s in zip(range(40), iter(ds))]
     tok = ByteTokenizer()
@@ -401,20 +358,11 @@ def test_synthetic_tasks_mixed_into_training(corpus):
 
 def test_sft_chat_records_learn_assistant_tokens_only(tmp_path):
     path = tmp_path / "chat.jsonl"
-    records = [
-        {
-            "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": f"Say {i}"},
-                {"role": "assistant", "content": f"Reply {i}"},
-            ]
-        }
-        for i in range(30)
-    ]
+    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {i}"},
+                             {"role": "assistant", "content": f"Reply {i}"}]} for i in range(30)]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    cfg = DataConfig(
-        sources=[SourceConfig(paths=[str(path)], format="chat")], seq_len=64, num_workers=0, val_fraction=0.05
-    )
+    cfg = DataConfig(sources=[SourceConfig(paths=[str(path)], format="chat")], seq_len=64, num_workers=0,
+                     val_fraction=0.05)
     sample = next(iter(TextDataModule(cfg).train_dataset()))
     tok = ByteTokenizer()
     learned = tok.decode(sample["labels"][sample["labels"] != IGNORE_INDEX])
@@ -505,9 +453,8 @@ def test_resume_inside_a_large_document_continues_exactly(tmp_path, small_pieces
     (tmp_path / "big.txt").write_bytes(stdlib_text(6_000))
     for i in range(3):
         (tmp_path / f"small{i}.txt").write_text(f"small document {i} " * 20)
-    cfg = DataConfig(
-        paths=[str(tmp_path)], seq_len=32, batch_size=2, num_workers=0, val_fraction=0.05, shuffle_buffer=2
-    )
+    cfg = DataConfig(paths=[str(tmp_path)], seq_len=32, batch_size=2, num_workers=0, val_fraction=0.05,
+                     shuffle_buffer=2)
 
     def consume(dm, n):
         it = iter(dm.train_dataloader())
@@ -545,16 +492,9 @@ def test_a_few_text_files_train_and_validate(tmp_path, layout, caplog):
         (data / "only.txt").write_bytes(text)
     else:
         for i in range(10):
-            (data / f"part{i}.txt").write_bytes(text[i * 6000 : (i + 1) * 6000])
-    run = fit(
-        tmp_path,
-        "few",
-        f"data.paths=[{data}]",
-        "data.seq_len=128",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "data.num_workers=0",
-    )
+            (data / f"part{i}.txt").write_bytes(text[i * 6000:(i + 1) * 6000])
+    run = fit(tmp_path, "few", f"data.paths=[{data}]", "data.seq_len=128", "trainer.max_steps=2",
+              "trainer.val_check_interval=2", "data.num_workers=0")
     assert scalars(run, "val/loss")
     assert "holding out the last 0.02 of every document instead" in caplog.text
 
@@ -570,14 +510,8 @@ def test_too_little_text_to_validate_is_one_error_before_the_model(tmp_path, cap
     data = tmp_path / "data"
     data.mkdir()
     (data / "tiny.txt").write_text("print('hello')\n" * 4)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        f"data.paths=[{data}]",
-        "data.num_workers=0",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            f"data.paths=[{data}]", "data.num_workers=0"]
     assert main(args) == 2
     err = capsys.readouterr()
     assert err.err.strip().splitlines()[-1].startswith("error: the validation split has fewer than seq_len + 1 = 257")

@@ -252,7 +252,7 @@ def test_mod_tokenizer_ids_only():
         answer_ids = s.tokens[s.answer_mask][:-1]
         if task == "self_copy":  # decode is lossy here: compare the copy with the text it copies
             first = s.tokens[: s.prompt_len - len(tok.encode(COPY_SEPARATOR))]
-            np.testing.assert_array_equal(answer_ids, first[len(first) - len(answer_ids) :])
+            np.testing.assert_array_equal(answer_ids, first[len(first) - len(answer_ids):])
         else:
             np.testing.assert_array_equal(answer_ids, tok.encode(_answer_text(s)))
         if task.startswith("niah"):
@@ -269,7 +269,7 @@ def test_million_token_sample():
     assert len(s.tokens) == 1 << 20 and s.tokens.dtype == np.int32
     assert int(s.answer_mask.sum()) == len(s.answers[0]) + 1
     needle = tok.encode(f"is: {s.answers[0]}.")
-    middle = tok.decode(s.tokens[(1 << 19) - 200 : (1 << 19) + 200])
+    middle = tok.decode(s.tokens[(1 << 19) - 200:(1 << 19) + 200])
     assert tok.decode(needle) in middle
 
 
@@ -294,7 +294,8 @@ def test_million_token_sample():
 )
 def test_bad_arguments(kwargs, match):
     tok = ByteTokenizer()
-    args = dict(task="niah_single", haystack=tok.encode(TEXT), length=512, tokenizer=tok, rng=np.random.default_rng(0))
+    args = dict(task="niah_single", haystack=tok.encode(TEXT), length=512, tokenizer=tok,
+                rng=np.random.default_rng(0))
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         make_task(**args)

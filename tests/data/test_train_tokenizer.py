@@ -1,7 +1,6 @@
 """The BPE tokenizer trainer (data_modules/train_tokenizer.py) and the tokenizer it shipped
 (configs/tokenizers/stdlib-bpe-8k.json): special ids where the data pipeline expects them, exact round trips, and
 subword compression on text it never saw (the embedded corpus's held-out split)."""
-
 from data_modules.text import build_document_streams
 from data_modules.tokenizers import build_tokenizer
 from data_modules.train_tokenizer import main, train_bpe

@@ -34,9 +34,8 @@ def test_oracle_answers_score_one(monkeypatch):
     monkeypatch.setattr(ruler, "make_task", spy)
     monkeypatch.setattr(ruler, "generate", lambda model, prompt, n, **kw: torch.as_tensor(made["sample"].tokens)[None])
     tasks = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "self_copy"]
-    rows = ruler.evaluate_retrieval(
-        torch.nn.Identity(), ByteTokenizer(), HAYSTACK, tasks, [600, 900], [0.0, 0.5, 1.0], samples=2
-    )
+    rows = ruler.evaluate_retrieval(torch.nn.Identity(), ByteTokenizer(), HAYSTACK, tasks, [600, 900],
+                                    [0.0, 0.5, 1.0], samples=2)
     assert len(rows) == 5 * 2 * 3 + 2  # self_copy has no depth
     assert all(r.accuracy == 1.0 for r in rows)
 
@@ -81,15 +80,13 @@ def generation_spy(monkeypatch, answer: Callable[[int, TaskSample], bool]):
 def test_accuracy_is_the_mean_score_of_the_generated_answers(monkeypatch):
     """Answers right in 3 of every 4 samples give 0.75 per row, never right 0."""
     calls = generation_spy(monkeypatch, lambda i, sample: i % 4 != 3)
-    rows = ruler.evaluate_retrieval(
-        torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single", "vt"], [600], [0.0, 1.0], samples=4
-    )
+    rows = ruler.evaluate_retrieval(torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single", "vt"], [600],
+                                    [0.0, 1.0], samples=4)
     assert len(rows) == 4 and len(calls) == 16 and [r.accuracy for r in rows] == [0.75] * 4
 
     calls = generation_spy(monkeypatch, lambda i, sample: False)
-    rows = ruler.evaluate_retrieval(
-        torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single"], [600], [0.0], samples=2
-    )
+    rows = ruler.evaluate_retrieval(torch.nn.Identity(), ByteTokenizer(), HAYSTACK, ["niah_single"], [600], [0.0],
+                                    samples=2)
     assert len(calls) == 2 and rows[0].accuracy == 0.0
 
 
@@ -106,7 +103,7 @@ def test_real_model_rows_and_perplexity_buckets():
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(model(x[:, :-1])[0].float(), x[0, 1:], reduction="none")
     for b in ppl:
-        assert b["loss"] == pytest.approx(float(losses[b["from"] : b["to"]].mean()), rel=1e-4)
+        assert b["loss"] == pytest.approx(float(losses[b["from"]:b["to"]].mean()), rel=1e-4)
         assert b["ppl"] == pytest.approx(np.exp(b["loss"]), rel=1e-6)
 
 
@@ -126,25 +123,8 @@ def test_eval_cli_writes_json_plots_and_events(tmp_path):
 
     run = fit(tmp_path, "ev", "trainer.max_steps=2")
     out = tmp_path / "eval"
-    args = [
-        "eval",
-        "--ckpt",
-        str(run / "checkpoints" / "last.ckpt"),
-        "--tasks",
-        "niah_single,vt",
-        "--lengths",
-        "300,400",
-        "--depths",
-        "0,1",
-        "--samples",
-        "1",
-        "--ppl-length",
-        "300",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    args = ["eval", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--tasks", "niah_single,vt", "--lengths",
+            "300,400", "--depths", "0,1", "--samples", "1", "--ppl-length", "300", "--out", str(out), "--device", "cpu"]
     assert main(args) == 0
     result = json.loads((out / "eval.json").read_text())
     assert len(result["retrieval"]) == 2 * 2 * 2 and result["perplexity_by_position"]
@@ -153,16 +133,13 @@ def test_eval_cli_writes_json_plots_and_events(tmp_path):
     assert main(["eval", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--tasks", "nope"]) == 2
 
 
-@pytest.mark.parametrize(
-    "field_name, bad, message",
-    [
-        ("tasks", ["niah_singel"], "'niah_singel' is not one of"),
-        ("lengths", [32], "must be >= 64 tokens, got 32"),
-        ("lengths", ["4q"], "bad length '4q'"),
-        ("depths", [1.5], "must be non-empty and lie in [0, 1]"),
-        ("samples", 0, "must be >= 1, got 0"),
-    ],
-)
+@pytest.mark.parametrize("field_name, bad, message", [
+    ("tasks", ["niah_singel"], "'niah_singel' is not one of"),
+    ("lengths", [32], "must be >= 64 tokens, got 32"),
+    ("lengths", ["4q"], "bad length '4q'"),
+    ("depths", [1.5], "must be non-empty and lie in [0, 1]"),
+    ("samples", 0, "must be >= 1, got 0"),
+])
 def test_eval_options_follow_one_rule_set_at_every_entry_point(field_name, bad, message):
     """``main.py eval``, an experiment's ``eval`` section and the in-training probe (``trainer.eval_*``) refuse the
     same values with the same rule, each message naming the key as its user wrote it."""
@@ -178,7 +155,8 @@ def test_eval_options_follow_one_rule_set_at_every_entry_point(field_name, bad, 
     cli = dict(tasks="niah_single", lengths="1k", depths="0.5", samples=1, segment_size=64)
     cli[field_name] = as_flag(bad)
     exp = Experiment(models={"hsa": []}, eval=ExperimentEval(**{field_name: bad}))
-    entry_points = {"--" + field_name: lambda: cli_options(Namespace(**cli)), "eval." + field_name: exp.validate_eval}
+    entry_points = {"--" + field_name: lambda: cli_options(Namespace(**cli)),
+                    "eval." + field_name: exp.validate_eval}
     if field_name != "depths":  # the in-training probe draws depths at random
         entry_points["trainer.eval_" + field_name] = TrainerConfig(**{"eval_" + field_name: bad}).validate
     for key, check in entry_points.items():

@@ -1,6 +1,5 @@
 """`main.py experiment` (issue 7) end to end at tiny shapes, the answer-weighted loss it trains with, and the
 blocked sliding-window attention that keeps long prefill segments linear."""
-
 import json
 
 import pytest
@@ -18,27 +17,12 @@ from tests.helpers import load_benchmark
 
 EXPERIMENT = "configs/experiments/length_generalization.yaml"
 # The shipped recipe shrunk to seconds on a CPU: same sections, tiny model, 3 steps, two short eval lengths.
-TINY = [
-    "train.data.seq_len=512",
-    "train.data.batch_size=2",
-    "train.data.num_workers=0",
-    "train.trainer.max_steps=3",
-    "train.trainer.eval_every_n_steps=0",
-    "train.trainer.val_check_interval=3",
-    "train.trainer.limit_val_batches=1",
-    "train.trainer.precision=32-true",
-    "train.model.d_model=64",
-    "train.model.n_heads=2",
-    "train.model.n_kv_heads=1",
-    "train.model.head_dim=32",
-    "train.model.hsa_heads=2",
-    "train.model.retrieval_dim=64",
-    "train.model.ffn_hidden=128",
-    "eval.lengths=[512,1024]",
-    "eval.depths=[0.5]",
-    "eval.tasks=[niah_single]",
-    "eval.max_length.full=512",
-]
+TINY = ["train.data.seq_len=512", "train.data.batch_size=2", "train.data.num_workers=0", "train.trainer.max_steps=3",
+        "train.trainer.eval_every_n_steps=0", "train.trainer.val_check_interval=3", "train.trainer.limit_val_batches=1",
+        "train.trainer.precision=32-true", "train.model.d_model=64", "train.model.n_heads=2",
+        "train.model.n_kv_heads=1", "train.model.head_dim=32", "train.model.hsa_heads=2",
+        "train.model.retrieval_dim=64", "train.model.ffn_hidden=128", "eval.lengths=[512,1024]",
+        "eval.depths=[0.5]", "eval.tasks=[niah_single]", "eval.max_length.full=512"]
 
 
 @pytest.mark.slow
@@ -69,12 +53,8 @@ def test_experiment_trains_every_model_and_summarizes(tmp_path, capsys, monkeypa
     # Right answers score 1 and the answers of models trained 3 steps (noise: no 8-digit value) 0, each in its own
     # model's and length's cell: a scorer reading the prompt (where the value stands), or one that cannot score a
     # right answer, or a summary mixing models or lengths up, fails here.
-    assert acc == {
-        "hsa": {"512": 1.0, "1024": 1.0},
-        "hsa-moe": {"512": 1.0, "1024": 1.0},
-        "full": {"512": 0.0},
-        "swa": {"512": 0.0, "1024": 0.0},
-    }
+    assert acc == {"hsa": {"512": 1.0, "1024": 1.0}, "hsa-moe": {"512": 1.0, "1024": 1.0}, "full": {"512": 0.0},
+                   "swa": {"512": 0.0, "1024": 0.0}}
     assert (out / "accuracy_vs_length.png").stat().st_size > 0
     assert "| niah_single | hsa |" in (out / "summary.md").read_text()
     hsa = json.loads((out / "hsa.json").read_text())
@@ -93,22 +73,8 @@ def test_experiment_eval_only_reuses_the_trained_weights(tmp_path):
     assert again["retrieval"] == first["retrieval"]  # same weights, same seeded samples, greedy decoding
     assert again["train"] == first["train"]
     # A later eval-only run at another length adds its rows and keeps the earlier lengths'.
-    assert (
-        main(
-            [
-                "experiment",
-                "--config",
-                EXPERIMENT,
-                "--models",
-                "swa",
-                "--eval-only",
-                f"out_dir={out}",
-                *TINY,
-                "eval.lengths=[768]",
-            ]
-        )
-        == 0
-    )
+    assert main(["experiment", "--config", EXPERIMENT, "--models", "swa", "--eval-only", f"out_dir={out}", *TINY,
+                 "eval.lengths=[768]"]) == 0
     combined = json.loads((out / "swa.json").read_text())
     assert sorted({r["length"] for r in combined["retrieval"]}) == [512, 768, 1024]
     assert [r for r in combined["retrieval"] if r["length"] != 768] == first["retrieval"]
@@ -117,10 +83,8 @@ def test_experiment_eval_only_reuses_the_trained_weights(tmp_path):
 def test_experiment_errors_name_the_problem(tmp_path, capsys):
     assert main(["experiment", "--config", EXPERIMENT, "--models", "hsx", f"out_dir={tmp_path}", *TINY]) == 2
     assert "did you mean 'hsa'" in capsys.readouterr().err
-    assert (
-        main(["experiment", "--config", EXPERIMENT, "--eval-only", "--models", "hsa", f"out_dir={tmp_path}", *TINY])
-        == 2
-    )
+    assert main(["experiment", "--config", EXPERIMENT, "--eval-only", "--models", "hsa", f"out_dir={tmp_path}",
+                 *TINY]) == 2
     assert "hsa.weights.pt' does not exist" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown config key 'model.no_such_key'"):
         load_experiment(EXPERIMENT, [*TINY, "models.hsa=[model.no_such_key=1]"])
@@ -139,12 +103,8 @@ def test_weighted_loss_is_the_weighted_mean_of_token_losses():
     expected = (per_token * w)[keep].sum() / w[keep].sum()
     got = chunked_cross_entropy(h, head, labels, w, chunk_rows=4)  # several row chunks
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        chunked_cross_entropy(h, head, labels, torch.ones(10)),
-        chunked_cross_entropy(h, head, labels),
-        rtol=1e-6,
-        atol=1e-6,
-    )
+    torch.testing.assert_close(chunked_cross_entropy(h, head, labels, torch.ones(10)),
+                               chunked_cross_entropy(h, head, labels), rtol=1e-6, atol=1e-6)
 
 
 def test_synthetic_answers_carry_their_loss_weight(corpus):
@@ -153,26 +113,15 @@ def test_synthetic_answers_carry_their_loss_weight(corpus):
     cfg = DataConfig(paths=[str(corpus)])
     sources, weights = build_document_streams(cfg)
     tok = build_tokenizer("byte")
-    stream = PackedStream(
-        sources,
-        weights,
-        tok,
-        1024,
-        seed=0,
-        synthetic_fraction=1.0,
-        synthetic_tasks=("niah_single",),
-        answer_loss_weight=7.0,
-    )
+    stream = PackedStream(sources, weights, tok, 1024, seed=0, synthetic_fraction=1.0,
+                          synthetic_tasks=("niah_single",), answer_loss_weight=7.0)
     sample = next(iter(stream))
     w = sample["loss_weight"]
     heavy = w == 7.0
     assert 8 <= int(heavy.sum()) <= 9 and set(w.unique().tolist()) == {1.0, 7.0}  # the 8 digits (+ a boundary)
     assert tok.decode(sample["labels"][heavy].tolist()).isdigit()
-    plain = next(
-        iter(
-            PackedStream(sources, weights, tok, 1024, seed=0, synthetic_fraction=1.0, synthetic_tasks=("niah_single",))
-        )
-    )
+    plain = next(iter(PackedStream(sources, weights, tok, 1024, seed=0, synthetic_fraction=1.0,
+                                   synthetic_tasks=("niah_single",))))
     assert "loss_weight" not in plain  # weight 1: batches stay as they were
 
 
@@ -218,6 +167,4 @@ def test_recall_probe_batches_put_the_answer_far_back():
         where = (row[:32] == row[-2]).nonzero().flatten()
         assert len(where) == 1 and row[where[0] + 1] == row[-1]
     assert diag.parse_variant("hsa:attention=hsa,hsa_topk=16,retrieval_norm=true") == (
-        "hsa",
-        {"attention": "hsa", "hsa_topk": 16, "retrieval_norm": True},
-    )
+        "hsa", {"attention": "hsa", "hsa_topk": 16, "retrieval_norm": True})

@@ -1,6 +1,5 @@
 """`main.py experiment` phases, seeds, in-domain perplexity, parameters and FLOPs (issue 26), and the shipped
 configs/experiments/paper_recipe.yaml: its models' parameter counts and an end-to-end run at toy size."""
-
 import json
 import math
 from dataclasses import replace
@@ -28,49 +27,21 @@ SEQ = 128
 TOY = {
     "name": "toy",
     "train": {
-        "model": {
-            "name": "tiny",
-            "d_model": 32,
-            "n_heads": 2,
-            "n_kv_heads": 1,
-            "head_dim": 16,
-            "hsa_heads": 2,
-            "retrieval_dim": 32,
-            "chunk_size": 16,
-            "swa_window": 16,
-            "hsa_topk": 2,
-            "ffn_hidden": 64,
-            "moe": False,
-        },
+        "model": {"name": "tiny", "d_model": 32, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "hsa_heads": 2,
+                  "retrieval_dim": 32, "chunk_size": 16, "swa_window": 16, "hsa_topk": 2, "ffn_hidden": 64,
+                  "moe": False},
         "data": {"seq_len": SEQ, "batch_size": 2, "num_workers": 0, "val_samples": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
-        "trainer": {
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "log_every_n_steps": 1,
-            "val_check_interval": 100,
-            "limit_val_batches": 1,
-            "checkpoint_every_n_steps": 100,
-            "enable_progress_bar": False,
-        },
+        "trainer": {"precision": "32-true", "accelerator": "cpu", "log_every_n_steps": 1, "val_check_interval": 100,
+                    "limit_val_batches": 1, "checkpoint_every_n_steps": 100, "enable_progress_bar": False},
     },
     "models": {"hsa": ["model.attention=hsa"], "full": ["model.attention=full"]},
-    "phases": [
-        {
-            "name": "warmup",
-            "max_steps": 3,
-            "overrides": ["data.synthetic_fraction=1.0", "data.synthetic_tasks=[self_copy]"],
-        },
-        {"name": "main", "max_steps": 2, "overrides": ["optim.lr=1e-30"]},
-    ],
+    "phases": [{"name": "warmup", "max_steps": 3,
+                "overrides": ["data.synthetic_fraction=1.0", "data.synthetic_tasks=[self_copy]"]},
+               {"name": "main", "max_steps": 2, "overrides": ["optim.lr=1e-30"]}],
     "seeds": [0, 1],
-    "eval": {
-        "tasks": ["niah_single"],
-        "lengths": [],
-        "ppl_windows": 3,
-        "ppl_lengths": [300],
-        "reference_model": "full",
-    },
+    "eval": {"tasks": ["niah_single"], "lengths": [], "ppl_windows": 3, "ppl_lengths": [300],
+             "reference_model": "full"},
 }
 
 
@@ -122,9 +93,7 @@ def test_the_main_phase_starts_from_the_warmups_weights(toy_run):
             assert torch.equal(warmup[k], main_end[k]), k
         record = json.loads((out / f"{run}.json").read_text())["train"]
         assert [(p["name"], p["steps"], p["tokens"]) for p in record["phases"]] == [
-            ("warmup", 3, 3 * 2 * SEQ),
-            ("main", 2, 2 * 2 * SEQ),
-        ]
+            ("warmup", 3, 3 * 2 * SEQ), ("main", 2, 2 * 2 * SEQ)]
         assert record["steps"] == 5 and record["tokens"] == 5 * 2 * SEQ
         assert record["seconds"] == pytest.approx(sum(p["seconds"] for p in record["phases"]), abs=0.11)
         assert record["phases"][1]["final_metrics"]["lr-AdamW/pg1"] == pytest.approx(1e-30)  # the phase's own LR
@@ -156,15 +125,8 @@ def test_seeds_make_distinct_runs_and_the_summary_aggregates_them(toy_run):
     assert ppl["hsa-s0"] != ppl["hsa-s1"]
     hsa = summary["perplexity"]["hsa"]["ppl"]
     pair = [ppl["hsa-s0"], ppl["hsa-s1"]]
-    assert hsa == pytest.approx(
-        {
-            "mean": np.mean(pair),
-            "std": abs(pair[0] - pair[1]) / math.sqrt(2),
-            "min": min(pair),
-            "max": max(pair),
-            "n": 2,
-        }
-    )
+    assert hsa == pytest.approx({"mean": np.mean(pair), "std": abs(pair[0] - pair[1]) / math.sqrt(2),
+                                 "min": min(pair), "max": max(pair), "n": 2})
     ratio = summary["perplexity"]["hsa"]["ratio_to_reference"]
     assert ratio == pytest.approx(np.mean(pair) / np.mean([ppl["full-s0"], ppl["full-s1"]]))
     assert summary["models"]["hsa"]["runs"] == ["hsa-s0", "hsa-s1"]
@@ -179,12 +141,9 @@ def test_held_out_perplexity_is_the_mean_cross_entropy_of_the_windows(toy_run):
     tokens = torch.as_tensor(held_out_tokens(cfg.data, build_tokenizer("byte"), 3 * SEQ + 1).astype(np.int64))
     net = load_net(out / "runs" / "hsa-s0-main" / "end.pt")[0].eval()
     with torch.no_grad():  # window by window, logits and cross-entropy written out
-        losses = [
-            F.cross_entropy(
-                net(tokens[i * SEQ : (i + 1) * SEQ][None])[0], tokens[i * SEQ + 1 : (i + 1) * SEQ + 1], reduction="sum"
-            )
-            for i in range(3)
-        ]
+        losses = [F.cross_entropy(net(tokens[i * SEQ : (i + 1) * SEQ][None])[0],
+                                  tokens[i * SEQ + 1 : (i + 1) * SEQ + 1],
+                                  reduction="sum") for i in range(3)]
     expected = float(sum(losses)) / (3 * SEQ)
     hsa, full = (json.loads((out / f"{r}.json").read_text()) for r in ("hsa-s0", "full-s1"))
     assert hsa["perplexity"]["loss"] == pytest.approx(expected, rel=1e-5)
@@ -213,24 +172,15 @@ def test_training_flops_follow_the_schedules_batch_by_batch(tmp_path):
     """The FLOPs a run records are the module's count, batch by batch: top-k and window schedules change them at
     their optimizer step (with gradient accumulation, both micro-batches of a step count at its top-k); a resume
     goes on counting from the checkpoint."""
-    cfg = load_config(
-        base=TOY["train"],
-        overrides=[
-            f"trainer.root_dir={tmp_path}",
-            "trainer.run_name=flops",
-            "trainer.max_steps=4",
-            "trainer.accumulate_grad_batches=2",
-            "trainer.topk_schedule=[[0,2],[2,1]]",
-            "trainer.swa_window_schedule=[[3,8]]",
-        ],
-    )
+    cfg = load_config(base=TOY["train"], overrides=[
+        f"trainer.root_dir={tmp_path}", "trainer.run_name=flops", "trainer.max_steps=4",
+        "trainer.accumulate_grad_batches=2", "trainer.topk_schedule=[[0,2],[2,1]]",
+        "trainer.swa_window_schedule=[[3,8]]"])
     cfg.validate()
     net, info = train_model(cfg)
     active = net.num_parameters()[1]
-    f = {
-        (k, w): training_flops_per_token(replace(net.cfg, hsa_topk=k, swa_window=w), active, SEQ)
-        for k, w in ((2, 16), (1, 16), (1, 8))
-    }
+    f = {(k, w): training_flops_per_token(replace(net.cfg, hsa_topk=k, swa_window=w), active, SEQ)
+         for k, w in ((2, 16), (1, 16), (1, 8))}
     assert len(set(f.values())) == 3
     per_step = 2 * 2 * SEQ  # accumulation × batch × tokens
     assert info["tokens"] == 4 * per_step
@@ -244,45 +194,17 @@ def test_training_flops_follow_the_schedules_batch_by_batch(tmp_path):
 
 def fake_run(model: str, seed: int, ppl: float, accuracy: list[float], crc: int = 7) -> dict:
     """A ``<run>.json`` with known numbers: one retrieval row per accuracy (depths of one length)."""
-    rows = [
-        {"task": "niah_single", "length": 4096, "depth": d / 4, "accuracy": a, "samples": 1}
-        for d, a in enumerate(accuracy)
-    ]
-    return {
-        "experiment": "x",
-        "model": model,
-        "run": f"{model}-s{seed}",
-        "seed": seed,
-        "overrides": [],
-        "train_seq_len": 1024,
-        "parameters": {"total": 100, "active": 100},
-        "device": "cpu",
-        "date": "2026-12-05",
-        "train": {
-            "steps": 10,
-            "tokens": 1000 * (seed + 1),
-            "seconds": 1.0,
-            "flops": 5e9,
-            "flops_per_token": 5e6,
-            "final_metrics": {},
-        },
-        "eval_seconds": 2.0,
-        "retrieval": rows,
-        "perplexity": {
-            "windows": 4,
-            "window_length": 1024,
-            "tokens": 4096,
-            "tokens_crc32": crc,
-            "loss": math.log(ppl),
-            "ppl": ppl,
-        },
-        "perplexity_by_position": {
-            "128": [
-                {"from": 0, "to": 64, "loss": ppl / 10, "ppl": 1.0},
-                {"from": 64, "to": 128, "loss": ppl / 20, "ppl": 1.0},
-            ]
-        },
-    }
+    rows = [{"task": "niah_single", "length": 4096, "depth": d / 4, "accuracy": a, "samples": 1}
+            for d, a in enumerate(accuracy)]
+    return {"experiment": "x", "model": model, "run": f"{model}-s{seed}", "seed": seed, "overrides": [],
+            "train_seq_len": 1024, "parameters": {"total": 100, "active": 100}, "device": "cpu", "date": "2026-12-05",
+            "train": {"steps": 10, "tokens": 1000 * (seed + 1), "seconds": 1.0, "flops": 5e9, "flops_per_token": 5e6,
+                      "final_metrics": {}},
+            "eval_seconds": 2.0, "retrieval": rows,
+            "perplexity": {"windows": 4, "window_length": 1024, "tokens": 4096, "tokens_crc32": crc,
+                           "loss": math.log(ppl), "ppl": ppl},
+            "perplexity_by_position": {"128": [{"from": 0, "to": 64, "loss": ppl / 10, "ppl": 1.0},
+                                               {"from": 64, "to": 128, "loss": ppl / 20, "ppl": 1.0}]}}
 
 
 def test_summary_mean_and_spread_on_known_numbers(tmp_path):
@@ -298,11 +220,9 @@ def test_summary_mean_and_spread_on_known_numbers(tmp_path):
     assert p["other"]["ratio_to_reference"] is None  # other held-out windows: no ratio
     assert summary["accuracy"]["niah_single"]["a"] == {"4096": 0.5}  # runs at 1.0, 0.5 and 0.0
     assert summary["accuracy_spread"]["niah_single"]["a"]["4096"] == pytest.approx(
-        {"mean": 0.5, "std": 0.5, "min": 0.0, "max": 1.0, "n": 3}
-    )
+        {"mean": 0.5, "std": 0.5, "min": 0.0, "max": 1.0, "n": 3})
     assert summary["models"]["a"]["metrics"]["train_tokens"] == pytest.approx(
-        {"mean": 2000.0, "std": 1000.0, "min": 1000.0, "max": 3000.0, "n": 3}
-    )
+        {"mean": 2000.0, "std": 1000.0, "min": 1000.0, "max": 3000.0, "n": 3})
     assert summary["perplexity_by_position"]["a"]["128"][0]["loss"]["mean"] == pytest.approx(1.2)
     md = (tmp_path / "summary.md").read_text()
     assert "| a | 3 | 0.00M (0.00M) | 2,000 (1,000–3,000) |" in md
@@ -345,33 +265,14 @@ def test_paper_recipe_models_have_equal_parameter_counts():
 
 
 # The shipped recipe at toy size: tiny widths and context, 2 steps per phase, one seed, short eval lengths.
-RECIPE_TOY = [
-    "train.model.d_model=64",
-    "train.model.n_heads=2",
-    "train.model.n_kv_heads=1",
-    "train.model.head_dim=32",
-    "train.model.hsa_heads=2",
-    "train.model.retrieval_dim=64",
-    "train.model.ffn_hidden=128",
-    "train.model.chunk_size=32",
-    "train.model.swa_window=64",
-    "train.data.seq_len=256",
-    "train.data.batch_size=2",
-    "train.data.num_workers=0",
-    "train.data.val_samples=2",
-    "train.trainer.precision=32-true",
-    "train.trainer.accelerator=cpu",
-    "train.trainer.eval_every_n_steps=0",
-    "train.trainer.limit_val_batches=1",
-    "phases.0.max_steps=2",
-    "phases.1.max_steps=2",
-    "eval.lengths=[512]",
-    "eval.depths=[0.5]",
-    "eval.samples=1",
-    "eval.ppl_windows=2",
-    "eval.ppl_lengths=[512,1024]",
-    "eval.max_length.full=512",
-]
+RECIPE_TOY = ["train.model.d_model=64", "train.model.n_heads=2", "train.model.n_kv_heads=1", "train.model.head_dim=32",
+              "train.model.hsa_heads=2", "train.model.retrieval_dim=64", "train.model.ffn_hidden=128",
+              "train.model.chunk_size=32", "train.model.swa_window=64", "train.data.seq_len=256",
+              "train.data.batch_size=2", "train.data.num_workers=0", "train.data.val_samples=2",
+              "train.trainer.precision=32-true", "train.trainer.accelerator=cpu", "train.trainer.eval_every_n_steps=0",
+              "train.trainer.limit_val_batches=1", "phases.0.max_steps=2", "phases.1.max_steps=2",
+              "eval.lengths=[512]", "eval.depths=[0.5]", "eval.samples=1", "eval.ppl_windows=2",
+              "eval.ppl_lengths=[512,1024]", "eval.max_length.full=512"]
 
 
 @pytest.mark.slow
@@ -401,11 +302,8 @@ def test_resume_reuses_finished_phases_and_continues_a_cut_one(tmp_path, capsys)
     def run_hsa(*extra: str) -> int:
         """One run (no seeds) of the hsa model; how many phases it reused."""
         capsys.readouterr()
-        run_experiment(
-            path,
-            ["seeds=null", "eval.ppl_lengths=[]", "train.trainer.checkpoint_every_n_steps=1", *extra],
-            models=["hsa"],
-        )
+        run_experiment(path, ["seeds=null", "eval.ppl_lengths=[]", "train.trainer.checkpoint_every_n_steps=1", *extra],
+                       models=["hsa"])
         return capsys.readouterr().out.count("already trained")
 
     assert run_hsa() == 0
@@ -426,45 +324,31 @@ def test_a_topk_schedule_leaves_a_full_attention_model_as_it_is(tmp_path):
     """The phases' top-k schedules reach the full baseline too: they must change nothing it computes."""
     states = []
     for name, extra in (("plain", []), ("scheduled", ["trainer.topk_schedule=[[0,64],[1,2]]"])):
-        path = write_experiment(
-            tmp_path / name,
-            phases=[],
-            seeds=None,
-            models={"full": ["model.attention=full", "trainer.max_steps=2", *extra]},
-            eval={"lengths": []},
-        )
+        path = write_experiment(tmp_path / name, phases=[], seeds=None,
+                                models={"full": ["model.attention=full", "trainer.max_steps=2", *extra]},
+                                eval={"lengths": []})
         run_experiment(path, [])
         states.append(end_state(tmp_path / name / "out", "full"))
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("phases.1.max_steps=0", "phases[1] 'main': max_steps must be >= 1, got 0"),
-        ("seeds=[]", "seeds is empty: list at least one seed"),
-        ("seeds=[0,0]", "seeds must be distinct integers >= 0"),
-        ("eval.reference_model=fulll", "eval.reference_model: 'fulll' is not one of hsa, full (did you mean 'full'?)"),
-        ("phases.0.steps=3", "unknown experiment key 'phases[0].steps'"),
-        ("phases.1.name=warmup", "phases: two phases are named 'warmup'"),
-        ("phases.1.name=''", "phases[1].name must be a word"),
-        ("models.hsa=[model.attention=hsa,warmpu:optim.lr=1]", "models.hsa: 'warmpu:optim.lr=1' names no phase"),
-        (
-            "phases.0.overrides=[trainer.topk_schedul=1]",
-            "model 'hsa', phase 'warmup': unknown config key 'trainer.topk_schedul'",
-        ),
-        (
-            "phases.1.overrides=[model.d_model=48]",
-            "model 'hsa', phase 'main': its model.* keys change parameter shapes",
-        ),
-        (
-            "phases.1.overrides=[data.tokenizer=configs/tokenizers/stdlib-bpe-8k.json]",
-            "model 'hsa', phase 'main': data.tokenizer 'configs/tokenizers/stdlib-bpe-8k.json' differs",
-        ),
-        ("eval.ppl_windows=-1", "eval.ppl_windows must be >= 0"),
-    ],
-)
+@pytest.mark.parametrize("override,message", [
+    ("phases.1.max_steps=0", "phases[1] 'main': max_steps must be >= 1, got 0"),
+    ("seeds=[]", "seeds is empty: list at least one seed"),
+    ("seeds=[0,0]", "seeds must be distinct integers >= 0"),
+    ("eval.reference_model=fulll", "eval.reference_model: 'fulll' is not one of hsa, full (did you mean 'full'?)"),
+    ("phases.0.steps=3", "unknown experiment key 'phases[0].steps'"),
+    ("phases.1.name=warmup", "phases: two phases are named 'warmup'"),
+    ("phases.1.name=''", "phases[1].name must be a word"),
+    ("models.hsa=[model.attention=hsa,warmpu:optim.lr=1]", "models.hsa: 'warmpu:optim.lr=1' names no phase"),
+    ("phases.0.overrides=[trainer.topk_schedul=1]",
+     "model 'hsa', phase 'warmup': unknown config key 'trainer.topk_schedul'"),
+    ("phases.1.overrides=[model.d_model=48]", "model 'hsa', phase 'main': its model.* keys change parameter shapes"),
+    ("phases.1.overrides=[data.tokenizer=configs/tokenizers/stdlib-bpe-8k.json]",
+     "model 'hsa', phase 'main': data.tokenizer 'configs/tokenizers/stdlib-bpe-8k.json' differs"),
+    ("eval.ppl_windows=-1", "eval.ppl_windows must be >= 0"),
+])
 def test_bad_experiment_input_is_one_config_error(tmp_path, override, message):
     path = write_experiment(tmp_path)
     with pytest.raises(ConfigError) as error:
@@ -474,33 +358,24 @@ def test_bad_experiment_input_is_one_config_error(tmp_path, override, message):
 
 def test_a_window_schedule_on_a_full_attention_phase_is_refused(tmp_path):
     phases = [TOY["phases"][0], {"name": "main", "max_steps": 2, "overrides": ["trainer.swa_window_schedule=[[0,8]]"]}]
-    with pytest.raises(
-        ConfigError,
-        match="model 'full', phase 'main': trainer.swa_window_schedule needs a sliding "
-        "window, model.attention is 'full'",
-    ):
+    with pytest.raises(ConfigError, match="model 'full', phase 'main': trainer.swa_window_schedule needs a sliding "
+                                          "window, model.attention is 'full'"):
         load_experiment(write_experiment(tmp_path, phases=phases))
 
 
 def test_an_unknown_phase_key_in_the_file_names_the_phase(tmp_path):
     phases = [TOY["phases"][0], {"name": "main", "steps": 2}]
-    with pytest.raises(
-        ConfigError,
-        match=r"^phases\[1\]: unknown phase key 'steps' \(keys: name, max_steps, "
-        r"overrides\)$",
-    ):
+    with pytest.raises(ConfigError, match=r"^phases\[1\]: unknown phase key 'steps' \(keys: name, max_steps, "
+                                          r"overrides\)$"):
         load_experiment(write_experiment(tmp_path, phases=phases))
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--seeds", "7"], "error: --seeds: '7' is not one of 0, 1"),
-        (["--seeds", "0", "seeds=null"], "error: --seeds: the experiment has no seeds list"),
-        # 4000 windows × 128 > the ~440K held-out tokens: refused before anything trains
-        (["--models", "hsa", "--seeds", "0", "eval.ppl_windows=4000"], "held-out tokens, the held-out split has"),
-    ],
-)
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "7"], "error: --seeds: '7' is not one of 0, 1"),
+    (["--seeds", "0", "seeds=null"], "error: --seeds: the experiment has no seeds list"),
+    # 4000 windows × 128 > the ~440K held-out tokens: refused before anything trains
+    (["--models", "hsa", "--seeds", "0", "eval.ppl_windows=4000"], "held-out tokens, the held-out split has"),
+])
 def test_bad_experiment_commands_are_one_line(tmp_path, capsys, args, message):
     path = write_experiment(tmp_path)
     assert main(["experiment", "--config", path, *args]) == 2

@@ -1,5 +1,4 @@
 """Fine-tuning (issue 9): LoRA adapters on the tiny model, LoRA checkpoints, resume, merge, full fine-tuning."""
-
 import json
 
 import pytest
@@ -14,21 +13,10 @@ from tests.helpers import FAST, ROOT, load_benchmark, run_dir, scalars
 
 CHAT = ROOT / "examples" / "sft" / "chat.jsonl"
 # The shipped LoRA config on the tiny model and the example chat file; CPU-sized.
-LORA = [
-    "fit",
-    "--config",
-    str(ROOT / "configs/finetune/lora.yaml"),
-    *FAST,
-    "model.name=tiny",
-    "data.num_workers=0",
-    f"data.sources=[{{kind: files, format: chat, paths: [{CHAT}]}}]",
-    "data.val_fraction=0.2",
-    "data.batch_size=2",
-    "trainer.accumulate_grad_batches=1",
-    "trainer.precision=32-true",
-    "trainer.val_check_interval=100",
-    "optim.schedule=constant",
-]
+LORA = ["fit", "--config", str(ROOT / "configs/finetune/lora.yaml"), *FAST, "model.name=tiny", "data.num_workers=0",
+        f"data.sources=[{{kind: files, format: chat, paths: [{CHAT}]}}]", "data.val_fraction=0.2",
+        "data.batch_size=2", "trainer.accumulate_grad_batches=1", "trainer.precision=32-true",
+        "trainer.val_check_interval=100", "optim.schedule=constant"]
 
 
 def lora_fit(tmp_path, name, *extra):
@@ -40,17 +28,8 @@ def lora_fit(tmp_path, name, *extra):
 def base_ckpt(tmp_path_factory):
     """A trained tiny checkpoint (2 steps of configs/tiny.yaml) to fine-tune."""
     root = tmp_path_factory.mktemp("base")
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={root}",
-        "trainer.run_name=base",
-        *FAST,
-        "data.num_workers=0",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=100",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={root}", "trainer.run_name=base",
+            *FAST, "data.num_workers=0", "trainer.max_steps=2", "trainer.val_check_interval=100"]
     assert main(args) == 0
     return run_dir(root, "base") / "checkpoints" / "last.ckpt"
 
@@ -59,14 +38,8 @@ def base_ckpt(tmp_path_factory):
 def lora_run(tmp_path_factory, base_ckpt):
     """6 LoRA steps on every module group, a checkpoint every 3 steps."""
     root = tmp_path_factory.mktemp("lora")
-    run = lora_fit(
-        root,
-        "straight",
-        f"init_from={base_ckpt}",
-        "trainer.max_steps=6",
-        "trainer.checkpoint_every_n_steps=3",
-        f"finetune.lora_targets=[{','.join(LORA_TARGETS)}]",
-    )
+    run = lora_fit(root, "straight", f"init_from={base_ckpt}", "trainer.max_steps=6",
+                   "trainer.checkpoint_every_n_steps=3", f"finetune.lora_targets=[{','.join(LORA_TARGETS)}]")
     return root, run
 
 
@@ -136,12 +109,10 @@ def test_lora_with_a_bf16_base_halves_its_matrices_and_trains_like_fp32():
     """finetune.lora_base_dtype=bf16: the frozen matrices (linears, stacked experts) are bf16, the embedding, norms
     and adapters keep fp32; under bf16 autocast (what bf16-mixed runs) the loss equals the fp32 base's within bf16
     rounding and the adapters' gradients are fp32 and finite."""
-
     def module(base_dtype):
         torch.manual_seed(0)
-        ft = FinetuneConfig(
-            method="lora", lora_targets=["attention", "retrieval", "experts"], lora_rank=8, lora_base_dtype=base_dtype
-        )
+        ft = FinetuneConfig(method="lora", lora_targets=["attention", "retrieval", "experts"], lora_rank=8,
+                            lora_base_dtype=base_dtype)
         return HSALitModule(ModelConfig.from_name("tiny", vocab_size=320), {}, finetune=ft)
 
     fp32, bf16 = module("fp32"), module("bf16")
@@ -176,11 +147,8 @@ def test_bad_finetune_config_is_a_clear_error(tmp_path, base_ckpt):
     with pytest.raises(ConfigError, match="finetune.method=lora fine-tunes a trained model: set init_from="):
         load_config(None, ["finetune.method=lora"])
     with pytest.raises(ConfigError, match="match no module of this model"):  # tiny with moe off has no router
-        HSALitModule(
-            ModelConfig.from_name("tiny", vocab_size=320, moe=False),
-            {},
-            finetune=FinetuneConfig(method="lora", lora_targets=["router"]),
-        )
+        HSALitModule(ModelConfig.from_name("tiny", vocab_size=320, moe=False), {},
+                      finetune=FinetuneConfig(method="lora", lora_targets=["router"]))
 
 
 def test_lora_checkpoint_holds_only_trainable_weights(lora_run, base_ckpt):
@@ -199,9 +167,8 @@ def test_lora_resume_reproduces_the_uninterrupted_run(lora_run, base_ckpt):
     targets = f"finetune.lora_targets=[{','.join(LORA_TARGETS)}]"
     first = lora_fit(root, "first", f"init_from={base_ckpt}", "trainer.max_steps=3", targets)
     # No init_from: the frozen base comes from the path recorded in the LoRA checkpoint.
-    resumed = lora_fit(
-        root, "resumed", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=6", targets
-    )
+    resumed = lora_fit(root, "resumed", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=6",
+                       targets)
     expected, got = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
     assert sorted(got) == [3, 4, 5]
     for step, loss in got.items():
@@ -217,37 +184,15 @@ def test_mismatching_base_checkpoint_is_one_clear_error(lora_run, base_ckpt, tmp
     base["state_dict"]["model.norm.weight"] = torch.ones(64)  # another shape
     torch.save(base, tmp_path / "shape.ckpt")
     targets = f"finetune.lora_targets=[{','.join(LORA_TARGETS)}]"
-    cases = [
-        (
-            [
-                *LORA,
-                f"trainer.root_dir={tmp_path}",
-                f"ckpt_path={lora_ckpt}",
-                f"init_from={tmp_path / 'other.ckpt'}",
-                targets,
-            ],
-            "is not the one the LoRA adapters were trained on",
-        ),
-        (
-            [
-                *LORA,
-                f"trainer.root_dir={tmp_path}",
-                f"ckpt_path={lora_ckpt}",
-                f"init_from={tmp_path / 'shape.ckpt'}",
-                targets,
-            ],
-            "model.norm.weight (64,) vs (128,)",
-        ),
-        (
-            ["merge", "--ckpt", str(lora_ckpt), "--base", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "m")],
-            "is not the one the LoRA adapters were trained on",
-        ),
-        (
-            [*LORA, f"trainer.root_dir={tmp_path}", f"init_from={lora_ckpt}", "finetune.method=full"],
-            "holds LoRA adapters only",
-        ),
-        ([*LORA, f"trainer.root_dir={tmp_path}", f"ckpt_path={base_ckpt}"], "is not a LoRA checkpoint"),
-    ]
+    cases = [([*LORA, f"trainer.root_dir={tmp_path}", f"ckpt_path={lora_ckpt}", f"init_from={tmp_path / 'other.ckpt'}",
+               targets], "is not the one the LoRA adapters were trained on"),
+             ([*LORA, f"trainer.root_dir={tmp_path}", f"ckpt_path={lora_ckpt}", f"init_from={tmp_path / 'shape.ckpt'}",
+               targets], "model.norm.weight (64,) vs (128,)"),
+             (["merge", "--ckpt", str(lora_ckpt), "--base", str(tmp_path / "other.ckpt"), "--out", str(tmp_path / "m")],
+              "is not the one the LoRA adapters were trained on"),
+             ([*LORA, f"trainer.root_dir={tmp_path}", f"init_from={lora_ckpt}", "finetune.method=full"],
+              "holds LoRA adapters only"),
+             ([*LORA, f"trainer.root_dir={tmp_path}", f"ckpt_path={base_ckpt}"], "is not a LoRA checkpoint")]
     for args, needle in cases:
         capsys.readouterr()
         assert main(args) == 2, needle
@@ -258,9 +203,8 @@ def test_mismatching_base_checkpoint_is_one_clear_error(lora_run, base_ckpt, tmp
 
 def test_sft_lora_with_other_topk_and_window(tmp_path, base_ckpt):
     """The shipped config on chat data (loss on answers only); top-k and SWA window differ from the checkpoint's."""
-    run = lora_fit(
-        tmp_path, "sft", f"init_from={base_ckpt}", "trainer.max_steps=2", "model.hsa_topk=2", "model.swa_window=32"
-    )
+    run = lora_fit(tmp_path, "sft", f"init_from={base_ckpt}", "trainer.max_steps=2", "model.hsa_topk=2",
+                   "model.swa_window=32")
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     model = ckpt["hyper_parameters"]["model"]
     assert (model["hsa_topk"], model["swa_window"]) == (2, 32)
@@ -275,9 +219,8 @@ def test_merge_writes_a_checkpoint_that_generate_loads(lora_run, base_ckpt, tmp_
     assert main(["merge", "--ckpt", str(lora_ckpt), "--out", str(out)]) == 0
     merged, base = torch.load(out, weights_only=False), torch.load(base_ckpt, weights_only=False)
     assert "finetune" not in merged["hyper_parameters"] and set(merged["state_dict"]) == set(base["state_dict"])
-    assert not torch.equal(
-        merged["state_dict"]["model.lower.0.attn.q_proj.weight"], base["state_dict"]["model.lower.0.attn.q_proj.weight"]
-    )  # the adapters were folded in
+    assert not torch.equal(merged["state_dict"]["model.lower.0.attn.q_proj.weight"],
+                           base["state_dict"]["model.lower.0.attn.q_proj.weight"])  # the adapters were folded in
     capsys.readouterr()
     args = ["generate", "--ckpt", str(out), "--prompt", "What is 2 + 3?", "--max-new-tokens", "8", "--device", "cpu"]
     assert main(args) == 0 and capsys.readouterr().out.strip("\n")
@@ -288,15 +231,8 @@ def test_merge_writes_a_checkpoint_that_generate_loads(lora_run, base_ckpt, tmp_
 
 def test_full_finetuning_trains_every_weight(tmp_path, base_ckpt):
     # seq_len 128: with 64 a token sees at most one chunk, whose fusion weight is 1 and gives retrieval no gradient
-    run = lora_fit(
-        tmp_path,
-        "full",
-        "finetune.method=full",
-        f"init_from={base_ckpt}",
-        "trainer.max_steps=2",
-        "optim.lr=1e-3",
-        "data.seq_len=128",
-    )
+    run = lora_fit(tmp_path, "full", "finetune.method=full", f"init_from={base_ckpt}", "trainer.max_steps=2",
+                   "optim.lr=1e-3", "data.seq_len=128")
     ckpt, base = (torch.load(p, weights_only=False) for p in (run / "checkpoints" / "last.ckpt", base_ckpt))
     assert ckpt["hyper_parameters"]["finetune"]["method"] == "full"
     assert set(ckpt["state_dict"]) == set(base["state_dict"])
@@ -307,22 +243,8 @@ def test_full_finetuning_trains_every_weight(tmp_path, base_ckpt):
 
 def test_bench_finetune_smoke_on_cpu(tmp_path):
     bench = load_benchmark("bench_finetune")
-    result = bench.main(
-        [
-            "--preset",
-            "tiny",
-            "--lengths",
-            "256",
-            "--warmup",
-            "1",
-            "--steps",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "bench.json"),
-        ]
-    )
+    result = bench.main(["--preset", "tiny", "--lengths", "256", "--warmup", "1", "--steps", "1", "--device", "cpu",
+                         "--out", str(tmp_path / "bench.json")])
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     row = result["rows"][0]
     assert row["T"] == 256 and row["full"]["ok"] and row["lora"]["ok"]

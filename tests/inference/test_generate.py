@@ -6,17 +6,12 @@ from lit_hsa.inference.generate import generate, prefill, sample_next
 from lit_hsa.model.transformer import HSATransformer
 from tests.helpers import VOCAB, tiny
 
-VARIANTS = {
-    "hsa": dict(hsa_layer_swa=True, hsa_swa_window=4),
-    "swa": dict(attention="swa"),
-    "full": dict(attention="full"),
-    "hsa-off-by-one": dict(softmax_off_by_one=True),
-}
+VARIANTS = {"hsa": dict(hsa_layer_swa=True, hsa_swa_window=4), "swa": dict(attention="swa"),
+            "full": dict(attention="full"), "hsa-off-by-one": dict(softmax_off_by_one=True)}
 
 
-@pytest.mark.parametrize(
-    "variant,offload", [("hsa", False), ("hsa", True), ("swa", False), ("full", False), ("hsa-off-by-one", False)]
-)
+@pytest.mark.parametrize("variant,offload", [("hsa", False), ("hsa", True), ("swa", False), ("full", False),
+                                             ("hsa-off-by-one", False)])
 def test_incremental_decoding_equals_full_forward(variant, offload):
     """Segments of odd sizes and single tokens, across chunk and window boundaries, give the full forward's logits;
     also with the chunk K/V offloaded (only the selected chunks fetched)."""
@@ -187,29 +182,15 @@ def test_decode_attention_splits_long_caches_exactly():
     L = 3 * SPLIT_KEYS
     q, k, v = torch.randn(2, 1, 6, 16), torch.randn(2, 3, L, 16), torch.randn(2, 3, L, 16)
     valid = torch.arange(L) < L - 100
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=valid[None, None, None], enable_gqa=True
-    ).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=valid[None, None, None],
+                                                           enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(decode_attention(q, k, v, valid), ref, atol=1e-5, rtol=1e-4)
 
 
 # Operators whose output size depends on the data, or that read a value back to the host: each synchronises with the
 # GPU, which a CUDA-graph capture does not allow.
-HOST_SYNCING_OPS = {
-    "nonzero",
-    "unique",
-    "_unique",
-    "_unique2",
-    "unique_consecutive",
-    "unique_dim",
-    "bincount",
-    "masked_select",
-    "_local_scalar_dense",
-    "item",
-    "repeat_interleave",
-    "histc",
-    "argwhere",
-}
+HOST_SYNCING_OPS = {"nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "bincount",
+                    "masked_select", "_local_scalar_dense", "item", "repeat_interleave", "histc", "argwhere"}
 
 
 @pytest.mark.parametrize("variant", ["hsa", "swa", "full"])
@@ -309,14 +290,12 @@ def test_decoding_caches_and_states_implement_the_declared_protocols():
     assert isinstance(state, DecodingState) and isinstance(state.kv, DecodeCache)
     static = StaticDecodeState(model, state, max_len=32)
     assert isinstance(static, DecodingState) and isinstance(static.kv, DecodeCache)
-    for protocol, classes in (
-        (DecodeCache, (KVCache, StaticKVCache)),
-        (DecodingState, (DecodeState, StaticDecodeState)),
-    ):
+    for protocol, classes in ((DecodeCache, (KVCache, StaticKVCache)), (DecodingState, (DecodeState,
+                                                                                        StaticDecodeState))):
         for name, member in vars(protocol).items():
             if not callable(member) or name.startswith("_"):
                 continue
             wanted = list(inspect.signature(member).parameters)
             for cls in classes:
-                assert list(inspect.signature(getattr(cls, name)).parameters)[: len(wanted)] == wanted, (cls, name)
+                assert list(inspect.signature(getattr(cls, name)).parameters)[:len(wanted)] == wanted, (cls, name)
     assert not isinstance(object(), DecodeCache)  # the check can fail

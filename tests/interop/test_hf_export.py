@@ -4,7 +4,6 @@ biases randomised, so a norm, bias or buffer left out shows) written as checkpoi
 gives lit-hsa's logits exactly and its greedy ``generate()`` output; native exports (llama, mistral, qwen2, qwen3) load
 without remote code and give the same logits (<= 1e-4, fp32); the byte tokenizer's tokenizer.json encodes and decodes
 as ``ByteTokenizer``; an export reads back bit for bit; bad input is one ConfigError line."""
-
 from __future__ import annotations
 
 import json
@@ -65,18 +64,11 @@ def random_model(cfg: ModelConfig) -> HSATransformer:
     return model
 
 
-def write_ckpt(
-    path: Path,
-    model: HSATransformer,
-    tokenizer: str = "byte",
-    eos_token: str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Path:
+def write_ckpt(path: Path, model: HSATransformer, tokenizer: str = "byte", eos_token: str | None = None,
+               dtype: torch.dtype | None = None) -> Path:
     """A checkpoint file as `main.py fit` writes one (the parts export reads), weights optionally cast to dtype."""
-    state = {
-        f"model.{k}": v.to(dtype) if dtype and v.is_floating_point() else v.clone()
-        for k, v in model.state_dict().items()
-    }
+    state = {f"model.{k}": v.to(dtype) if dtype and v.is_floating_point() else v.clone()
+             for k, v in model.state_dict().items()}
     hparams = {"model": asdict(model.cfg), "tokenizer": tokenizer, "eos_token": eos_token}
     torch.save({"hyper_parameters": hparams, "state_dict": state}, path)
     return path
@@ -133,10 +125,8 @@ def test_lit_hsa_format_loads_with_remote_code_and_matches(tmp_path, variant, ca
     assert fmt == "lit_hsa" and capsys.readouterr().out.count("\n") == 1
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "lit_hsa" and config["architectures"] == ["LitHSAForCausalLM"]
-    assert config["auto_map"] == {
-        "AutoConfig": "modeling_lit_hsa.LitHSAConfig",
-        "AutoModelForCausalLM": "modeling_lit_hsa.LitHSAForCausalLM",
-    }
+    assert config["auto_map"] == {"AutoConfig": "modeling_lit_hsa.LitHSAConfig",
+                                  "AutoModelForCausalLM": "modeling_lit_hsa.LitHSAForCausalLM"}
     assert config["lit_hsa"] == asdict(model.cfg) and config["vocab_size"] == VOCAB
     assert (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"]) == (EOS, PAD, None)
     hf_model = remote(out)
@@ -156,9 +146,8 @@ def test_remote_model_generation_paths_loss_and_padding(tmp_path):
     hf_model = remote(out)
     x = torch.randint(0, 256, (2, 21))
     fed = []
-    hook = hf_model.register_forward_pre_hook(
-        lambda m, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
-    )
+    hook = hf_model.register_forward_pre_hook(lambda m, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                              with_kwargs=True)
     cached = hf_model.generate(x, max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert fed == [21, 1, 1, 1, 1, 1]
     fed.clear()
@@ -192,52 +181,23 @@ NATIVE = {  # overrides of `tiny` → (model_type, class); T = 40 > every window
     "swa-no-qknorm": (dict(attention="swa", moe=False, qk_norm=False), "mistral", "MistralForCausalLM"),
     "swa-qknorm-untied": (dict(attention="swa", moe=False, tie_embeddings=False), "qwen3", "Qwen3ForCausalLM"),
     "hsa-shape-all-dense": (dict(attention="full", first_dense_layers=4), "qwen3", "Qwen3ForCausalLM"),
-    "full-qkv-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True), "qwen2", "Qwen2ForCausalLM"),
+    "full-qkv-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True), "qwen2",
+                      "Qwen2ForCausalLM"),
     "swa-qkv-bias": (dict(attention="swa", moe=False, qk_norm=False, qkv_bias=True), "qwen2", "Qwen2ForCausalLM"),
-    "full-all-bias": (
-        dict(attention="full", moe=False, qk_norm=False, qkv_bias=True, attn_out_bias=True),
-        "llama",
-        "LlamaForCausalLM",
-    ),
-    "full-qknorm-all-bias": (
-        dict(attention="full", moe=False, qkv_bias=True, attn_out_bias=True),
-        "qwen3",
-        "Qwen3ForCausalLM",
-    ),
-    "full-llama3-rope": (
-        dict(
-            attention="full",
-            moe=False,
-            qk_norm=False,
-            rope_base=500000.0,
-            rope_scaling=dict(
-                rope_type="llama3",
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=16,
-            ),
-        ),
-        "llama",
-        "LlamaForCausalLM",
-    ),
-    "swa-yarn-rope": (
-        dict(
-            attention="swa",
-            moe=False,
-            qk_norm=False,
-            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
-        ),
-        "mistral",
-        "MistralForCausalLM",
-    ),
-    "full-linear-rope": (
-        dict(attention="full", moe=False, rope_scaling=dict(rope_type="linear", factor=2.0)),
-        "qwen3",
-        "Qwen3ForCausalLM",
-    ),
+    "full-all-bias": (dict(attention="full", moe=False, qk_norm=False, qkv_bias=True, attn_out_bias=True),
+                      "llama", "LlamaForCausalLM"),
+    "full-qknorm-all-bias": (dict(attention="full", moe=False, qkv_bias=True, attn_out_bias=True), "qwen3",
+                             "Qwen3ForCausalLM"),
+    "full-llama3-rope": (dict(attention="full", moe=False, qk_norm=False, rope_base=500000.0,
+                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=16)),
+                         "llama", "LlamaForCausalLM"),
+    "swa-yarn-rope": (dict(attention="swa", moe=False, qk_norm=False,
+                           rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+                      "mistral", "MistralForCausalLM"),
+    "full-linear-rope": (dict(attention="full", moe=False, rope_scaling=dict(rope_type="linear", factor=2.0)),
+                         "qwen3", "Qwen3ForCausalLM"),
 }
-
 
 @pytest.mark.parametrize("variant", NATIVE)
 def test_native_export_loads_without_remote_code_and_matches(tmp_path, variant):
@@ -271,16 +231,11 @@ def test_native_plan_maps_only_exact_architectures():
     assert plan(attention="swa", qk_norm=False, qkv_bias=True, **dense)[0] == "qwen2"
     assert plan(attention="full", qk_norm=False, qkv_bias=True, out_bias=True, **dense)[0] == "llama"
     assert plan(attention="full", qkv_bias=True, out_bias=True, **dense)[0] == "qwen3"
-    for why, kwargs in [
-        ("HSA", {}),
-        ("MoE", dict(attention="full")),
-        ("output alone", dict(attention="full", out_bias=True, **dense)),
-        ("QK-norm with q/k/v biases", dict(attention="full", qkv_bias=True, **dense)),
-        (
-            "sliding-window attention with biases",
-            dict(attention="swa", qk_norm=False, qkv_bias=True, out_bias=True, **dense),
-        ),
-    ]:
+    for why, kwargs in [("HSA", {}), ("MoE", dict(attention="full")),
+                        ("output alone", dict(attention="full", out_bias=True, **dense)),
+                        ("QK-norm with q/k/v biases", dict(attention="full", qkv_bias=True, **dense)),
+                        ("sliding-window attention with biases", dict(attention="swa", qk_norm=False, qkv_bias=True,
+                                                                      out_bias=True, **dense))]:
         model_type, reason = plan(**kwargs)
         assert model_type is None and why in reason
     cfg = tiny(vocab_size=VOCAB, attention="full", moe=False)
@@ -289,17 +244,8 @@ def test_native_plan_maps_only_exact_architectures():
 
 # ------------------------------------------------------------------------------------------------ tokenizers
 
-TEXTS = [
-    "plain ASCII: The quick brown fox, 42!",
-    "multi-byte: héllo wörld — €5, 日本語, 😀🚀",
-    "  lead\tand\ttabs\n\n",
-    "trailing   \r\n",
-    "\x00\x01\x7f controls",
-    "",
-    " ",
-    "<|endoftext|> as text",
-    "<pad>",
-]
+TEXTS = ["plain ASCII: The quick brown fox, 42!", "multi-byte: héllo wörld — €5, 日本語, 😀🚀", "  lead\tand\ttabs\n\n",
+         "trailing   \r\n", "\x00\x01\x7f controls", "", " ", "<|endoftext|> as text", "<pad>"]
 
 
 def test_byte_tokenizer_export_encodes_and_decodes_as_byte_tokenizer(tmp_path):
@@ -327,14 +273,8 @@ def test_tokenizer_json_checkpoint_exports_the_ids_lit_hsa_uses(tmp_path):
     """A BPE tokenizer.json whose post-processor adds BOS: lit-hsa never applies it, so neither does the export."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(
-        ["hello world, hello there"] * 20 + TEXTS,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<s>", "<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    tok.train_from_iterator(["hello world, hello there"] * 20 + TEXTS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     path = tmp_path / "tok.json"
     tok.save(str(path))
@@ -395,9 +335,8 @@ def test_export_refuses_bad_input_in_one_line(tmp_path):
     model = random_model(tiny(vocab_size=VOCAB, attention="full", moe=False))
     lora = tmp_path / "lora.ckpt"
     torch.save({"lora_base": {"path": "base.ckpt"}, "state_dict": {}, "hyper_parameters": {}}, lora)
-    one_line_error(
-        lambda: export_checkpoint(str(lora), str(out)), r"python main\.py merge --ckpt .* --out merged\.ckpt"
-    )
+    one_line_error(lambda: export_checkpoint(str(lora), str(out)),
+                   r"python main\.py merge --ckpt .* --out merged\.ckpt")
     ckpt = write_ckpt(tmp_path / "m.ckpt", model)
     one_line_error(lambda: export_checkpoint(str(ckpt), str(out), native="always"), "--native")
     out.mkdir()

@@ -3,7 +3,6 @@
 with ``save_pretrained``, read with ``read_dense``; our logits equal transformers' in fp32 (max abs diff <= 1e-4).
 Every parameter is randomised (transformers initialises biases to 0 and norms to 1, which would hide a bias or norm
 left out). Then the bad inputs, each one ConfigError line naming the problem, and the written checkpoint."""
-
 from __future__ import annotations
 
 import json
@@ -24,69 +23,38 @@ from lit_hsa.model.transformer import HSATransformer  # noqa: E402
 
 VOCAB = 300
 EOT = "<|endoftext|>"
-LLAMA3 = dict(
-    rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32
-)
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=32)
 # Qwen2.5's long-context form ({type: yarn, factor: 4, original_max_position_embeddings}), at a small scale
 QWEN_YARN = dict(type="yarn", factor=4.0, original_max_position_embeddings=32)
 
 # name → (config class, overrides of the shared shape, T): hidden 64, 2 layers, 4 heads, vocab 300
 CASES = {
     # untied, GQA 2, rope_theta 5e5, llama3 scaling (T=80 > 32 original positions), eps 1e-5; saved in shards
-    "llama-llama3-sharded": (
-        "LlamaConfig",
-        dict(num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5, rope_scaling=LLAMA3, eos_token_id=0),
-        80,
-    ),
+    "llama-llama3-sharded": ("LlamaConfig", dict(num_key_value_heads=2, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                                 rope_scaling=LLAMA3, eos_token_id=0), 80),
     # tied embeddings, GQA 1 (MHA), attention_bias (q/k/v and o), linear scaling
-    "llama-tied-bias-linear": (
-        "LlamaConfig",
-        dict(
-            num_key_value_heads=4,
-            tie_word_embeddings=True,
-            attention_bias=True,
-            rope_scaling=dict(rope_type="linear", factor=2.0),
-        ),
-        48,
-    ),
+    "llama-tied-bias-linear": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True,
+                                                   attention_bias=True,
+                                                   rope_scaling=dict(rope_type="linear", factor=2.0)), 48),
     # GQA 4, sliding window 12 on all layers with T=64 > window, 3 layers; yarn with mscale / mscale_all_dim
-    "mistral-swa-gqa4": (
-        "MistralConfig",
-        dict(
-            num_key_value_heads=1,
-            sliding_window=12,
-            num_hidden_layers=3,
-            max_position_embeddings=32,
-            rope_scaling=dict(
-                rope_type="yarn", factor=2.0, mscale=1.0, mscale_all_dim=0.5, original_max_position_embeddings=16
-            ),
-        ),
-        64,
-    ),
+    "mistral-swa-gqa4": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=12, num_hidden_layers=3,
+                                               max_position_embeddings=32,
+                                               rope_scaling=dict(rope_type="yarn", factor=2.0, mscale=1.0,
+                                                                 mscale_all_dim=0.5,
+                                                                 original_max_position_embeddings=16)), 64),
     # q/k/v biases (no o bias), tied, rope_theta 1e6, Qwen-style yarn (default attention factor 0.1 ln 4 + 1)
-    "qwen2-bias-tied-yarn": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6, rope_scaling=QWEN_YARN), 80),
+    "qwen2-bias-tied-yarn": ("Qwen2Config", dict(tie_word_embeddings=True, rope_theta=1e6, rope_scaling=QWEN_YARN),
+                             80),
     # all layers sliding (use_sliding_window, max_window_layers 0), window 10, T=40
     "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=10, max_window_layers=0), 40),
     # head_dim 32 != 64 / 4, qk-norm, attention_bias, eps 1e-5, yarn with attention_factor / betas / truncate
-    "qwen3-headdim-bias-yarn": (
-        "Qwen3Config",
-        dict(
-            head_dim=32,
-            attention_bias=True,
-            rms_norm_eps=1e-5,
-            max_position_embeddings=96,
-            rope_scaling=dict(
-                rope_type="yarn",
-                factor=4.0,
-                original_max_position_embeddings=24,
-                attention_factor=0.8,
-                beta_fast=16.0,
-                beta_slow=2.0,
-                truncate=False,
-            ),
-        ),
-        64,
-    ),
+    "qwen3-headdim-bias-yarn": ("Qwen3Config", dict(head_dim=32, attention_bias=True, rms_norm_eps=1e-5,
+                                                    max_position_embeddings=96,
+                                                    rope_scaling=dict(rope_type="yarn", factor=4.0,
+                                                                      original_max_position_embeddings=24,
+                                                                      attention_factor=0.8, beta_fast=16.0,
+                                                                      beta_slow=2.0, truncate=False)), 64),
     # plain Qwen3: GQA 2, untied, head_dim 16
     "qwen3-plain": ("Qwen3Config", dict(head_dim=16), 32),
 }
@@ -99,25 +67,18 @@ def make_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["hello world"] * 20, trainer)
     tok.save(str(path))
 
 
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=96,
-    vocab_size=VOCAB,
-    max_position_embeddings=128,
-)
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+             vocab_size=VOCAB, max_position_embeddings=128)
 
 
-def save_hf(folder: Path, cls: str, overrides: dict, shard: bool = False, tokenizer: bool = True, shape: dict = SHAPE):
+def save_hf(folder: Path, cls: str, overrides: dict, shard: bool = False, tokenizer: bool = True,
+            shape: dict = SHAPE):
     """A random ``cls`` causal LM (every parameter random) saved with ``save_pretrained`` → the model (eval, eager
     attention)."""
     config = getattr(transformers, cls)(**{**shape, **overrides})
@@ -148,12 +109,8 @@ def test_logits_equal_transformers(case, tmp_path):
     imported = read_dense(str(tmp_path))
     cfg = imported.cfg
     assert max_logit_diff(model, imported, T) <= 1e-4
-    assert (cfg.n_lower_layers, cfg.n_groups, cfg.moe, imported.dtype) == (
-        model.config.num_hidden_layers,
-        0,
-        False,
-        "float32",
-    )
+    assert (cfg.n_lower_layers, cfg.n_groups, cfg.moe, imported.dtype) == (model.config.num_hidden_layers, 0, False,
+                                                                           "float32")
     assert imported.model_type == model.config.model_type and imported.tokenizer == str(tmp_path / "tokenizer.json")
     assert all(v.dtype == torch.float32 for v in imported.state.values())
     if case.endswith("sharded"):
@@ -170,38 +127,20 @@ def test_logits_equal_transformers(case, tmp_path):
     assert {k: getattr(cfg, k) for k in expected} == expected
 
 
-@pytest.mark.parametrize(
-    "kind,params",
-    [
-        ("llama3", dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
-        ("linear", dict(factor=4.0)),
-        ("yarn", dict(factor=4.0, original_max_position_embeddings=4096)),
-        (
-            "yarn",
-            dict(
-                factor=8.0,
-                original_max_position_embeddings=2048,
-                beta_fast=16,
-                beta_slow=2,
-                mscale=1.0,
-                mscale_all_dim=0.7,
-                truncate=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind,params", [
+    ("llama3", dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    ("linear", dict(factor=4.0)),
+    ("yarn", dict(factor=4.0, original_max_position_embeddings=4096)),
+    ("yarn", dict(factor=8.0, original_max_position_embeddings=2048, beta_fast=16, beta_slow=2, mscale=1.0,
+                  mscale_all_dim=0.7, truncate=False)),
+])
 def test_rope_frequencies_equal_transformers_bit_for_bit(kind, params):
     """At real sizes (head_dim 128, Llama-3.1's and Qwen2.5's settings) the tables are transformers' exactly."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = transformers.LlamaConfig(
-        hidden_size=4096,
-        num_attention_heads=32,
-        head_dim=128,
-        max_position_embeddings=32768,
-        rope_theta=500000.0,
-        rope_scaling={"rope_type": kind, **params},
-    )
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128,
+                                      max_position_embeddings=32768, rope_theta=500000.0,
+                                      rope_scaling={"rope_type": kind, **params})
     want, want_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
     got, got_factor = rope_frequencies(128, 500000.0, {"rope_type": kind, **params})
     assert torch.equal(got, want) and got_factor == want_factor
@@ -294,7 +233,6 @@ def edit_config(**changes):
         config = json.loads((folder / "config.json").read_text())
         config.update(changes)
         (folder / "config.json").write_text(json.dumps(config))
-
     return edit
 
 
@@ -307,64 +245,38 @@ def rewrite_weights(drop: str | None = None, add: str | None = None):
         if add:
             tensors[add] = torch.zeros(96)
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
     return edit
 
 
 BAD = {
     "no config.json": (lambda d: (d / "config.json").unlink(), "has no config.json"),
-    "unsupported model_type": (
-        edit_config(model_type="gpt2"),
-        "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3",
-    ),
+    "unsupported model_type": (edit_config(model_type="gpt2"),
+                               "model_type 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"),
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
-    "pickle weights": (
-        lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
-        "pytorch_model.bin is a pickle",
-    ),
-    "missing tensor": (
-        rewrite_weights(drop="model.layers.1.mlp.up_proj.weight"),
-        "missing tensors model.layers.1.mlp.up_proj.weight",
-    ),
-    "unexpected tensor": (
-        rewrite_weights(add="model.layers.0.mlp.gate_proj.bias"),
-        "unexpected tensors model.layers.0.mlp.gate_proj.bias",
-    ),
-    "shape": (
-        edit_config(intermediate_size=128),
-        r"tensor model.layers.0.mlp.down_proj.weight has shape \(64, 96\) but config.json implies \(64, 128\)",
-    ),
+    "pickle weights": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
+                       "pytorch_model.bin is a pickle"),
+    "missing tensor": (rewrite_weights(drop="model.layers.1.mlp.up_proj.weight"),
+                       "missing tensors model.layers.1.mlp.up_proj.weight"),
+    "unexpected tensor": (rewrite_weights(add="model.layers.0.mlp.gate_proj.bias"),
+                          "unexpected tensors model.layers.0.mlp.gate_proj.bias"),
+    "shape": (edit_config(intermediate_size=128),
+              r"tensor model.layers.0.mlp.down_proj.weight has shape \(64, 96\) but config.json implies \(64, 128\)"),
     "activation": (edit_config(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
     "mlp bias": (edit_config(mlp_bias=True), "mlp_bias true is not supported"),
-    "dynamic rope": (
-        edit_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-        "rope_type 'dynamic' is not supported; supported: default, linear, llama3, yarn",
-    ),
-    "longrope": (
-        edit_config(
-            rope_scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, rope_parameters=None
-        ),
-        "rope_type 'longrope' is not supported",
-    ),
+    "dynamic rope": (edit_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+                     "rope_type 'dynamic' is not supported; supported: default, linear, llama3, yarn"),
+    "longrope": (edit_config(rope_scaling={"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+                             rope_parameters=None), "rope_type 'longrope' is not supported"),
     "partial rope": (edit_config(partial_rotary_factor=0.5), "partial_rotary_factor 0.5 is not supported"),
-    "mixed sliding layout": (
-        edit_config(model_type="qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1),
-        "layers 1 use a sliding window and the others full attention; only uniform layouts",
-    ),
-    "mixed layer_types": (
-        edit_config(
-            model_type="qwen2",
-            use_sliding_window=True,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-        ),
-        "layers 0 use a sliding window",
-    ),
+    "mixed sliding layout": (edit_config(model_type="qwen3", use_sliding_window=True, sliding_window=8,
+                                         max_window_layers=1),
+                             "layers 1 use a sliding window and the others full attention; only uniform layouts"),
+    "mixed layer_types": (edit_config(model_type="qwen2", use_sliding_window=True, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]),
+                          "layers 0 use a sliding window"),
     # a tied config whose file holds a head of its own (the untied model's)
-    "tied with its own head": (
-        edit_config(tie_word_embeddings=True),
-        "lm_head.weight differs from model.embed_tokens.weight",
-    ),
+    "tied with its own head": (edit_config(tie_word_embeddings=True),
+                               "lm_head.weight differs from model.embed_tokens.weight"),
 }
 
 
@@ -414,18 +326,8 @@ def test_broken_tokenizer_json_is_one_line(base_dirs, tmp_path):
     assert "\n" not in str(e.value)
 
 
-REQUIRED_KEYS = {
-    "architectures",
-    "model_type",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_hidden_layers",
-    "vocab_size",
-    "torch_dtype",
-    "dtype",
-    "transformers_version",
-}
+REQUIRED_KEYS = {"architectures", "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_hidden_layers", "vocab_size", "torch_dtype", "dtype", "transformers_version"}
 
 
 @pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"])
@@ -435,9 +337,8 @@ def test_a_minimal_config_json_reads_as_transformers_reads_it(cls, tmp_path):
     is the one transformers builds from the same file (its own defaults: KV heads, head_dim from the width,
     rope_theta, eps, tied or not), logits equal."""
     # 32 heads, as the classes' defaults assume (their KV-head and head_dim defaults are constants), width 256
-    required = dict(
-        hidden_size=256, num_attention_heads=32, num_hidden_layers=2, intermediate_size=96, vocab_size=VOCAB
-    )
+    required = dict(hidden_size=256, num_attention_heads=32, num_hidden_layers=2, intermediate_size=96,
+                    vocab_size=VOCAB)
     save_hf(tmp_path, cls, {}, shape=required)  # every other field at the class's default
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
@@ -450,11 +351,8 @@ def test_a_minimal_config_json_reads_as_transformers_reads_it(cls, tmp_path):
     assert max_logit_diff(hf, imported, 40) <= 1e-4
     c, cfg = hf.config, imported.cfg
     assert (cfg.n_kv_heads, cfg.head_dim, cfg.tie_embeddings, cfg.norm_eps) == (
-        c.num_key_value_heads,
-        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
-        c.tie_word_embeddings,
-        c.rms_norm_eps,
-    )
+        c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        c.tie_word_embeddings, c.rms_norm_eps)
     assert imported.eos_token == EOT  # the first id of the list
     window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
     assert (cfg.swa_window if cfg.attention == "swa" else None) == window  # Mistral: 4096 when left out

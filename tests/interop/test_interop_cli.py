@@ -14,12 +14,7 @@ pytest.importorskip("safetensors")
 
 from lit_hsa.checkpoint_io import load_checkpoint_file, load_model  # noqa: E402
 from lit_hsa.cli import main  # noqa: E402
-from tests.helpers import (  # noqa: E402
-    FAST,
-    ROOT,
-    run_dir,
-    tiny,  # noqa: E402
-)
+from tests.helpers import FAST, ROOT, run_dir, tiny  # noqa: E402
 from tests.interop.test_hf_export import random_model, write_ckpt  # noqa: E402
 from tests.interop.test_hf_import import save_hf  # noqa: E402
 

@@ -1,7 +1,6 @@
 """Dense → HSA conversion (lit_hsa/interop/to_hsa.py): the converted model computes the dense model's function with
 a sliding window (its HSA blocks add exactly nothing until training opens their output projection), every dense
 weight lands where the docstring says, and bad layouts fail in one line."""
-
 import pytest
 import torch
 
@@ -10,18 +9,8 @@ from lit_hsa.interop.to_hsa import default_layout, dense_to_hsa, hsa_config, poo
 from lit_hsa.model.transformer import HSATransformer
 from tests.helpers import tiny
 
-DENSE = dict(
-    attention="full",
-    n_lower_layers=6,
-    n_groups=0,
-    swa_layers_per_group=0,
-    moe=False,
-    vocab_size=97,
-    d_model=32,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=8,
-)
+DENSE = dict(attention="full", n_lower_layers=6, n_groups=0, swa_layers_per_group=0, moe=False, vocab_size=97,
+             d_model=32, n_heads=4, n_kv_heads=2, head_dim=8)
 
 
 def dense_model(**overrides):
@@ -76,18 +65,15 @@ def test_dense_weights_land_where_documented():
     d, h = dense.state_dict(), hsa.state_dict()
     first = cfg.n_lower_layers  # the first HSA block is dense layer 3
     src = f"lower.{first}"
-    for ours, theirs in [
-        ("upper.0.swa.q_proj.weight", "attn.q_proj.weight"),
-        ("upper.0.swa_norm.weight", "attn_norm.weight"),
-        ("upper.0.ffn.w_down.weight", "ffn.w_down.weight"),
-        ("upper.0.q_proj.weight", "attn.q_proj.weight"),
-        ("upper.0.q_norm.weight", "attn.q_norm.weight"),
-        ("upper.0.hsa_norm.weight", "attn_norm.weight"),
-        ("memory.k_norm.weight", "attn.k_norm.weight"),
-        ("memory.norm.weight", "attn_norm.weight"),
-        ("memory.layers.0.attn.o_proj.weight", "attn.o_proj.weight"),
-        ("memory.layers.0.attn_norm.weight", "attn_norm.weight"),
-    ]:
+    for ours, theirs in [("upper.0.swa.q_proj.weight", "attn.q_proj.weight"),
+                         ("upper.0.swa_norm.weight", "attn_norm.weight"),
+                         ("upper.0.ffn.w_down.weight", "ffn.w_down.weight"),
+                         ("upper.0.q_proj.weight", "attn.q_proj.weight"),
+                         ("upper.0.q_norm.weight", "attn.q_norm.weight"),
+                         ("upper.0.hsa_norm.weight", "attn_norm.weight"),
+                         ("memory.k_norm.weight", "attn.k_norm.weight"), ("memory.norm.weight", "attn_norm.weight"),
+                         ("memory.layers.0.attn.o_proj.weight", "attn.o_proj.weight"),
+                         ("memory.layers.0.attn_norm.weight", "attn_norm.weight")]:
         assert torch.equal(h[ours], d[f"{src}.{theirs}"]), ours
     # KV heads averaged into one: the mean of the two dense heads' rows
     k = d[f"{src}.attn.k_proj.weight"].view(2, 8, -1)
@@ -106,18 +92,8 @@ def test_pool_heads_groups_consecutive_heads():
     torch.testing.assert_close(pooled[2:], (w[4:6] + w[6:8]) / 2)
 
 
-@pytest.mark.parametrize(
-    "layers,layout",
-    [
-        (24, (12, 2, 5)),
-        (28, (14, 2, 6)),
-        (36, (18, 2, 8)),
-        (4, (2, 1, 1)),
-        (2, (1, 1, 0)),
-        (7, (3, 2, 1)),
-        (6, (3, 1, 2)),
-    ],
-)
+@pytest.mark.parametrize("layers,layout", [(24, (12, 2, 5)), (28, (14, 2, 6)), (36, (18, 2, 8)), (4, (2, 1, 1)),
+                                           (2, (1, 1, 0)), (7, (3, 2, 1)), (6, (3, 1, 2))])
 def test_default_layout_keeps_every_layer(layers, layout):
     n_lower, groups, per_group = default_layout(layers)
     assert (n_lower, groups, per_group) == layout

@@ -4,7 +4,6 @@ CPU: the Triton kernel runs under the interpreter (``tests/triton_interpret.py``
 ring slots match the reference to atol/rtol 1e-5. GPU (``gpu``): bf16 kernel against the fp32 reference at the
 presets' shapes, relative error < 1e-2.
 """
-
 import pytest
 import torch
 
@@ -43,17 +42,9 @@ def both(q, k, v, ck, cv, pos, block_keys=64):
 
 
 @kernel_test
-@pytest.mark.parametrize(
-    "B,Hq,Hkv,D,W,block_keys,merge_tile",
-    [
-        (2, 10, 2, 16, 8, 64, None),
-        (1, 4, 4, 32, 100, 64, None),
-        (1, 16, 1, 16, 64, 64, None),
-        (2, 20, 1, 16, 130, 64, None),
-        (2, 10, 2, 16, 130, 16, 512),
-        (1, 4, 2, 16, 1100, 16, None),
-    ],
-)
+@pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_tile", [
+    (2, 10, 2, 16, 8, 64, None), (1, 4, 4, 32, 100, 64, None), (1, 16, 1, 16, 64, 64, None),
+    (2, 20, 1, 16, 130, 64, None), (2, 10, 2, 16, 130, 16, 512), (1, 4, 2, 16, 1100, 16, None)])
 def test_ring_step_matches_reference_around_the_ring(B, Hq, Hkv, D, W, block_keys, merge_tile, monkeypatch):
     """Any head ratio (G = 5, 1, 16, 20: one or two 16-row tiles), rings that are not a multiple of the key block, one
     range or several (W=130 in blocks of 16: 9 ranges, the last partly past the ring; W=1100: 69 blocks in 23 ranges
@@ -85,12 +76,8 @@ def test_consecutive_steps_read_what_earlier_steps_wrote():
     for pos in range(2 * W + 3):
         q, k, v = (torch.randn(B, 1, h, D, generator=gen).to(DEV) for h in (Hq, Hkv, Hkv))
         p = torch.tensor(pos, device=DEV)
-        torch.testing.assert_close(
-            ring_attention_triton(q, k, v, *rings, p, locks, block_keys=16),
-            ring_attention_reference(q, k, v, *ref_rings, p),
-            atol=1e-5,
-            rtol=1e-5,
-        )
+        torch.testing.assert_close(ring_attention_triton(q, k, v, *rings, p, locks, block_keys=16),
+                                   ring_attention_reference(q, k, v, *ref_rings, p), atol=1e-5, rtol=1e-5)
         assert not locks.any()  # the merging program leaves the counters at zero for the next step
 
 
@@ -114,18 +101,11 @@ def test_ring_dispatch_follows_the_backend_switch_and_the_window_bound():
     for backend, small, long_ok, d8 in (("triton", True, False, False), ("reference", False, False, False)):
         hsa.set_backend(backend)
         try:
-            assert (
-                use_ring_kernel(x, 16, 512),
-                use_ring_kernel(x, 16, long),
-                use_ring_kernel(x, 8, 512),
-                use_ring_kernel(x.long(), 16, 512),
-            ) == (small, long_ok, d8, False), backend
+            assert (use_ring_kernel(x, 16, 512), use_ring_kernel(x, 16, long), use_ring_kernel(x, 8, 512),
+                    use_ring_kernel(x.long(), 16, 512)) == (small, long_ok, d8, False), backend
             # against a compiled reference, only head dims up to 64 (where the kernel measured faster)
-            assert (
-                use_ring_kernel(x, 128, 512),
-                use_ring_kernel(x, 128, 512, compiled_fallback=True),
-                use_ring_kernel(x, 16, 512, compiled_fallback=True),
-            ) == (small, False, small), backend
+            assert (use_ring_kernel(x, 128, 512), use_ring_kernel(x, 128, 512, compiled_fallback=True),
+                    use_ring_kernel(x, 16, 512, compiled_fallback=True)) == (small, False, small), backend
         finally:
             hsa.set_backend("auto")
 
@@ -139,15 +119,15 @@ def test_static_decoding_through_the_ring_kernel_equals_full_forward(variant, mo
     from lit_hsa.model.transformer import Block, HSATransformer
 
     calls = []
-    monkeypatch.setattr(triton_ring, "ring_attention_triton", lambda *a: calls.append(1) or ring_attention_triton(*a))
+    monkeypatch.setattr(triton_ring, "ring_attention_triton",
+                        lambda *a: calls.append(1) or ring_attention_triton(*a))
     extra = dict(attention="swa") if variant == "swa" else dict(hsa_layer_swa=True, hsa_swa_window=4)
     model = HSATransformer(tiny(**extra, hsa_topk=3, head_dim=16)).to(DEV).eval()  # the kernel takes D >= 16
     x = torch.randint(0, VOCAB, (2, 30), device=DEV)
     outs, ref = static_decode_with_triton(model, x, 13, fuse_blocks=False)
     torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)
-    n_ring_layers = sum(isinstance(m, Block) and m.window is not None for m in model.modules()) + sum(
-        m.swa_window is not None for m in model.hsa_blocks()
-    )
+    n_ring_layers = (sum(isinstance(m, Block) and m.window is not None for m in model.modules())
+                     + sum(m.swa_window is not None for m in model.hsa_blocks()))
     assert len(calls) == 17 * n_ring_layers
 
 
@@ -165,3 +145,4 @@ def test_gpu_bf16_ring_step_vs_fp32_reference(Hq, Hkv, D, W):
         out, rings, ref, ref_rings = both(q, k, v, ck, cv, pos)  # W=4096: 32 ranges of two key blocks
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
         torch.testing.assert_close(rings[0].float(), ref_rings[0])
+

@@ -1,6 +1,5 @@
 """``kernels.dispatch``: every kernel-or-reference decision, one test per branch. CUDA is simulated where a decision
 reads it (``use_fast_paths`` under ``auto``), so the branches run on the CPU."""
-
 import pytest
 import torch
 

@@ -5,7 +5,6 @@ CPU: the kernels run under the Triton interpreter in fp32 against their PyTorch 
 static decoding with fused blocks gives the full forward's logits (1e-4). GPU (``gpu``): bf16 kernels against the
 fp32 references at the `small` preset's shapes, relative error < 1e-2.
 """
-
 import pytest
 import torch
 
@@ -37,9 +36,8 @@ def qkv_problem(B, d, Hq, Hkv, D, dtype=torch.float32, seed=0):
 
 
 @kernel_test
-@pytest.mark.parametrize(
-    "B,d,Hq,Hkv,D,head_norm", [(2, 48, 4, 2, 16, True), (1, 200, 6, 1, 32, False), (1, 32, 2, 2, 8, True)]
-)
+@pytest.mark.parametrize("B,d,Hq,Hkv,D,head_norm", [(2, 48, 4, 2, 16, True), (1, 200, 6, 1, 32, False),
+                                                    (1, 32, 2, 2, 8, True)])
 def test_qkv_rope_matches_reference(B, d, Hq, Hkv, D, head_norm):
     """Input widths that are not a multiple of the kernel's K block (48, 200 → two blocks of 128), GQA ratios 2, 6
     and 1, with and without the per-head norms."""
@@ -75,9 +73,8 @@ def test_gemv_sums_partial_inputs():
     """x given as partial results [B, P, K] (HSA's groups of chunks): the kernel projects their sum, norm included."""
     gen = torch.Generator().manual_seed(3)
     x, w, norm_w = randn(2, 3, 200, gen=gen), randn(40, 200, gen=gen), randn(200, gen=gen)
-    torch.testing.assert_close(
-        gemv(x, w, norm_w=norm_w, eps=1e-6), gemv_reference(x.sum(1), w, norm_w=norm_w, eps=1e-6), atol=1e-4, rtol=1e-5
-    )
+    torch.testing.assert_close(gemv(x, w, norm_w=norm_w, eps=1e-6),
+                               gemv_reference(x.sum(1), w, norm_w=norm_w, eps=1e-6), atol=1e-4, rtol=1e-5)
 
 
 @kernel_test
@@ -87,28 +84,16 @@ def test_gemv_stacks_matrices():
     x, norm_w = randn(2, 1, 200, gen=gen), (torch.rand(200, generator=gen) + 0.5).to(DEV)
     for sizes in ((40, 3, 5), (16, 24)):
         ws = [randn(n, 200, gen=gen) for n in sizes]
-        torch.testing.assert_close(
-            gemv(x, ws, norm_w=norm_w, eps=1e-6),
-            gemv_reference(x, torch.cat(ws), norm_w=norm_w, eps=1e-6),
-            atol=1e-4,
-            rtol=1e-5,
-        )
+        torch.testing.assert_close(gemv(x, ws, norm_w=norm_w, eps=1e-6),
+                                   gemv_reference(x, torch.cat(ws), norm_w=norm_w, eps=1e-6), atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="up to three"):
         gemv(x, [ws[0]] * 4)
 
 
 @kernel_test
-@pytest.mark.parametrize(
-    "B,Hq,Hkv,D,W,block_keys,merge_max,rope",
-    [
-        (2, 10, 2, 16, 130, 16, None, None),
-        (1, 4, 4, 16, 40, 64, None, None),
-        (2, 10, 2, 16, 130, 16, 0, None),
-        (2, 10, 2, 16, 130, 16, None, "norm"),
-        (1, 4, 4, 16, 40, 64, None, "plain"),
-        (2, 10, 2, 16, 130, 16, 0, "norm"),
-    ],
-)
+@pytest.mark.parametrize("B,Hq,Hkv,D,W,block_keys,merge_max,rope", [
+    (2, 10, 2, 16, 130, 16, None, None), (1, 4, 4, 16, 40, 64, None, None), (2, 10, 2, 16, 130, 16, 0, None),
+    (2, 10, 2, 16, 130, 16, None, "norm"), (1, 4, 4, 16, 40, 64, None, "plain"), (2, 10, 2, 16, 130, 16, 0, "norm")])
 def test_ring_attention_out_proj_matches_reference(B, Hq, Hkv, D, W, block_keys, merge_max, rope, monkeypatch):
     """The ring step with the output projection merging the ranges' partials (9 ranges, some empty at early
     positions; or one), before and after the ring's first lap: output and written slots as the reference's. With
@@ -186,9 +171,8 @@ def test_fused_ops_reject_what_they_do_not_cover():
     q, k = torch.zeros(1, 1, 2, 16, device=DEV), torch.zeros(1, 1, 1, 16, device=DEV)
     ring = torch.zeros(1, 1, 8, 16, device=DEV)
     with pytest.raises(ValueError, match=r"w_out \(32, 16\) must be contiguous \[32, 32\]"):
-        ring_attention_out_proj(
-            q, k, k, ring, ring.clone(), torch.tensor(0), torch.zeros(32, 16), torch.zeros(1, 1, 32)
-        )
+        ring_attention_out_proj(q, k, k, ring, ring.clone(), torch.tensor(0), torch.zeros(32, 16),
+                                torch.zeros(1, 1, 32))
 
 
 def test_fusable_parts_are_the_plain_modules():

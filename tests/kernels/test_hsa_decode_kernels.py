@@ -4,7 +4,6 @@ CPU: the kernels run under the Triton interpreter in fp32 (selected chunks exact
 static decoding with fused HSA blocks gives the full forward's logits (1e-4). GPU (``gpu``): the `small` preset's
 shapes at 1M cached tokens in bf16 against the fp32 references.
 """
-
 import math
 
 import pytest
@@ -39,15 +38,12 @@ def reference_selection(q_raw, q_norm_w, eps, landmarks, pos, topk, S, fusion, d
 
 
 @kernel_test
-@pytest.mark.parametrize(
-    "B,Hr,Dr,C,pos,topk,fusion,q_norm,decay",
-    [
-        (2, 1, 48, 40, 33 * 16 + 5, 5, "softmax", False, False),  # Dr not a power of two; 33 of 40 chunks visible
-        (1, 2, 32, 300, 290 * 16, 6, "stick_breaking", True, True),  # 19 ranges of 16 chunks → 114 candidates
-        (1, 1, 16, 40, 2 * 16 + 15, 5, "softmax", False, True),  # 2 visible chunks: slots 2..4 empty
-        (1, 1, 16, 3, 3 * 16, 8, "stick_breaking", False, False),  # fewer chunks than top-k: K = 3
-    ],
-)
+@pytest.mark.parametrize("B,Hr,Dr,C,pos,topk,fusion,q_norm,decay", [
+    (2, 1, 48, 40, 33 * 16 + 5, 5, "softmax", False, False),  # Dr not a power of two; 33 of 40 chunks visible
+    (1, 2, 32, 300, 290 * 16, 6, "stick_breaking", True, True),  # 19 ranges of 16 chunks → 114 candidates
+    (1, 1, 16, 40, 2 * 16 + 15, 5, "softmax", False, True),  # 2 visible chunks: slots 2..4 empty
+    (1, 1, 16, 3, 3 * 16, 8, "stick_breaking", False, False),  # fewer chunks than top-k: K = 3
+])
 def test_select_chunks_decode_matches_reference(B, Hr, Dr, C, pos, topk, fusion, q_norm, decay):
     check_selection(B, Hr, Dr, C, pos, topk, fusion, q_norm, decay)
 
@@ -170,7 +166,6 @@ def test_hsa_blocks_fuse_only_memories_the_kernels_cover(monkeypatch):
 
     block = HSATransformer(tiny(moe=False, chunk_size=16, head_dim=16)).eval().hsa_blocks()[0]
     ctx = Context(torch.zeros(1), torch.zeros(1), {}, None)
-
     def memory(C: int, offloaded: bool = False) -> Memory:
         kind = OffloadedMemory if offloaded else Memory
         return kind(torch.zeros(1, C, 1, 16), torch.zeros(1, 16 * C, 1, 16), torch.zeros(1, 16 * C, 1, 16))

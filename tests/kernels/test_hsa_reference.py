@@ -1,5 +1,4 @@
 """The PyTorch reference of HSA against brute-force loops written straight from spec §3–§4."""
-
 import math
 
 import pytest
@@ -38,9 +37,8 @@ def brute_force_select(q_slc, lmk, topk, S, doc_ids=None):
     for b in range(B):
         for t in range(T):
             for h in range(H):
-                vis = [
-                    i for i in range(C) if t >= (i + 1) * S and (doc_ids is None or doc_ids[b, i * S] == doc_ids[b, t])
-                ]
+                same_doc = [doc_ids is None or doc_ids[b, i * S] == doc_ids[b, t] for i in range(C)]
+                vis = [i for i in range(C) if t >= (i + 1) * S and same_doc[i]]
                 s = {i: float(q_slc[b, t, h].double() @ lmk[b, i, h].double()) / math.sqrt(Dr) for i in vis}
                 kept[b, t, h] = (sorted(s, key=lambda i: -s[i])[:topk], s)
     return kept
@@ -82,9 +80,8 @@ def test_hsa_matches_brute_force(Hq, Hkv, off_by_one):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     # large scores: the row maximum, not the +1, sets the exponent shift
     ref = brute_force_hsa(q * 20, k, v, w, idx, S, off_by_one=off_by_one)
-    torch.testing.assert_close(
-        hsa_attention(q * 20, k, v, w, idx, chunk_size=S, off_by_one=off_by_one), ref, atol=1e-10, rtol=1e-10
-    )
+    torch.testing.assert_close(hsa_attention(q * 20, k, v, w, idx, chunk_size=S, off_by_one=off_by_one), ref,
+                               atol=1e-10, rtol=1e-10)
 
 
 def test_hsa_sm_scale_and_low_precision_dtype():
@@ -163,7 +160,6 @@ def test_select_chunks_doc_masking_and_gradients():
     for (b, t, h), (chosen, _) in kept.items():
         assert {int(i) for i in idx[b, t, h] if i >= 0} == set(chosen)
     assert torch.all(idx[0, 8:12] == -1)  # first chunk of document 1 cannot see document 0
-
     # gradients of the kept scores: finite differences in float64 (the choice does not move under tiny steps)
     def kept_scores(q, l):
         out, _ = select_chunks(q, l, topk, chunk_size=S, doc_ids=doc_ids)

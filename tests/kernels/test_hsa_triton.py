@@ -6,7 +6,6 @@ tolerance atol 1e-4 / rtol 1e-4 on the output and on every gradient. With a GPU 
 kernels on CUDA, and the ``gpu``-marked tests compare bf16/fp16 kernels with the fp32 reference at realistic shapes
 by relative error.
 """
-
 import math
 import os
 import subprocess

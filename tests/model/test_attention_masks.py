@@ -1,7 +1,6 @@
 """flex_attention block masks built from the masking rules (``block_mask_from_rules``, no compilation): the same
 skipped / partial / full blocks as torch's ``create_block_mask`` evaluating the mask on every element, and, element
 by element, the same attention pattern as the masks written here from the definition."""
-
 import itertools
 
 import pytest
@@ -14,7 +13,6 @@ create_block_mask = pytest.importorskip("torch.nn.attention.flex_attention").cre
 
 def definition(window, doc_ids):
     """Causal, within ``window`` keys when given, within the query's document when ``doc_ids`` is given."""
-
     def mask_mod(b, h, q, k):
         keep = q >= k
         if window is not None:
@@ -28,26 +26,16 @@ def definition(window, doc_ids):
 
 def block_sets(mask) -> tuple[set, set]:
     """({(b, q_block, kv_block)} of partial blocks, the same of full blocks)."""
-
     def blocks(counts, indices):
-        return {
-            (b, q, int(indices[b, 0, q, j]))
-            for b in range(counts.shape[0])
-            for q in range(counts.shape[2])
-            for j in range(int(counts[b, 0, q]))
-        }
+        return {(b, q, int(indices[b, 0, q, j])) for b in range(counts.shape[0]) for q in range(counts.shape[2])
+                for j in range(int(counts[b, 0, q]))}
 
-    return (
-        blocks(mask.kv_num_blocks, mask.kv_indices),
-        blocks(mask.full_kv_num_blocks, mask.full_kv_indices) if mask.full_kv_num_blocks is not None else set(),
-    )
+    return (blocks(mask.kv_num_blocks, mask.kv_indices),
+            blocks(mask.full_kv_num_blocks, mask.full_kv_indices) if mask.full_kv_num_blocks is not None else set())
 
 
-CASES = [
-    (T, w, d)
-    for T, w, d in itertools.product([128, 320, 1024, 1088], [None, 64, 200, 511], [False, True])
-    if w is not None or d
-]
+CASES = [(T, w, d) for T, w, d in itertools.product([128, 320, 1024, 1088], [None, 64, 200, 511], [False, True])
+         if w is not None or d]
 
 
 @pytest.mark.parametrize("T,window,docs", CASES)
@@ -82,6 +70,6 @@ def test_blocks_cover_exactly_the_allowed_pairs(window, docs):
     if docs:
         allowed &= doc_ids[0][:, None] == doc_ids[0][None, :]
     for qb, kb in itertools.product(range(T // block), repeat=2):
-        tile = allowed[qb * block : (qb + 1) * block, kb * block : (kb + 1) * block]
+        tile = allowed[qb * block:(qb + 1) * block, kb * block:(kb + 1) * block]
         kind = "full" if (0, qb, kb) in full else "partial" if (0, qb, kb) in partial else "skipped"
         assert kind == ("full" if tile.all() else "skipped" if not tile.any() else "partial"), (qb, kb)

@@ -1,6 +1,5 @@
 """CUDA-only checks of the model's GPU path: flex_attention block masks agree with the SDPA reference masks,
 and a realistic preset runs forward + backward in bf16."""
-
 import pytest
 import torch
 
@@ -43,9 +42,8 @@ def test_compiled_training_step_matches_eager_on_cuda():
     from lit_hsa.training.parallel import parallelize
 
     torch.manual_seed(0)
-    model = HSATransformer(
-        ModelConfig.from_name("small", vocab_size=512, n_lower_layers=2, swa_layers_per_group=1)
-    ).cuda()
+    model = HSATransformer(ModelConfig.from_name("small", vocab_size=512, n_lower_layers=2,
+                                                 swa_layers_per_group=1)).cuda()
     compiled = copy.deepcopy(model)
     parallelize(compiled, activation_checkpointing=True, compile=True)
     x = torch.randint(0, 512, (1, 2049), device="cuda")
@@ -62,16 +60,8 @@ def test_compiled_training_step_matches_eager_on_cuda():
         assert (q.grad - p.grad).norm() <= 0.05 * p.grad.norm() + 1e-6, name
 
 
-@pytest.mark.parametrize(
-    "attention,moe,compile",
-    [
-        ("hsa", False, None),
-        ("full", False, None),
-        ("hsa", True, None),
-        ("hsa", False, "inductor"),
-        ("full", False, "inductor"),
-    ],
-)
+@pytest.mark.parametrize("attention,moe,compile", [("hsa", False, None), ("full", False, None), ("hsa", True, None),
+                                                   ("hsa", False, "inductor"), ("full", False, "inductor")])
 def test_cuda_graph_decoding_equals_eager_decoding(attention, moe, compile):
     """GraphDecoder replays captured steps (plain and chunk-completing) with the logits of the same static steps
     run eagerly, and (without MoE) with those of eager decoding on growing caches. With MoE the second comparison
@@ -86,9 +76,8 @@ def test_cuda_graph_decoding_equals_eager_decoding(attention, moe, compile):
 
     torch.manual_seed(0)
     experts = dict(moe=True, n_experts=8, experts_per_token=2, expert_hidden=256, n_shared_experts=1) if moe else {}
-    cfg = ModelConfig.from_name(
-        "small", vocab_size=512, attention=attention, n_lower_layers=2, swa_layers_per_group=1, **experts
-    )
+    cfg = ModelConfig.from_name("small", vocab_size=512, attention=attention, n_lower_layers=2, swa_layers_per_group=1,
+                                **experts)
     model = HSATransformer(cfg).cuda().to(torch.bfloat16).eval()
     x = torch.randint(0, 512, (1, 1300), device="cuda")
     with torch.no_grad():

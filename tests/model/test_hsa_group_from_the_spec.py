@@ -18,7 +18,6 @@ GPT-NeoX half-split layout with ``inv_freq = base^(-2i/D)``; QK-norm = RMSNorm p
   keys of chunk j · V) (optionally softmax-off-by-one: +1 in each per-chunk denominator); bypass h + FFN(norm(h + o))
   or standard h' = h + o, h' + FFN(norm h').
 """
-
 from __future__ import annotations
 
 import functools
@@ -40,7 +39,6 @@ DT = torch.float64
 # ----------------------------------------------------------------------------------------------------------------
 # reference math (fp64, written from the spec)
 # ----------------------------------------------------------------------------------------------------------------
-
 
 def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
@@ -130,14 +128,13 @@ def ref_chunk_memory(p: dict, cfg: ModelConfig, h: torch.Tensor):
     V = torch.zeros(Bn, C * S, Hkv, D, dtype=DT)
     for b in range(Bn):
         for c in range(C):
-            x = h[b, c * S : (c + 1) * S]
+            x = h[b, c * S:(c + 1) * S]
             if cfg.encoder_layers:
                 x = torch.cat([x, p["memory.cls"][None]], 0)  # [CLS] appended LAST, at position S
                 for l in range(cfg.encoder_layers):
                     pre = f"memory.layers.{l}"
-                    x = x + attention(
-                        p, pre + ".attn", cfg, rms(x, p[pre + ".attn_norm.weight"], eps), lambda t, j: True
-                    )  # bidirectional
+                    x = x + attention(p, pre + ".attn", cfg, rms(x, p[pre + ".attn_norm.weight"], eps),
+                                      lambda t, j: True)  # bidirectional
                     x = x + swiglu(p, pre + ".ffn", rms(x, p[pre + ".ffn_norm.weight"], eps))
                 x = rms(x, p["memory.norm.weight"], eps)
                 summary, tokens = x[S], x[:S]
@@ -148,10 +145,9 @@ def ref_chunk_memory(p: dict, cfg: ModelConfig, h: torch.Tensor):
             if cfg.retrieval_norm:
                 l_c = rms(l_c, p["memory.landmark_norm.weight"], eps)
             lmk[b, c] = l_c
-            K[b, c * S : (c + 1) * S] = rms(
-                linear(p, "memory.k_proj", tokens).view(S, Hkv, D), p["memory.k_norm.weight"], eps
-            )
-            V[b, c * S : (c + 1) * S] = linear(p, "memory.v_proj", tokens).view(S, Hkv, D)
+            K[b, c * S:(c + 1) * S] = rms(linear(p, "memory.k_proj", tokens).view(S, Hkv, D),
+                                          p["memory.k_norm.weight"], eps)
+            V[b, c * S:(c + 1) * S] = linear(p, "memory.v_proj", tokens).view(S, Hkv, D)
     return lmk, K, V
 
 
@@ -180,8 +176,8 @@ def ref_retrieval(p: dict, pre: str, cfg: ModelConfig, h: torch.Tensor, lmk: tor
                     w = softmax(s)
                 else:  # stick-breaking: w_j = σ(s_j) Π_{l<j} σ(−s_l)
                     w = torch.stack([torch.sigmoid(s[j]) * torch.prod(torch.sigmoid(-s[:j])) for j in range(len(kept))])
-                W[b, t, r, : len(kept)] = w
-                I[b, t, r, : len(kept)] = torch.tensor(kept)
+                W[b, t, r, :len(kept)] = w
+                I[b, t, r, :len(kept)] = torch.tensor(kept)
     if Hr != cfg.hsa_kv_heads:  # one selection shared by all KV heads
         W, I = W.expand(-1, -1, cfg.hsa_kv_heads, -1), I.expand(-1, -1, cfg.hsa_kv_heads, -1)
     return W, I
@@ -200,7 +196,7 @@ def ref_hsa(q, K, V, W, I, off_by_one: bool):
                     c = int(I[b, t, g, j])
                     if c < 0:
                         continue
-                    Kc, Vc = K[b, c * S : (c + 1) * S, g], V[b, c * S : (c + 1) * S, g]
+                    Kc, Vc = K[b, c * S:(c + 1) * S, g], V[b, c * S:(c + 1) * S, g]
                     pr = softmax(Kc @ q[b, t, h] / math.sqrt(D), off_by_one)
                     out[b, t, h] += W[b, t, g, j] * (pr @ Vc)
     return out
@@ -213,9 +209,9 @@ def ref_hsa_block(p: dict, pre: str, cfg: ModelConfig, h: torch.Tensor, memory):
     W, I = ref_retrieval(p, pre + ".retrieval", cfg, h, lmk)  # from h before the SWA sub-layer
     if cfg.hsa_layer_swa:
         window = cfg.hsa_swa_window or cfg.swa_window
-        h = h + torch.stack(
-            [attention(p, pre + ".swa", cfg, rms(x, p[pre + ".swa_norm.weight"], eps), swa_visible(window)) for x in h]
-        )
+        h = h + torch.stack([attention(p, pre + ".swa", cfg, rms(x, p[pre + ".swa_norm.weight"], eps),
+                                       swa_visible(window))
+                             for x in h])
     Bn, Tn, _ = h.shape
     q = linear(p, pre + ".q_proj", rms(h, p[pre + ".hsa_norm.weight"], eps)).view(Bn, Tn, cfg.hsa_q_heads, cfg.head_dim)
     q = rms(q, p[pre + ".q_norm.weight"], eps)
@@ -249,26 +245,10 @@ def ref_logits(p: dict, cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
 # cases
 # ----------------------------------------------------------------------------------------------------------------
 
-
 def config(**overrides) -> ModelConfig:
-    base = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        chunk_size=S,
-        swa_window=6,
-        ffn_hidden=48,
-        retrieval_dim=16,
-        moe=False,
-        n_lower_layers=1,
-        n_groups=1,
-        swa_layers_per_group=1,
-        hsa_kv_heads=1,
-        hsa_topk=2,
-        encoder_layers=1,
-    )
+    base = dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, chunk_size=S, swa_window=6,
+                ffn_hidden=48, retrieval_dim=16, moe=False, n_lower_layers=1, n_groups=1, swa_layers_per_group=1,
+                hsa_kv_heads=1, hsa_topk=2, encoder_layers=1)
     base.update(overrides)
     return ModelConfig.from_name("tiny", **base)
 
@@ -279,36 +259,22 @@ CASES = {
     "kv2-ratio2-stick-top3": dict(hsa_kv_heads=2, fusion="stick_breaking", hsa_topk=3),
     "kv2-ratio4-standard-top8": dict(hsa_heads=8, hsa_kv_heads=2, hsa_residual="standard", hsa_topk=8),
     "kv4-ratio1-posdecay-top1-enc2": dict(hsa_kv_heads=4, pos_decay=True, hsa_topk=1, encoder_layers=2),
-    "shared-kv2-stick-posdecay-top3": dict(
-        hsa_kv_heads=2, shared_selection=True, fusion="stick_breaking", pos_decay=True, hsa_topk=3
-    ),
+    "shared-kv2-stick-posdecay-top3": dict(hsa_kv_heads=2, shared_selection=True, fusion="stick_breaking",
+                                           pos_decay=True, hsa_topk=3),
     "shared-kv4-softmax-posdecay-top4": dict(hsa_kv_heads=4, shared_selection=True, pos_decay=True, hsa_topk=4),
     "enc0-kv2-top2": dict(encoder_layers=0, hsa_kv_heads=2),
     "retrieval-norm-enc2-top4-noqknorm": dict(retrieval_norm=True, encoder_layers=2, hsa_topk=4, qk_norm=False),
-    "2groups-kv2-stick-standard": dict(
-        n_groups=2, hsa_kv_heads=2, fusion="stick_breaking", hsa_residual="standard", hsa_topk=3
-    ),
+    "2groups-kv2-stick-standard": dict(n_groups=2, hsa_kv_heads=2, fusion="stick_breaking",
+                                       hsa_residual="standard", hsa_topk=3),
     # spec (a): retrieval from h before the HSA block's SWA sub-layer
     "swa-sublayer-bypass": dict(hsa_layer_swa=True, hsa_swa_window=3, hsa_kv_heads=2),
-    "swa-sublayer-2groups-standard-stick-posdecay": dict(
-        hsa_layer_swa=True,
-        hsa_swa_window=3,
-        n_groups=2,
-        hsa_residual="standard",
-        fusion="stick_breaking",
-        pos_decay=True,
-        hsa_topk=3,
-    ),
+    "swa-sublayer-2groups-standard-stick-posdecay": dict(hsa_layer_swa=True, hsa_swa_window=3, n_groups=2,
+                                                         hsa_residual="standard", fusion="stick_breaking",
+                                                         pos_decay=True, hsa_topk=3),
     # spec (b): softmax off by one inside each chunk
     "off-by-one-softmax": dict(softmax_off_by_one=True),
-    "off-by-one-kv2-ratio2-stick-swa": dict(
-        softmax_off_by_one=True,
-        hsa_kv_heads=2,
-        fusion="stick_breaking",
-        hsa_layer_swa=True,
-        hsa_swa_window=3,
-        hsa_topk=3,
-    ),
+    "off-by-one-kv2-ratio2-stick-swa": dict(softmax_off_by_one=True, hsa_kv_heads=2, fusion="stick_breaking",
+                                            hsa_layer_swa=True, hsa_swa_window=3, hsa_topk=3),
 }
 
 
@@ -339,21 +305,14 @@ def run_case(name: str):
     model.double()
     randomize(model, seed=sum(map(ord, name)))
     got = {"blocks": {}, "retrieval": {}}
-    handles = [
-        model.memory.register_forward_hook(
-            lambda m, args, out: got.update(h_lower=args[0].detach().clone(), memory=(out.landmarks, out.k, out.v))
-        )
-    ]
+    handles = [model.memory.register_forward_hook(
+        lambda m, args, out: got.update(h_lower=args[0].detach().clone(), memory=(out.landmarks, out.k, out.v)))]
     for i, blk in enumerate(model.upper):
         if hasattr(blk, "retrieval"):
-            handles.append(
-                blk.register_forward_hook(
-                    lambda m, args, out, i=i: got["blocks"].__setitem__(i, (args[0].detach().clone(), out.detach()))
-                )
-            )
-            handles.append(
-                blk.retrieval.register_forward_hook(lambda m, args, out, i=i: got["retrieval"].__setitem__(i, out))
-            )
+            handles.append(blk.register_forward_hook(
+                lambda m, args, out, i=i: got["blocks"].__setitem__(i, (args[0].detach().clone(), out.detach()))))
+            handles.append(blk.retrieval.register_forward_hook(
+                lambda m, args, out, i=i: got["retrieval"].__setitem__(i, out)))
     ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(ids)
@@ -365,13 +324,8 @@ def run_case(name: str):
 
 
 def close(actual, expected, what, tol=1e-5):
-    torch.testing.assert_close(
-        actual.to(DT),
-        expected,
-        rtol=tol,
-        atol=tol * max(1.0, float(expected.abs().max())),
-        msg=lambda m: f"{what}: {m}",
-    )
+    torch.testing.assert_close(actual.to(DT), expected, rtol=tol, atol=tol * max(1.0, float(expected.abs().max())),
+                               msg=lambda m: f"{what}: {m}")
 
 
 def check_selection(w_got, i_got, W, I, what):
@@ -385,7 +339,6 @@ def check_selection(w_got, i_got, W, I, what):
 # ----------------------------------------------------------------------------------------------------------------
 # tests
 # ----------------------------------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_chunk_memory_matches_spec(case):

@@ -70,9 +70,8 @@ def test_fusion_weights():
     assert w[0, 2] == 0 and torch.all(w[1] == 0)
     w = fusion_weights(s, "stick_breaking")
     sig = torch.sigmoid
-    torch.testing.assert_close(
-        w[0, :2], torch.stack([sig(torch.tensor(1.0)), sig(torch.tensor(0.0)) * sig(torch.tensor(-1.0))])
-    )
+    torch.testing.assert_close(w[0, :2], torch.stack([sig(torch.tensor(1.0)),
+                                                      sig(torch.tensor(0.0)) * sig(torch.tensor(-1.0))]))
     assert w[0, 2] == 0 and torch.all(w[1] == 0)
 
 
@@ -85,7 +84,6 @@ def test_first_chunk_rows_get_zero_hsa_and_finite_grads(n_chunks):
     S = model.cfg.chunk_size
     outputs = []
     for block in model.hsa_blocks():
-
         def spy(*args, real=block.hsa_output, **kwargs):
             o = real(*args, **kwargs)
             o.retain_grad()
@@ -106,14 +104,8 @@ def test_first_chunk_rows_get_zero_hsa_and_finite_grads(n_chunks):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize(
-    "backend,strategy",
-    [
-        ("reference", None),
-        pytest.param("triton", "chunk", marks=kernel_test),
-        pytest.param("triton", "query", marks=kernel_test),
-    ],
-)
+@pytest.mark.parametrize("backend,strategy", [("reference", None), pytest.param("triton", "chunk", marks=kernel_test),
+                                              pytest.param("triton", "query", marks=kernel_test)])
 def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend, strategy, monkeypatch):
     """``kernels.hsa.hsa_attention`` with all indices −1 (rows that select no chunk) and nonzero weights: output
     exactly 0 and gradients 0 (the output does not depend on the inputs), never NaN; reference and Triton kernel
@@ -124,9 +116,8 @@ def test_hsa_attention_with_every_slot_empty_gives_zero_and_finite_grads(backend
 
         calls = []
         kernel = triton_attention.hsa_attention_triton
-        monkeypatch.setattr(
-            triton_attention, "hsa_attention_triton", lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)
-        )
+        monkeypatch.setattr(triton_attention, "hsa_attention_triton",
+                            lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs))
         monkeypatch.setitem(triton_attention.CONFIG, "strategy", strategy)
     monkeypatch.setattr(dispatch, "_backend", backend)
     device = "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"

@@ -2,7 +2,6 @@
 nothing of the data layer, the trainer or OmegaConf; its ``ModelConfig`` is frozen, and what schedules change while
 a model runs (top-k, SWA window) is the model's runtime state: a model switched to a top-k or window computes
 exactly what a model built with that value computes, and its config is unchanged."""
-
 import dataclasses
 import json
 import subprocess
@@ -14,34 +13,16 @@ import torch
 from lit_hsa.model.transformer import HSATransformer
 from tests.helpers import ROOT, VOCAB, tiny
 
-FORBIDDEN = (
-    "data_modules",
-    "omegaconf",
-    "lightning",
-    "pytorch_lightning",
-    "pyarrow",
-    "lit_hsa.config",
-    "lit_hsa.training",
-    "lit_hsa.eval",
-    "lit_hsa.experiment",
-)
-CORE = [
-    "lit_hsa.model.config",
-    "lit_hsa.model.transformer",
-    "lit_hsa.model.lora",
-    "lit_hsa.model.init",
-    "lit_hsa.inference.decode",
-    "lit_hsa.inference.static_decode",
-    "lit_hsa.inference.generate",
-]
+FORBIDDEN = ("data_modules", "omegaconf", "lightning", "pytorch_lightning", "pyarrow",
+             "lit_hsa.config", "lit_hsa.training", "lit_hsa.eval", "lit_hsa.experiment")
+CORE = ["lit_hsa.model.config", "lit_hsa.model.transformer", "lit_hsa.model.lora", "lit_hsa.model.init",
+        "lit_hsa.inference.decode", "lit_hsa.inference.static_decode", "lit_hsa.inference.generate"]
 
 
 def loaded_after_import(modules: list[str]) -> list[str]:
     """Top-level names of what importing ``modules`` in a fresh interpreter loads (from the repository root)."""
-    code = (
-        f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(sys.modules)))"
-    )
+    code = (f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,9 +46,8 @@ def test_exported_hugging_face_wrapper_needs_only_the_model_core():
 
 def test_the_check_sees_a_forbidden_import():
     """The guard itself: importing the training package loads what the core must not."""
-    assert {"lightning", "omegaconf", "data_modules"} <= {
-        m.split(".")[0] for m in offenders(loaded_after_import(["lit_hsa.training.module"]))
-    }
+    assert {"lightning", "omegaconf", "data_modules"} <= {m.split(".")[0] for m in
+                                                         offenders(loaded_after_import(["lit_hsa.training.module"]))}
 
 
 def test_model_config_is_frozen():

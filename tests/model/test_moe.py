@@ -94,18 +94,8 @@ from lit_hsa.model.lora import apply_lora  # noqa: E402
 # Operators that read a device tensor back to the host (a GPU stream stalls until it is there): item()/tolist()
 # (_local_scalar_dense), data-dependent output sizes (nonzero, masked_select, unique, repeat_interleave without an
 # output size), and CUDA's bincount (it reads the input's range to size its output).
-SYNCING_OPS = (
-    "_local_scalar_dense",
-    "nonzero",
-    "masked_select",
-    "_unique",
-    "unique_dim",
-    "unique_consecutive",
-    "repeat_interleave",
-    "bincount",
-    "equal",
-    "is_nonzero",
-)
+SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_dim", "unique_consecutive",
+               "repeat_interleave", "bincount", "equal", "is_nonzero")
 
 
 class OpRecorder(TorchDispatchMode):
@@ -247,35 +237,10 @@ def test_bench_moe_profile_smoke_on_cpu(tmp_path):
     """``bench_moe.py --profile`` runs end to end at toy size: every layer's ops split into forward and backward,
     shares of one step that add up to at most 1, the expert matmuls found in both passes."""
     out = tmp_path / "moe.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_moe.py",
-            "--tokens",
-            "128",
-            "--d-model",
-            "32",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--expert-hidden",
-            "16",
-            "--device",
-            "cpu",
-            "--warmup",
-            "1",
-            "--iters",
-            "1",
-            "--profile",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "benchmarks/bench_moe.py", "--tokens", "128", "--d-model", "32",
+                           "--experts", "4", "--top-k", "2", "--expert-hidden", "16", "--device", "cpu", "--warmup",
+                           "1", "--iters", "1", "--profile", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     profile = json.loads(out.read_text())["rows"][0]["profile"]
     assert set(profile) == {"moe_grouped", "dense"}

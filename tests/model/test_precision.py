@@ -11,7 +11,6 @@ and gradients must be finite and agree in direction: cosine > 0.995 over all par
 > 0.9 per tensor (small LoRA and router gradients of MoE layers, where bf16 rounding can flip a token's top-k choice,
 measured down to 0.96).
 """
-
 import copy
 
 import pytest
@@ -33,9 +32,8 @@ def build(attention: str, ffn: str, adapters: str) -> HSATransformer:
     torch.manual_seed(0)
     model = HSATransformer(tiny(attention=attention, moe=ffn == "moe", first_dense_layers=1))
     if adapters == "lora":
-        apply_lora(
-            model, FinetuneConfig(method="lora", lora_rank=4, lora_targets=["attention", "retrieval", "experts", "ffn"])
-        )
+        apply_lora(model, FinetuneConfig(method="lora", lora_rank=4,
+                                         lora_targets=["attention", "retrieval", "experts", "ffn"]))
         for name, p in model.named_parameters():  # non-zero updates, so the adapters' own precision path counts
             if is_adapter_key(name) and name.endswith("_B"):  # LoRALinear's lora_B, the experts' lora_<w>_B
                 torch.nn.init.normal_(p, 0.0, 0.02)
@@ -108,15 +106,8 @@ def test_gpu_generate_under_autocast_with_fused_blocks(attention):
     torch.manual_seed(0)
     # SDPA for the reference forward: flex_attention's Triton template finds no kernel for fp32 at head dim 16
     # (torch 2.11, H200: NoValidChoicesError), and this test is about decoding
-    cfg = tiny(
-        attention=attention,
-        chunk_size=16,
-        head_dim=16,
-        hsa_topk=3,
-        swa_window=16,
-        first_dense_layers=2,
-        attn_backend="sdpa",
-    )
+    cfg = tiny(attention=attention, chunk_size=16, head_dim=16, hsa_topk=3, swa_window=16, first_dense_layers=2,
+               attn_backend="sdpa")
     model = HSATransformer(cfg).cuda().eval()
     x = torch.randint(0, VOCAB, (1, 70), device="cuda")
     with torch.no_grad():

@@ -2,7 +2,6 @@
 boundary, exits 143 and resumes to the uninterrupted run's losses and validations; checkpoint files survive
 ``kill -9`` during a save with ``$TMPDIR`` on another filesystem; a full disk is one line, exit 2, and no file under
 a checkpoint's name that cannot be read."""
-
 import errno
 import os
 import random
@@ -20,18 +19,13 @@ from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, remove_stale
 from tests.helpers import FAST, ROOT, fit, run_dir, scalars
 
 # Constant LR (a cosine schedule depends on max_steps); validation every 3 steps.
-COMMON = [
-    "trainer.val_check_interval=3",
-    "trainer.checkpoint_every_n_steps=100",
-    "optim.schedule=constant",
-    "data.num_workers=0",
-]
+COMMON = ["trainer.val_check_interval=3", "trainer.checkpoint_every_n_steps=100", "optim.schedule=constant",
+          "data.num_workers=0"]
 
 
 @pytest.fixture
 def signal_at_step(monkeypatch):
     """Sends this process ``signum`` while the optimizer step ``step`` (0-based) is being computed."""
-
     def arm(signum: int, step: int) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == step and self.received is None:
@@ -51,16 +45,8 @@ def test_signal_saves_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_pat
     step 3 and continues, and train and validation losses equal an uninterrupted run's."""
     straight = fit(tmp_path, "straight", "trainer.max_steps=6", *COMMON)
     signal_at_step(signum, 2)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        "trainer.run_name=stopped",
-        "trainer.max_steps=6",
-        *FAST,
-        *COMMON,
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}",
+            "trainer.run_name=stopped", "trainer.max_steps=6", *FAST, *COMMON]
     assert main(args) == 143
     err = capsys.readouterr().err
     last = run_dir(tmp_path, "stopped") / "checkpoints" / "last.ckpt"
@@ -86,18 +72,8 @@ def test_signal_saves_at_the_step_boundary_exits_143_and_resumes_exactly(tmp_pat
 def test_sigterm_from_outside_through_the_command_line(tmp_path):
     """A real SIGTERM from another process (as SLURM or Kubernetes send it) to ``python main.py fit``: exit code
     143, a loadable last.ckpt at the step the message names."""
-    args = [
-        sys.executable,
-        "main.py",
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        f"trainer.root_dir={tmp_path}",
-        "trainer.max_steps=100000",
-        *FAST,
-        *COMMON,
-        "trainer.val_check_interval=100000",
-    ]
+    args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={tmp_path}",
+            "trainer.max_steps=100000", *FAST, *COMMON, "trainer.val_check_interval=100000"]
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not list(tmp_path.glob("tiny/version_0/events.*")) and time.time() < deadline:
@@ -147,12 +123,8 @@ def test_kill_9_during_saves_never_leaves_an_unreadable_checkpoint(tmp_path, tmp
     rng = random.Random(0)
     steps = []
     for _ in range(6):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", KILL_LOOP.format(root=str(ROOT), path=str(path))],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        proc = subprocess.Popen([sys.executable, "-c", KILL_LOOP.format(root=str(ROOT), path=str(path))], env=env,
+                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.3, 2.0))
         proc.kill()
@@ -179,7 +151,6 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_pa
 
 def failing_save(after_bytes: int):
     """torch.save that writes ``after_bytes`` bytes, then fails as a full disk does."""
-
     def save(obj, f, *args, **kwargs):
         f.write(b"x" * after_bytes)
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -207,16 +178,8 @@ def test_full_disk_during_fit_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
         return failing_save(5000)(obj, f) if calls["n"] >= 2 else real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(faults.torch, "save", save)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        *FAST,
-        "trainer.max_steps=4",
-        "trainer.checkpoint_every_n_steps=2",
-        "trainer.val_check_interval=100",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+            "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=100"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot write checkpoint") and "no space left" in err[-1]
@@ -230,15 +193,8 @@ def test_a_second_fit_into_a_run_folder_in_use_is_refused(tmp_path, capsys):
     naming the holder, and runs once the folder is free. A lock a killed run left (no holder) does not block."""
     first = fit(tmp_path, "tiny", "trainer.max_steps=2")
     last = first / "checkpoints" / "last.ckpt"
-    resume = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        *FAST,
-        "trainer.max_steps=3",
-        f"ckpt_path={last}",
-    ]
+    resume = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+              "trainer.max_steps=3", f"ckpt_path={last}"]
     with faults.RunFolderLock(first):
         assert main(resume) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -253,19 +209,10 @@ def test_a_resume_with_more_steps_keeps_the_learning_rate_horizon(tmp_path, capl
     it stays at optim.min_lr after step 4, and the resume says so in one line; no last-v1.ckpt appears."""
     run = fit(tmp_path, "tiny", "trainer.max_steps=4", "optim.schedule=cosine", "optim.lr=3e-3", "optim.min_lr=3e-4")
     with caplog.at_level("INFO"):
-        fit(
-            tmp_path,
-            "tiny",
-            "trainer.max_steps=8",
-            "optim.schedule=cosine",
-            "optim.lr=3e-3",
-            "optim.min_lr=3e-4",
-            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-        )
-    assert (
-        "resuming at step 4 with trainer.max_steps=8: the learning-rate schedule keeps the 4 steps it was planned "
-        "over (cosine to optim.min_lr=0.0003 at step 4, then constant)"
-    ) in caplog.text
+        fit(tmp_path, "tiny", "trainer.max_steps=8", "optim.schedule=cosine", "optim.lr=3e-3", "optim.min_lr=3e-4",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert ("resuming at step 4 with trainer.max_steps=8: the learning-rate schedule keeps the 4 steps it was planned "
+            "over (cosine to optim.min_lr=0.0003 at step 4, then constant)") in caplog.text
     lr = scalars(run, "lr-AdamW/pg1")
     assert lr[1] == pytest.approx(3e-3) and lr[3] > 3e-4  # warm-up of 2 steps, then the cosine
     for step in range(4, 8):
@@ -279,30 +226,13 @@ def test_a_real_full_disk(tmp_path):
     error line, and the checkpoint under its name loads. Needs the right to mount (root); skipped otherwise."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True
-        ).returncode
-        != 0
-    ):
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here")
     try:
-        args = [
-            sys.executable,
-            "main.py",
-            "fit",
-            "--config",
-            "configs/tiny.yaml",
-            f"trainer.root_dir={disk}",
-            "trainer.checkpoint_every_n_steps=1",
-            "data.batch_size=2",
-            "data.seq_len=128",
-            "trainer.max_steps=10",
-            "trainer.val_check_interval=5",
-            "trainer.enable_progress_bar=false",
-            "data.num_workers=0",
-        ]
+        args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={disk}",
+                "trainer.checkpoint_every_n_steps=1", "data.batch_size=2", "data.seq_len=128", "trainer.max_steps=10",
+                "trainer.val_check_interval=5", "trainer.enable_progress_bar=false", "data.num_workers=0"]
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -2,7 +2,6 @@
 trainer.devices=1`` for a dense and a MoE model under bf16-mixed with activation checkpointing, eager and compiled;
 the first steps' losses equal ``strategy=auto``'s; the sharded checkpoint resumes and ``consolidate`` turns it into
 one file that loads. (FSDP over several ranks is checked on CPU with gloo in ``test_parallel.py``.)"""
-
 import subprocess
 import sys
 
@@ -21,27 +20,11 @@ LOSS_ATOL = 2e-2
 
 
 def fit(root, name, *extra) -> "Path":  # noqa: F821
-    args = [
-        sys.executable,
-        "main.py",
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        f"trainer.root_dir={root}",
-        f"trainer.run_name={name}",
-        "trainer.precision=bf16-mixed",
-        "trainer.activation_checkpointing=true",
-        "data.seq_len=512",
-        "data.batch_size=4",
-        "data.val_samples=2",
-        "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        f"trainer.val_check_interval={STEPS}",
-        f"trainer.checkpoint_every_n_steps={STEPS}",
-        "optim.warmup_steps=2",
-        *extra,
-    ]
+    args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={root}",
+            f"trainer.run_name={name}", "trainer.precision=bf16-mixed", "trainer.activation_checkpointing=true",
+            "data.seq_len=512", "data.batch_size=4", "data.val_samples=2", "trainer.limit_val_batches=1",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", f"trainer.val_check_interval={STEPS}",
+            f"trainer.checkpoint_every_n_steps={STEPS}", "optim.warmup_steps=2", *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return sorted((root / name).glob("version_*"))[-1]
@@ -51,10 +34,8 @@ def fit(root, name, *extra) -> "Path":  # noqa: F821
 def reference_losses(tmp_path_factory):
     """strategy=auto, eager: the losses of the first steps for the dense and the MoE model."""
     root = tmp_path_factory.mktemp("auto")
-    return {
-        moe: scalars(fit(root, f"auto-{moe}", f"model.moe={moe}", f"trainer.max_steps={STEPS}"), "train/loss")
-        for moe in ("false", "true")
-    }
+    return {moe: scalars(fit(root, f"auto-{moe}", f"model.moe={moe}", f"trainer.max_steps={STEPS}"), "train/loss")
+            for moe in ("false", "true")}
 
 
 @pytest.mark.parametrize("compile", ["false", "true"])
@@ -75,13 +56,8 @@ def test_fsdp_fit_matches_auto_then_resumes_and_consolidates(tmp_path, reference
     assert sorted(scalars(resumed, "train/loss")) == list(range(STEPS + 2))
 
     out = tmp_path / "consolidated.ckpt"
-    proc = subprocess.run(
-        [sys.executable, "main.py", "consolidate", "--ckpt", str(sharded), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([sys.executable, "main.py", "consolidate", "--ckpt", str(sharded), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     module = HSALitModule.load_from_checkpoint(out, map_location="cpu")  # strict: every weight and buffer
     assert all(torch.isfinite(p).all() for p in module.parameters())

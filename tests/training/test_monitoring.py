@@ -17,10 +17,8 @@ def test_attention_key_counts():
 def test_sparse_attention_flops_grow_linearly():
     cfg = ModelConfig.from_name("small")
     hsa = [training_flops_per_token(cfg, 130_000_000, T) for T in (16384, 65536)]
-    full = [
-        training_flops_per_token(ModelConfig.from_name("small", attention="full"), 130_000_000, T)
-        for T in (16384, 65536)
-    ]
+    full = [training_flops_per_token(ModelConfig.from_name("small", attention="full"), 130_000_000, T)
+            for T in (16384, 65536)]
     assert hsa[1] / hsa[0] < 1.1  # per-token cost ~constant: window and top-k bound the keys
     assert full[1] / full[0] > 2.0  # full attention's per-token cost grows with T
 
@@ -96,15 +94,8 @@ def nan_on_step_one(monkeypatch):
 
 
 def test_nan_policy_skip_and_stop(tmp_path, nan_on_step_one, capsys):
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        *FAST,
-        "trainer.max_steps=3",
-        "trainer.retrieval_stats_every=1",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+            "trainer.max_steps=3", "trainer.retrieval_stats_every=1"]
     assert main([*args, "trainer.nan_policy=skip", "trainer.run_name=skip"]) == 0
     run = sorted((tmp_path / "skip").glob("version_*"))[-1]
     assert max(scalars(run, "train/skipped_nonfinite").values()) == 1
@@ -124,21 +115,10 @@ def test_scheduled_value():
 
 
 def test_schedules_and_in_training_eval_reach_tensorboard(tmp_path):
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        *FAST,
-        "trainer.run_name=sched",
-        "trainer.max_steps=4",
-        "trainer.topk_schedule=[[0,8],[2,2]]",
-        "trainer.swa_window_schedule=[[0,32],[3,64]]",
-        "trainer.eval_every_n_steps=2",
-        "trainer.eval_lengths=[300]",
-        "trainer.eval_tasks=[niah_single]",
-        "trainer.eval_samples=1",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+            "trainer.run_name=sched", "trainer.max_steps=4", "trainer.topk_schedule=[[0,8],[2,2]]",
+            "trainer.swa_window_schedule=[[0,32],[3,64]]", "trainer.eval_every_n_steps=2",
+            "trainer.eval_lengths=[300]", "trainer.eval_tasks=[niah_single]", "trainer.eval_samples=1"]
     assert main(args) == 0
     run = sorted((tmp_path / "sched").glob("version_*"))[-1]
     assert scalars(run, "schedule/hsa_topk") == {0: 8.0, 1: 8.0, 2: 2.0, 3: 2.0}
@@ -194,20 +174,11 @@ def test_progress_bar_counts_the_runs_batches_without_an_epoch_total(monkeypatch
     monkeypatch.setattr(imports, "_RICH_AVAILABLE", rich)
     bar = progress_bar()
     seen = []
-    monkeypatch.setattr(
-        type(bar).__mro__[2],
-        "on_train_batch_end",
-        lambda self, trainer, pl_module, outputs, batch, batch_idx: seen.append(batch_idx),
-    )
+    monkeypatch.setattr(type(bar).__mro__[2], "on_train_batch_end",
+                        lambda self, trainer, pl_module, outputs, batch, batch_idx: seen.append(batch_idx))
     epoch_loop = SimpleNamespace(total_batch_idx=35)
-    trainer = SimpleNamespace(
-        max_epochs=-1,
-        max_steps=20,
-        accumulate_grad_batches=2,
-        num_training_batches=10,
-        global_step=17,
-        fit_loop=SimpleNamespace(epoch_loop=epoch_loop),
-    )
+    trainer = SimpleNamespace(max_epochs=-1, max_steps=20, accumulate_grad_batches=2, num_training_batches=10,
+                              global_step=17, fit_loop=SimpleNamespace(epoch_loop=epoch_loop))
     bar._trainer = trainer
     assert bar.total_train_batches == 40
     bar.on_train_batch_end(trainer, None, None, None, 5)  # batch 5 of a resumed loader, the run's 36th

@@ -1,7 +1,6 @@
 """Parallelism configured from the trainer config: activation checkpointing is exact; FSDP2 over 2 CPU processes
 (gloo), each rank reading its own documents, trains, writes a sharded checkpoint, resumes from it and matches a
 single-process run over both ranks' documents; data shards follow the rank; MoE expert load is summed over ranks."""
-
 import copy
 import random
 import subprocess
@@ -76,9 +75,8 @@ def distinct_docs(tmp_path_factory):
 
 def rank_batches(docs, rank: int, world: int, batch_size: int, n: int) -> list[torch.Tensor]:
     """The first ``n`` training batches (input_ids) the DataModule gives rank ``rank`` of ``world``."""
-    cfg = DataConfig(
-        paths=[str(docs)], seq_len=64, batch_size=batch_size, num_workers=0, val_fraction=0.3, shuffle_buffer=1
-    )
+    cfg = DataConfig(paths=[str(docs)], seq_len=64, batch_size=batch_size, num_workers=0, val_fraction=0.3,
+                     shuffle_buffer=1)
     dm = TextDataModule(cfg)
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0, accumulate_grad_batches=1)
     it = iter(dm.train_dataloader())
@@ -97,28 +95,11 @@ def test_each_rank_reads_its_own_documents(distinct_docs):
 
 
 def fit_cli(root, name, docs, *extra):
-    args = [
-        sys.executable,
-        "main.py",
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        f"trainer.root_dir={root}",
-        f"trainer.run_name={name}",
-        f"data.paths=[{docs}]",
-        "data.batch_size=1",
-        "data.seq_len=64",
-        "data.val_samples=2",
-        "data.val_fraction=0.3",
-        "data.num_workers=0",
-        "data.shuffle_buffer=1",
-        "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu",
-        "trainer.checkpoint_every_n_steps=2",
-        *extra,
-    ]
+    args = [sys.executable, "main.py", "fit", "--config", "configs/tiny.yaml", f"trainer.root_dir={root}",
+            f"trainer.run_name={name}", f"data.paths=[{docs}]", "data.batch_size=1", "data.seq_len=64",
+            "data.val_samples=2", "data.val_fraction=0.3", "data.num_workers=0", "data.shuffle_buffer=1",
+            "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2", *extra]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sorted((root / name).glob("version_*"))[-1]
@@ -126,13 +107,8 @@ def fit_cli(root, name, docs, *extra):
 
 def consolidated(folder, out) -> dict:
     """The weights and buffers of a sharded (FSDP) checkpoint folder, through ``main.py consolidate``."""
-    proc = subprocess.run(
-        [sys.executable, "main.py", "consolidate", "--ckpt", str(folder), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run([sys.executable, "main.py", "consolidate", "--ckpt", str(folder), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     module = HSALitModule.load_from_checkpoint(out, map_location="cpu")  # strict: every weight and buffer present
     return module.state_dict()
@@ -188,9 +164,8 @@ def test_moe_expert_load_is_summed_over_ranks(tmp_path):
     the update gives for the sum of the two ranks' loads (not for either rank's own)."""
     inputs = torch.stack([torch.randint(0, VOCAB // 2, (1, 48)), torch.randint(VOCAB // 2, VOCAB, (1, 48))])
     # fork: the ranks start in a second instead of importing Lightning again each
-    mp.start_processes(
-        balance_step, args=(2, str(tmp_path / "init"), inputs, str(tmp_path)), nprocs=2, start_method="fork"
-    )
+    mp.start_processes(balance_step, args=(2, str(tmp_path / "init"), inputs, str(tmp_path)), nprocs=2,
+                       start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     moes = HSALitModule(tiny(), OptimConfig()).model.moe_layers()
@@ -254,9 +229,8 @@ def sharded_start(rank: int, world: int, init_file: str, cfg, init_from: str | N
             module.init_state = checkpoint_state(init_from, module, mmap=True)
         module._device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
         module.configure_model()
-        full = {
-            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in module.state_dict().items()
-        }
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                for k, v in module.state_dict().items()}
         buffers = {k: v.clone() for k, v in module.named_buffers()}  # non-persistent ones too (RoPE, MoE loads)
         if rank == 0:
             torch.save({"state": full, "buffers": buffers}, f"{out}/sharded.pt")
@@ -270,13 +244,8 @@ def test_meta_build_sharded_then_materialised_equals_the_eager_build(tmp_path, v
     over 2 gloo ranks the weights and buffers equal an eager build's from the same seed, bit for bit (untied head,
     odd row counts that split unevenly, RoPE scaling and a scalar parameter included); with ``init_from`` they equal
     the checkpoint's."""
-    cfg = tiny(
-        **VARIANTS[variant],
-        tie_embeddings=False,
-        vocab_size=67,
-        retrieval_dim=12,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
-    )
+    cfg = tiny(**VARIANTS[variant], tie_embeddings=False, vocab_size=67, retrieval_dim=12,
+               rope_scaling={"rope_type": "linear", "factor": 2.0})
     torch.manual_seed(0)
     eager = HSALitModule(cfg, OptimConfig())
     args = (2, str(tmp_path / "init"), cfg, None, str(tmp_path))

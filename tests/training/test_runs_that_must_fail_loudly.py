@@ -1,7 +1,6 @@
 """Hardening (issue 27): runs that must fail loudly instead of reporting success (a diverged model under either
 ``trainer.nan_policy``, binary data files), the shipped fine-tuning configs as shipped, and first-run friction on
 CPU (no Triton, thread oversubscription, library notices)."""
-
 import copy
 import os
 import shutil
@@ -21,23 +20,15 @@ from lit_hsa.training.module import HSALitModule
 from tests.helpers import FAST, ROOT, run_dir, scalars
 
 # CPU-sized overrides of configs/tiny.yaml.
-SMALL = [
-    "data.seq_len=64",
-    "data.batch_size=2",
-    "data.num_workers=0",
-    "data.val_samples=2",
-    "trainer.limit_val_batches=1",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-]
+SMALL = ["data.seq_len=64", "data.batch_size=2", "data.num_workers=0", "data.val_samples=2",
+         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python main.py ARGS`` from the repository root, as a user types it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -53,18 +44,9 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 def absurd_lr_run(tmp_path: Path, policy: str) -> subprocess.CompletedProcess:
     """lr=1e6: the loss stays finite (≈ ln vocab) while the gradient norm is NaN from the second step on."""
-    return cli(
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        *SMALL,
-        f"trainer.root_dir={tmp_path}",
-        f"trainer.run_name={policy}",
-        "trainer.max_steps=20",
-        "trainer.val_check_interval=100",
-        "optim.lr=1e6",
-        f"trainer.nan_policy={policy}",
-    )
+    return cli("fit", "--config", "configs/tiny.yaml", *SMALL, f"trainer.root_dir={tmp_path}",
+               f"trainer.run_name={policy}", "trainer.max_steps=20", "trainer.val_check_interval=100",
+               "optim.lr=1e6", f"trainer.nan_policy={policy}")
 
 
 @pytest.mark.slow
@@ -105,10 +87,8 @@ class NaNGradientOnce(L.Callback):
         self.at, self.batch_idx, self.before, self.after, self.weights = at, -1, None, None, []
 
     def snapshot(self, trainer, module) -> dict:
-        return {
-            "params": {k: v.detach().clone() for k, v in module.state_dict().items()},
-            "optim": copy.deepcopy(trainer.optimizers[0].state_dict()["state"]),
-        }
+        return {"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+                "optim": copy.deepcopy(trainer.optimizers[0].state_dict()["state"])}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.batch_idx = batch_idx
@@ -127,26 +107,14 @@ class NaNGradientOnce(L.Callback):
 
 def test_one_nan_gradient_step_under_skip_changes_nothing_and_training_goes_on():
     torch.manual_seed(0)
-    module = HSALitModule(
-        ModelConfig.from_name("tiny", vocab_size=320),
-        OptimConfig(lr=1e-2, warmup_steps=0),
-        max_steps=5,
-        nan_policy="skip",
-        max_consecutive_nonfinite=2,
-    )
+    module = HSALitModule(ModelConfig.from_name("tiny", vocab_size=320), OptimConfig(lr=1e-2, warmup_steps=0),
+                          max_steps=5, nan_policy="skip", max_consecutive_nonfinite=2)
     tokens = torch.randint(0, 320, (10, 65))
     batches = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
     spy = NaNGradientOnce(at=2)
-    trainer = L.Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0,
-        callbacks=[spy],
-    )
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                        callbacks=[spy])
     trainer.fit(module, DataLoader(batches, batch_size=2))
     assert trainer.global_step == 5 and module.nonfinite_steps == 1
     before, after = spy.before, spy.after
@@ -180,32 +148,21 @@ def test_a_folder_of_binary_files_is_one_error_naming_a_file(tmp_path, capsys):
     args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL, f"data.paths=[{folder}]"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (
-        f"error: '{folder / 'blob1.bin'}' looks binary (it contains NUL bytes); text files must be UTF-8 "
-        "text: remove it, or set data.skip_bad_records=true to skip such files"
-    )
+    assert err == (f"error: '{folder / 'blob1.bin'}' looks binary (it contains NUL bytes); text files must be UTF-8 "
+                   "text: remove it, or set data.skip_bad_records=true to skip such files")
     assert main([*args, "data.skip_bad_records=true"]) == 2  # skipped, and then nothing is left
     assert capsys.readouterr().err.strip().startswith("error: data.paths: every file looks binary (")
 
 
 def test_binary_files_among_text_are_skipped_and_counted(tmp_path, caplog, capsys):
     folder = text_and_binary_folder(tmp_path, 6, 2)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        *SMALL,
-        f"data.paths=[{folder}]",
-        f"trainer.root_dir={tmp_path}",
-        "trainer.max_steps=2",
-        "data.val_fraction=0.3",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), *SMALL, f"data.paths=[{folder}]",
+            f"trainer.root_dir={tmp_path}", "trainer.max_steps=2", "data.val_fraction=0.3"]
     assert main(args) == 2 and "blob1.bin' looks binary" in capsys.readouterr().err
     assert main([*args, "data.skip_bad_records=true"]) == 0
     skipped = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
-    assert skipped == [
-        f"skipped 2 binary files (data.skip_bad_records): {folder / 'blob1.bin'}, {folder / 'photo.png'}"
-    ]
+    assert skipped == [f"skipped 2 binary files (data.skip_bad_records): {folder / 'blob1.bin'}, "
+                       f"{folder / 'photo.png'}"]
 
 
 def test_the_embedded_corpus_keeps_every_file():
@@ -245,14 +202,8 @@ def test_shipped_finetune_example_fills_its_validation_split_at_the_shipped_seq_
         cfg = load_config(str(ROOT / f"configs/finetune/{name}.yaml"), [f"init_from={ROOT / 'README.md'}"])
         assert cfg.data.seq_len == 8192
         datamodule = TextDataModule(cfg.data, cfg.model.chunk_size)
-        windows = validation_windows(
-            datamodule.sources,
-            datamodule.tokenizer,
-            cfg.data.seq_len,
-            cfg.data.val_samples,
-            cfg.data.document_masking,
-            datamodule.align,
-        )
+        windows = validation_windows(datamodule.sources, datamodule.tokenizer, cfg.data.seq_len,
+                                     cfg.data.val_samples, cfg.data.document_masking, datamodule.align)
         assert len(windows) >= 2
 
 
@@ -260,27 +211,13 @@ def test_shipped_finetune_example_fills_its_validation_split_at_the_shipped_seq_
 def test_shipped_finetune_configs_run_as_shipped(tmp_path):
     """README: the default run's checkpoint → lora.yaml / full.yaml on examples/sft → merge. Overrides only make it
     CPU-sized (and make model.* describe the tiny checkpoint); data paths and validation settings are as shipped."""
-    base = cli(
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        *SMALL,
-        f"trainer.root_dir={tmp_path}",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=100",
-    )
+    base = cli("fit", "--config", "configs/tiny.yaml", *SMALL, f"trainer.root_dir={tmp_path}", "trainer.max_steps=2",
+               "trainer.val_check_interval=100")
     assert base.returncode == 0, base.stderr[-3000:]
     ckpt = run_dir(tmp_path, "tiny") / "checkpoints" / "last.ckpt"
-    speed = [
-        "model.name=tiny",
-        "data.seq_len=256",
-        "data.num_workers=0",
-        "trainer.accumulate_grad_batches=1",
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=1",
-        "trainer.enable_progress_bar=false",
-        f"trainer.root_dir={tmp_path}",
-    ]
+    speed = ["model.name=tiny", "data.seq_len=256", "data.num_workers=0", "trainer.accumulate_grad_batches=1",
+             "trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+             f"trainer.root_dir={tmp_path}"]
     for name in ("lora", "full"):
         proc = cli("fit", "--config", f"configs/finetune/{name}.yaml", f"init_from={ckpt}", *speed)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -314,7 +251,8 @@ model(x[:, :-1], labels=x[:, 1:]).backward()
 assert generate(model.eval(), x[:1, :64], 4).shape == (1, 68)
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -345,30 +283,20 @@ def test_training_threads_leave_the_workers_their_cores(monkeypatch):
 
 @pytest.mark.slow
 def test_runs_print_no_library_adverts_or_deprecations(tmp_path):
-    proc = cli(
-        "fit",
-        "--config",
-        "configs/tiny.yaml",
-        *SMALL,
-        f"trainer.root_dir={tmp_path}",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=100",
-    )
+    proc = cli("fit", "--config", "configs/tiny.yaml", *SMALL, f"trainer.root_dir={tmp_path}", "trainer.max_steps=2",
+               "trainer.val_check_interval=100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "Tip:" not in out and "litlogger" not in out and "LeafSpec" not in out
     assert "GPU available" in out  # Lightning's own information stays
 
 
-@pytest.mark.parametrize(
-    "flag, value, needle",
-    [
-        ("--temperature", "-0.5", "--temperature must be >= 0 (0: greedy), got -0.5"),
-        ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
-        ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
-        ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0, got -1"),
-    ],
-)
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--temperature", "-0.5", "--temperature must be >= 0 (0: greedy), got -0.5"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--max-new-tokens", "-1", "--max-new-tokens must be >= 0, got -1"),
+])
 def test_generate_refuses_sampling_options_out_of_range(tmp_path, capsys, flag, value, needle):
     ckpt = tmp_path / "any.ckpt"  # refused before the checkpoint is read
     assert main(["generate", "--ckpt", str(ckpt), "--prompt", "x", flag, value]) == 2
@@ -399,20 +327,8 @@ def test_validate_without_a_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_a_finished_fit_says_where_its_checkpoints_are(tmp_path, capsys):
-    assert (
-        main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "configs/tiny.yaml"),
-                f"trainer.root_dir={tmp_path}",
-                *FAST,
-                "trainer.max_steps=2",
-                "trainer.val_check_interval=2",
-            ]
-        )
-        == 0
-    )
+    assert main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+                 "trainer.max_steps=2", "trainer.val_check_interval=2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     folder = tmp_path / "tiny" / "version_0" / "checkpoints"
     best = next(folder.glob("step*.ckpt"))

@@ -1,3 +1,4 @@
+
 import pytest
 
 from lit_hsa.cli import main
@@ -26,21 +27,13 @@ def test_stages_change_context_window_and_topk():
 def test_init_from_chains_stages_and_rejects_incompatible_models(tmp_path, capsys):
     first = fit(tmp_path, "stage1", "trainer.max_steps=2", "model.hsa_topk=8")
     ckpt = first / "checkpoints" / "last.ckpt"
-    second = fit(
-        tmp_path, "stage2", "trainer.max_steps=2", "model.hsa_topk=2", "model.swa_window=32", f"init_from={ckpt}"
-    )
+    second = fit(tmp_path, "stage2", "trainer.max_steps=2", "model.hsa_topk=2", "model.swa_window=32",
+                 f"init_from={ckpt}")
     losses = scalars(second, "train/loss")
     assert sorted(losses) == [0, 1]  # a new run: steps start at 0 (new optimizer and schedule)
     assert losses[0] < 5.5  # but from trained weights (random init starts at ln(320) ≈ 5.77)
-    args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"trainer.root_dir={tmp_path}",
-        *FAST,
-        "model.d_model=96",
-        f"init_from={ckpt}",
-    ]
+    args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
+            "model.d_model=96", f"init_from={ckpt}"]
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err

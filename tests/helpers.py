@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -126,3 +128,26 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def saved_plots() -> Iterator[dict[str, dict[str, list[tuple[list, list]]]]]:
+    """Record what every figure saved while the block runs plots: {file name: {axes title: [(x, y) of each line
+    with a label, in drawing order]}} (lines without a label, e.g. the training-length markers, are left out), so a
+    test can compare a plot's data with the numbers it should show instead of only checking that a file exists."""
+    from matplotlib.figure import Figure
+
+    plots: dict[str, dict[str, list[tuple[list, list]]]] = {}
+    real_savefig = Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        plots[Path(path).name] = {
+            ax.get_title(): [(list(map(float, line.get_xdata())), list(map(float, line.get_ydata())))
+                             for line in ax.lines if not line.get_label().startswith("_")] for ax in fig.axes}
+        return real_savefig(fig, path, *args, **kwargs)
+
+    Figure.savefig = savefig
+    try:
+        yield plots
+    finally:
+        Figure.savefig = real_savefig

@@ -19,6 +19,7 @@ from lit_hsa.eval.run import held_out_tokens
 from lit_hsa.experiment import load_experiment, run_experiment, summarize, train_model
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.flops import training_flops_per_token
+from tests.helpers import saved_plots
 
 RECIPE = "configs/experiments/paper_recipe.yaml"
 SEQ = 128
@@ -212,7 +213,8 @@ def test_summary_mean_and_spread_on_known_numbers(tmp_path):
         (tmp_path / f"a-s{seed}.json").write_text(json.dumps(fake_run("a", seed, ppl, acc)))
         (tmp_path / f"ref-s{seed}.json").write_text(json.dumps(fake_run("ref", seed, 10.0, [1, 1])))
     (tmp_path / "other.json").write_text(json.dumps(fake_run("other", 0, 11.0, [1, 1], crc=8)))
-    summary = summarize(tmp_path, "ref")
+    with saved_plots() as plots:
+        summary = summarize(tmp_path, "ref")
     p = summary["perplexity"]
     assert p["a"]["ppl"] == pytest.approx({"mean": 12.0, "std": 2.0, "min": 10.0, "max": 14.0, "n": 3})
     assert p["a"]["ratio_to_reference"] == pytest.approx(1.2)
@@ -228,7 +230,16 @@ def test_summary_mean_and_spread_on_known_numbers(tmp_path):
     assert "| a | 3 | 0.00M (0.00M) | 2,000 (1,000–3,000) |" in md
     assert "12.000 (10.000–14.000) | 1.2000 (1.0000–1.4000 by seed) |" in md
     assert "| niah_single | a | 0.50 (0.00–1.00) |" in md
-    assert (tmp_path / "loss_vs_position.png").stat().st_size > 0
+    assert (tmp_path / "loss_vs_position.png").is_file() and (tmp_path / "accuracy_vs_length.png").is_file()
+    # the plots show the summary's numbers: loss by position (mean over seeds) and accuracy by length, per model
+    for model, per in summary["perplexity_by_position"].items():
+        rows = per[max(per, key=int)]
+        assert ([b["to"] for b in rows], [b["loss"]["mean"] for b in rows]) in plots["loss_vs_position.png"][""]
+    for task, per_model in summary["accuracy"].items():
+        lines = plots["accuracy_vs_length.png"][task]
+        assert len(lines) == len(per_model)
+        for acc in per_model.values():
+            assert (sorted(map(float, acc)), [acc[n] for n in sorted(acc, key=int)]) in lines
 
 
 def recipe_counts() -> dict[str, int]:
@@ -283,7 +294,9 @@ def test_paper_recipe_runs_end_to_end_at_toy_size(tmp_path):
     assert set(summary["models"]) == {"hsa", "full", "swa"} and summary["reference_model"] == "full"
     assert {m: s["runs"] for m, s in summary["models"].items()} == {m: [f"{m}-s0"] for m in ("hsa", "full", "swa")}
     assert summary["perplexity"]["full"]["ratio_to_reference"] == 1.0
-    assert all(summary["perplexity"][m]["ratio_to_reference"] > 0 for m in ("hsa", "swa"))
+    ppl = {m: json.loads((out / f"{m}-s0.json").read_text())["perplexity"]["ppl"] for m in ("hsa", "full", "swa")}
+    for m in ("hsa", "swa"):  # one seed: the ratio of the runs' own held-out perplexities
+        assert summary["perplexity"][m]["ratio_to_reference"] == pytest.approx(ppl[m] / ppl["full"], rel=1e-12)
     assert set(summary["accuracy"]) == {"niah_single", "niah_multiquery", "vt"}
     assert set(summary["perplexity_by_position"]["hsa"]) == {"512", "1024"}
     assert set(summary["perplexity_by_position"]["full"]) == {"512"}  # capped by eval.max_length

@@ -54,9 +54,14 @@ def test_hsa_blocks_open_with_training():
     block = hsa.hsa_blocks()[0]
     assert torch.count_nonzero(block.o_proj.weight) == 0
     x = torch.randint(0, 97, (2, 48))
+    seen = {}  # the projection's input a [B, T, in] and the gradient g [B, T, out] of its output
+    block.o_proj.register_forward_hook(lambda m, args, out: seen.update(a=args[0].detach()))
+    block.o_proj.register_full_backward_hook(lambda m, grad_in, grad_out: seen.update(g=grad_out[0]))
     hsa.train()
     hsa(x[:, :-1], labels=x[:, 1:]).backward()
-    assert block.o_proj.weight.grad.abs().sum() > 0  # the zero projection learns from the first step
+    # the zero projection learns from the first step: its gradient is Σ_t g_t a_tᵀ, with neither factor zero
+    assert seen["a"].abs().amax() > 0 and seen["g"].abs().amax() > 0
+    torch.testing.assert_close(block.o_proj.weight.grad, torch.einsum("bto,bti->oi", seen["g"], seen["a"]))
 
 
 def test_dense_weights_land_where_documented():

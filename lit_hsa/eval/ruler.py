@@ -62,12 +62,19 @@ def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, t
                 total = 0.0
                 for i in range(samples):
                     sample = retrieval_sample(task, length, depth, i, seed, haystack, tokenizer)
-                    prompt = torch.as_tensor(sample.tokens[: sample.prompt_len], dtype=torch.long, device=device)
-                    n_answer = length - sample.prompt_len
-                    out = generate(model, prompt[None], n_answer, segment_size=segment_size)
-                    total += score(sample, tokenizer.decode(out[0, sample.prompt_len :].tolist()))
+                    prompt = torch.as_tensor(sample.tokens[: sample.prompt_len], dtype=torch.long)
+                    answer = greedy_answer(model, tokenizer, prompt, length - sample.prompt_len, segment_size, device)
+                    total += score(sample, answer)
                 rows.append(EvalRow(task, length, depth, total / samples, samples))
     return rows
+
+
+@torch.no_grad()
+def greedy_answer(model: HSATransformer, tokenizer, prompt: torch.Tensor, max_new_tokens: int, segment_size: int,
+                  device: str | torch.device) -> str:
+    """The text a model generates greedily after ``prompt`` ([P] int64; prefilled in segments)."""
+    out = generate(model, prompt.to(device)[None], max_new_tokens, segment_size=segment_size)
+    return tokenizer.decode(out[0, prompt.shape[0] :].tolist())
 
 
 @torch.no_grad()

@@ -44,14 +44,24 @@ def checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoint_arguments(parser)
-    parser.add_argument("--tasks", default="niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt")
+    parser.add_argument("--suite", choices=("retrieval", "ruler", "babilong"), default="retrieval",
+                        help="retrieval: RULER-style tasks over held-out text, by depth; ruler: NVIDIA RULER's 11 "
+                        "synthetic tasks as RULER builds them; babilong: bAbI qa1-qa3 in a haystack, BABILong's "
+                        "protocol (docs/experiments.md)")
+    parser.add_argument("--tasks", help="comma-separated (default: retrieval "
+                        "niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt; ruler: all 11; babilong: "
+                        "qa1,qa2,qa3)")
     parser.add_argument("--lengths", default="1k,4k", help="comma-separated, k/m suffixes: 4k,64k,1m")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
-    parser.add_argument("--samples", type=int, default=4, help="samples per task × length × depth")
+    parser.add_argument("--depths", help="needle depths in [0, 1] (default 0,0.25,0.5,0.75,1; not with --suite ruler)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per task × length (× depth)")
     parser.add_argument("--ppl-length", default="0",
                         help="tokens of held-out text for perplexity by position (0: skip)")
-    parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus)")
-    parser.add_argument("--out", default="eval_results", help="folder for eval.json, PNG plots, TensorBoard events")
+    parser.add_argument("--config", help="YAML whose data section names the haystack text (default: embedded corpus; "
+                        "retrieval and babilong)")
+    parser.add_argument("--essay-dir", help="--suite ruler: text files for RULER's essay haystack (default: the "
+                        "embedded corpus)")
+    parser.add_argument("--out", default="eval_results",
+                        help="folder for eval.json (ruler.json), PNG plots, TensorBoard events")
 
 
 def experiment_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +170,8 @@ COMMANDS: dict[str, Command] = {
                         config_arguments, lambda a: run("validate", load_config(a.config, a.overrides)),
                         intermixed=True),
     "generate": Command("Generate text from a checkpoint.", generate_arguments, run_generate),
-    "eval": Command("RULER-style retrieval accuracy and perplexity by position.", eval_arguments, run_eval),
+    "eval": Command("RULER-style retrieval accuracy and perplexity by position, RULER's suite or BABILong (--suite).",
+                    eval_arguments, run_eval),
     "experiment": Command("Train several models with one recipe, evaluate retrieval by length.",
                           experiment_arguments, run_experiment_command, intermixed=True),
     "merge": Command("Fold LoRA adapters into a full checkpoint.", merge_arguments,

@@ -283,21 +283,25 @@ def compare_answers(target: str, output: str, question: str, task_labels=LOCATIO
 
 def evaluate_babilong(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, seed: int,
                       background: list[str], segment_size: int = 4096, device="cpu") -> list[dict]:
-    """Accuracy per (task, length): greedy answers of ``samples`` samples each, scored by ``compare_answers``."""
+    """Score per (task, length): the percentage of ``samples`` greedy answers (up to EOS) that ``compare_answers``
+    accepts."""
     import torch
 
     from lit_hsa.eval.ruler import greedy_answer
 
+    model.eval()
     rows = []
     for task in tasks:
         for length in lengths:
-            correct, outputs = 0, []
+            correct, outputs, questions = 0, [], []
             for i in range(samples):
                 sample = build_sample(task, length, i, seed, tokenizer, background)
                 prompt = torch.as_tensor(np.asarray(tokenizer.encode(sample.prompt), dtype=np.int64))
-                text = greedy_answer(model, tokenizer, prompt, MAX_NEW_TOKENS, segment_size, device)
+                text = greedy_answer(model, tokenizer, prompt, MAX_NEW_TOKENS, segment_size, device, stop_at_eos=True)
                 correct += compare_answers(sample.answer, text, sample.question)
                 outputs.append({"answer": sample.answer, "output": text[:200]})
-            rows.append({"task": task, "length": length, "samples": samples, "accuracy": correct / samples,
-                         "outputs": outputs})
+                questions.append(sample.question)
+            # score in percent, as BABILong reports (and as RULER's rows: one summary and plot serve both)
+            rows.append({"task": task, "length": length, "samples": samples, "score": round(100 * correct / samples, 2),
+                         "outputs": outputs, "questions": questions})
     return rows

@@ -71,10 +71,13 @@ def evaluate_retrieval(model: HSATransformer, tokenizer, haystack: np.ndarray, t
 
 @torch.no_grad()
 def greedy_answer(model: HSATransformer, tokenizer, prompt: torch.Tensor, max_new_tokens: int, segment_size: int,
-                  device: str | torch.device) -> str:
-    """The text a model generates greedily after ``prompt`` ([P] int64; prefilled in segments)."""
-    out = generate(model, prompt.to(device)[None], max_new_tokens, segment_size=segment_size)
-    return tokenizer.decode(out[0, prompt.shape[0] :].tolist())
+                  device: str | torch.device, stop_at_eos: bool = False) -> str:
+    """The text a model generates greedily after ``prompt`` ([P] int64; prefilled in segments); with ``stop_at_eos``,
+    up to its first EOS (as a Hugging Face model's generate answers RULER and BABILong)."""
+    eos = tokenizer.eos_id if stop_at_eos else None
+    out = generate(model, prompt.to(device)[None], max_new_tokens, eos_id=eos, segment_size=segment_size)
+    new = out[0, prompt.shape[0] :].tolist()
+    return tokenizer.decode(new[: new.index(eos)] if eos in new else new)
 
 
 @torch.no_grad()

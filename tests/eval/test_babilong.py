@@ -2,6 +2,7 @@
 answers recomputed here by an independent simulation of the facts' text, facts spread in order over the background
 within the length, and BABILong's scoring on hand-written outputs."""
 
+import json
 import re
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.eval import babilong, ruler
 from lit_hsa.eval.babilong import build_sample, compare_answers, evaluate_babilong, make_story
+from tests.helpers import fit, saved_plots, scalars
 
 BACKGROUND = [f"This is background sentence number {i} about nothing in particular." for i in range(50)]
 ROOM = r"(bathroom|bedroom|garden|hallway|kitchen|office)"
@@ -120,12 +122,13 @@ def test_evaluate_babilong_scores_each_task_and_length(monkeypatch):
     tok = build_tokenizer("byte", None)
     answers = {}
 
-    def fake_generate(model, prompt, n, **kwargs):  # answers right for qa1 and qa3, wrong for qa2
+    def fake_generate(model, prompt, n, eos_id=None, **kwargs):  # right for qa1 and qa3, wrong for qa2; then EOS
         text = tok.decode(prompt[0].tolist())
         question = text.rsplit("Question: ", 1)[1]
         answer = answers[question.split("\n")[0]]
-        reply = f" It is in the {answer}." if "is the" not in question else " It is in the nowhere."
-        return torch.cat([prompt, torch.as_tensor(tok.encode(reply), dtype=torch.long)[None]], dim=1)
+        reply = f" It is in the {answer}" if "is the" not in question else " It is in the nowhere"
+        ids = [*tok.encode(reply), eos_id, *tok.encode(" and the office.")]  # what follows EOS is not read
+        return torch.cat([prompt, torch.as_tensor(ids, dtype=torch.long)[None]], dim=1)
 
     real_build = babilong.build_sample
 
@@ -139,4 +142,55 @@ def test_evaluate_babilong_scores_each_task_and_length(monkeypatch):
     rows = evaluate_babilong(torch.nn.Identity(), tok, list(babilong.TASKS), [2000, 3000], 3, 0, BACKGROUND)
     assert [(r["task"], r["length"], r["samples"]) for r in rows] == [
         (t, n, 3) for t in babilong.TASKS for n in (2000, 3000)]
-    assert {r["task"]: r["accuracy"] for r in rows} == {"qa1": 1.0, "qa2": 0.0, "qa3": 1.0}
+    assert {r["task"]: r["score"] for r in rows} == {"qa1": 100.0, "qa2": 0.0, "qa3": 100.0}
+
+
+# ------------------------------------------------------------------------------------------------ main.py eval
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run = fit(tmp_path_factory.mktemp("babilong"), "bl", "trainer.max_steps=2")
+    return str(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_cli_writes_rows_averages_plot_and_events(ckpt, tmp_path, capsys):
+    from lit_hsa.cli import main
+
+    with saved_plots() as plots:
+        assert main(["eval", "--suite", "babilong", "--ckpt", ckpt, "--device", "cpu", "--out", str(tmp_path),
+                     "--lengths", "1500,2500", "--samples", "2"]) == 0
+    result = json.loads((tmp_path / "babilong.json").read_text())
+    rows = result["rows"]
+    assert [(r["task"], r["length"], r["samples"]) for r in rows] == [
+        (t, n, 2) for t in ("qa1", "qa2", "qa3") for n in (1500, 2500)]
+    for r in rows:  # the score is the share of the outputs that BABILong's compare_answers accepts
+        accepted = [compare_answers(o["answer"], o["output"], q) for o, q in zip(r["outputs"], r["questions"])]
+        assert r["score"] == 100 * sum(accepted) / 2
+    per_length = {a["length"]: a["score"] for a in result["average_per_length"]}
+    assert per_length == {n: round(sum(r["score"] for r in rows if r["length"] == n) / 3, 2) for n in (1500, 2500)}
+    assert result["average"] == round((per_length[1500] + per_length[2500]) / 2, 2)
+    lines = plots["babilong_vs_length.png"][""]  # a line per task, then the average
+    tasks = ("qa1", "qa2", "qa3")
+    assert lines[:3] == [([1500.0, 2500.0], [r["score"] for r in rows if r["task"] == t]) for t in tasks]
+    assert lines[3] == ([1500.0, 2500.0], [per_length[1500], per_length[2500]])
+    assert scalars(tmp_path / "tb", "babilong/qa2/2500") == {0: pytest.approx(rows[3]["score"])}
+    assert "| qa1 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "qa4"], "--tasks: 'qa4' is not one of qa1, qa2, qa3"),
+    (["--depths", "0.5"], "--depths does not apply to --suite babilong"),
+    (["--essay-dir", "."], "--essay-dir does not apply to --suite babilong"),
+    (["--tasks", "qa3", "--lengths", "300"], "--lengths: length 300: BABILong task 'qa3' needs"),
+])
+def test_cli_bad_input_is_one_line(ckpt, tmp_path, capsys, args, message):
+    from lit_hsa.cli import main
+
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", "babilong", "--ckpt", ckpt, "--device", "cpu", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not out.exists()

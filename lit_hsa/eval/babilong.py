@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lit_hsa.eval.ruler_suite import split_sentences
+
 TASKS = ("qa1", "qa2", "qa3")
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # BABILong TASK_LABELS for qa1–qa3
 PEOPLE = ("Mary", "John", "Daniel", "Sandra")
@@ -226,8 +228,8 @@ def ask(task: str, world: World) -> Story | None:
 
 
 def sentences(text: str) -> list[str]:
-    """Background text → sentences: whitespace collapsed, split after '.', '!' or '?' followed by a space."""
-    return [s for s in re.split(r"(?<=[.!?]) ", re.sub(r"\s+", " ", text).strip()) if s]
+    """Background text → sentences (RULER suite's splitter), whitespace collapsed."""
+    return split_sentences(re.sub(r"\s+", " ", text))
 
 
 def build_sample(task: str, length: int, index: int, seed: int, tokenizer, background: list[str]) -> BabilongSample:

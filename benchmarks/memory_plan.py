@@ -29,10 +29,7 @@ from dataclasses import replace
 import torch  # noqa: E402
 from common import result_path, today, write_result
 
-from lit_hsa.config import (
-    ModelConfig,  # noqa: E402
-    parse_length,  # noqa: E402
-)
+from lit_hsa.config import ModelConfig, parse_length  # noqa: E402
 from lit_hsa.kernels.hsa import hsa_attention_reference, select_chunks_reference  # noqa: E402
 from lit_hsa.model import attention as attention_module  # noqa: E402
 from lit_hsa.model import hsa as hsa_module  # noqa: E402

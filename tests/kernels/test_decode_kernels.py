@@ -12,10 +12,7 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 pytest.importorskip("triton")
 
 import lit_hsa.kernels.hsa as hsa  # noqa: E402
-from lit_hsa.kernels.decode import (
-    ring_attention_reference,  # noqa: E402
-    triton_ring,  # noqa: E402
-)
+from lit_hsa.kernels.decode import ring_attention_reference, triton_ring  # noqa: E402
 from lit_hsa.kernels.decode.triton_ring import ring_attention_triton  # noqa: E402
 from tests.helpers import VOCAB, static_decode_with_triton, tiny  # noqa: E402
 

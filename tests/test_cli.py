@@ -1,4 +1,5 @@
 """What a user sees: `main.py fit` end to end on tiny settings, resume, validate, and one-line config errors."""
+import json
 import math
 import re
 import subprocess
@@ -149,3 +150,23 @@ def test_help_lists_every_subcommand_and_each_has_its_own(capsys):
     with pytest.raises(SystemExit) as done:
         main(["trian"])
     assert done.value.code == 2 and "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_behaviour_fingerprint_compare_names_what_differs(tmp_path):
+    """benchmarks/behaviour_fingerprint.py --compare: equal fingerprints are 'bit-identical' (exit 0); any differing
+    value is named by variant and key (exit 1)."""
+    before = {"hsa-dense": {"logits": "ab", "generated": [1, 2]}, "swa-moe": {"logits": "cd", "generated": [3]}}
+    after = {"hsa-dense": {"logits": "ab", "generated": [1, 2]}, "swa-moe": {"logits": "cd", "generated": [4]}}
+    paths = []
+    for name, data in (("before", before), ("after", after), ("same", before)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+
+    def compare(a, b):
+        return subprocess.run([sys.executable, "benchmarks/behaviour_fingerprint.py", "--compare", str(a), str(b)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    same = compare(paths[0], paths[2])
+    assert same.returncode == 0 and same.stdout.strip() == "bit-identical"
+    different = compare(paths[0], paths[1])
+    assert different.returncode == 1 and different.stdout.strip() == "DIFFERENT: swa-moe.generated"

@@ -100,7 +100,6 @@ def free_bytes(folder: Path) -> int:
         return FULL_DISK_BYTES
 
 
-
 def save_weights(out: str | Path, state: dict[str, torch.Tensor], hparams: dict, **records: Any) -> None:
     """Write ``out`` atomically in the one weights format: ``state`` (the model's state-dict names, without the
     ``model.`` prefix a Lightning checkpoint adds), ``hparams`` (at least ``model``: the ModelConfig as a dict; also

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from data_modules.sources import DataError
-from lit_hsa.checkpoint_io import consolidate, load_model
+from lit_hsa.checkpoint_io import CheckpointWriteError, consolidate, load_model
 from lit_hsa.config import ConfigError, load_config
 from lit_hsa.eval.run import run_eval
 from lit_hsa.experiment import run_experiment, seed_list
@@ -24,7 +24,7 @@ from lit_hsa.finetune.checkpoints import merge_checkpoint
 from lit_hsa.inference.generate import generate
 from lit_hsa.interop.convert import convert
 from lit_hsa.interop.hf_export import export_checkpoint
-from lit_hsa.training.faults import CheckpointWriteError, Preempted
+from lit_hsa.training.faults import Preempted
 from lit_hsa.training.run import run
 
 

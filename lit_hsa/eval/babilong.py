@@ -25,7 +25,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from lit_hsa.eval.ruler import greedy_answer
 from lit_hsa.eval.ruler_suite import split_sentences
 
 TASKS = ("qa1", "qa2", "qa3")
@@ -111,6 +113,10 @@ PROMPTS = {  # BABILong's babilong/prompts.py DEFAULT_PROMPTS, qa1–qa3, verbat
             "Before the $location_1& the $item$ was in the $location_2$. Do not write anything else after that.",
     },
 }
+
+
+class BabilongLengthError(ValueError):
+    """A context length too short to hold a story's facts."""
 
 
 @dataclass
@@ -242,7 +248,8 @@ def build_sample(task: str, length: int, index: int, seed: int, tokenizer, backg
     n_tokens = lambda s: len(tokenizer.encode(s))  # noqa: E731
     fact_tokens = sum(n_tokens(" " + f) for f in story.facts)
     if fact_tokens > length:
-        raise ValueError(f"length {length}: BABILong task '{task}' needs {fact_tokens} tokens for its facts alone")
+        raise BabilongLengthError(f"length {length}: BABILong task '{task}' needs {fact_tokens} tokens for its facts "
+                                  "alone")
     noise, used, i = [], fact_tokens, rng.randrange(len(background))
     while True:
         piece = background[i % len(background)]
@@ -286,24 +293,21 @@ def compare_answers(target: str, output: str, question: str, task_labels=LOCATIO
 def evaluate_babilong(model, tokenizer, tasks: list[str], lengths: list[int], samples: int, seed: int,
                       background: list[str], segment_size: int = 4096, device="cpu") -> list[dict]:
     """Score per (task, length): the percentage of ``samples`` greedy answers (up to EOS) that ``compare_answers``
-    accepts."""
-    import torch
-
-    from lit_hsa.eval.ruler import greedy_answer
-
+    accepts. Every sample is built before any decoding, so a length too short for a story (``BabilongLengthError``)
+    fails at once."""
+    built = {(task, length): [build_sample(task, length, i, seed, tokenizer, background) for i in range(samples)]
+             for task in tasks for length in lengths}
     model.eval()
     rows = []
-    for task in tasks:
-        for length in lengths:
-            correct, outputs, questions = 0, [], []
-            for i in range(samples):
-                sample = build_sample(task, length, i, seed, tokenizer, background)
-                prompt = torch.as_tensor(np.asarray(tokenizer.encode(sample.prompt), dtype=np.int64))
-                text = greedy_answer(model, tokenizer, prompt, MAX_NEW_TOKENS, segment_size, device, stop_at_eos=True)
-                correct += compare_answers(sample.answer, text, sample.question)
-                outputs.append({"answer": sample.answer, "output": text[:200]})
-                questions.append(sample.question)
-            # score in percent, as BABILong reports (and as RULER's rows: one summary and plot serve both)
-            rows.append({"task": task, "length": length, "samples": samples, "score": round(100 * correct / samples, 2),
-                         "outputs": outputs, "questions": questions})
+    for (task, length), group in built.items():
+        correct, outputs, questions = 0, [], []
+        for sample in group:
+            prompt = torch.as_tensor(np.asarray(tokenizer.encode(sample.prompt), dtype=np.int64))
+            text = greedy_answer(model, tokenizer, prompt, MAX_NEW_TOKENS, segment_size, device, stop_at_eos=True)
+            correct += compare_answers(sample.answer, text, sample.question)
+            outputs.append({"answer": sample.answer, "output": text[:200]})
+            questions.append(sample.question)
+        # score in percent, as BABILong reports (and as RULER's rows: one summary and plot serve both)
+        rows.append({"task": task, "length": length, "samples": samples, "score": round(100 * correct / samples, 2),
+                     "outputs": outputs, "questions": questions})
     return rows

@@ -164,15 +164,11 @@ def run_babilong_eval(args) -> None:
     data_cfg = load_config(args.config).data if args.config else DataConfig()
     model, tokenizer = load_model(args.ckpt, args.device)
     background = babilong.sentences(tokenizer.decode(held_out_tokens(data_cfg, tokenizer, 2 * max(lengths)).tolist()))
-    try:  # every sample is built (cheap) before any decoding: a length too short for its facts fails now
-        for task in tasks:
-            for length in lengths:
-                for i in range(args.samples):
-                    babilong.build_sample(task, length, i, args.seed, tokenizer, background)
-    except ValueError as e:
+    try:  # every sample is built before any decoding: a length too short for its facts fails now
+        rows = babilong.evaluate_babilong(model, tokenizer, tasks, lengths, args.samples, args.seed, background,
+                                          args.segment_size, args.device)
+    except babilong.BabilongLengthError as e:
         raise ConfigError(f"--lengths: {e}") from None
-    rows = babilong.evaluate_babilong(model, tokenizer, tasks, lengths, args.samples, args.seed, background,
-                                      args.segment_size, args.device)
     write_suite(args, tasks, lengths, rows, "BABILong accuracy (%)")
 
 

@@ -23,11 +23,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_hsa.checkpoint_io import (  # noqa: F401 (re-exported: the writer Lightning uses)
-    TEMPORARY_MARK,
-    CheckpointWriteError,
-    write_atomically,
-)
+from lit_hsa.checkpoint_io import TEMPORARY_MARK, write_atomically
 from lit_hsa.config import ConfigError
 
 

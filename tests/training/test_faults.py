@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
+from lit_hsa.checkpoint_io import CheckpointWriteError, write_atomically
 from lit_hsa.cli import main
 from lit_hsa.training import faults
-from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, remove_stale_temporaries, write_atomically
+from lit_hsa.training.faults import AtomicCheckpointIO, Preemption, remove_stale_temporaries
 from tests.helpers import FAST, ROOT, fit, run_dir, scalars
 
 # Constant LR (a cosine schedule depends on max_steps); validation every 3 steps.
@@ -102,7 +103,7 @@ KILL_LOOP = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from lit_hsa.training.faults import write_atomically
+from lit_hsa.checkpoint_io import write_atomically
 state = {{"state_dict": {{"w": torch.randn(4_000_000)}}, "global_step": 0}}  # 16 MB
 print("ready", flush=True)
 step = 0
@@ -161,8 +162,8 @@ def failing_save(after_bytes: int):
 def test_full_disk_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     write_atomically({"global_step": 1}, path)
-    monkeypatch.setattr(faults.torch, "save", failing_save(1000))
-    with pytest.raises(faults.CheckpointWriteError, match="no space left .* the previous checkpoint is unchanged"):
+    monkeypatch.setattr(torch, "save", failing_save(1000))
+    with pytest.raises(CheckpointWriteError, match="no space left .* the previous checkpoint is unchanged"):
         write_atomically({"global_step": 2}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert torch.load(path, weights_only=True)["global_step"] == 1
@@ -177,7 +178,7 @@ def test_full_disk_during_fit_is_one_line_and_exit_2(tmp_path, monkeypatch, caps
         calls["n"] += 1
         return failing_save(5000)(obj, f) if calls["n"] >= 2 else real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(faults.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     args = ["fit", "--config", str(ROOT / "configs/tiny.yaml"), f"trainer.root_dir={tmp_path}", *FAST,
             "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "trainer.val_check_interval=100"]
     assert main(args) == 2

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data_modules.curriculum import seq_len_stages
 from data_modules.sources import DataError
@@ -382,7 +382,7 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | None
     complete = preset not in PRESETS and given >= MODEL_SHAPE_KEYS
     model = ModelConfig(name=preset) if complete else ModelConfig.from_name(preset)
     schema = OmegaConf.structured(Config(model=model))
-    cfg: Config = merge_onto(schema, file_cfg, cli_cfg,
+    cfg: Config = merge_onto(schema, file_cfg, overrides=overrides,
                              unknown_key=lambda key: f"unknown config key '{key}'{_suggest_key(key)}")
     cfg.validate()
     return cfg
@@ -396,15 +396,45 @@ def parse_overrides(overrides: list[str] | None):
     return OmegaConf.from_dotlist(list(overrides or []))
 
 
-def merge_onto(schema, *nodes, unknown_key: Callable[[str], str]):
-    """Merge ``nodes`` onto a structured ``schema`` → its dataclass. An unknown key is one ConfigError with the
-    message ``unknown_key(full key)``; a value of the wrong type names its key."""
+def merge_onto(schema, *nodes, overrides: list[str] | None = None, unknown_key: Callable[[str], str]):
+    """Merge ``nodes`` onto a structured ``schema``, then apply ``dotted.key=value`` ``overrides`` one by one by key
+    path (so list items can be addressed: ``phases.1.max_steps=5``, ``data.sources.0.weight=2``) → its dataclass.
+    An unknown key is one ConfigError with the message ``unknown_key(full key)``; a value of the wrong type names
+    its key."""
+    parse_overrides(overrides)  # an item without '=' is one ConfigError
+    key = None
     try:
-        return OmegaConf.to_object(OmegaConf.merge(schema, *nodes))
-    except ConfigKeyError as e:
-        raise ConfigError(unknown_key(e.full_key or str(e.key))) from None
+        node = OmegaConf.merge(schema, *nodes)
+        writable(node)
+        for item in overrides or []:
+            key = item.split("=", 1)[0]
+            check_list_indices(node, key)
+            OmegaConf.update(node, key, OmegaConf.select(OmegaConf.from_dotlist([item]), key), merge=True)
+        return OmegaConf.to_object(node)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        raise ConfigError(unknown_key(e.full_key or key or str(e.key))) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for '{e.full_key}': {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"bad value for '{e.full_key or key}': {str(e).splitlines()[0]}") from None
+
+
+def check_list_indices(node, key: str) -> None:
+    """An override's path may index a list only within its length (OmegaConf would try to add an empty item)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = OmegaConf.select(node, ".".join(parts[:i + 1]), throw_on_missing=False)
+        if isinstance(child, ListConfig) and parts[i + 1].isdigit() and int(parts[i + 1]) >= len(child):
+            raise ConfigError(f"override '{key}': {'.'.join(parts[:i + 1])} has {len(child)} item(s), "
+                              f"indices 0..{len(child) - 1}")
+
+
+def writable(node) -> None:
+    """Clear the read-only flag that frozen dataclasses (``ModelConfig``) put on their nodes, throughout ``node``:
+    overrides are applied to the merged tree before it becomes the (frozen) dataclasses again."""
+    OmegaConf.set_readonly(node, False)
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        child = node._get_node(key)  # (the node itself: reading the value would resolve interpolations)
+        if isinstance(child, (DictConfig, ListConfig)):
+            writable(child)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -39,7 +39,6 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data_modules.tokenizers import build_tokenizer
 from lit_hsa.checkpoint_io import WEIGHTS_ONLY, load_checkpoint_file, load_net, save_weights, state_problems
@@ -53,7 +52,6 @@ from lit_hsa.config import (
     load_yaml,
     merge_onto,
     parse_length,
-    parse_overrides,
 )
 from lit_hsa.eval.experiment_report import summarize
 from lit_hsa.eval.perplexity import autocast, held_out_perplexity
@@ -245,11 +243,8 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Experiment
     raw = load_yaml(path)
     container = OmegaConf.to_container(raw)
     check_phase_keys((container.get("phases") if isinstance(container, dict) else None) or [])
-    node = OmegaConf.structured(merge_onto(OmegaConf.structured(Experiment), raw, unknown_key=unknown_experiment_key))
-    parse_overrides(overrides)  # an item without '=' is one ConfigError
-    for item in overrides or []:
-        apply_override(node, item)
-    exp: Experiment = OmegaConf.to_object(node)
+    exp: Experiment = merge_onto(OmegaConf.structured(Experiment), raw, overrides=overrides,
+                                 unknown_key=unknown_experiment_key)
     exp.validate()
     return exp
 
@@ -268,19 +263,6 @@ def check_phase_keys(phases: Any) -> None:
         for key in p:
             if key not in PHASE_KEYS:
                 raise ConfigError(f"phases[{i}]: unknown phase key '{key}' (keys: {', '.join(PHASE_KEYS)})")
-
-
-def apply_override(node, item: str) -> None:
-    """One ``dotted.key=value`` onto the structured experiment ``node``, by its key path (``OmegaConf.update``) rather
-    than by merging a tree of overrides, so that list items can be addressed: ``phases.1.max_steps=5``."""
-    key = item.split("=", 1)[0]
-    value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
-    try:
-        OmegaConf.update(node, key, value, merge=True)
-    except (ConfigAttributeError, ConfigKeyError) as e:
-        raise ConfigError(unknown_experiment_key(e.full_key or key)) from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"bad value for '{e.full_key or key}': {str(e).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -61,6 +61,9 @@ def test_yaml_and_overrides_merge(tmp_path):
         (["ckpt_path=missing.ckpt"], "ckpt_path 'missing.ckpt' does not exist"),
         (["trainer.max_steps"], "dotted.key=value"),
         (["data.document_masking=true"], "needs data.align_docs_to_chunks=true"),
+        (["data.sources.0.wieght=2"], "unknown config key 'data.sources[0].wieght' (did you mean"),
+        (["data.sources.0.weight=heavy"], "data.sources[0].weight"),
+        (["data.sources.3.weight=2"], "override 'data.sources.3.weight': data.sources has 1 item(s), indices 0..0"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -68,6 +71,16 @@ def test_bad_config_names_the_key(overrides, message):
         load_config(None, overrides)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_overrides_address_list_items_by_index(tmp_path):
+    """``data.sources.1.weight=3`` changes that one item of a list the files gave; the others keep their keys."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  sources:\n    - {kind: stdlib, weight: 1.0}\n    - {kind: files, paths: [a.txt]}\n")
+    cfg = load_config(str(path), ["data.sources.1.weight=3", "data.sources.0.min_chars=5"])
+    first, second = cfg.data.sources
+    assert (first.kind, first.weight, first.min_chars) == ("stdlib", 1.0, 5)
+    assert (second.kind, second.paths, second.weight, second.min_chars) == ("files", ["a.txt"], 3.0, 0)
 
 
 def test_several_config_files_merge_in_order(tmp_path):

@@ -35,6 +35,47 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, groups: ExpertGroups) -> to
     return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, groups.sizes))])
 
 
+class Route:
+    """Moves rows between token order ([N, d], token t) and expert order ([N*k, d], the N*k assignments sorted by
+    expert, ``order`` [N*k]: sorted position → assignment t*k + j) with row gathers only, both ways. Indexing
+    (``x[token_of]``) would do the same forward, but its backward is an accumulating scatter (atomics, or a sort of
+    the indices on CUDA); here the backward of each direction is the other direction's gather."""
+
+    def __init__(self, order: torch.Tensor, top_k: int):
+        self.top_k = top_k
+        self.token_of = order // top_k  # [N*k]: the token of each sorted row
+        self.position_of = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+    def to_experts(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x: [N, d] → [N*k, d] in ``dtype``: each token's row once per assignment, in expert order."""
+        return _Routed.apply(x, self, True, dtype)
+
+    def to_tokens(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y: [N*k, d] in expert order → [N, d] in ``dtype``: each token's k rows summed (in ``dtype``)."""
+        return _Routed.apply(y, self, False, dtype)
+
+    def gather_to_experts(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.to(dtype).index_select(0, self.token_of)
+
+    def gather_to_tokens(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return y.index_select(0, self.position_of).view(-1, self.top_k, y.shape[-1]).sum(1, dtype=dtype)
+
+
+class _Routed(torch.autograd.Function):
+    """``Route``'s two directions; each is the transpose of the other, so each one's backward is the other."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, route: Route, to_experts: bool, dtype: torch.dtype) -> torch.Tensor:
+        ctx.route, ctx.to_experts, ctx.in_dtype = route, to_experts, x.dtype
+        return route.gather_to_experts(x, dtype) if to_experts else route.gather_to_tokens(x, dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        route, dtype = ctx.route, ctx.in_dtype
+        dx = route.gather_to_tokens(grad, dtype) if ctx.to_experts else route.gather_to_experts(grad, dtype)
+        return dx, None, None, None
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on x run in: autocast's where it is on for x's device, else x's own."""
     device = x.device.type
@@ -114,18 +155,17 @@ class MoE(nn.Module):
                     gates: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, each expert run once on its slice; updates the load statistics and aux loss."""
         n_tokens = xf.shape[0]
-        flat_expert = chosen.flatten()  # [N*k]
-        order = flat_expert.argsort(stable=True)
-        token_of = order // self.top_k
+        flat_expert = chosen.flatten()  # [N*k]: assignment j of token t at t*k + j
+        order = flat_expert.argsort(stable=True)  # expert-sorted position → assignment
         # scatter_add, not bincount: CUDA's bincount reads the input's range back to the host
         counts = torch.zeros(self.n_experts, dtype=torch.int64, device=xf.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
-        out_sorted = self._run_experts(xf[token_of], ExpertGroups(counts))
-        out_sorted = out_sorted * gates.flatten()[order, None].to(out_sorted.dtype)
+        route = Route(order, self.top_k)
+        x_sorted = route.to_experts(xf, compute_dtype(xf))
+        out_sorted = self._run_experts(x_sorted, ExpertGroups(counts), gates.flatten()[order])
         # Under autocast the experts return bf16 while xf is fp32: the k contributions of a token are summed in the
         # wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
-        acc_dtype = torch.promote_types(xf.dtype, out_sorted.dtype)
-        y = xf.new_zeros(xf.shape, dtype=acc_dtype).index_add_(0, token_of, out_sorted.to(acc_dtype))
+        y = route.to_tokens(out_sorted, torch.promote_types(xf.dtype, out_sorted.dtype))
 
         if self.training:
             self.load_accum += counts.to(self.load_accum.dtype)
@@ -148,11 +188,16 @@ class MoE(nn.Module):
         y = (h @ w_down).squeeze(2)  # [N, k, d]
         return (y * gates[..., None].to(y.dtype)).sum(dim=1)
 
-    def _run_experts(self, x_sorted: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """x_sorted: [N*k, d] grouped by expert (``groups``) → [N*k, d], in the matmuls' dtype (autocast's, under
-        autocast)."""
-        x = x_sorted.to(compute_dtype(x_sorted))
-        h = F.silu(self._expert_linear("gate", x, groups)) * self._expert_linear("up", x, groups)
+    def _run_experts(self, x: torch.Tensor, groups: ExpertGroups, gates: torch.Tensor) -> torch.Tensor:
+        """x: [N*k, d] grouped by expert (``groups``), in the matmuls' dtype; gates: [N*k] → [N*k, d], each row
+        times its gate. Gate and up are one grouped GEMM (x is read once); the gate scales the hidden rows before the
+        down projection (linear, so the same product, on a width-``expert_hidden`` tensor instead of ``d``)."""
+        hidden = self.w_gate.shape[-1]
+        w_gate_up = torch.cat([self.w_gate.to(x.dtype), self.w_up.to(x.dtype)], dim=-1)  # [E, d, 2·hidden]
+        gate, up = grouped_matmul(x, w_gate_up, groups).split(hidden, dim=-1)
+        if self.lora_experts is not None:
+            gate, up = gate + self.lora_experts("gate", x, groups), up + self.lora_experts("up", x, groups)
+        h = F.silu(gate) * up * gates[:, None].to(x.dtype)
         return self._expert_linear("down", h, groups)
 
     def _expert_linear(self, name: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:

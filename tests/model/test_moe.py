@@ -173,6 +173,26 @@ def test_grouped_moe_matches_the_per_token_definition(backend):
     torch.testing.assert_close(moe(x), naive_moe(moe, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["grouped", "loop"])
+def test_moe_gradients_equal_the_per_token_definitions(backend, name):
+    """Input, expert, router and shared-expert gradients (fp32) equal autograd through ``naive_moe``, which indexes
+    each token's own experts: the routing of rows to experts and back (and the gates folded into the hidden rows)
+    has the per-token definition's backward."""
+    backend(name)
+    moe = grouped_moe()
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    target = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for forward in (moe, lambda x: naive_moe(moe, x)):
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        (forward(x) * target).sum().backward()
+        grads.append({"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-5, msg=n)
+
+
 def meta_training_step(lora: bool) -> None:
     """A MoE layer's forward + backward on the meta device (bf16, as on GPUs): tensors there have shapes but no
     data, so any operator that reads values back to the host (item, tolist, nonzero, ...) raises."""

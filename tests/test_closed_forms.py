@@ -1,7 +1,8 @@
 """Quantities with a closed form, pinned to values worked out here from their definitions (not to another path of
 our own code): the learning-rate schedule, the MoE balance loss and balancing bias step, training FLOPs with tied
 and untied embeddings, the LoRA scale (dense and expert adapters), step schedules under gradient accumulation, the
-sampling distribution (temperature, nucleus) and RMSNorm. How this project tests: tests/README.md."""
+sampling distribution (temperature, nucleus), RMSNorm and the token-weighted validation loss. How this project
+tests: tests/README.md."""
 import math
 
 import pytest
@@ -48,6 +49,29 @@ def test_logged_learning_rate_follows_the_schedule(tmp_path):
     assert sorted(lr) == sorted(expected)
     for step, value in expected.items():
         assert lr[step] == pytest.approx(value, rel=1e-6), step
+
+
+def test_validation_loss_is_the_token_weighted_mean_over_batches():
+    """val/loss = Σ over batches of the summed next-token cross-entropy / Σ of their targets, not the mean of the
+    batch means: two batches with 11 and 2 targets, each target's loss -log softmax(logits)[label] computed here in
+    float64."""
+    from lit_hsa.model.loss import IGNORE_INDEX
+    from lit_hsa.training.module import HSALitModule
+
+    torch.manual_seed(0)
+    module = HSALitModule(tiny(attention="swa"), OptimConfig(lr=1e-3)).eval()
+    total, targets, means = 0.0, 0, []
+    with torch.no_grad():
+        for i, n in enumerate((11, 2)):
+            ids, labels = torch.randint(0, 64, (1, 12)), torch.randint(0, 64, (1, 12))
+            labels[0, n:] = IGNORE_INDEX
+            module.validation_step({"input_ids": ids, "labels": labels}, i)
+            logp = module.model(ids)[0].double().log_softmax(-1)[:n]
+            losses = -logp.gather(1, labels[0, :n, None])
+            total, targets = total + float(losses.sum()), targets + n
+            means.append(float(losses.mean()))
+    assert abs(sum(means) / 2 - total / targets) > 1e-2  # the two means differ: the weighting is seen
+    assert float(module.val_loss.compute()) == pytest.approx(total / targets, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ MoE balance loss

@@ -197,6 +197,8 @@ NATIVE = {  # overrides of `tiny` → (model_type, class); T = 40 > every window
                       "mistral", "MistralForCausalLM"),
     "full-linear-rope": (dict(attention="full", moe=False, rope_scaling=dict(rope_type="linear", factor=2.0)),
                          "qwen3", "Qwen3ForCausalLM"),
+    # an eps other than both sides' default (1e-6), large enough to move the logits: config.json must carry it
+    "full-norm-eps-1e-2": (dict(attention="full", moe=False, norm_eps=1e-2), "qwen3", "Qwen3ForCausalLM"),
 }
 
 @pytest.mark.parametrize("variant", NATIVE)

@@ -1,12 +1,13 @@
 """flex_attention block masks built from the masking rules (``block_mask_from_rules``, no compilation): the same
 skipped / partial / full blocks as torch's ``create_block_mask`` evaluating the mask on every element, and, element
-by element, the same attention pattern as the masks written here from the definition."""
+by element, the same attention pattern as the masks written here from the definition; the dense SDPA masks (every
+CPU forward) pair by pair against the rule."""
 import itertools
 
 import pytest
 import torch
 
-from lit_hsa.model.attention import block_mask_from_rules
+from lit_hsa.model.attention import block_mask_from_rules, build_mask
 
 create_block_mask = pytest.importorskip("torch.nn.attention.flex_attention").create_block_mask
 
@@ -73,3 +74,16 @@ def test_blocks_cover_exactly_the_allowed_pairs(window, docs):
         tile = allowed[qb * block:(qb + 1) * block, kb * block:(kb + 1) * block]
         kind = "full" if (0, qb, kb) in full else "partial" if (0, qb, kb) in partial else "skipped"
         assert kind == ("full" if tile.all() else "skipped" if not tile.any() else "partial"), (qb, kb)
+
+
+@pytest.mark.parametrize("window,docs", [(5, False), (5, True), (None, True)])
+def test_dense_masks_are_the_element_rule(window, docs):
+    """``build_mask``'s SDPA mask: query t sees key s iff s <= t, t − s < window and both tokens lie in one
+    document, pair by pair in plain Python (window 5: t sees t−4..t, not t−5; row 1 is one document)."""
+    T = 24
+    doc_ids = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 24]) if docs else None
+    dense = build_mask(T, window, doc_ids, "cpu", "sdpa").dense
+    assert dense.shape == (2 if docs else 1, 1, T, T)
+    for b, t, s in itertools.product(range(dense.shape[0]), range(T), range(T)):
+        same_doc = doc_ids is None or int(doc_ids[b, t]) == int(doc_ids[b, s])
+        assert bool(dense[b, 0, t, s]) == (s <= t and (window is None or t - s < window) and same_doc), (b, t, s)

@@ -202,6 +202,9 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     strategy: str = "auto"  # auto (one device / DDP) | ddp | fsdp (FSDP2 fully_shard per block, ModelParallelStrategy)
     num_nodes: int = 1
+    # ranks that split one sequence (each holds seq_len / N contiguous tokens): the model and collective core exists
+    # (lit_hsa/training/context_parallel.py), fit does not run it yet, so a value above 1 is refused
+    context_parallel: int = 1
     activation_checkpointing: bool = False  # recompute each block in backward (long sequences)
     compile: bool = False  # torch.compile each block
     nan_policy: str = "stop"  # non-finite loss or gradient norm: stop (with a message) | skip the optimizer step
@@ -233,10 +236,25 @@ class TrainerConfig:
         if self.eval_every_n_steps < 0:
             raise ConfigError(f"trainer.eval_every_n_steps must be >= 0, got {self.eval_every_n_steps}")
         self.retrieval_eval().validate()
+        self._validate_context_parallel()
         for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "log_every_n_steps",
                     "checkpoint_every_n_steps", "retrieval_stats_every", "max_consecutive_nonfinite"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+
+    def _validate_context_parallel(self) -> None:
+        n = self.context_parallel
+        if n < 1:
+            raise ConfigError(f"trainer.context_parallel must be >= 1, got {n}")
+        if n == 1:
+            return
+        if not str(self.devices).isdigit():
+            raise ConfigError(f"trainer.context_parallel={n} needs trainer.devices as a number of devices per node, "
+                              f"got '{self.devices}'")
+        devices = int(self.devices) * self.num_nodes
+        if devices % n:
+            raise ConfigError(f"trainer.context_parallel ({n}) must divide the number of devices (trainer.devices × "
+                              f"trainer.num_nodes = {devices})")
 
 
 @dataclass
@@ -298,6 +316,7 @@ class Config:
             raise ConfigError("data.document_masking with model.attention=hsa needs data.align_docs_to_chunks=true: "
                               "a chunk straddling two documents is encoded across both, so no document may retrieve it")
         self._validate_seq_len_schedule()
+        self._validate_context_parallel()
         for key in ("ckpt_path", "init_from"):
             if getattr(self, key) is not None and not Path(getattr(self, key)).exists():
                 raise ConfigError(f"{key} '{getattr(self, key)}' does not exist")
@@ -319,6 +338,21 @@ class Config:
             seq_len_stages(self.trainer.seq_len_schedule, self.data.seq_len, self.data.batch_size)
         except DataError as e:
             raise ConfigError(str(e)) from None
+
+    def _validate_context_parallel(self) -> None:
+        n = self.trainer.context_parallel
+        if n == 1:
+            return
+        # a slice of an HSA model's sequence holds whole chunks: the rank holding a chunk encodes it
+        unit, what = (n * self.model.chunk_size, f"trainer.context_parallel × model.chunk_size = {n} × "
+                      f"{self.model.chunk_size}") if self.model.attention == "hsa" else (n, "trainer.context_parallel")
+        for key, seq_len in [("data.seq_len", self.data.seq_len),
+                             *(("trainer.seq_len_schedule", s) for _, s in self.trainer.seq_len_schedule)]:
+            if seq_len % unit:
+                raise ConfigError(f"{key}: seq_len {seq_len} must be a multiple of {what} = {unit}")
+        raise ConfigError(f"trainer.context_parallel={n}: context parallelism is not wired into fit yet (the model "
+                          "and collective core is lit_hsa/training/context_parallel.py; docs/scaling.md#context-"
+                          "parallelism); use 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -224,21 +224,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return out.transpose(1, 2)
 
 
-def sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                           block: int = 1024) -> torch.Tensor:
+def sliding_window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                          block: int = 1024, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sliding-window attention of the n newest positions: q [B, n, Hq, D] against k/v [B, L, Hkv, D] (L >= n; the
     last n keys belong to the queries). Queries go ``block`` at a time against only the keys their window reaches,
-    so a long prefill segment costs O(n · (block + window)) instead of an [n, L] mask and O(n · L) work."""
+    so a long prefill segment costs O(n · (block + window)) instead of an [n, L] mask and O(n · L) work.
+
+    ``window`` None: causal attention to every earlier key. ``doc_ids`` [B, L] (optional): the document of every key
+    (the queries' are the last n); a query then sees only keys of its own document (context-parallel shards)."""
     n, L = q.shape[1], k.shape[1]
     outs = []
     for start in range(0, n, block):
         stop = min(start + block, n)
         q_pos = torch.arange(L - n + start, L - n + stop, device=q.device)  # positions within k
-        first = max(0, L - n + start - window + 1)
+        first = 0 if window is None else max(0, L - n + start - window + 1)
         k_pos = torch.arange(first, L - n + stop, device=q.device)
-        allowed = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+        allowed = allowed[None, None]
+        if doc_ids is not None:
+            q_doc, k_doc = doc_ids[:, L - n + start : L - n + stop], doc_ids[:, first : L - n + stop]
+            allowed = allowed & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
         keys = slice(first, L - n + stop)
-        outs.append(attend(q[:, start:stop], k[:, keys], v[:, keys], AttentionMask(window, dense=allowed[None, None])))
+        outs.append(attend(q[:, start:stop], k[:, keys], v[:, keys], AttentionMask(window, dense=allowed)))
     return torch.cat(outs, dim=1)
 
 
@@ -287,4 +296,7 @@ class Context:
     sin: torch.Tensor
     masks: dict
     doc_ids: torch.Tensor | None
-    q_start: int | torch.Tensor = 0  # absolute position of the first token (decoding)
+    q_start: int | torch.Tensor = 0  # absolute position of the first token (decoding, context-parallel shards)
+    # [B, C]: the document of every chunk of the memory, where it holds chunks beyond this forward's tokens (a
+    # context-parallel shard reads the whole sequence's chunks); None: read from doc_ids
+    chunk_doc_ids: torch.Tensor | None = None

@@ -134,8 +134,10 @@ class Retrieval(nn.Module):
         upgrade_pos_decay(state_dict)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int | torch.Tensor = 0):
-        """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty)."""
+    def forward(self, h: torch.Tensor, memory: Memory, doc_ids: torch.Tensor | None, q_start: int | torch.Tensor = 0,
+                chunk_doc_ids: torch.Tensor | None = None):
+        """→ weights [B, T, Hkv, K] (float32), indices [B, T, Hkv, K] (int64, −1 empty). ``chunk_doc_ids`` [B, C]:
+        the document of every chunk of ``memory`` (default: read from ``doc_ids`` at the chunk starts)."""
         cfg = self.cfg
         B, T, _ = h.shape
         q_slc = self.q_norm(self.q_proj(self.norm(h)).view(B, T, cfg.retrieval_heads, cfg.retrieval_head_dim))
@@ -143,7 +145,8 @@ class Retrieval(nn.Module):
         # empty slots that still cost gather and attention work.
         topk = max(1, min(self.topk, memory.landmarks.shape[1]))
         scores, indices = select_chunks(q_slc, memory.landmarks, topk, cfg.chunk_size, doc_ids,
-                                        q_start=q_start, gumbel_noise=cfg.gumbel_noise and self.training)
+                                        q_start=q_start, chunk_doc_ids=chunk_doc_ids,
+                                        gumbel_noise=cfg.gumbel_noise and self.training)
         if self.pos_decay is not None:
             rank = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
             scores = scores + self.pos_decay.to(scores.dtype) * rank  # slot j holds the j-th most recent chunk
@@ -191,7 +194,7 @@ class HSABlock(nn.Module):
         if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
             return torch.zeros_like(h)
         h_retrieval = h if h_retrieval is None else h_retrieval
-        weights, indices = self.retrieval(h_retrieval, memory, ctx.doc_ids, ctx.q_start)
+        weights, indices = self.retrieval(h_retrieval, memory, ctx.doc_ids, ctx.q_start, ctx.chunk_doc_ids)
         self.last_selection = (weights.detach(), indices.detach())
         q = self.q_norm(self.q_proj(self.hsa_norm(h)).view(B, T, cfg.hsa_q_heads, cfg.head_dim))
         memory, indices = memory.chunks_for(indices, cfg.chunk_size, h.device)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,17 @@ class Block(nn.Module):
         """``memory`` is unused: all blocks share one call signature, so wrappers (checkpointing) stay transparent."""
         h = h + self.attn(self.attn_norm(h), ctx.cos, ctx.sin, ctx.masks[self.window])
         return h + self.ffn(self.ffn_norm(h))
+
+
+class SequenceShard(Protocol):
+    """One contiguous slice of longer sequences (context parallelism: ``lit_hsa.training.context_parallel``). It
+    builds the context of the slice's tokens (rotary tables at their absolute positions, masks whose attention also
+    reads earlier slices' keys, the documents of the whole sequence's chunks) and the chunk memory of the whole
+    sequence from each slice's own chunks. It holds the collectives; the model only calls these two methods."""
+
+    def context(self, model: "HSATransformer", T: int, device, doc_ids: torch.Tensor | None) -> Context: ...
+
+    def gather_memory(self, memory: Memory) -> Memory: ...
 
 
 class HSATransformer(nn.Module):
@@ -156,16 +168,23 @@ class HSATransformer(nn.Module):
         return self.lm_head.weight if self.lm_head is not None else self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, loss_weight: torch.Tensor | None = None,
+                shard: SequenceShard | None = None) -> torch.Tensor:
         """Logits [B, T, V] for the tokens, or with ``labels`` [B, T] the mean cross-entropy (weighted by
         ``loss_weight`` [B, T] when given), computed in row chunks so [T, V] logits never exist (and inside forward,
-        so FSDP has the head weight gathered). Decoding with caches: ``lit_hsa.inference.decode.decode_forward``."""
+        so FSDP has the head weight gathered). Decoding with caches: ``lit_hsa.inference.decode.decode_forward``.
+
+        ``shard``: the tokens are one slice of longer sequences (context parallelism); the loss is then this slice's
+        mean, which ``lit_hsa.training.context_parallel`` weighs into the whole sequence's."""
         T = input_ids.shape[1]
         h = self.embed(input_ids)
-        ctx = self.make_context(T, input_ids.device, doc_ids)
+        ctx = self.make_context(T, input_ids.device, doc_ids) if shard is None else \
+            shard.context(self, T, input_ids.device, doc_ids)
         for block in self.lower:
             h = block(h, ctx, None)
         memory = self.memory(h) if self.memory is not None else None
+        if memory is not None and shard is not None:
+            memory = shard.gather_memory(memory)
         for block in self.upper:
             h = block(h, ctx, memory)
         h = self.norm(h)

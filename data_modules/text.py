@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .curriculum import seq_len_stages
 from .packing import (
@@ -115,11 +115,18 @@ class TextDataModule(L.LightningDataModule):
     next stage's first step, and Lightning (``reload_dataloaders_every_n_epochs=1``) asks for a new one, shaped
     for ``trainer.global_step``. Tokens per step stay ``data.batch_size × data.seq_len``, and streams count their
     position in tokens, so the data continues exactly where the previous shape stopped.
+
+    Context parallelism (``context_parallel`` = N > 1): the N consecutive ranks of a context group split the same
+    sequences, so streams and validation samples are divided by data-parallel index (``global_rank // N``) over the
+    data-parallel size (``world_size // N``), and every rank of a group gets the whole batch (the LightningModule
+    slices its own part).
     """
 
-    def __init__(self, cfg, chunk_size: int | None = None, seq_len_schedule: list | tuple = ()):
+    def __init__(self, cfg, chunk_size: int | None = None, seq_len_schedule: list | tuple = (),
+                 context_parallel: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.context_parallel = context_parallel
         self.tokenizer = build_tokenizer(cfg.tokenizer, cfg.eos_token)
         self.align = chunk_size if cfg.align_docs_to_chunks else None
         if cfg.align_docs_to_chunks and not chunk_size:
@@ -136,9 +143,15 @@ class TextDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def _world(self) -> int:
+        """Every process of the run (data × context)."""
+        return self.trainer.world_size if self.trainer is not None else 1
+
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        """(data-parallel index, data-parallel size): what divides the data. The ranks of one context group share
+        an index, so they read the same batches."""
+        trainer, n = self.trainer, self.context_parallel
+        return (trainer.global_rank // n, trainer.world_size // n) if trainer is not None else (0, 1)
 
     def _progress(self) -> tuple[int, int]:
         """(optimizer step, batches per step). Lightning restores the step before it builds loaders on resume."""
@@ -210,8 +223,15 @@ class TextDataModule(L.LightningDataModule):
         return samples
 
     def val_dataloader(self) -> DataLoader:
-        # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly.
-        return DataLoader(self.validation_samples(), batch_size=self.cfg.batch_size, shuffle=False)
+        # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly. With context parallelism
+        # ours, by data-parallel index: Lightning's would split by global rank and give a group different samples
+        # (it keeps a DistributedSampler it is given).
+        samples = self.validation_samples()
+        if self.context_parallel == 1:
+            return DataLoader(samples, batch_size=self.cfg.batch_size, shuffle=False)
+        rank, world = self._rank_world()
+        sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(samples, batch_size=self.cfg.batch_size, sampler=sampler)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Lightning calls this for the batch it is about to train on, while the loader has already prefetched
@@ -226,11 +246,11 @@ class TextDataModule(L.LightningDataModule):
         return max(1, self.cfg.num_workers)
 
     def state_dict(self) -> dict:
-        """Every rank's stream positions, by rank: gathered, since one rank writes the checkpoint file."""
-        _, world = self._rank_world()
+        """Every data-parallel rank's stream positions, by data-parallel index: gathered over every process (a
+        collective; one rank writes the checkpoint file), one per context group (its ranks read the same stream)."""
         positions = [self._positions.get(w) for w in range(self._workers())]
         mine = {"batches_consumed": self._consumed, "positions": positions}
-        return {"ranks": gather_objects(mine, world)}
+        return {"ranks": gather_objects(mine, self._world())[::self.context_parallel]}
 
     def load_state_dict(self, state: dict) -> None:
         if "ranks" not in state:  # a checkpoint from before positions were saved: replay to the consumed batch

@@ -202,8 +202,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     strategy: str = "auto"  # auto (one device / DDP) | ddp | fsdp (FSDP2 fully_shard per block, ModelParallelStrategy)
     num_nodes: int = 1
-    # ranks that split one sequence (each holds seq_len / N contiguous tokens): the model and collective core exists
-    # (lit_hsa/training/context_parallel.py), fit does not run it yet, so a value above 1 is refused
+    # ranks that split one sequence (context parallelism, docs/scaling.md): groups of N consecutive ranks read the
+    # same batches and each holds seq_len / N contiguous tokens of them; data parallel over the devices / N groups
     context_parallel: int = 1
     activation_checkpointing: bool = False  # recompute each block in backward (long sequences)
     compile: bool = False  # torch.compile each block
@@ -350,9 +350,9 @@ class Config:
                              *(("trainer.seq_len_schedule", s) for _, s in self.trainer.seq_len_schedule)]:
             if seq_len % unit:
                 raise ConfigError(f"{key}: seq_len {seq_len} must be a multiple of {what} = {unit}")
-        raise ConfigError(f"trainer.context_parallel={n}: context parallelism is not wired into fit yet (the model "
-                          "and collective core is lit_hsa/training/context_parallel.py; docs/scaling.md#context-"
-                          "parallelism); use 1")
+        if self.model.aux_loss_coef > 0:  # each rank's would be its slice's balance loss, not the sequence's
+            raise ConfigError(f"trainer.context_parallel={n} does not run the MoE aux loss (model.aux_loss_coef="
+                              f"{self.model.aux_loss_coef:g}): set it to 0 (balancing by expert bias still runs)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,17 @@ class ContextGroup:
     def of(cls, group=None) -> "ContextGroup":
         return cls(group, dist.get_rank(group), dist.get_world_size(group))
 
+    @classmethod
+    def consecutive(cls, size: int) -> "ContextGroup":
+        """This process's group when the world splits into groups of ``size`` consecutive ranks (ranks {0..N−1},
+        {N..2N−1}, ...; the data-parallel index is ``global rank // size``). Every rank creates every group, in the
+        same order, as ``torch.distributed.new_group`` requires."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % size:
+            raise ValueError(f"context groups of {size} ranks do not divide the world of {world} ranks")
+        groups = [dist.new_group(list(range(first, first + size))) for first in range(0, world, size)]
+        return cls.of(groups[rank // size])
+
 
 class _GatherShards(torch.autograd.Function):
     """x [*] of every rank → [N, *]; backward: the gradients every rank holds for piece r, summed, go to rank r."""
@@ -178,6 +189,14 @@ def context_parallel_loss(model: HSATransformer, batch: dict, group: ContextGrou
     dist.all_reduce(total, group=group.group)
     # loss = Σ ce / max(mine, ε): rescaled, it is Σ ce / total (and 0 where this slice has no targets)
     return loss * (mine / total.clamp_min(1e-6))
+
+
+def whole_loss(share: torch.Tensor, group: ContextGroup) -> torch.Tensor:
+    """The whole sequences' loss from this rank's share (``context_parallel_loss``): the shares summed over the
+    group, detached (for logging and the non-finite check; every rank of the group gets the same value)."""
+    total = share.detach().clone()
+    dist.all_reduce(total, group=group.group)
+    return total
 
 
 def reduce_gradients(parameters, group: ContextGroup) -> None:

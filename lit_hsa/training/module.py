@@ -22,6 +22,7 @@ from lit_hsa.model.lora import apply_lora, cast_frozen_matrices, lora_state_dict
 from lit_hsa.model.loss import IGNORE_INDEX
 from lit_hsa.model.moe import expert_load_stats
 from lit_hsa.model.transformer import HSATransformer
+from lit_hsa.training.context_parallel import ContextGroup, context_parallel_loss, whole_loss
 from lit_hsa.training.flops import training_flops_per_token
 from lit_hsa.training.parallel import parallelize
 
@@ -71,13 +72,17 @@ def schedule_note(cfg: OptimConfig, step: int, max_steps: int, horizon: int) -> 
 
 class HSALitModule(L.LightningModule):
     """batch: ``{input_ids [B, T], labels [B, T] (−100 = no loss), doc_ids [B, T] optional, loss_weight [B, T]
-    optional}``."""
+    optional}``.
+
+    ``context_parallel`` = N > 1: groups of N consecutive ranks get the same batches and each runs the model on its
+    [B, T/N] slice (``lit_hsa.training.context_parallel``); a run-level setting like the device count, so it is not
+    saved with the hyper-parameters (a checkpoint loads whatever the group size)."""
 
     def __init__(self, model: dict | ModelConfig, optim: dict | OptimConfig, max_steps: int = 1000,
                  tokenizer: str = "byte", eos_token: str | None = None, nan_policy: str = "stop",
                  activation_checkpointing: bool = False, compile: bool = False,
                  finetune: dict | FinetuneConfig | None = None, max_consecutive_nonfinite: int = 5,
-                 meta_init: bool = False):
+                 meta_init: bool = False, context_parallel: int = 1):
         super().__init__()
         model_cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
         optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
@@ -123,6 +128,8 @@ class HSALitModule(L.LightningModule):
         self._nonfinite_loss: float | None = None  # this step's non-finite loss, until on_before_optimizer_step
         self._flops_per_token: dict[tuple[int, int, int], float] = {}
         self.val_loss = MeanMetric()  # synced across ranks by torchmetrics; val/ppl = exp(val/loss)
+        self.context_parallel = context_parallel
+        self.context_group: ContextGroup | None = None  # made in configure_model, once the processes are up
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)
@@ -135,6 +142,10 @@ class HSALitModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         parallelize(self.model, activation_checkpointing=self.activation_checkpointing, compile=self.compile_blocks,
                     mesh=mesh)
+        if self.context_parallel > 1:
+            # FSDP2 (if any) shards over the whole world, data × context flattened, as torchtitan does: a group's
+            # ranks then hold different shards of the same weights, which is all sharding needs
+            self.context_group = ContextGroup.consecutive(self.context_parallel)
         if self.init_rng_state is not None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             materialize(self.model, device, self.init_rng_state, self.model_cfg.init_std, self.model.init_targets)
@@ -165,25 +176,41 @@ class HSALitModule(L.LightningModule):
         if self.finetune_cfg.method == "lora":
             check_adapters(self, checkpoint)
 
-    def _lm_loss(self, batch: dict) -> torch.Tensor:
-        return self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"],
-                          loss_weight=batch.get("loss_weight"))
+    def _lm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what to differentiate, the batch's mean loss to report), 0-d. Without context parallelism both are the
+        model's loss. With it, this rank's share of its group's mean (the shares sum to the whole sequences' loss),
+        times N: DDP and FSDP2 average gradients over all W ranks, which would divide the W/N groups' summed shares
+        by N too many; the reported loss is the shares summed over the group (every rank of it holds it)."""
+        if self.context_group is None:
+            loss = self.model(batch["input_ids"], batch.get("doc_ids"), labels=batch["labels"],
+                              loss_weight=batch.get("loss_weight"))
+            return loss, loss
+        share = context_parallel_loss(self.model, batch, self.context_group)
+        return share * self.context_group.size, whole_loss(share, self.context_group)
+
+    def _count_batch(self, batch: dict) -> None:
+        """Tokens and FLOPs of the batch (``input_ids`` [B, T], the whole sequences): ``flops_per_batch`` is this
+        rank's work (Lightning's ThroughputMonitor sums it over ranks), 1/N of its group's; the run's counters take
+        each group's tokens once."""
+        bs, T = batch["input_ids"].shape
+        n = self.context_parallel
+        self.flops_per_batch = self.flops_per_token(T) * bs * T / n
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += bs * T * world // n
+        self.flops_seen += self.flops_per_batch * world
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        loss = self._lm_loss(batch)
+        objective, loss = self._lm_loss(batch)
         aux = self.model.aux_loss().to(loss.device)
-        bs, T = batch["input_ids"].shape
-        self.flops_per_batch = self.flops_per_token(T) * bs * T
-        world = self.trainer.world_size if self._trainer is not None else 1
-        self.tokens_seen += bs * T * world
-        self.flops_seen += self.flops_per_batch * world
+        bs = batch["input_ids"].shape[0]
+        self._count_batch(batch)
         if not torch.isfinite(loss + aux):
             return self._non_finite(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/ppl", loss.detach().exp(), batch_size=bs)
         if self.model.moe_layers():
             self.log("train/moe_aux_loss", aux, batch_size=bs)
-        return loss + aux
+        return objective + aux
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at ``seq_len`` with the top-k and SWA window in force now (schedules change
@@ -204,7 +231,9 @@ class HSALitModule(L.LightningModule):
                                  "lower optim.lr or set trainer.nan_policy=skip")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self._lm_loss(batch)
+        # context parallel: sliced as in training, the whole sequences' loss on every rank of the group (the
+        # metric's sync then weighs each group's batch N times, which leaves the weighted mean as it is)
+        _, loss = self._lm_loss(batch)
         n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
         self.val_loss.update(loss, weight=n_tokens)  # token-weighted mean over the whole validation set
 

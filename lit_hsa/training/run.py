@@ -37,7 +37,8 @@ def build_run(cfg: Config, command: str = "fit"):
     the trainer starts, and the resolved config is written there then (``config_saver``)."""
     quiet_library_notices()
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    datamodule = TextDataModule(cfg.data, cfg.model.chunk_size, cfg.trainer.seq_len_schedule)
+    cp = cfg.trainer.context_parallel
+    datamodule = TextDataModule(cfg.data, cfg.model.chunk_size, cfg.trainer.seq_len_schedule, context_parallel=cp)
     if cfg.model.vocab_size is None:
         cfg.model = replace(cfg.model, vocab_size=padded_vocab(datamodule.vocab_size))
     elif cfg.model.vocab_size < datamodule.vocab_size:
@@ -50,7 +51,8 @@ def build_run(cfg: Config, command: str = "fit"):
         datamodule.validation_samples()
     module = HSALitModule(cfg.model, cfg.optim, t.max_steps, cfg.data.tokenizer, cfg.data.eos_token, t.nan_policy,
                           t.activation_checkpointing, t.compile, finetune=cfg.finetune,
-                          max_consecutive_nonfinite=t.max_consecutive_nonfinite, meta_init=t.strategy == "fsdp")
+                          max_consecutive_nonfinite=t.max_consecutive_nonfinite, meta_init=t.strategy == "fsdp",
+                          context_parallel=cp)
     load_start_weights(module, cfg)  # before the Trainer: a bad checkpoint is one line, with no run folder made
 
     logger = run_logger(cfg, command)
@@ -80,9 +82,11 @@ def build_run(cfg: Config, command: str = "fit"):
         limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps, logger=logger,
         callbacks=[last_checkpoint, best_checkpoint, LearningRateMonitor(logging_interval="step"),
                    RetrievalMonitor(t.retrieval_stats_every),
+                   # per rank: its 1/N of the group's tokens (samples stay whole: Lightning wants >= 1 per batch,
+                   # so samples/s counts a sequence once per rank of its context group)
                    MFUThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
                                         window_size=max(2, t.log_every_n_steps),
-                                        length_fn=lambda b: b["input_ids"].numel()),
+                                        length_fn=lambda b: b["input_ids"].numel() // cp),
                    AttentionSchedule(t.topk_schedule, t.swa_window_schedule), ContextCurriculum(),
                    RetrievalEval(t.eval_every_n_steps, t.retrieval_eval(), cfg.data),
                    config_saver(cfg), Preemption(checkpoint_dir),

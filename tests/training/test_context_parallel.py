@@ -3,7 +3,11 @@ contiguous slice of the same sequences, give the single-process loss and gradien
 three SGD steps (with MoE balancing updates) the same weights and expert biases. fp32; tolerance: relative error
 (‖got − want‖ / ‖want‖) ≤ 1e-5 per loss and per parameter's gradient, 1e-5 absolute on weights after the steps.
 SGD rather than AdamW: Adam's g / √v turns a rounding-level difference in a near-zero gradient element into a step
-of ±lr (measured: one element of a 4×32×32 expert weight off by 1.2e-5 after 3 steps at lr 1e-3)."""
+of ±lr (measured: one element of a 4×32×32 expert weight off by 1.2e-5 after 3 steps at lr 1e-3).
+
+Then the whole ``main.py fit`` (DDP or FSDP2 over gloo processes, trainer.context_parallel=2, AdamW as configured):
+the logged losses, gradient norms and validation losses, the final weights and the token and FLOP counters equal
+those of the run without context parallelism on the same data, through a resume."""
 from datetime import timedelta
 
 import pytest
@@ -21,7 +25,8 @@ from lit_hsa.training.context_parallel import (
     reduce_gradients,
 )
 from lit_hsa.training.parallel import parallelize
-from tests.helpers import ROOT, VOCAB, rel_err, tiny
+from tests.helpers import ROOT, VOCAB, rel_err, scalars, tiny
+from tests.training.test_parallel import consolidated, fit_cli
 
 T, STEPS, TOLERANCE = 64, 3, 1e-5
 
@@ -196,10 +201,70 @@ def test_a_slice_must_hold_whole_chunks():
      "trainer.seq_len_schedule: seq_len 32 must be a multiple of"),
     (["trainer.devices=2", "trainer.context_parallel=2", "model.attention=swa", "data.seq_len=255"],
      "data.seq_len: seq_len 255 must be a multiple of trainer.context_parallel = 2"),
-    # a valid group: refused until fit runs context parallelism, rather than silently training without it
-    (["trainer.devices=4", "trainer.context_parallel=2"], "context parallelism is not wired into fit yet"),
+    # each rank's aux loss would balance its slice, not the sequence
+    (["trainer.devices=4", "trainer.context_parallel=2", "model.aux_loss_coef=0.01"],
+     "trainer.context_parallel=2 does not run the MoE aux loss (model.aux_loss_coef=0.01)"),
 ])
 def test_context_parallel_config_is_refused_in_one_line(overrides, message, capsys):
     assert main(["fit", "--config", str(ROOT / "configs/tiny.yaml"), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# fit: every 2 steps validation (1 batch) and a checkpoint; tolerance on logged values: relative, on weights: absolute
+FIT_TOLERANCE = 1e-5
+FIT = ["trainer.val_check_interval=2"]
+
+
+def final_state(run, out) -> dict:
+    """The weights and buffers a fit ended with: its last.ckpt, consolidated when FSDP wrote a sharded folder."""
+    last = run / "checkpoints" / "last.ckpt"
+    return consolidated(last, out) if last.is_dir() else torch.load(last, weights_only=True)["state_dict"]
+
+
+def assert_same_runs(got_runs: list, want, tmp_path) -> None:
+    """The runs ``got_runs`` (a fit and its resumes) logged what ``want`` logged — train/loss (rank 0's group's
+    whole-sequence loss), train/grad_norm (after the data-parallel reduction), val/loss — step by step, and ended
+    with its weights; with single-file checkpoints, the same tokens and FLOPs counted."""
+    for tag in ("train/loss", "train/grad_norm", "val/loss"):
+        expected = scalars(want, tag)
+        logged = {step: value for run in got_runs for step, value in scalars(run, tag).items()}
+        assert logged.keys() == expected.keys() and len(expected) >= 2, (tag, logged, expected)
+        for step, value in expected.items():
+            assert abs(logged[step] - value) <= FIT_TOLERANCE * abs(value), (tag, step, logged[step], value)
+    expected = final_state(want, tmp_path / "want.ckpt")
+    weights = final_state(got_runs[-1], tmp_path / "got.ckpt")
+    assert weights.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=FIT_TOLERANCE, msg=k)
+    last = [run / "checkpoints" / "last.ckpt" for run in (got_runs[-1], want)]
+    if all(path.is_file() for path in last):
+        got_ckpt, want_ckpt = (torch.load(path, weights_only=True) for path in last)
+        assert got_ckpt["global_step"] == want_ckpt["global_step"] == max(expected_steps(want))
+        assert (got_ckpt["tokens_seen"], got_ckpt["flops_seen"]) == (want_ckpt["tokens_seen"], want_ckpt["flops_seen"])
+
+
+def expected_steps(run) -> list[int]:
+    return [step + 1 for step in scalars(run, "train/loss")]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_fit_with_a_context_group_of_two_equals_one_process_and_resumes(tmp_path, distinct_docs, strategy):
+    """``main.py fit`` with trainer.devices=2 trainer.context_parallel=2 (one group: both ranks read the same
+    sequences of 64 tokens and each runs its 32, one chunk) for 2 steps, resumed for 2 more, logs and ends as one
+    process over the same documents for 4 steps."""
+    single = fit_cli(tmp_path, "single", distinct_docs, "trainer.max_steps=4", *FIT)
+    cp = ["trainer.devices=2", "trainer.context_parallel=2", f"trainer.strategy={strategy}"]
+    first = fit_cli(tmp_path, "cp", distinct_docs, "trainer.max_steps=2", *FIT, *cp)
+    resumed = fit_cli(tmp_path, "resumed", distinct_docs, "trainer.max_steps=4",
+                      f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", *FIT, *cp)
+    assert_same_runs([first, resumed], single, tmp_path)
+
+
+def test_fit_on_four_ranks_data_two_by_context_two_equals_two_data_parallel_ranks(tmp_path, distinct_docs):
+    """4 gloo processes, 2 context groups of 2 ({0, 1}, {2, 3}), each group its own documents (read by data-parallel
+    index): the same run as 2 data-parallel processes (DDP) over the same documents, 4 steps."""
+    ddp = fit_cli(tmp_path, "ddp", distinct_docs, "trainer.max_steps=4", "trainer.devices=2", *FIT)
+    cp = fit_cli(tmp_path, "cp", distinct_docs, "trainer.max_steps=4", "trainer.devices=4",
+                 "trainer.context_parallel=2", *FIT)
+    assert_same_runs([cp], ddp, tmp_path)

@@ -2,7 +2,6 @@
 (gloo), each rank reading its own documents, trains, writes a sharded checkpoint, resumes from it and matches a
 single-process run over both ranks' documents; data shards follow the rank; MoE expert load is summed over ranks."""
 import copy
-import random
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -59,26 +58,18 @@ def test_every_unit_output_flattens_to_its_tensors(variant):
         assert len(memory_leaves) == 3  # landmarks, k, v
 
 
-@pytest.fixture(scope="module")
-def distinct_docs(tmp_path_factory):
-    """24 different documents of 63 bytes, all starting with "#": with EOS each is one window of seq_len 64 (byte
-    tokenizer), and a window's last label (the next document's first byte) is "#" whichever document comes next.
-    Training record g of the split belongs to rank g % 2, so with shuffle_buffer=1 rank r's sample s is training
-    document 2s + r, and one process at batch 2 has exactly the two ranks' samples s as the rows of its batch s."""
-    d = tmp_path_factory.mktemp("distinct")
-    for i in range(24):
-        rng = random.Random(i)  # each document its own mix of bytes, so each rank routes its tokens differently
-        alphabet = "".join(rng.sample("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:()", 12))
-        (d / f"d{i:02d}.txt").write_text("#" + "".join(rng.choice(alphabet) for _ in range(62)))
-    return d
-
-
-def rank_batches(docs, rank: int, world: int, batch_size: int, n: int) -> list[torch.Tensor]:
-    """The first ``n`` training batches (input_ids) the DataModule gives rank ``rank`` of ``world``."""
+def rank_module(docs, rank: int, world: int, batch_size: int, context_parallel: int = 1) -> TextDataModule:
+    """The DataModule as rank ``rank`` of ``world`` (context groups of ``context_parallel``) holds it."""
     cfg = DataConfig(paths=[str(docs)], seq_len=64, batch_size=batch_size, num_workers=0, val_fraction=0.3,
-                     shuffle_buffer=1)
-    dm = TextDataModule(cfg)
+                     shuffle_buffer=1, val_samples=4)
+    dm = TextDataModule(cfg, context_parallel=context_parallel)
     dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, global_step=0, accumulate_grad_batches=1)
+    return dm
+
+
+def rank_batches(docs, rank: int, world: int, batch_size: int, n: int, context_parallel: int = 1) -> list:
+    """The first ``n`` training batches (input_ids) the DataModule gives rank ``rank`` of ``world``."""
+    dm = rank_module(docs, rank, world, batch_size, context_parallel)
     it = iter(dm.train_dataloader())
     return [dm.on_before_batch_transfer(next(it), 0)["input_ids"] for _ in range(n)]
 
@@ -92,6 +83,21 @@ def test_each_rank_reads_its_own_documents(distinct_docs):
         assert not torch.equal(ranks[0][s], ranks[1][s]), s
         for r in range(2):
             assert torch.equal(ranks[r][s][0], single[s][r]), (s, r)
+
+
+def test_a_context_group_reads_one_data_parallel_share(distinct_docs):
+    """trainer.context_parallel=2 on 4 ranks: ranks 0 and 1 (a context group) get the batches rank 0 of 2 data-
+    parallel ranks gets, ranks 2 and 3 those of rank 1 (training and validation alike); the two groups differ."""
+    plain = [rank_batches(distinct_docs, r, 2, 1, 3) for r in range(2)]
+    for rank in range(4):
+        grouped = rank_batches(distinct_docs, rank, 4, 1, 3, context_parallel=2)
+        assert all(torch.equal(a, b) for a, b in zip(grouped, plain[rank // 2], strict=True)), rank
+    assert not torch.equal(plain[0][0], plain[1][0])
+    val = [[b["input_ids"] for b in rank_module(distinct_docs, r, 4, 1, context_parallel=2).val_dataloader()]
+           for r in range(4)]
+    assert len(val[0]) == 2 and not torch.equal(val[0][0], val[2][0])
+    for first, second in ((0, 1), (2, 3)):
+        assert all(torch.equal(a, b) for a, b in zip(val[first], val[second], strict=True))
 
 
 def fit_cli(root, name, docs, *extra):

@@ -438,8 +438,9 @@ def merge_onto(schema, *nodes, overrides: list[str] | None = None, unknown_key: 
     parse_overrides(overrides)  # an item without '=' is one ConfigError
     key = None
     try:
+        schema = schema.copy()
+        writable(schema)  # (OmegaConf 2.3 refuses to merge a file's values onto a frozen dataclass's nodes)
         node = OmegaConf.merge(schema, *nodes)
-        writable(node)
         for item in overrides or []:
             key = item.split("=", 1)[0]
             check_list_indices(node, key)
@@ -462,13 +463,13 @@ def check_list_indices(node, key: str) -> None:
 
 
 def writable(node) -> None:
-    """Clear the read-only flag that frozen dataclasses (``ModelConfig``) put on their nodes, throughout ``node``:
-    overrides are applied to the merged tree before it becomes the (frozen) dataclasses again."""
+    """Clear the read-only flag that frozen dataclasses (``ModelConfig``) put on their nodes (containers and, in
+    OmegaConf 2.3, each value too), throughout ``node``: files and overrides are merged into the schema's tree before
+    it becomes the (frozen) dataclasses again."""
     OmegaConf.set_readonly(node, False)
-    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
-        child = node._get_node(key)  # (the node itself: reading the value would resolve interpolations)
-        if isinstance(child, (DictConfig, ListConfig)):
-            writable(child)
+    if isinstance(node, (DictConfig, ListConfig)) and not node._is_none() and not node._is_missing():
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            writable(node._get_node(key))  # (the node itself: reading the value would resolve interpolations)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -73,6 +73,27 @@ def test_bad_config_names_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_read_only_schema_still_takes_files_and_overrides(tmp_path):
+    """OmegaConf 2.3 makes every node of a frozen dataclass (``ModelConfig``) read-only, containers and values, and
+    then refuses to merge a file's ``model.name`` onto it (``main.py fit --config configs/tiny.yaml`` failed there):
+    a schema flagged read-only throughout, as 2.3 builds it, still takes the files' values and the overrides."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from lit_hsa.config import Config, merge_onto
+
+    def read_only(node):
+        OmegaConf.set_readonly(node, True)
+        if isinstance(node, DictConfig):
+            for key in node.keys():
+                read_only(node._get_node(key))
+
+    schema = OmegaConf.structured(Config(model=ModelConfig.from_name("tiny")))
+    read_only(schema)
+    cfg = merge_onto(schema, OmegaConf.create({"model": {"name": "tiny", "swa_window": 64}}),
+                     overrides=["model.hsa_topk=3", "trainer.max_steps=2"], unknown_key=str)
+    assert (cfg.model.name, cfg.model.swa_window, cfg.model.hsa_topk, cfg.trainer.max_steps) == ("tiny", 64, 3, 2)
+
+
 def test_overrides_address_list_items_by_index(tmp_path):
     """``data.sources.1.weight=3`` changes that one item of a list the files gave; the others keep their keys."""
     path = tmp_path / "c.yaml"

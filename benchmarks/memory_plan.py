@@ -62,7 +62,8 @@ def flex_like_attend(q, k, v, mask):
     return _Keeps.apply(out.requires_grad_(), q, k, v, out, lse)
 
 
-def hsa_kernel_like(q, k, v, weights, indices, chunk_size=64, sm_scale=None, off_by_one=False):
+def hsa_kernel_like(q, k, v, weights, indices, chunk_size=64, sm_scale=None, off_by_one=False, q_start=0):
+    # the output is a placeholder of the right shape (only what is saved is measured): q_start is not needed for it
     with torch.no_grad():
         out = hsa_attention_reference(q[:, :1], k, v, weights[:, :1], indices[:, :1], chunk_size).expand_as(q)
     return _Keeps.apply(out.contiguous().requires_grad_(), q, k, v, weights, indices.to(torch.int32))
@@ -107,15 +108,17 @@ def unit_activations(cfg: ModelConfig, T: int) -> dict[str, int]:
     return out
 
 
-def plan(preset: str, seq_len: int) -> dict:
+def build_meta(preset: str) -> tuple[ModelConfig, HSATransformer]:
+    """The preset's config (vocabulary 32000 if unset) and its model built on the meta device (no memory)."""
     cfg = ModelConfig.from_name(preset)
     cfg = replace(cfg, vocab_size=cfg.vocab_size or 32000)
     with torch.device("meta"):
-        model = HSATransformer(cfg)
-    total, active = model.num_parameters()
-    units = transformer_units(model)
-    largest_unit = max(sum(p.numel() for p in u.parameters()) for u in units)
-    # activations: measured at two lengths, per unit kind, then scaled linearly
+        return cfg, HSATransformer(cfg)
+
+
+def fit_unit_activations(cfg: ModelConfig) -> dict:
+    """Saved-tensor bytes of one unit of each kind measured at two short lengths (the attention ops replaced by
+    stand-ins keeping what their GPU kernels keep), fitted per kind as ``fixed + per_token · T``."""
     patches = [(attention_module, "attend", flex_like_attend), (hsa_module, "hsa_attention", hsa_kernel_like),
                (hsa_module, "select_chunks", select_kernel_like)]
     originals = [(m, n, getattr(m, n)) for m, n, _ in patches]
@@ -131,11 +134,29 @@ def plan(preset: str, seq_len: int) -> dict:
     # unit's weights kept for backward), fitted from the two lengths
     per_token = {k: (per_kind[1][k] - per_kind[0][k]) / (short[1] - short[0]) for k in per_kind[1]}
     fixed = {k: per_kind[0][k] - per_token[k] * short[0] for k in per_kind[1]}
-    unit_peak = max(fixed[k] + per_token[k] * seq_len for k in per_kind[1])
-    n_units = len(units)
+    return {"short": short, "measured": per_kind, "per_token": per_token, "fixed": fixed}
+
+
+def activation_bytes(cfg: ModelConfig, fit: dict, n_units: int, seq_len: int) -> dict[str, float]:
+    """Activation bytes of one sequence of ``seq_len`` tokens with activation checkpointing (``fit``:
+    ``fit_unit_activations``): unit-boundary inputs, the largest recomputed unit, one chunk of the loss."""
+    unit_peak = max(fit["fixed"][k] + fit["per_token"][k] * seq_len for k in fit["per_token"])
     checkpoint_inputs = n_units * seq_len * cfg.d_model * 4  # the fp32 residual stream at every unit boundary
     chunk_rows = chunked_cross_entropy.__defaults__[1]
     loss_chunk = 2 * min(chunk_rows, seq_len) * cfg.vocab_size * 4  # fp32 logits of one row chunk + their grad
+    return {"checkpoint_inputs": checkpoint_inputs, "unit_peak": unit_peak, "loss_chunk": loss_chunk}
+
+
+def plan(preset: str, seq_len: int) -> dict:
+    cfg, model = build_meta(preset)
+    total, active = model.num_parameters()
+    units = transformer_units(model)
+    largest_unit = max(sum(p.numel() for p in u.parameters()) for u in units)
+    fit = fit_unit_activations(cfg)  # measured at two lengths, per unit kind, then scaled linearly
+    short, per_kind, per_token, fixed = fit["short"], fit["measured"], fit["per_token"], fit["fixed"]
+    n_units = len(units)
+    terms = activation_bytes(cfg, fit, n_units, seq_len)
+    checkpoint_inputs, unit_peak, loss_chunk = terms["checkpoint_inputs"], terms["unit_peak"], terms["loss_chunk"]
     activations = checkpoint_inputs + unit_peak + loss_chunk
     rows = []
     for n in (1, 2, 4, 8):

@@ -14,7 +14,7 @@ Decisions, by the op they serve:
 - a sliding-window decoding step: ``use_ring_kernel`` (``RING_KERNEL_MAX_WINDOW``, ``..._MAX_HEAD_DIM_COMPILED``);
 - static decoding's fused block steps: ``fused_blocks_apply``, and for HSA blocks ``hsa_decode_kernel_fits``
   (``MAX_DECODE_CHUNKS``);
-- MoE experts: ``grouped_mm_applies``.
+- MoE experts: ``grouped_mm_applies``; the MoE layer's fused combine and activation: ``moe_kernels_apply``.
 """
 from __future__ import annotations
 
@@ -206,3 +206,11 @@ _GROUPED_MM_TRACES_FP32 = hasattr(torch, "_grouped_mm") and _probe_grouped_mm_fp
 def grouped_mm_traces_fp32() -> bool:
     """Whether this torch's shape function for ``torch._grouped_mm`` accepts fp32 (2.11 and 2.13 do not)."""
     return _GROUPED_MM_TRACES_FP32
+
+
+def moe_kernels_apply(x: torch.Tensor) -> bool:
+    """Whether the MoE layer's fused steps (``kernels.moe``: ``gather_sum``, ``gated_swiglu``) run their Triton kernels
+    on x: the backend switch sends x's ops to Triton (CUDA under ``auto``; anywhere under ``triton``, the CPU through
+    the interpreter), x is fp32/fp16/bf16, and x has data (never on the meta device: memory plans and the
+    no-synchronisation test trace shapes there, which only the references can)."""
+    return x.device.type != "meta" and x.dtype in FLOATS and use_fast_paths(x)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_hsa.kernels.dispatch import grouped_mm_applies
+from lit_hsa.kernels.moe import gated_swiglu, gather_sum
 from lit_hsa.model.config import ModelConfig
 
 
@@ -58,7 +59,7 @@ class Route:
         return x.to(dtype).index_select(0, self.token_of)
 
     def gather_to_tokens(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return y.index_select(0, self.position_of).view(-1, self.top_k, y.shape[-1]).sum(1, dtype=dtype)
+        return gather_sum(y, self.position_of, self.top_k, dtype)  # each token's k rows summed in fp32
 
 
 class _Routed(torch.autograd.Function):
@@ -192,12 +193,11 @@ class MoE(nn.Module):
         """x: [N*k, d] grouped by expert (``groups``), in the matmuls' dtype; gates: [N*k] → [N*k, d], each row
         times its gate. Gate and up are one grouped GEMM (x is read once); the gate scales the hidden rows before the
         down projection (linear, so the same product, on a width-``expert_hidden`` tensor instead of ``d``)."""
-        hidden = self.w_gate.shape[-1]
         w_gate_up = torch.cat([self.w_gate.to(x.dtype), self.w_up.to(x.dtype)], dim=-1)  # [E, d, 2·hidden]
-        gate, up = grouped_matmul(x, w_gate_up, groups).split(hidden, dim=-1)
+        gate_up = grouped_matmul(x, w_gate_up, groups)  # [N*k, 2·hidden]: gate | up
         if self.lora_experts is not None:
-            gate, up = gate + self.lora_experts("gate", x, groups), up + self.lora_experts("up", x, groups)
-        h = F.silu(gate) * up * gates[:, None].to(x.dtype)
+            gate_up = gate_up + torch.cat([self.lora_experts(n, x, groups) for n in ("gate", "up")], dim=-1)
+        h = gated_swiglu(gate_up, gates)  # silu(gate) · up · gates, fused with its backward where a kernel runs
         return self._expert_linear("down", h, groups)
 
     def _expert_linear(self, name: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:

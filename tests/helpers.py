@@ -151,3 +151,24 @@ def saved_plots() -> Iterator[dict[str, dict[str, list[tuple[list, list]]]]]:
         yield plots
     finally:
         Figure.savefig = real_savefig
+
+
+def random_moe(d_model: int, n_experts: int, top_k: int, hidden: int, lora: bool = False) -> torch.nn.Module:
+    """A MoE layer (shared expert included) in training mode with experts drawn at std 0.2 and a spread of selection
+    biases (−0.3 … 0.3); with ``lora``, expert LoRA of rank 8 whose B is non-zero, so the adapters change the output."""
+    from lit_hsa.config import FinetuneConfig
+    from lit_hsa.model.lora import apply_lora
+    from lit_hsa.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(d_model, n_experts=n_experts, experts_per_token=top_k, expert_hidden=hidden)
+    for w in (moe.w_gate, moe.w_up, moe.w_down):
+        torch.nn.init.normal_(w, std=0.2)
+    moe.expert_bias.copy_(torch.linspace(-0.3, 0.3, n_experts))
+    if lora:
+        wrapper = torch.nn.Module()
+        wrapper.moe = moe
+        apply_lora(wrapper, FinetuneConfig(method="lora", lora_rank=8, lora_targets=["experts"]))
+        for name in ("gate", "up", "down"):
+            torch.nn.init.normal_(getattr(moe.lora_experts, f"lora_{name}_B"), std=0.1)
+    return moe.train()

@@ -17,10 +17,9 @@ from tests.triton_interpret import kernel_test, only_if_kernels_skipped, run_mod
 pytest.importorskip("triton")
 
 import lit_hsa.kernels.dispatch as dispatch  # noqa: E402
-from lit_hsa.config import FinetuneConfig  # noqa: E402
 from lit_hsa.kernels.moe import gated_swiglu, gated_swiglu_reference, gather_sum, gather_sum_reference  # noqa: E402
-from lit_hsa.model.lora import apply_lora  # noqa: E402
 from lit_hsa.model.moe import MoE, Route  # noqa: E402
+from tests.helpers import random_moe  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # One rounding of an fp32 value to bf16, relative: half an ulp (2⁻⁸) where it rounds to nearest (CUDA); the Triton
@@ -173,18 +172,7 @@ def test_gated_swiglu_in_bf16_rounds_once(backend):
 
 def moe_layer(k: int, lora: bool) -> MoE:
     """d 48, 6 experts of width 48 (not powers of two), top-k, shared expert; LoRA on the experts with non-zero B."""
-    torch.manual_seed(0)
-    moe = MoE(48, n_experts=6, experts_per_token=k, expert_hidden=48)
-    for w in (moe.w_gate, moe.w_up, moe.w_down):
-        torch.nn.init.normal_(w, std=0.2)
-    moe.expert_bias.copy_(torch.linspace(-0.3, 0.3, 6))
-    if lora:
-        wrapper = torch.nn.Module()
-        wrapper.moe = moe
-        apply_lora(wrapper, FinetuneConfig(method="lora", lora_rank=8, lora_targets=["experts"]))
-        for name in ("gate", "up", "down"):
-            torch.nn.init.normal_(getattr(moe.lora_experts, f"lora_{name}_B"), std=0.1)
-    return moe.to(DEV).train()
+    return random_moe(48, 6, k, 48, lora).to(DEV)
 
 
 @kernel_test

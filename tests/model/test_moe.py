@@ -5,7 +5,7 @@ import sys
 import torch
 
 from lit_hsa.model.moe import MoE, expert_load_stats
-from tests.helpers import ROOT
+from tests.helpers import ROOT, random_moe
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,6 @@ import pytest  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import lit_hsa.kernels.dispatch as dispatch  # noqa: E402
-from lit_hsa.config import FinetuneConfig  # noqa: E402
-from lit_hsa.model.lora import apply_lora  # noqa: E402
 
 # Operators that read a device tensor back to the host (a GPU stream stalls until it is there): item()/tolist()
 # (_local_scalar_dense), data-dependent output sizes (nonzero, masked_select, unique, repeat_interleave without an
@@ -130,18 +128,7 @@ def backend():
 
 def grouped_moe(lora: bool = False):
     """Widths of 16-byte multiples (grouped GEMMs need them): d 32, 8 experts of width 16, top 2, shared expert."""
-    torch.manual_seed(0)
-    moe = MoE(32, n_experts=8, experts_per_token=2, expert_hidden=16)
-    for w in (moe.w_gate, moe.w_up, moe.w_down):
-        torch.nn.init.normal_(w, std=0.2)
-    moe.expert_bias.copy_(torch.linspace(-0.3, 0.3, 8))
-    if lora:
-        wrapper = torch.nn.Module()
-        wrapper.moe = moe
-        apply_lora(wrapper, FinetuneConfig(method="lora", lora_rank=8, lora_targets=["experts"]))
-        for name in ("gate", "up", "down"):
-            torch.nn.init.normal_(getattr(moe.lora_experts, f"lora_{name}_B"), std=0.1)
-    return moe.train()
+    return random_moe(32, 8, 2, 16, lora)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -20,6 +20,13 @@ def chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return (losses * token_weight).sum()
 
 
+def target_mass(labels: torch.Tensor, token_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """What the mean loss divides by (fp32, 0-d, before any clamp): the number of targets (labels != −100), or, with
+    ``token_weight``, the targets' summed weights."""
+    targets = labels != IGNORE_INDEX
+    return targets.sum().float() if token_weight is None else (token_weight.float() * targets).sum()
+
+
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           token_weight: torch.Tensor | None = None, chunk_rows: int = 8192,
                           chunk_loss=chunk_loss_sum) -> torch.Tensor:
@@ -29,12 +36,9 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     tokens are not drowned by thousands of text tokens; the result is then the weighted mean Σ w·ce / Σ w.
     Peak extra memory O(chunk_rows · V) instead of O(N · V). ``chunk_loss``: ``chunk_loss_sum`` or a compiled
     version of it."""
-    targets = labels != IGNORE_INDEX
-    if token_weight is None:
-        denominator = targets.sum().clamp_min(1)
-    else:
-        token_weight = token_weight.float() * targets
-        denominator = token_weight.sum().clamp_min(1e-6)
+    denominator = target_mass(labels, token_weight).clamp_min(1 if token_weight is None else 1e-6)
+    if token_weight is not None:
+        token_weight = token_weight.float() * (labels != IGNORE_INDEX)
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)

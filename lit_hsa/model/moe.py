@@ -52,7 +52,7 @@ class Route:
         return _Routed.apply(x, self, True, dtype)
 
     def to_tokens(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """y: [N*k, d] in expert order → [N, d] in ``dtype``: each token's k rows summed (in ``dtype``)."""
+        """y: [N*k, d] in expert order → [N, d] in ``dtype``: each token's k rows summed (in fp32)."""
         return _Routed.apply(y, self, False, dtype)
 
     def gather_to_experts(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -164,8 +164,8 @@ class MoE(nn.Module):
         route = Route(order, self.top_k)
         x_sorted = route.to_experts(xf, compute_dtype(xf))
         out_sorted = self._run_experts(x_sorted, ExpertGroups(counts), gates.flatten()[order])
-        # Under autocast the experts return bf16 while xf is fp32: the k contributions of a token are summed in the
-        # wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
+        # Under autocast the experts return bf16 while xf is fp32: a token's k contributions (summed in fp32) come
+        # back in the wider of the two dtypes (fp32 there; bf16 for a model cast to bf16).
         y = route.to_tokens(out_sorted, torch.promote_types(xf.dtype, out_sorted.dtype))
 
         if self.training:

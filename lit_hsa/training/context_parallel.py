@@ -29,7 +29,7 @@ from torch import nn
 
 from lit_hsa.model.attention import AttentionMask, Context, sliding_window_blocks
 from lit_hsa.model.hsa import Memory
-from lit_hsa.model.loss import IGNORE_INDEX
+from lit_hsa.model.loss import target_mass
 from lit_hsa.model.transformer import HSATransformer
 
 
@@ -165,15 +165,6 @@ def shard_batch(batch: dict, group: ContextGroup, chunk_size: int = 1) -> dict:
     rows = slice(group.rank * n, (group.rank + 1) * n)
     return {key: value[:, rows] if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == T else value
             for key, value in batch.items()}
-
-
-def target_mass(labels: torch.Tensor, loss_weight: torch.Tensor | None) -> torch.Tensor:
-    """What ``chunked_cross_entropy`` divides its sum by, before clamping: the number of targets, or their summed
-    weights (fp32, 0-d)."""
-    targets = labels != IGNORE_INDEX
-    if loss_weight is None:
-        return targets.sum().float()
-    return (loss_weight.float() * targets).sum()
 
 
 def context_parallel_loss(model: HSATransformer, batch: dict, group: ContextGroup) -> torch.Tensor:

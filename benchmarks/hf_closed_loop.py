@@ -2,7 +2,7 @@
 lit-hsa on the embedded corpus, export it to HF format, import it with ``--to hsa``, continue training it with the
 shipped recipe (``configs/convert/hsa_from_dense.yaml``), and compare.
 
-    python benchmarks/hf_closed_loop.py [--scale gpu|cpu] [--work /tmp/hf_closed_loop] [--out DIR]
+    python benchmarks/hf_closed_loop.py [--scale gpu|cpu] [--variants zero,gate,...] [--work DIR] [--out DIR]
 
 Every step is the command a user runs (``python main.py fit | export | convert``) in a subprocess. Measured, on the
 same held-out windows of the training length: the dense model's loss, the converted model's at conversion and after
@@ -10,6 +10,13 @@ continued training (goal: within 2% of the dense model's); and single / multi-qu
 the training length for both (the dense model's RoPE attention stops at its training length; HSA retrieves past its
 sliding window through its chunk memory). Prints a table, writes ``hf_closed_loop_<gpu>_<date>.json`` and a plot.
 ``--scale cpu`` runs the same chain at toy size in a few minutes (a plumbing check, not a result).
+
+``--variants`` (issue #39: why did retrieval not open?) converts and continues the one dense model once per variant
+of the conversion's start or the continuation (``VARIANTS``: the shipped recipe ``zero``, a small random output
+projection, a zero gate, a longer dense top-k stretch, a higher rate for the new parts, the from-scratch recipe's
+task share), and records beside each one's loss and retrieval the curves that say whether retrieval was learning:
+the gradient norms of the retrieval parts, the chunk memory and the HSA attention, and the HSA output's scale
+(``grad_norm/*``, ``hsa/*`` in TensorBoard). The JSON's ``variants`` and a second plot compare them.
 """
 from __future__ import annotations
 
@@ -68,6 +75,21 @@ SCALES = {
 COMMON = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10", "model.attention=full",
           "model.moe=false"]
 
+# The new parts of a converted model, for optim.lr_scale: retrieval, the chunk memory, the HSA output (and gate).
+NEW_PARTS = r"retrieval|memory|upper\.\d+\.(o_proj|gate)"
+# Each variant: (convert arguments, continuation overrides) added to the scale's. The scale's continuation uses
+# trainer.topk_schedule=[[0, dense], [300, 8]] on the GPU; "dense_longer" keeps every chunk for 900 of its steps.
+VARIANTS = {
+    "zero": ([], []),  # the shipped recipe: HSA output projection at zero
+    "small": (["--hsa-out-std", "0.002"], []),  # output projection from N(0, 0.002²): a tenth of init_std
+    "gate": (["model.hsa_gate=true"], []),  # random output projection behind a learned gate at zero
+    "dense_longer": ([], ["trainer.topk_schedule=[[0,16],[900,8]]"]),
+    "lr_new10": ([], [f"optim.lr_scale=[['{NEW_PARTS}',10]]"]),  # the new parts at 10× the rate
+    "tasks_scratch": ([], ["data.synthetic_fraction=0.9",  # length_generalization.yaml's task mix and share
+                           "data.synthetic_tasks=[niah_single,niah_multikey,niah_multiquery,vt,self_copy]"]),
+}
+CURVES = ("grad_norm/retrieval", "grad_norm/chunk_memory", "grad_norm/hsa_attention", "hsa/o_proj_rms", "hsa/gate")
+
 
 def main_py(*args: str) -> None:
     """One `python main.py ...` command, as a user runs it; its output goes to ours, a failure stops the loop."""
@@ -100,6 +122,38 @@ def retrieval(ckpt: Path, tasks: list[str], lengths: list[int], samples: int, de
     return {task: {n: float(np.mean(a)) for n, a in by_len.items()} for task, by_len in table.items()}
 
 
+def curves(run: Path) -> dict[str, dict[str, float]]:
+    """The learning curves of a continuation: {tag: {step: value}} of ``CURVES`` it logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(sorted(run.glob("version_*"))[-1])).Reload()
+    tags = set(acc.Tags()["scalars"])
+    return {tag: {str(e.step): e.value for e in acc.Scalars(tag)} for tag in (*CURVES, "train/loss") if tag in tags}
+
+
+def plot_variants(variants: dict, lengths: list[int], path: Path) -> None:
+    """Left: single-NIAH accuracy by length per variant; right: the retrieval parts' gradient norm by step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc, grad) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, v in variants.items():
+        by_len = v["retrieval"].get("niah_single", {})
+        acc.plot([int(n) for n in by_len], list(by_len.values()), "o-", label=name)
+        g = v["curves"].get("grad_norm/retrieval", {})
+        grad.plot([int(s) for s in g], [max(x, 1e-12) for x in g.values()], label=name)
+    acc.set(xscale="log", xlabel="context length (tokens)", ylabel="single-NIAH accuracy", ylim=(-0.05, 1.05),
+            xticks=lengths, title="converted + continued, by variant")
+    grad.set(yscale="log", xlabel="continuation step", ylabel="grad norm of the retrieval parts",
+             title="is retrieval learning?")
+    acc.legend(fontsize=7)
+    grad.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -123,36 +177,67 @@ def main() -> None:
     parser.add_argument("--scale", choices=tuple(SCALES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/hf_closed_loop", help="runs, exported and converted models")
     parser.add_argument("--out", help="folder for the JSON and the plot (default benchmarks/results)")
+    parser.add_argument("--reuse-dense", action="store_true",
+                        help="take the dense model and its export from an earlier run's --work folder instead of "
+                             "training it again (variants over several calls on one machine)")
+    parser.add_argument("--variants", default="zero",
+                        help=f"comma-separated conversion variants to compare ({', '.join(VARIANTS)}); the first "
+                             "is the result's 'hsa' model")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown '{unknown[0]}' (choose from {', '.join(VARIANTS)})")
     scale, work = SCALES[args.scale], Path(args.work)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shutil.rmtree(work, ignore_errors=True)
     runs, timings = work / "runs", {}
-
-    start = time.perf_counter()
-    main_py("fit", "--config", "configs/tiny.yaml", *COMMON, *scale["dense"], f"trainer.root_dir={runs}",
-            "trainer.run_name=dense")
-    dense = last_checkpoint(runs, "dense")
-    timings["train_dense_s"] = time.perf_counter() - start
-    main_py("export", "--ckpt", str(dense), "--out", str(work / "hf"))
-    main_py("convert", "--hf", str(work / "hf"), "--out", str(work / "hsa" / "model.ckpt"), "--to", "hsa",
-            *scale["convert"])
-    start = time.perf_counter()
-    main_py("fit", "--config", str(work / "hsa" / "model.yaml"), "--config", "configs/convert/hsa_from_dense.yaml",
-            *scale["continue"], "trainer.enable_progress_bar=false", f"trainer.root_dir={runs}",
-            "trainer.run_name=hsa")
-    hsa = last_checkpoint(runs, "hsa")
-    timings["continue_hsa_s"] = time.perf_counter() - start
-
+    if args.reuse_dense:
+        if not (work / "hf" / "config.json").exists():
+            parser.error(f"--reuse-dense: no exported dense model in {work / 'hf'}: run once without it")
+        for name in names:  # this run's variants start afresh
+            shutil.rmtree(work / name, ignore_errors=True)
+            shutil.rmtree(runs / name, ignore_errors=True)
+        dense = last_checkpoint(runs, "dense")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        start = time.perf_counter()
+        main_py("fit", "--config", "configs/tiny.yaml", *COMMON, *scale["dense"], f"trainer.root_dir={runs}",
+                "trainer.run_name=dense")
+        dense = last_checkpoint(runs, "dense")
+        timings["train_dense_s"] = time.perf_counter() - start
+        main_py("export", "--ckpt", str(dense), "--out", str(work / "hf"))
     length = int(next(o.split("=")[1] for o in scale["dense"] if o.startswith("data.seq_len=")))
-    losses = {name: held_out_loss(path, length, scale["eval_windows"], device)
-              for name, path in (("dense", dense), ("converted", work / "hsa" / "model.ckpt"), ("hsa", hsa))}
+    dense_loss = held_out_loss(dense, length, scale["eval_windows"], device)
+    variants = {}
+    for name in names:
+        convert_args, continue_args = VARIANTS[name]
+        converted = work / name / "model.ckpt"
+        main_py("convert", "--hf", str(work / "hf"), "--out", str(converted), "--to", "hsa", *scale["convert"],
+                *convert_args)
+        start = time.perf_counter()
+        main_py("fit", "--config", str(converted.with_suffix(".yaml")), "--config",
+                "configs/convert/hsa_from_dense.yaml", *scale["continue"], *continue_args,
+                "trainer.enable_progress_bar=false", f"trainer.root_dir={runs}", f"trainer.run_name={name}")
+        continued = last_checkpoint(runs, name)
+        variants[name] = {
+            "convert": convert_args, "continue": continue_args, "continue_s": time.perf_counter() - start,
+            "held_out_loss": {"converted": held_out_loss(converted, length, scale["eval_windows"], device),
+                              "continued": held_out_loss(continued, length, scale["eval_windows"], device)},
+            "retrieval": retrieval(continued, scale["tasks"], scale["lengths"], scale["samples"], device),
+            "curves": curves(runs / name),
+        }
+        variants[name]["vs_dense_loss"] = variants[name]["held_out_loss"]["continued"] / dense_loss
+    first = variants[names[0]]
+    timings["continue_hsa_s"] = first["continue_s"]
+    losses = {"dense": dense_loss, **first["held_out_loss"]}
+    losses["hsa"] = losses.pop("continued")
     result = {
         "gpu": gpu_name(), "scale": args.scale, "train_length": length, "timings": timings,
         "commands": {"dense": scale["dense"], "convert": scale["convert"], "continue": scale["continue"]},
         "held_out_loss": losses, "hsa_vs_dense_loss": losses["hsa"] / losses["dense"],
         "dense": {"retrieval": retrieval(dense, scale["tasks"], scale["lengths"], scale["samples"], device)},
-        "hsa": {"retrieval": retrieval(hsa, scale["tasks"], scale["lengths"], scale["samples"], device)},
+        "hsa": {"retrieval": first["retrieval"], "variant": names[0]},
+        "variants": variants,
     }
     print(f"held-out loss at {length}: dense {losses['dense']:.4f} | converted {losses['converted']:.4f} | "
           f"hsa after continued training {losses['hsa']:.4f} ({100 * (result['hsa_vs_dense_loss'] - 1):+.2f}%)")
@@ -160,9 +245,21 @@ def main() -> None:
     for name in ("dense", "hsa"):
         for task, by_len in result[name]["retrieval"].items():
             print(f"| {name} | {task} | " + " | ".join(f"{a:.2f}" for a in by_len.values()) + " |")
-    path = result_path("hf_closed_loop")
+    if len(names) > 1:
+        print("| variant | loss vs dense | " + " | ".join(f"NIAH {n}" for n in scale["lengths"]) +
+              " | last grad norm, retrieval | last o_proj rms |")
+        for name, v in variants.items():
+            last = {tag: list(c.values())[-1] if c else float("nan") for tag, c in v["curves"].items()}
+            niah = v["retrieval"].get("niah_single", {})
+            print(f"| {name} | {v['vs_dense_loss']:.4f} | " + " | ".join(f"{a:.2f}" for a in niah.values()) +
+                  f" | {last.get('grad_norm/retrieval', float('nan')):.3g} | "
+                  f"{last.get('hsa/o_proj_rms', float('nan')):.3g} |")
+    path = result_path("hf_closed_loop") if len(names) == 1 else \
+        result_path("hf_closed_loop_variants", suffix="_" + "-".join(names))
     path = write_result(path if args.out is None else Path(args.out) / path.name, result)
     plot(result, path.with_suffix(".png"))
+    if len(names) > 1:
+        plot_variants(variants, scale["lengths"], path.with_name(path.stem + "_curves.png"))
     print(f"wrote {path.with_suffix('.png')}")
 
 

@@ -173,11 +173,23 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     schedule: str = "constant"  # linear warm-up, then constant | cosine (to min_lr at trainer.max_steps)
+    # [[pattern, scale], ...]: parameters whose name (as the LightningModule's `named_parameters()` gives it)
+    # matches the regex `pattern` train at lr × scale (the first match wins; the schedule scales every group alike),
+    # e.g. the parts a dense → HSA conversion adds: [['retrieval|memory|upper\.\d+\.(o_proj|gate)', 10]]
+    lr_scale: list[list[Any]] = field(default_factory=list)
 
     def validate(self) -> None:
         check_choice("optim.schedule", self.schedule, LR_SCHEDULES)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        for entry in self.lr_scale:
+            if len(entry) != 2 or not isinstance(entry[0], str) or not isinstance(entry[1], (int, float)) \
+                    or isinstance(entry[1], bool) or entry[1] <= 0:
+                raise ConfigError(f"optim.lr_scale entries are [pattern, scale > 0], got {list(entry)}")
+            try:
+                re.compile(entry[0])
+            except re.error as e:
+                raise ConfigError(f"optim.lr_scale: bad pattern '{entry[0]}': {e}") from None
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 

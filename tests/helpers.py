@@ -37,7 +37,8 @@ def tiny(**overrides) -> ModelConfig:
 VARIANTS = {  # model variants every model-level property is checked on (overrides of ``tiny``)
     "hsa": {},
     "hsa-standard-stick-swa": dict(hsa_residual="standard", fusion="stick_breaking", hsa_layer_swa=True,
-                                   hsa_swa_window=4, pos_decay=True, hsa_kv_heads=2, shared_selection=True),
+                                   hsa_swa_window=4, pos_decay=True, hsa_kv_heads=2, shared_selection=True,
+                                   hsa_gate=True),
     "hsa-no-encoder-per-head": dict(encoder_layers=0, hsa_kv_heads=2, hsa_heads=4),
     "hsa-off-by-one": dict(softmax_off_by_one=True, hsa_layer_swa=True),
     "swa": dict(attention="swa"),

@@ -4,11 +4,12 @@ and untied embeddings, the LoRA scale (dense and expert adapters), step schedule
 sampling distribution (temperature, nucleus), RMSNorm and the token-weighted validation loss. How this project
 tests: tests/README.md."""
 import math
+import re
 
 import pytest
 import torch
 
-from lit_hsa.config import OptimConfig
+from lit_hsa.config import ConfigError, OptimConfig
 from lit_hsa.model.lora import ExpertLoRA, LoRALinear
 from lit_hsa.model.moe import MoE
 from lit_hsa.model.transformer import HSATransformer
@@ -49,6 +50,45 @@ def test_logged_learning_rate_follows_the_schedule(tmp_path):
     assert sorted(lr) == sorted(expected)
     for step, value in expected.items():
         assert lr[step] == pytest.approx(value, rel=1e-6), step
+
+
+def test_lr_scale_puts_matching_parameters_in_scaled_groups():
+    """optim.lr_scale: each parameter whose name matches a pattern (the first that matches) trains at lr × scale,
+    with weight decay on matrices only as everywhere; the others stay in the two unscaled groups."""
+    from lit_hsa.training.module import HSALitModule
+
+    cfg = OptimConfig(lr=1e-3, weight_decay=0.1, lr_scale=[["retrieval|memory\\.landmark", 10], ["memory", 3]])
+    cfg.validate()
+    module = HSALitModule(tiny(), cfg)
+    optimizer = module.configure_optimizers()["optimizer"]
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    names = dict(module.named_parameters())
+    assert len(group_of) == len(names)  # every parameter in exactly one group
+    for name, p in names.items():
+        scale = 10 if re.search("retrieval|memory\\.landmark", name) else 3 if "memory" in name else 1
+        decay = 0.1 if p.dim() >= 2 and "embed" not in name else 0.0
+        group = group_of[id(p)]  # initial_lr: the group's rate before the schedule's multiplier
+        assert (group["initial_lr"], group["weight_decay"]) == (pytest.approx(1e-3 * scale), decay), name
+    assert {"model.memory.landmark.weight", "model.upper.0.retrieval.q_proj.weight", "model.memory.cls"} <= set(names)
+    assert group_of[id(names["model.memory.landmark.weight"])]["initial_lr"] == pytest.approx(1e-2)  # first wins
+    assert group_of[id(names["model.memory.cls"])]["initial_lr"] == pytest.approx(3e-3)
+    with pytest.raises(ConfigError, match="'nothing_here' matches no trainable parameter"):
+        HSALitModule(tiny(), OptimConfig(lr_scale=[["nothing_here", 2]])).configure_optimizers()
+    for bad, needle in (([["(", 2]], "bad pattern"), ([["x", 0]], r"\[pattern, scale > 0\]"),
+                        ([["x"]], "entries are")):
+        with pytest.raises(ConfigError, match=needle):
+            OptimConfig(lr_scale=bad).validate()
+
+
+def test_scaled_groups_follow_the_schedule(tmp_path):
+    """The logged rate of a scaled group is the schedule's rate × its scale at every step (an override as a user
+    writes it, the pattern quoted)."""
+    run = fit(tmp_path, "lr", "trainer.max_steps=3", "optim.lr=2e-3", "optim.warmup_steps=2",
+              "optim.lr_scale=[['retrieval|memory', 5]]")
+    base, scaled = scalars(run, "lr-AdamW/pg1"), scalars(run, "lr-AdamW/pg3")
+    assert sorted(base) == [0, 1, 2] and base[0] == pytest.approx(1e-3)
+    for step in base:
+        assert scaled[step] == pytest.approx(5 * base[step], rel=1e-6), step
 
 
 def test_validation_loss_is_the_token_weighted_mean_over_batches():

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from lit_hsa.checkpoint_io import load_model
 from lit_hsa.inference.decode import DecodeState, decode_forward, uncompiled
-from lit_hsa.inference.generate import prefill
+from lit_hsa.inference.generate import generate, prefill
 from lit_hsa.model.transformer import HSATransformer
 
 MODEL_NAME = "lit_hsa"
@@ -79,24 +79,20 @@ def tail_logits(model: HSATransformer, tokens: torch.Tensor, n: int, segment_siz
     return torch.cat(parts, dim=1)
 
 
-@torch.no_grad()
 def greedy_until(model: HSATransformer, tokenizer, prompt: list[int], max_new_tokens: int, until: list[str],
                  segment_size: int) -> str:
     """The text greedy decoding appends to ``prompt`` (token ids, prefilled in segments), one cached step per token,
     up to ``max_new_tokens`` tokens, the tokenizer's EOS, or the first of the ``until`` strings (cut there). Steps run
     eagerly: a CUDA graph captured per request would cost more than the few tokens a harness answer takes."""
-    device = model.embed.weight.device
-    logits, state = prefill(model, torch.tensor([prompt], device=device), segment_size)
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        token = int(logits[0].argmax())
-        if token == tokenizer.eos_id:
-            break
-        new.append(token)
-        if any(stop and stop in tokenizer.decode(new) for stop in until):
-            break
-        with uncompiled():
-            logits = decode_forward(model, torch.tensor([[token]], device=device), state)[:, -1]
+    def stop(new: torch.Tensor) -> bool:
+        text = tokenizer.decode(new[0].tolist())
+        return any(s and s in text for s in until)
+
+    out = generate(model, torch.tensor([prompt], device=model.embed.weight.device), max_new_tokens,
+                   eos_id=tokenizer.eos_id, segment_size=segment_size, cuda_graphs=False, stop=stop)
+    new = out[0, len(prompt):].tolist()
+    if new and new[-1] == tokenizer.eos_id:
+        new.pop()
     return postprocess_generated_text(tokenizer.decode(new), until, None)
 
 

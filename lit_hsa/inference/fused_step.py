@@ -127,7 +127,7 @@ def hsa_attention_step(block: nn.Module, h: torch.Tensor, kv, memory, h_retrieva
     q = gemv(h, block.q_proj.weight, norm_w=block.hsa_norm.weight, eps=block.hsa_norm.eps)
     parts = hsa_chunks_decode(q, block.q_norm.weight, block.q_norm.eps, memory.k, memory.v, indices, weights,
                               cfg.chunk_size)
-    return gemv(parts, block.o_proj.weight, residual=h).view_as(h)
+    return gemv(parts, block.output_weight(), residual=h).view_as(h)
 
 
 def block_step(block: nn.Module, h: torch.Tensor, ctx, kv, memory=None) -> torch.Tensor:

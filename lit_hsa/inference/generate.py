@@ -3,6 +3,8 @@ time. SWA layers keep W positions, the chunk memory (landmarks + K/V) grows by o
 full-attention layers (the `full` baseline) keep everything."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lit_hsa.inference.decode import DecodeState, decode_forward, uncompiled
@@ -44,8 +46,10 @@ def prefill(model: HSATransformer, prompt: torch.Tensor, segment_size: int = 409
 def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, segment_size: int = 4096,
              generator: torch.Generator | None = None, offload_memory: bool = False,
-             cuda_graphs: bool | None = None, compile: str | None = None) -> torch.Tensor:
-    """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS).
+             cuda_graphs: bool | None = None, compile: str | None = None,
+             stop: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+    """prompt: [B, P] int64 → [B, P + n] with n ≤ max_new_tokens (stops early once every row has produced EOS, or
+    once ``stop`` of the new tokens so far, [B, n], is true: the token that made it true is kept).
 
     ``cuda_graphs`` (default: on CUDA without ``offload_memory``): decode with static caches, one CUDA graph
     replayed per token (``static_decode.GraphDecoder``) instead of launching every layer's kernels from Python.
@@ -68,7 +72,8 @@ def generate(model: HSATransformer, prompt: torch.Tensor, max_new_tokens: int, t
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         out.append(token[:, None])
-        if i == max_new_tokens - 1 or (eos_id is not None and finished.all()):
+        if i == max_new_tokens - 1 or (eos_id is not None and finished.all()) or \
+                (stop is not None and stop(torch.cat(out[1:], dim=1))):
             break
         if decoder is not None:
             logits = decoder.step(token)

@@ -14,7 +14,11 @@ Tencent-Hunyuan/HiLS-Attention: HSA layers reuse the dense layer's projections, 
   values (``k_proj``, ``v_proj``, ``k_norm``, the memory's output norm) are the first HSA layer's dense keys and
   values, KV heads averaged in groups when ``hsa_kv_heads`` is below the dense model's. The output projection starts at
   **zero**, so at conversion every HSA block adds nothing and the model's logits equal the dense model's wherever the
-  sliding window covers the context; training opens it (its gradient is nonzero from the first step).
+  sliding window covers the context; training opens it (its gradient is nonzero from the first step). Two other
+  starts for the comparison of issue #39: ``out_std`` > 0 draws it from N(0, out_std²) (the function changes a
+  little at conversion), and ``model.hsa_gate`` keeps it random (``init_std``) behind a learned gate at **zero** (the
+  function is kept; the gate's gradient is nonzero from the first step, and the retrieval parts' gradients grow with
+  the one scalar rather than with a whole projection).
 - Chunk encoder: its attention and norms copied from the first HSA layer (a pretrained attention summarises the chunk
   into the [CLS] slot); its FFN random with the output projection at zero (an identity at start).
 - Retrieval query, landmark projection, [CLS]: random (``init_std``), with ``retrieval_norm`` on so selection
@@ -71,13 +75,18 @@ def pool_heads(weight: torch.Tensor, heads: int, head_dim: int, groups: int) -> 
     return weight.view(groups, heads // groups, head_dim, -1).mean(dim=1).reshape(groups * head_dim, -1)
 
 
-def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int = 0,
+def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int = 0, out_std: float = 0.0,
                  **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The HSA config and state dict converted from a dense model's (names as ``HSATransformer.state_dict()``);
-    parts with no dense counterpart are drawn with ``seed``."""
+    parts with no dense counterpart are drawn with ``seed``; the HSA output projections start at zero, or from
+    N(0, out_std²) with ``out_std`` > 0, or random behind a zero gate with ``model.hsa_gate``."""
+    if out_std < 0 or (out_std > 0 and overrides.get("hsa_gate")):
+        raise ConfigError(f"the HSA output start is zero, N(0, out_std²) or a zero gate: got out_std {out_std} "
+                          f"with model.hsa_gate={bool(overrides.get('hsa_gate'))}")
     cfg = hsa_config(dense, **overrides)
     torch.manual_seed(seed)
     fresh = HSATransformer(cfg).state_dict()  # random init for the parts with no dense source
+    generator = torch.Generator().manual_seed(seed + 1)
     out: dict[str, torch.Tensor] = {}
 
     def layer(i: int, name: str) -> torch.Tensor:
@@ -106,7 +115,13 @@ def dense_to_hsa(dense: ModelConfig, state: dict[str, torch.Tensor], seed: int =
         out[f"{ours}.q_proj.weight"] = layer(i, "attn.q_proj.weight")
         if dense.qk_norm:
             out[f"{ours}.q_norm.weight"] = layer(i, "attn.q_norm.weight")
-        out[f"{ours}.o_proj.weight"] = torch.zeros_like(fresh[f"{ours}.o_proj.weight"])
+        o_proj = fresh[f"{ours}.o_proj.weight"]
+        if cfg.hsa_gate:  # random projection (fresh), closed gate
+            out[f"{ours}.gate"] = torch.zeros_like(fresh[f"{ours}.gate"])
+        elif out_std == 0:
+            out[f"{ours}.o_proj.weight"] = torch.zeros_like(o_proj)
+        else:
+            out[f"{ours}.o_proj.weight"] = (torch.randn(o_proj.shape, generator=generator) * out_std).to(o_proj.dtype)
 
     first = hsa_layers[0]
     out["memory.norm.weight"] = layer(first, "attn_norm.weight")

@@ -78,6 +78,9 @@ class ModelConfig:
     hsa_layer_swa: bool = False  # SWA sub-layer inside each HSA block (paper's form)
     hsa_swa_window: Optional[int] = None  # window of that sub-layer; None: swa_window
     hsa_residual: str = "bypass"  # bypass: h + FFN(norm(h + o)) | standard: h + o, then h + FFN(norm(h))
+    # A learned scalar per HSA block multiplying its output o (starts at 1; at 0 in a dense model converted with it,
+    # whose HSA output projection then starts random instead of zero: lit_hsa/interop/to_hsa.py)
+    hsa_gate: bool = False
     softmax_off_by_one: bool = False  # +1 in each chunk's softmax denominator (authors' code option)
     encoder_layers: int = 1  # bidirectional layers of the chunk encoder; 0: landmark = Linear(mean(norm(chunk)))
     # --- FFN / MoE ---

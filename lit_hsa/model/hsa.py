@@ -175,9 +175,20 @@ class HSABlock(nn.Module):
         self.q_proj = nn.Linear(cfg.d_model, cfg.hsa_q_heads * cfg.head_dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.o_proj = nn.Linear(cfg.hsa_q_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # Shape [1], not a scalar: FSDP2 shards along dim 0 and refuses 0-d parameters.
+        self.gate = nn.Parameter(torch.ones(1)) if cfg.hsa_gate else None
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = make_ffn(cfg, layer_idx)
         self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None  # for retrieval statistics
+
+    def reset_parameters(self) -> None:
+        if self.gate is not None:
+            nn.init.ones_(self.gate)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection's weight with the gate folded in: [d, hsa_q_heads·head_dim]."""
+        w = self.o_proj.weight
+        return w if self.gate is None else w * self.gate.to(w.dtype)
 
     def forward(self, h: torch.Tensor, ctx: Context, memory: Memory) -> torch.Tensor:
         h_in = h  # the retrieval reads the block's input, before the SWA sub-layer (spec §2)
@@ -187,8 +198,8 @@ class HSABlock(nn.Module):
 
     def hsa_output(self, h: torch.Tensor, ctx: Context, memory: Memory,
                    h_retrieval: torch.Tensor | None = None) -> torch.Tensor:
-        """o = o_proj(HSA(norm h)) with the chunks the retrieval selects from ``h_retrieval`` (the block's input;
-        default h): h [B, T, d] → [B, T, d]."""
+        """o = o_proj(HSA(norm h)) (× gate with ``model.hsa_gate``) with the chunks the retrieval selects from
+        ``h_retrieval`` (the block's input; default h): h [B, T, d] → [B, T, d]."""
         cfg = self.cfg
         B, T, _ = h.shape
         if memory.n_chunks == 0:  # nothing retrievable yet (sequence shorter than one chunk)
@@ -200,7 +211,8 @@ class HSABlock(nn.Module):
         memory, indices = memory.chunks_for(indices, cfg.chunk_size, h.device)
         o = hsa_attention(q, memory.k.to(q.dtype), memory.v.to(q.dtype), weights, indices, cfg.chunk_size,
                           off_by_one=cfg.softmax_off_by_one, q_start=ctx.q_start)
-        return self.o_proj(o.reshape(B, T, -1))
+        o = self.o_proj(o.reshape(B, T, -1))
+        return o if self.gate is None else o * self.gate.to(o.dtype)
 
     def feed_forward(self, h: torch.Tensor, h_o: torch.Tensor) -> torch.Tensor:
         """The block's output from h and h_o = h + o: bypass h + FFN(norm(h + o)), standard h_o + FFN(norm h_o)."""

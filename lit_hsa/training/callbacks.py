@@ -2,6 +2,8 @@
 curriculum, in-training retrieval evaluation — all logged to TensorBoard."""
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 import lightning as L
@@ -47,11 +49,59 @@ def selection_heatmap(indices: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return (grid / grid.max().clamp_min(1))[None].cpu()
 
 
+# The parts of an HSA model whose learning the gradient norms follow (parameter-name patterns; the first match wins):
+# what selects chunks, the chunk memory's encoder and projections, and the HSA blocks' own attention. In a dense
+# model converted to HSA these are the new parts, and their gradients show whether retrieval is learning at all.
+HSA_PARTS = {
+    "retrieval": r"\.retrieval\.|memory\.landmark",
+    "chunk_memory": r"(^|\.)memory\.",
+    "hsa_attention": r"upper\.\d+\.(q_proj|q_norm|hsa_norm|o_proj|gate)\b",
+}
+
+
+def norm_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of several tensors together (FSDP's sharded DTensors reduce over their ranks: call on every rank)."""
+    return torch.linalg.vector_norm(torch.stack([t.detach().float().norm() for t in tensors]))
+
+
+def hsa_learning_stats(named_parameters) -> dict[str, torch.Tensor]:
+    """``grad_norm/<part>`` for each of ``HSA_PARTS`` that has gradients, ``hsa/o_proj_rms`` (the HSA blocks' output
+    projections: how far they have opened from a zero start) and ``hsa/gate`` (their mean gate, with
+    ``model.hsa_gate``)."""
+    parts = {name: re.compile(pattern) for name, pattern in HSA_PARTS.items()}
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in parts}
+    o_proj, gates = [], []
+    for name, p in named_parameters:
+        part = next((k for k, regex in parts.items() if regex.search(name)), None)
+        if part is not None and p.grad is not None:
+            grads[part].append(p.grad)
+        if re.search(r"upper\.\d+\.o_proj\.weight$", name):
+            o_proj.append(p)
+        elif re.search(r"upper\.\d+\.gate$", name):
+            gates.append(p)
+    stats = {f"grad_norm/{part}": norm_of(g) for part, g in grads.items() if g}
+    if o_proj:
+        stats["hsa/o_proj_rms"] = norm_of(o_proj) / math.sqrt(sum(p.numel() for p in o_proj))
+    if gates:
+        # each gate is [1]: whole on one rank when sharded, so gather it (a few bytes) rather than reduce a sum
+        whole = [getattr(g, "full_tensor", g.detach)().detach().float() for g in gates]
+        stats["hsa/gate"] = torch.cat(whole).mean()
+    return stats
+
+
 class RetrievalMonitor(L.Callback):
-    """Every ``every_n_steps`` training steps: retrieval stats per HSA block, and a selection heat-map image."""
+    """Every ``every_n_steps`` training steps: retrieval stats per HSA block, a selection heat-map image, and the HSA
+    parts' gradient norms and output scale (``hsa_learning_stats``)."""
 
     def __init__(self, every_n_steps: int = 50):
         self.every_n_steps = every_n_steps
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # after gradient accumulation, before clipping (as train/grad_norm); on every rank: sharded norms reduce
+        if trainer.global_step % self.every_n_steps or not pl_module.model.hsa_blocks():
+            return
+        for key, value in hsa_learning_stats(pl_module.named_parameters()).items():
+            pl_module.log(key, value)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

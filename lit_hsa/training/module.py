@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core import rank_zero  # Lightning's rank_zero_info writes through this logger
 from torchmetrics import MeanMetric
 
-from lit_hsa.config import FinetuneConfig, ModelConfig, OptimConfig
+from lit_hsa.config import ConfigError, FinetuneConfig, ModelConfig, OptimConfig
 from lit_hsa.finetune.checkpoints import check_adapters
 from lit_hsa.model.init import load_full_state, materialize
 from lit_hsa.model.lora import apply_lora, cast_frozen_matrices, lora_state_dict
@@ -60,6 +61,30 @@ def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     floor = cfg.min_lr / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def parameter_groups(named_parameters, cfg: OptimConfig) -> list[dict]:
+    """AdamW's parameter groups: weight decay on matrices only (norms, biases, the [CLS] vector and scalars are left
+    alone), and each ``cfg.lr_scale`` [pattern, scale] in its own groups at lr × scale (the first pattern a name
+    matches wins). A pattern that matches no trainable parameter is a ConfigError."""
+    scales = [(re.compile(pattern), float(scale)) for pattern, scale in cfg.lr_scale]
+    # the two unscaled groups always exist (a LoRA run may have no parameter without decay), so that the optimizer
+    # state of a checkpoint has the same groups whatever trains
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
+    matched = [False] * len(scales)
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        index = next((i for i, (regex, _) in enumerate(scales) if regex.search(name)), None)
+        scale = 1.0 if index is None else scales[index][1]
+        if index is not None:
+            matched[index] = True
+        groups.setdefault((p.dim() >= 2 and "embed" not in name, scale), []).append(p)
+    unmatched = [pattern for (pattern, _), hit in zip(cfg.lr_scale, matched) if not hit]
+    if unmatched:
+        raise ConfigError(f"optim.lr_scale: pattern '{unmatched[0]}' matches no trainable parameter")
+    return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda item: (item[0][1], not item[0][0]))]
 
 
 def schedule_note(cfg: OptimConfig, step: int, max_steps: int, horizon: int) -> str:
@@ -320,13 +345,7 @@ class HSALitModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Weight decay on matrices only: norms, biases, the [CLS] vector and scalars are left alone.
-            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = parameter_groups(self.named_parameters(), cfg)
         # Lightning refuses gradient clipping with a fused optimizer under mixed precision (the fused step would
         # unscale gradients itself); the foreach implementation is the fast path there.
         mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)

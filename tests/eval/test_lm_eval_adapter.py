@@ -129,9 +129,12 @@ def test_loglikelihood_rolling_sums_disjoint_windows(net, lm):
 
 
 def test_generate_until_is_greedy_and_stops_at_the_first_stop_string(net, lm, monkeypatch):
-    steps = []
-    real_step = adapter.decode_forward
-    monkeypatch.setattr(adapter, "decode_forward", lambda *a: steps.append(1) or real_step(*a))
+    import lit_hsa.inference.generate as generation
+
+    steps = []  # one-token decoding steps (prefill segments are longer)
+    real_step = generation.decode_forward
+    monkeypatch.setattr(generation, "decode_forward",
+                        lambda model, x, state: (x.shape[1] == 1 and steps.append(1)) or real_step(model, x, state))
     for prompt in ("The fox", LONG_CONTEXT):  # the long one is cut to max_length - max_gen_toks from the left
         full = greedy_text(net, prompt, 20, MAX_LENGTH - 20)
         stop = next(c for i, c in enumerate(full) if i >= 3 and c not in full[:i])  # first seen at position i ≥ 3

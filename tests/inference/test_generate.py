@@ -53,6 +53,16 @@ def test_generation_stops_at_eos():
     assert out[0].tolist() == prompt[0].tolist() + new[: stop + 1]
 
 
+def test_generation_stops_when_the_stop_callback_says_so():
+    """``stop`` sees the new tokens so far [B, n] after each one; the token that makes it true is the last."""
+    model = HSATransformer(tiny()).eval()
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    free = generate(model, prompt, max_new_tokens=10)
+    seen = []
+    out = generate(model, prompt, max_new_tokens=10, stop=lambda new: seen.append(new.shape[1]) or new.shape[1] == 4)
+    assert torch.equal(out, free[:, :9]) and seen == [1, 2, 3, 4]
+
+
 def test_top_p_keeps_the_nucleus_only():
     logits = torch.tensor([[3.0, 2.9, -5.0, -6.0]])
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ a sliding window (its HSA blocks add exactly nothing until training opens their 
 weight lands where the docstring says, and bad layouts fail in one line."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lit_hsa.config import ConfigError
 from lit_hsa.interop.to_hsa import default_layout, dense_to_hsa, hsa_config, pool_heads
@@ -62,6 +63,51 @@ def test_hsa_blocks_open_with_training():
     # the zero projection learns from the first step: its gradient is Σ_t g_t a_tᵀ, with neither factor zero
     assert seen["a"].abs().amax() > 0 and seen["g"].abs().amax() > 0
     torch.testing.assert_close(block.o_proj.weight.grad, torch.einsum("bto,bti->oi", seen["g"], seen["a"]))
+
+
+def test_gated_conversion_keeps_the_function_and_opens_through_the_gate():
+    """model.hsa_gate: the output projection random (init_std), the gate at zero: the dense function is kept (within
+    the window exactly; beyond it the SWA model's) and the gate's gradient, Σ <dL/dy, o_proj(HSA)>, is nonzero."""
+    dense_cfg, dense = dense_model()
+    cfg, hsa = converted(dense_cfg, dense, swa_window=16, chunk_size=8, hsa_topk=2, hsa_gate=True)
+    block = hsa.hsa_blocks()[0]
+    assert cfg.hsa_gate and block.gate.tolist() == [0.0]
+    assert 0.5 * cfg.init_std < block.o_proj.weight.std() < 2 * cfg.init_std
+    x = torch.randint(0, 97, (2, 48))
+    _, zero_init = converted(dense_cfg, dense, swa_window=16, chunk_size=8, hsa_topk=2)
+    with torch.no_grad():
+        torch.testing.assert_close(hsa(x[:, :16]), dense(x[:, :16]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(hsa(x), zero_init(x), rtol=0, atol=1e-6)
+    hsa = hsa.double().train()
+
+    def loss() -> torch.Tensor:  # in float64 throughout, so a finite difference is exact to ~1e-9
+        return F.cross_entropy(hsa(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+    loss().backward()
+    grad = block.gate.grad.item()
+    assert abs(grad) > 1e-6
+    # the retrieval query learns nothing while the gate is shut (its gradient flows through gate × o_proj)
+    assert block.retrieval.q_proj.weight.grad.abs().max() == 0
+    with torch.no_grad():
+        eps, values = 1e-6, []
+        for g in (eps, -eps):
+            block.gate.fill_(g)
+            values.append(loss().item())
+    assert grad == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-4)
+
+
+def test_small_output_init_changes_the_function_a_little():
+    dense_cfg, dense = dense_model()
+    cfg, hsa = converted(dense_cfg, dense, swa_window=16, chunk_size=8, hsa_topk=2, out_std=1e-3)
+    w = hsa.hsa_blocks()[0].o_proj.weight
+    assert 0.5e-3 < w.std() < 2e-3 and not cfg.hsa_gate
+    x = torch.randint(0, 97, (2, 48))
+    _, zero_init = converted(dense_cfg, dense, swa_window=16, chunk_size=8, hsa_topk=2)
+    with torch.no_grad():
+        gap = (hsa(x) - zero_init(x)).abs().max()
+    assert 0 < gap < 0.1
+    with pytest.raises(ConfigError, match="zero gate"):
+        dense_to_hsa(dense_cfg, dense.state_dict(), out_std=1e-3, swa_window=16, chunk_size=8, hsa_gate=True)
 
 
 def test_dense_weights_land_where_documented():

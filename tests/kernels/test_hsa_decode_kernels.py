@@ -132,7 +132,7 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
     """With the Triton backend, every block (dense and HSA) steps through the fused kernels, HSA blocks through the
     chunk selection and attention kernels, and the logits are the full forward's, across a chunk completion: the
     plain HSA block (bypass residual, softmax fusion), and one with an SWA sub-layer, the standard residual,
-    stick-breaking fusion, the recency term and a selection shared by two KV heads."""
+    stick-breaking fusion, the recency term, a selection shared by two KV heads and an output gate."""
     import lit_hsa.inference.fused_step as fused_step
     from lit_hsa.model.hsa import HSABlock
     from lit_hsa.model.transformer import HSATransformer
@@ -142,10 +142,12 @@ def test_static_decoding_with_fused_hsa_blocks_equals_full_forward(variant, monk
     monkeypatch.setattr(fused_step, "hsa_attention_step", lambda block, *a: calls.append(block) or original(block, *a))
     cfg = tiny(**VARIANTS[variant], moe=False, chunk_size=16, head_dim=16, hsa_topk=2)
     model = HSATransformer(cfg).to(DEV).eval()
-    with torch.no_grad():  # non-zero recency term
+    with torch.no_grad():  # non-zero recency term, a gate away from 1
         for block in model.hsa_blocks():
             if block.retrieval.pos_decay is not None:
                 block.retrieval.pos_decay.fill_(-0.5)
+            if block.gate is not None:
+                block.gate.fill_(0.7)
     x = torch.randint(0, VOCAB, (1, 68), device=DEV)
     outs, ref = static_decode_with_triton(model, x, 61)  # positions 61..67: chunk 3 completes at 63
     torch.testing.assert_close(outs, ref, atol=1e-4, rtol=1e-4)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -100,10 +102,56 @@ def test_nan_policy_skip_and_stop(tmp_path, nan_on_step_one, capsys):
     run = sorted((tmp_path / "skip").glob("version_*"))[-1]
     assert max(scalars(run, "train/skipped_nonfinite").values()) == 1
     assert len(scalars(run, "train/loss")) == 3  # the bad batch was skipped, three good steps were taken
-    assert scalars(run, "retrieval/block0_far_share") and scalars(run, "train/device/flops_per_sec")
+    for tag in ("retrieval/block0_far_share", "train/device/flops_per_sec", "grad_norm/retrieval", "hsa/o_proj_rms"):
+        assert scalars(run, tag), tag
     nan_on_step_one["reset"]()
     assert main([*args, "trainer.nan_policy=stop", "trainer.run_name=stop"]) == 3
     assert "non-finite training loss (nan) at step 1" in capsys.readouterr().err
+
+
+def test_hsa_learning_stats_follow_a_converted_model_opening():
+    """grad_norm/<part> are the 2-norms of the gradients of the parameters each part's names cover, brute force over
+    the parameter list here. In a dense model converted to HSA (output projections at zero) the retrieval and chunk
+    memory get no gradient at all until the projection opens: the stats show exactly that."""
+    from lit_hsa.interop.to_hsa import dense_to_hsa
+    from lit_hsa.model.transformer import HSATransformer
+    from lit_hsa.training.callbacks import hsa_learning_stats
+
+    torch.manual_seed(0)
+    dense_cfg = tiny(attention="full", n_lower_layers=6, n_groups=0, swa_layers_per_group=0, moe=False)
+    cfg, state = dense_to_hsa(dense_cfg, HSATransformer(dense_cfg).state_dict(), swa_window=8, chunk_size=8)
+    model = HSATransformer(cfg)
+    model.load_state_dict(state)
+    x = torch.randint(0, VOCAB, (2, 40))
+
+    def stats_after_backward() -> dict[str, float]:
+        model.zero_grad()
+        model(x[:, :-1], labels=x[:, 1:]).backward()
+        return {k: float(v) for k, v in hsa_learning_stats(model.named_parameters()).items()}
+
+    def brute(keep) -> float:
+        return math.sqrt(sum(float(p.grad.double().pow(2).sum()) for n, p in model.named_parameters()
+                             if keep(n) and p.grad is not None))
+
+    shut = stats_after_backward()
+    assert shut["grad_norm/retrieval"] == 0 and shut["grad_norm/chunk_memory"] == 0 and shut["hsa/o_proj_rms"] == 0
+    assert shut["grad_norm/hsa_attention"] > 0  # the zero projection's own gradient
+    with torch.no_grad():
+        for block in model.hsa_blocks():
+            block.o_proj.weight.normal_(0, 0.02)
+    opened = stats_after_backward()
+    retrieval = lambda n: ".retrieval." in n or n.startswith("memory.landmark")  # noqa: E731
+    memory = lambda n: n.startswith("memory.") and not retrieval(n)  # noqa: E731
+    hsa_own = lambda n: n.split(".")[0] == "upper" and n.split(".")[2] in ("q_proj", "q_norm", "hsa_norm", "o_proj")  # noqa: E501,E731
+    for key, keep in (("retrieval", retrieval), ("chunk_memory", memory), ("hsa_attention", hsa_own)):
+        assert opened[f"grad_norm/{key}"] == pytest.approx(brute(keep), rel=1e-5) and opened[f"grad_norm/{key}"] > 0
+    weights = torch.cat([b.o_proj.weight.detach().flatten() for b in model.hsa_blocks()])
+    assert opened["hsa/o_proj_rms"] == pytest.approx(float(weights.pow(2).mean().sqrt()), rel=1e-5)
+    assert "hsa/gate" not in opened
+    gated = HSATransformer(tiny(hsa_gate=True))
+    with torch.no_grad():
+        gated.hsa_blocks()[0].gate.fill_(0.25)
+    assert float(hsa_learning_stats(gated.named_parameters())["hsa/gate"]) == pytest.approx(0.25)
 
 
 def test_scheduled_value():

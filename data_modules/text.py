@@ -223,12 +223,9 @@ class TextDataModule(L.LightningDataModule):
         return samples
 
     def val_dataloader(self) -> DataLoader:
-        # A map-style list: Lightning adds a DistributedSampler, so ranks split it evenly. With context parallelism
-        # ours, by data-parallel index: Lightning's would split by global rank and give a group different samples
-        # (it keeps a DistributedSampler it is given).
+        # A map-style list split evenly by data-parallel index (Lightning keeps a DistributedSampler it is given; its
+        # own would split by global rank, which gives the ranks of a context group different samples).
         samples = self.validation_samples()
-        if self.context_parallel == 1:
-            return DataLoader(samples, batch_size=self.cfg.batch_size, shuffle=False)
         rank, world = self._rank_world()
         sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(samples, batch_size=self.cfg.batch_size, sampler=sampler)

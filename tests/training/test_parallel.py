@@ -98,6 +98,12 @@ def test_a_context_group_reads_one_data_parallel_share(distinct_docs):
     assert len(val[0]) == 2 and not torch.equal(val[0][0], val[2][0])
     for first, second in ((0, 1), (2, 3)):
         assert all(torch.equal(a, b) for a, b in zip(val[first], val[second], strict=True))
+    # without context parallelism: 2 ranks split the 4 validation samples, each sample on exactly one rank
+    whole = [b["input_ids"] for b in rank_module(distinct_docs, 0, 1, 1).val_dataloader()]
+    split = [[b["input_ids"] for b in rank_module(distinct_docs, r, 2, 1).val_dataloader()] for r in range(2)]
+    assert len(whole) == 4 and [len(s) for s in split] == [2, 2]
+    assert sorted(x.sum().item() for x in whole) == sorted(x.sum().item() for s in split for x in s)
+    assert not any(torch.equal(a, b) for a in split[0] for b in split[1])
 
 
 def fit_cli(root, name, docs, *extra):

@@ -97,6 +97,11 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def side_by_side(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenated along the last dimension (one tensor as it is, not copied)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=-1)
+
+
 class MoE(nn.Module):
     """Routed experts with top-k sigmoid routing + shared expert(s).
 
@@ -193,18 +198,17 @@ class MoE(nn.Module):
         """x: [N*k, d] grouped by expert (``groups``), in the matmuls' dtype; gates: [N*k] → [N*k, d], each row
         times its gate. Gate and up are one grouped GEMM (x is read once); the gate scales the hidden rows before the
         down projection (linear, so the same product, on a width-``expert_hidden`` tensor instead of ``d``)."""
-        w_gate_up = torch.cat([self.w_gate.to(x.dtype), self.w_up.to(x.dtype)], dim=-1)  # [E, d, 2·hidden]
-        gate_up = grouped_matmul(x, w_gate_up, groups)  # [N*k, 2·hidden]: gate | up
-        if self.lora_experts is not None:
-            gate_up = gate_up + torch.cat([self.lora_experts(n, x, groups) for n in ("gate", "up")], dim=-1)
+        gate_up = self._expert_linear(x, groups, "gate", "up")  # [N*k, 2·hidden]: gate | up
         h = gated_swiglu(gate_up, gates)  # silu(gate) · up · gates, fused with its backward where a kernel runs
-        return self._expert_linear("down", h, groups)
+        return self._expert_linear(h, groups, "down")
 
-    def _expert_linear(self, name: str, x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
-        """x: [n, in] grouped by expert @ each expert's ``w_<name>`` [in, out] → [n, out], plus the LoRA update when
-        one is attached."""
-        y = grouped_matmul(x, getattr(self, f"w_{name}").to(x.dtype), groups)
-        return y if self.lora_experts is None else y + self.lora_experts(name, x, groups)
+    def _expert_linear(self, x: torch.Tensor, groups: ExpertGroups, *names: str) -> torch.Tensor:
+        """x: [n, in] grouped by expert @ each expert's ``w_<name>`` [in, out], those of several names side by side
+        (one grouped GEMM reads x once) → [n, Σ out], plus the LoRA updates when they are attached."""
+        y = grouped_matmul(x, side_by_side([getattr(self, f"w_{name}").to(x.dtype) for name in names]), groups)
+        if self.lora_experts is None:
+            return y
+        return y + side_by_side([self.lora_experts(name, x, groups) for name in names])
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:

@@ -145,7 +145,9 @@ def plot_variants(variants: dict, lengths: list[int], path: Path) -> None:
         g = v["curves"].get("grad_norm/retrieval", {})
         grad.plot([int(s) for s in g], [max(x, 1e-12) for x in g.values()], label=name)
     acc.set(xscale="log", xlabel="context length (tokens)", ylabel="single-NIAH accuracy", ylim=(-0.05, 1.05),
-            xticks=lengths, title="converted + continued, by variant")
+            title="converted + continued, by variant")
+    acc.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], minor=False)
+    acc.minorticks_off()
     grad.set(yscale="log", xlabel="continuation step", ylabel="grad norm of the retrieval parts",
              title="is retrieval learning?")
     acc.legend(fontsize=7)

@@ -89,6 +89,16 @@ def hsa_learning_stats(named_parameters) -> dict[str, torch.Tensor]:
     return stats
 
 
+def write_scalars(trainer, stats: dict[str, float], step: int) -> None:
+    """Scalars measured at training step ``step`` (the batch index, as Lightning logs train/loss), written to the
+    logger under that step (rank zero) and kept as the latest callback metrics (what a run's summary reads).
+    ``self.log`` off Lightning's logging steps would hold them until the next logging step and write them there,
+    under the wrong step, or never."""
+    if trainer.is_global_zero and trainer.logger is not None:
+        trainer.logger.log_metrics(stats, step=step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in stats.items()})
+
+
 class RetrievalMonitor(L.Callback):
     """Every ``every_n_steps`` training steps: retrieval stats per HSA block, a selection heat-map image, and the HSA
     parts' gradient norms and output scale (``hsa_learning_stats``)."""
@@ -100,12 +110,14 @@ class RetrievalMonitor(L.Callback):
         # after gradient accumulation, before clipping (as train/grad_norm); on every rank: sharded norms reduce
         if trainer.global_step % self.every_n_steps or not pl_module.model.hsa_blocks():
             return
-        for key, value in hsa_learning_stats(pl_module.named_parameters()).items():
-            pl_module.log(key, value)
+        write_scalars(trainer, {k: float(getattr(v, "full_tensor", lambda v=v: v)())
+                                for k, v in hsa_learning_stats(pl_module.named_parameters()).items()},
+                      trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step % self.every_n_steps or not trainer.is_global_zero:
+        step = trainer.global_step - 1  # the step this batch completed (the counter has moved on)
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0  # the last micro-batch of its step
+        if not stepped or step % self.every_n_steps or not trainer.is_global_zero:
             return
         model = pl_module.model
         chunk_size = model.cfg.chunk_size
@@ -113,8 +125,8 @@ class RetrievalMonitor(L.Callback):
             if block.last_selection is None:
                 continue
             weights, indices = block.last_selection
-            for name, value in retrieval_stats(weights, indices, chunk_size, model.swa_window).items():
-                pl_module.log(f"retrieval/block{i}_{name}", value)
+            write_scalars(trainer, {f"retrieval/block{i}_{name}": value for name, value
+                                    in retrieval_stats(weights, indices, chunk_size, model.swa_window).items()}, step)
             experiment = getattr(trainer.logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "add_image"):
                 experiment.add_image(f"retrieval/block{i}_selection", selection_heatmap(indices[0], chunk_size),

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lit_hsa.cli import main
 from lit_hsa.config import ModelConfig, OptimConfig
@@ -152,6 +153,20 @@ def test_hsa_learning_stats_follow_a_converted_model_opening():
     with torch.no_grad():
         gated.hsa_blocks()[0].gate.fill_(0.25)
     assert float(hsa_learning_stats(gated.named_parameters())["hsa/gate"]) == pytest.approx(0.25)
+
+
+def test_hsa_learning_stats_are_written_at_their_own_steps(tmp_path):
+    """Every retrieval_stats_every steps, whatever log_every_n_steps is: a value logged off the logging steps is
+    neither dropped nor written later under another step (where it would be stale)."""
+    from tests.helpers import fit
+
+    for accumulate in (1, 2):  # with accumulation: once per optimizer step, from the batch that completed it
+        run = fit(tmp_path, f"stats{accumulate}", "trainer.max_steps=5", "trainer.retrieval_stats_every=2",
+                  "data.seq_len=256", "trainer.log_every_n_steps=3", f"trainer.accumulate_grad_batches={accumulate}")
+        for tag in ("grad_norm/retrieval", "grad_norm/chunk_memory", "grad_norm/hsa_attention", "hsa/o_proj_rms",
+                    "retrieval/block0_distance_mean"):
+            events = EventAccumulator(str(run)).Reload().Scalars(tag)
+            assert [e.step for e in events] == [0, 2, 4] and all(e.value > 0 for e in events), (tag, events)
 
 
 def test_scheduled_value():

@@ -105,6 +105,10 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default="full", choices=("full", "hsa"),
                         help="full: the same network; hsa: SWA + HSA layout, same function at conversion")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new HSA parts (--to hsa)")
+    parser.add_argument("--hsa-out-std", type=float, default=0.0,
+                        help="--to hsa: draw the HSA output projections from N(0, std²) instead of zero (the "
+                        "function then changes a little at conversion); model.hsa_gate=true starts them random "
+                        "behind a zero gate instead")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="--to hsa: model.* keys, e.g. model.swa_window=1024 model.hsa_topk=16")
@@ -181,7 +185,7 @@ COMMANDS: dict[str, Command] = {
                                                  "the single-file checkpoint to write"),
                            lambda a: consolidate(a.ckpt, a.out)),
     "convert": Command("A local Hugging Face model directory → a lit-hsa checkpoint.", convert_arguments,
-                       lambda a: convert(a.hf, a.out, a.to, a.overrides, a.seed), intermixed=True),
+                       lambda a: convert(a.hf, a.out, a.to, a.overrides, a.seed, a.hsa_out_std), intermixed=True),
     "export": Command("A lit-hsa checkpoint → a Hugging Face model directory.", export_arguments,
                       lambda a: export_checkpoint(a.ckpt, a.out, a.native, a.overwrite)),
 }

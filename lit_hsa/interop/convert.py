@@ -29,7 +29,8 @@ def model_overrides(overrides: list[str] | None) -> dict:
     return values
 
 
-def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None = None, seed: int = 0) -> None:
+def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None = None, seed: int = 0,
+            hsa_out_std: float = 0.0) -> None:
     if to not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
     config = read_json(Path(hf_dir, "config.json"), what="config.json (not a Hugging Face model folder?)")
@@ -42,10 +43,11 @@ def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None
         source = {"hf_dir": str(Path(hf_dir).resolve()), "model_type": imported.model_type, "dtype": imported.dtype}
     values = model_overrides(overrides)
     if to == "hsa":
-        cfg, state = dense_to_hsa(cfg, state, seed=seed, **values)
+        cfg, state = dense_to_hsa(cfg, state, seed=seed, out_std=hsa_out_std, **values)
         source["to"] = "hsa"
-    elif values:
-        raise ConfigError("--to full keeps the network as it is: model.* overrides apply with --to hsa")
+    elif values or hsa_out_std:
+        raise ConfigError("--to full keeps the network as it is: model.* overrides and --hsa-out-std apply with "
+                          "--to hsa")
     write_checkpoint(out, cfg, state, tokenizer, eos_token, source)
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out} ({source['model_type']} → {cfg.attention}: {cfg.n_layers} blocks, {n:,} parameters) with "

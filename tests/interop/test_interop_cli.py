@@ -96,6 +96,20 @@ def test_convert_to_hsa_then_continue_with_the_recipe(qwen3_dir, tmp_path):
     assert "name: qwen3-hsa" in config and "model.tokenizer.json" in config
 
 
+@pytest.mark.parametrize("args", [["--hsa-out-std", "0.01"], ["model.hsa_gate=true"]])
+def test_convert_to_hsa_with_another_output_start(args, qwen3_dir, tmp_path):
+    """--hsa-out-std: the HSA output projections drawn from N(0, std²); model.hsa_gate: random behind a zero gate."""
+    out = tmp_path / "model.ckpt"
+    assert main(["convert", "--hf", str(qwen3_dir[0]), "--out", str(out), "--to", "hsa", "model.swa_window=32",
+                 "model.chunk_size=16", *args]) == 0
+    model, _ = load_model(str(out), "cpu")
+    block = model.hsa_blocks()[0]
+    if "--hsa-out-std" in args:
+        assert block.gate is None and 0.008 < float(block.o_proj.weight.std()) < 0.012
+    else:
+        assert block.gate.tolist() == [0.0] and float(block.o_proj.weight.std()) > 0.01
+
+
 def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
     model = random_model(tiny(vocab_size=320))
     ckpt = write_ckpt(tmp_path / "m.ckpt", model)
@@ -116,6 +130,12 @@ def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
         (["convert", "--hf", "{tmp}/gpt2", "--out", "{tmp}/o.ckpt"], "gpt2"),
         (["convert", "--hf", "{tmp}/broken", "--out", "{tmp}/o.ckpt"], "is not readable JSON"),
         (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "model.swa_window=8"], "apply with --to hsa"),
+        (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--hsa-out-std", "0.01"], "apply with --to hsa"),
+        (
+            ["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "--hsa-out-std", "0.01",
+             "model.hsa_gate=true"],
+            "zero gate",
+        ),
         (
             ["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "--to", "hsa", "trainer.max_steps=3"],
             "model.* overrides only",

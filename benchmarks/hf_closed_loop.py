@@ -229,6 +229,8 @@ def main() -> None:
             "curves": curves(runs / name),
         }
         variants[name]["vs_dense_loss"] = variants[name]["held_out_loss"]["continued"] / dense_loss
+        # time-bound continuations (max_time): the steps each variant got (the last logged one)
+        variants[name]["steps_logged_up_to"] = max(map(int, variants[name]["curves"].get("train/loss", {"-1": 0})))
     first = variants[names[0]]
     timings["continue_hsa_s"] = first["continue_s"]
     losses = {"dense": dense_loss, **first["held_out_loss"]}

@@ -4,6 +4,8 @@ to a reference model), ``summary.md`` and the plots ``accuracy_vs_length.png`` a
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -123,6 +125,7 @@ def summarize(out_dir: str | Path, reference_model: Optional[str] = None) -> Opt
                "reference_model": reference_model,
                "perplexity": perplexity_stats(by_model, reference_model),
                "perplexity_by_position": position_stats(by_model),
+               "selection": selection_stats(by_model),
                "accuracy": {task: {m: {str(n): s["mean"] for n, s in acc.items()} for m, acc in per.items()}
                             for task, per in accuracy.items()},
                "accuracy_spread": {task: {m: {str(n): s for n, s in acc.items()} for m, acc in per.items()}
@@ -137,6 +140,41 @@ def summarize(out_dir: str | Path, reference_model: Optional[str] = None) -> Opt
     return summary
 
 
+SELECTION_STATS = ("fusion_entropy", "far_share", "distance_mean", "empty_share")
+
+
+def selection_stats(by_model: dict[str, list[dict]]) -> dict:
+    """{model: {block: {stat: spread over seeds, "topk": k}}}: each HSA block's chunk selection at the end of training
+    (the runs' last ``retrieval/block<i>_*`` metrics). Models without HSA blocks are left out."""
+    out: dict = {}
+    for model, runs in by_model.items():
+        finals = [r["train"].get("final_metrics", {}) for r in runs]
+        blocks = sorted({int(m.group(1)) for f in finals for k in f
+                         if (m := re.fullmatch(r"retrieval/block(\d+)_fusion_entropy", k))})
+        for b in blocks:
+            stats = {stat: spread([f[key] for f in finals if (key := f"retrieval/block{b}_{stat}") in f])
+                     for stat in SELECTION_STATS}
+            topk = finals[0].get("schedule/hsa_topk") or runs[0].get("model_config", {}).get("hsa_topk")
+            out.setdefault(model, {})[str(b)] = {**stats, "topk": None if topk is None else int(topk)}
+    return out
+
+
+def selection_table(selection: dict) -> list[str]:
+    """The chunk selection table: the fusion weights' entropy beside that of uniform weights over the top-k chunks
+    (ln k: a selection that tells its chunks apart sits well below it)."""
+    if not selection:
+        return []
+    lines = ["Chunk selection at the end of training (per HSA block; mean (min–max) over seeds):", "",
+             "| model | block | top-k | fusion entropy | uniform: ln k | beyond the window | mean distance (chunks) |",
+             "|---|---|---|---|---|---|---|"]
+    for model, blocks in selection.items():
+        for b, s in blocks.items():
+            uniform = f"{math.log(s['topk']):.2f}" if s["topk"] else "—"
+            lines.append(f"| {model} | {b} | {s['topk'] or '—'} | {cell(s['fusion_entropy'])} | {uniform} | "
+                         f"{cell(s['far_share'])} | {cell(s['distance_mean'], '.1f')} |")
+    return lines + [""]
+
+
 def cell(s: dict, fmt: str = ".2f") -> str:
     """A spread as 'mean' (one run) or 'mean (min–max)'."""
     return f"{s['mean']:{fmt}}" if s["n"] == 1 else f"{s['mean']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
@@ -144,7 +182,8 @@ def cell(s: dict, fmt: str = ".2f") -> str:
 
 def markdown_summary(summary: dict, results: list[dict]) -> str:
     return "\n".join([*models_table(summary), *accuracy_markdown(summary["accuracy_spread"]),
-                      *positions_table(summary["perplexity_by_position"]), *run_lines(results)]) + "\n"
+                      *positions_table(summary["perplexity_by_position"]), *selection_table(summary["selection"]),
+                      *run_lines(results)]) + "\n"
 
 
 def models_table(summary: dict) -> list[str]:

@@ -19,7 +19,7 @@ from lit_hsa.eval.run import held_out_tokens
 from lit_hsa.experiment import load_experiment, run_experiment, summarize, train_model
 from lit_hsa.model.transformer import HSATransformer
 from lit_hsa.training.flops import training_flops_per_token
-from tests.helpers import saved_plots
+from tests.helpers import ROOT, saved_plots
 
 RECIPE = "configs/experiments/paper_recipe.yaml"
 SEQ = 128
@@ -401,3 +401,28 @@ def test_seeds_option_must_be_integers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "--config", write_experiment(tmp_path), "--seeds", "0,a"])
     assert "'0,a' is not a comma-separated list of integers" in capsys.readouterr().err
+
+
+def test_summary_reports_each_hsa_blocks_chunk_selection(tmp_path):
+    """The summary's chunk-selection table, from the paper recipe's first H100 runs (committed results): per HSA
+    block the mean over seeds of each run's last retrieval statistics, beside ln(top-k), the entropy of uniform
+    fusion weights; models without HSA blocks have no rows."""
+    import math
+
+    from lit_hsa.eval.experiment_report import summarize
+
+    results = ROOT / "benchmarks/results"
+    runs = ("hsa-s0", "hsa-s1", "full-s0")
+    for run in runs:
+        (tmp_path / f"{run}.json").write_text((results / f"paper_recipe_{run}_h100_2026-12-08.json").read_text())
+    finals = [json.loads((tmp_path / f"{r}.json").read_text())["train"]["final_metrics"] for r in runs[:2]]
+    summary = summarize(tmp_path, "full")
+    assert set(summary["selection"]) == {"hsa"} and set(summary["selection"]["hsa"]) == {"0", "1"}
+    for block in ("0", "1"):
+        got = summary["selection"]["hsa"][block]
+        for stat in ("fusion_entropy", "far_share", "distance_mean", "empty_share"):
+            values = [f[f"retrieval/block{block}_{stat}"] for f in finals]
+            assert got[stat]["mean"] == pytest.approx(sum(values) / 2) and got[stat]["n"] == 2, (block, stat)
+        assert got["topk"] == 8
+    row = next(line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| hsa | 0 |"))
+    assert f"| {math.log(8):.2f} |" in row

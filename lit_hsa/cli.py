@@ -100,7 +100,8 @@ def merge_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--hf", required=True, help="the directory (config.json, *.safetensors, tokenizer.json), or a "
+                        "folder holding one .gguf file (dequantised with transformers + gguf)")
     parser.add_argument("--out", required=True, help="the checkpoint to write (its tokenizer and a .yaml beside it)")
     parser.add_argument("--to", default="full", choices=("full", "hsa"),
                         help="full: the same network; hsa: SWA + HSA layout, same function at conversion")

@@ -4,6 +4,7 @@ with exit code 2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -149,9 +150,13 @@ def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
             "must equal the dense model's 4 layers",
         ),
         (["export", "--ckpt", "{tmp}/missing.ckpt", "--out", "{tmp}/hf"], "does not exist"),
+        (["convert", "--hf", "{tmp}/two_gguf", "--out", "{tmp}/o.ckpt"], "holds 2 .gguf files (a.gguf, b.gguf)"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_path, capsys):
+    (tmp_path / "two_gguf").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two_gguf" / name).write_bytes(b"GGUF")
     (tmp_path / "empty").mkdir()
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -160,6 +165,24 @@ def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_pa
     argv = [a.format(tmp=tmp_path, qwen3=qwen3_dir[0]) for a in args]
     assert main(argv) == 2
     assert message in error_line(capsys)
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_a_gguf_folder_needs_the_gguf_package_and_a_readable_file(tmp_path, monkeypatch, capsys):
+    """A folder of one .gguf: without the gguf package, one line saying what to install; a file that is not GGUF,
+    one line naming it; nothing written either way."""
+    import sys
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.gguf").write_bytes(b"not a gguf file")
+    argv = ["convert", "--hf", str(tmp_path / "m"), "--out", str(tmp_path / "o.ckpt")]
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "gguf", None)  # import gguf → ImportError
+        assert main(argv) == 2
+        assert "pip install gguf" in error_line(capsys)
+    if importlib.util.find_spec("gguf") is not None:
+        assert main(argv) == 2
+        assert "model.gguf' could not be read as a GGUF model" in error_line(capsys)
     assert not (tmp_path / "o.ckpt").exists()
 
 

@@ -69,8 +69,21 @@ SCALES = {
         convert=["model.swa_window=64", "model.chunk_size=32", "model.hsa_topk=2", "model.hsa_kv_heads=1"],
         continued=["trainer.topk_schedule=[[0,8],[10,2]]", "trainer.max_steps=20", "trainer.precision=32-true",
                    "trainer.accumulate_grad_batches=1", "trainer.activation_checkpointing=false",
-                   "trainer.val_check_interval=20", "trainer.limit_val_batches=1", "optim.warmup_steps=5"],
+                   "trainer.val_check_interval=20", "trainer.limit_val_batches=1", "optim.warmup_steps=5",
+                   "trainer.retrieval_stats_every=5"],
         eval_windows=4, lengths=[256, 1024], samples=1, tasks=["niah_single"]),
+    # --pretrained DIR (issue #39 item 2): a real model (e.g. SmolLM2-135M, 8K of RoPE context) continued at 8K on
+    # the embedded corpus in its own tokenizer, with the shipped recipe's task share; the dense baseline is the same
+    # model continued on the same tokens. Retrieval to 8× its context.
+    "pretrained": scale(
+        data=["data.seq_len=8192", "data.batch_size=4", "data.num_workers=4", "data.val_fraction=0.1"],
+        dense=[],
+        convert=["model.swa_window=512", "model.chunk_size=64", "model.hsa_topk=16"],
+        continued=["trainer.topk_schedule=[[0,128],[300,16]]", "trainer.max_steps=3000",
+                   "trainer.max_time=00:00:03:00", "trainer.accumulate_grad_batches=1",
+                   "trainer.val_check_interval=500", "optim.warmup_steps=50"],
+        eval_windows=16, lengths=[4096, 8192, 32768, 65536], samples=2,
+        tasks=["niah_single", "niah_multiquery", "vt"], val_fraction=0.1),  # 16 × 8K held out in a 49K vocabulary
 }
 COMMON = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=10", "model.attention=full",
           "model.moe=false"]
@@ -101,18 +114,18 @@ def last_checkpoint(runs: Path, run_name: str) -> Path:
     return sorted((runs / run_name).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
 
 
-def held_out_loss(ckpt: Path, length: int, windows: int, device: str) -> float:
+def held_out_loss(ckpt: Path, length: int, windows: int, device: str, data: DataConfig) -> float:
     """Mean next-token loss over ``windows`` held-out windows of ``length`` tokens, as ``main.py experiment``
     measures it (``held_out_perplexity``; the same windows for every model that shares a tokenizer: the embedded
     corpus's validation split)."""
     model, tokenizer = load_model(str(ckpt), device)
-    tokens = held_out_tokens(DataConfig(), tokenizer, windows * length + 1)
+    tokens = held_out_tokens(data, tokenizer, windows * length + 1)
     return held_out_perplexity(model, tokens, windows, length, torch.device(device))["loss"]
 
 
-def retrieval(ckpt: Path, tasks: list[str], lengths: list[int], samples: int, device: str) -> dict:
+def retrieval(ckpt: Path, tasks: list[str], lengths: list[int], samples: int, device: str, data: DataConfig) -> dict:
     model, tokenizer = load_model(str(ckpt), device)
-    haystack = held_out_tokens(DataConfig(), tokenizer, 2 * max(lengths))
+    haystack = held_out_tokens(data, tokenizer, 2 * max(lengths))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
         rows = evaluate_retrieval(model, tokenizer, haystack, tasks, lengths,
                                   [0.1, 0.5, 0.9], samples, 0, 16384, device)
@@ -179,6 +192,10 @@ def main() -> None:
     parser.add_argument("--scale", choices=tuple(SCALES), default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", default="/tmp/hf_closed_loop", help="runs, exported and converted models")
     parser.add_argument("--out", help="folder for the JSON and the plot (default benchmarks/results)")
+    parser.add_argument("--pretrained", metavar="DIR",
+                        help="start from this pretrained model (an HF folder, or a folder of one .gguf) instead of "
+                             "training a dense one: the baseline is the same model continued on the same tokens "
+                             "(use with --scale pretrained)")
     parser.add_argument("--reuse-dense", action="store_true",
                         help="take the dense model and its export from an earlier run's --work folder instead of "
                              "training it again (variants over several calls on one machine)")
@@ -193,9 +210,10 @@ def main() -> None:
     scale, work = SCALES[args.scale], Path(args.work)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs, timings = work / "runs", {}
+    source = Path(args.pretrained) if args.pretrained else work / "hf"  # the dense model every variant converts
     if args.reuse_dense:
-        if not (work / "hf" / "config.json").exists():
-            parser.error(f"--reuse-dense: no exported dense model in {work / 'hf'}: run once without it")
+        if not args.pretrained and not (source / "config.json").exists():
+            parser.error(f"--reuse-dense: no exported dense model in {source}: run once without it")
         for name in names:  # this run's variants start afresh
             shutil.rmtree(work / name, ignore_errors=True)
             shutil.rmtree(runs / name, ignore_errors=True)
@@ -203,18 +221,27 @@ def main() -> None:
     else:
         shutil.rmtree(work, ignore_errors=True)
         start = time.perf_counter()
-        main_py("fit", "--config", "configs/tiny.yaml", *COMMON, *scale["dense"], f"trainer.root_dir={runs}",
-                "trainer.run_name=dense")
+        if args.pretrained:  # the baseline: the pretrained model continued as the variants are, on the same tokens
+            main_py("convert", "--hf", str(source), "--out", str(work / "dense" / "model.ckpt"))
+            main_py("fit", "--config", str(work / "dense" / "model.yaml"), "--config",
+                    "configs/convert/hsa_from_dense.yaml", *scale["continue"], "trainer.topk_schedule=[]",
+                    "trainer.enable_progress_bar=false", f"trainer.root_dir={runs}", "trainer.run_name=dense")
+        else:
+            main_py("fit", "--config", "configs/tiny.yaml", *COMMON, *scale["dense"], f"trainer.root_dir={runs}",
+                    "trainer.run_name=dense")
         dense = last_checkpoint(runs, "dense")
         timings["train_dense_s"] = time.perf_counter() - start
-        main_py("export", "--ckpt", str(dense), "--out", str(work / "hf"))
-    length = int(next(o.split("=")[1] for o in scale["dense"] if o.startswith("data.seq_len=")))
-    dense_loss = held_out_loss(dense, length, scale["eval_windows"], device)
+        if not args.pretrained:
+            main_py("export", "--ckpt", str(dense), "--out", str(source))
+    length = int(next(o.split("=")[1] for o in scale["dense"] + scale["continue"] if o.startswith("data.seq_len=")))
+    # the held-out split the continuations left out (their data.val_fraction)
+    held_out = DataConfig(val_fraction=scale.get("val_fraction", DataConfig().val_fraction))
+    dense_loss = held_out_loss(dense, length, scale["eval_windows"], device, held_out)
     variants = {}
     for name in names:
         convert_args, continue_args = VARIANTS[name]
         converted = work / name / "model.ckpt"
-        main_py("convert", "--hf", str(work / "hf"), "--out", str(converted), "--to", "hsa", *scale["convert"],
+        main_py("convert", "--hf", str(source), "--out", str(converted), "--to", "hsa", *scale["convert"],
                 *convert_args)
         start = time.perf_counter()
         main_py("fit", "--config", str(converted.with_suffix(".yaml")), "--config",
@@ -223,9 +250,9 @@ def main() -> None:
         continued = last_checkpoint(runs, name)
         variants[name] = {
             "convert": convert_args, "continue": continue_args, "continue_s": time.perf_counter() - start,
-            "held_out_loss": {"converted": held_out_loss(converted, length, scale["eval_windows"], device),
-                              "continued": held_out_loss(continued, length, scale["eval_windows"], device)},
-            "retrieval": retrieval(continued, scale["tasks"], scale["lengths"], scale["samples"], device),
+            "held_out_loss": {"converted": held_out_loss(converted, length, scale["eval_windows"], device, held_out),
+                              "continued": held_out_loss(continued, length, scale["eval_windows"], device, held_out)},
+            "retrieval": retrieval(continued, scale["tasks"], scale["lengths"], scale["samples"], device, held_out),
             "curves": curves(runs / name),
         }
         variants[name]["vs_dense_loss"] = variants[name]["held_out_loss"]["continued"] / dense_loss
@@ -239,7 +266,7 @@ def main() -> None:
         "gpu": gpu_name(), "scale": args.scale, "train_length": length, "timings": timings,
         "commands": {"dense": scale["dense"], "convert": scale["convert"], "continue": scale["continue"]},
         "held_out_loss": losses, "hsa_vs_dense_loss": losses["hsa"] / losses["dense"],
-        "dense": {"retrieval": retrieval(dense, scale["tasks"], scale["lengths"], scale["samples"], device)},
+        "dense": {"retrieval": retrieval(dense, scale["tasks"], scale["lengths"], scale["samples"], device, held_out)},
         "hsa": {"retrieval": first["retrieval"], "variant": names[0]},
         "variants": variants,
     }

@@ -393,6 +393,9 @@ def run_model(exp: Experiment, model: str, eval_only: bool = False, seed: Option
     total, active = net.num_parameters()
     result = {
         "experiment": exp.name, "model": model, "run": run, "seed": seed, "overrides": list(exp.models[model]),
+        # the phases as run (command-line overrides included: a variant's record is in its file, not only its folder)
+        "phases": [{"name": p.name, "max_steps": p.max_steps, "overrides": list(p.overrides)} for p in exp.phases],
+        "data_config": asdict(cfg.data),  # the last phase's
         "model_config": asdict(net.running_config()), "train_seq_len": cfg.data.seq_len, "train": train_info,
         "parameters": {"total": total, "active": active}, "eval_seconds": 0.0,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),

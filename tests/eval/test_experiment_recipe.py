@@ -298,6 +298,10 @@ def test_paper_recipe_runs_end_to_end_at_toy_size(tmp_path):
     for m in ("hsa", "swa"):  # one seed: the ratio of the runs' own held-out perplexities
         assert summary["perplexity"][m]["ratio_to_reference"] == pytest.approx(ppl[m] / ppl["full"], rel=1e-12)
     assert set(summary["accuracy"]) == {"niah_single", "niah_multiquery", "vt"}
+    run = json.loads((out / "hsa-s0.json").read_text())  # the phases and data as run, in the run's own record
+    assert [(p["name"], p["max_steps"]) for p in run["phases"]] == [("warmup", 2), ("main", 2)]
+    assert "data.synthetic_fraction=0.01" in run["phases"][1]["overrides"]
+    assert run["data_config"]["synthetic_fraction"] == 0.01 and run["data_config"]["seq_len"] == 256
     assert set(summary["perplexity_by_position"]["hsa"]) == {"512", "1024"}
     assert set(summary["perplexity_by_position"]["full"]) == {"512"}  # capped by eval.max_length
     hsa = json.loads((out / "hsa-s0.json").read_text())

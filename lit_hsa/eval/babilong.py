@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_modules.ruler_tasks import split_sentences
 from lit_hsa.eval.ruler import greedy_answer
-from lit_hsa.eval.ruler_suite import split_sentences
 
 TASKS = ("qa1", "qa2", "qa3")
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")  # BABILong TASK_LABELS for qa1–qa3

@@ -10,6 +10,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from data_modules.packing import tokenize
+from data_modules.ruler_tasks import RULER_TASKS, RulerLengthError, essay_words_from_dir
 from data_modules.text import build_document_streams
 from lit_hsa.checkpoint_io import load_model
 from lit_hsa.config import ConfigError, DataConfig, RetrievalEvalOptions, check_choice, load_config, parse_length
@@ -21,14 +22,7 @@ from lit_hsa.eval.ruler import (
     plot_results,
     rows_as_dicts,
 )
-from lit_hsa.eval.ruler_suite import (
-    RULER_TASKS,
-    RulerLengthError,
-    essay_words_from_dir,
-    evaluate_ruler,
-    plot_ruler,
-    ruler_averages,
-)
+from lit_hsa.eval.ruler_suite import evaluate_ruler, plot_ruler, ruler_averages
 
 RETRIEVAL_TASKS = "niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt"  # --tasks' default, --suite retrieval
 RETRIEVAL_DEPTHS = "0,0.25,0.5,0.75,1"

@@ -1,4 +1,4 @@
-"""RULER's synthetic tasks (lit_hsa/eval/ruler_suite.py) checked against RULER's own definitions: the strings below
+"""RULER's synthetic tasks (data_modules/ruler_tasks.py, scored by lit_hsa/eval/ruler_suite.py) checked against RULER's own definitions: the strings below
 are copied from NVIDIA/RULER (scripts/data/synthetic/constants.py, synthetic.yaml, niah.py at c3f5e3b), and each
 sample is taken apart by hand here (counts, positions, formats), not through the module's other paths."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_modules import ruler_tasks as rt
 from data_modules.tokenizers import ByteTokenizer
 from lit_hsa.eval import ruler
 from lit_hsa.eval import ruler_suite as rs
@@ -69,24 +70,24 @@ YAML = {
 }
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"  # uuid.UUID(int=..., version=4)
 # A haystack whose sentences are easy to count: every sentence starts with "Sentence".
-NUMBERED_ESSAY = rs.essay_words_from_text(" ".join(f"Sentence {i} is about item {i}." for i in range(4000)))
+NUMBERED_ESSAY = rt.essay_words_from_text(" ".join(f"Sentence {i} is about item {i}." for i in range(4000)))
 
 
-def sample(task: str, length: int, index: int = 0, seed: int = 42, essay=None) -> rs.RulerSample:
-    return rs.build_ruler_sample(task, length, index, seed, TOK, essay)
+def sample(task: str, length: int, index: int = 0, seed: int = 42, essay=None) -> rt.RulerSample:
+    return rt.build_ruler_sample(task, length, index, seed, TOK, essay)
 
 
-def n_tokens(s: rs.RulerSample) -> int:
+def n_tokens(s: rt.RulerSample) -> int:
     return len(TOK.encode(s.input + s.answer_prefix))
 
 
-def context_lines(s: rs.RulerSample) -> list[str]:
+def context_lines(s: rt.RulerSample) -> list[str]:
     """A NIAH prompt is header line, context, question line."""
     return s.input.split("\n")[1:-1]
 
 
 def is_adj_noun(key: str) -> bool:
-    adjs, nouns = set(rs.read_word_list("adjectivelist.txt")), set(rs.read_word_list("nounlist.txt"))
+    adjs, nouns = set(rt.read_word_list("adjectivelist.txt")), set(rt.read_word_list("nounlist.txt"))
     return any(key[:i] in adjs and key[i + 1 :] in nouns for i, c in enumerate(key) if c == "-")
 
 
@@ -97,45 +98,45 @@ def test_templates_prefixes_and_task_args_are_rulers_verbatim():
     expected = {"niah": (NIAH_TEMPLATE, NIAH_PREFIX, 128), "variable_tracking": (VT_TEMPLATE, VT_PREFIX, 30),
                 "common_words_extraction": (CWE_TEMPLATE, CWE_PREFIX, 120),
                 "freq_words_extraction": (FWE_TEMPLATE, FWE_PREFIX, 50)}
-    assert list(rs.RULER_TASKS) == list(YAML)
-    for name, task in rs.RULER_TASKS.items():
+    assert list(rt.RULER_TASKS) == list(YAML)
+    for name, task in rt.RULER_TASKS.items():
         generator, args = YAML[name]
         assert (task.generator, task.args) == (generator, args), name
         assert (task.template, task.answer_prefix, task.tokens_to_generate) == expected[generator], name
-    assert rs.singular(NIAH_TEMPLATE + NIAH_PREFIX) == NIAH_SINGULAR
-    assert rs.DEPTHS == DEPTHS
-    assert rs.NOISE == NOISE and rs.NEEDLE == "One of the special magic {type_needle_v} for {key} is: {value}."
+    assert rt.singular(NIAH_TEMPLATE + NIAH_PREFIX) == NIAH_SINGULAR
+    assert rt.DEPTHS == DEPTHS
+    assert rt.NOISE == NOISE and rt.NEEDLE == "One of the special magic {type_needle_v} for {key} is: {value}."
 
 
 def test_vendored_word_lists_are_wonderwords_2_2_0_and_ship_as_package_data():
     sizes = {"nounlist.txt": (6786, 54781, "0778f518"), "adjectivelist.txt": (912, 7403, "66814d46"),
              "verblist.txt": (1042, 6967, "9fbf5e4e")}
     for name, (lines, size, sha) in sizes.items():
-        data = (rs.WORDS_DIR / name).read_bytes()
+        data = (rt.WORDS_DIR / name).read_bytes()
         assert (data.count(b"\n"), len(data), hashlib.sha256(data).hexdigest()[:8]) == (lines, size, sha), name
     # the numbers of unique keys / words RULER's niah.py and common_words_extraction.py build from them
-    assert len(rs.niah_words()) == 6_175_260 and len(rs.cwe_words(42)) == 8_169
+    assert len(rt.niah_words()) == 6_175_260 and len(rt.cwe_words(42)) == 8_169
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'\[tool\.setuptools\.package-data\]\n"lit_hsa\.eval" = \["ruler_words/\*\.txt"\]', pyproject)
+    assert re.search(r'\[tool\.setuptools\.package-data\]\n"data_modules" = \["ruler_words/\*\.txt"\]', pyproject)
 
 
 def test_adj_noun_keys_index_as_rulers_sorted_set():
     """``rng.choice(niah_words())`` is RULER's ``random.choice(words)`` only if item i is the i-th of
     ``sorted(set(adj-noun))``: checked against that list for every adjective (hyphenated prefixes like well- /
     well-off- included) with a tenth of the nouns plus every noun holding a space or hyphen."""
-    adjs, nouns = rs.read_word_list("adjectivelist.txt"), rs.read_word_list("nounlist.txt")
+    adjs, nouns = rt.read_word_list("adjectivelist.txt"), rt.read_word_list("nounlist.txt")
     some = nouns[::10] + [n for n in nouns if " " in n or "-" in n]
     expected = sorted(set(f"{a}-{n}" for a in adjs for n in some))
-    words = rs.AdjNounWords(adjs, some)
+    words = rt.AdjNounWords(adjs, some)
     assert len(words) == len(expected) and list(words) == expected
     assert any(len(b) > len(some) for b in words.blocks if not isinstance(b, str))  # interleaved runs were tested
 
 
 def test_split_sentences():
-    assert rs.split_sentences(" A b. C d!  E f?\nG h ") == ["A b.", "C d!", "E f?", "G h"]
-    assert rs.split_sentences("os.path.join(a) is x.y. Next") == ["os.path.join(a) is x.y.", "Next"]
-    assert rs.split_sentences("Ends with a dot.") == ["Ends with a dot."] and rs.split_sentences("  ") == []
-    assert rs.essay_words_from_text("a  b\n\tc ") == ["a", "b", "c", ""]  # RULER's re.sub + split(" ")
+    assert rt.split_sentences(" A b. C d!  E f?\nG h ") == ["A b.", "C d!", "E f?", "G h"]
+    assert rt.split_sentences("os.path.join(a) is x.y. Next") == ["os.path.join(a) is x.y.", "Next"]
+    assert rt.split_sentences("Ends with a dot.") == ["Ends with a dot."] and rt.split_sentences("  ") == []
+    assert rt.essay_words_from_text("a  b\n\tc ") == ["a", "b", "c", ""]  # RULER's re.sub + split(" ")
 
 
 # ------------------------------------------------------------------------------------------------ NIAH
@@ -221,13 +222,13 @@ def test_a_short_essay_is_cycled():
 
 
 def test_essay_defaults_to_the_embedded_corpus_and_reads_a_directory(tmp_path):
-    words = rs.default_essay_words()
-    assert len(" ".join(words)) >= rs.ESSAY_CHARS - 100_000 and rs.default_essay_words() is words
+    words = rt.default_essay_words()
+    assert len(" ".join(words)) >= rt.ESSAY_CHARS - 100_000 and rt.default_essay_words() is words
     (tmp_path / "b.txt").write_text("Second file.  Its\nwords.\n")
     (tmp_path / "a.txt").write_text("First file ")
-    assert rs.essay_words_from_dir(tmp_path) == ["First", "file", "Second", "file.", "Its", "words.", ""]
+    assert rt.essay_words_from_dir(tmp_path) == ["First", "file", "Second", "file.", "Its", "words.", ""]
     with pytest.raises(ValueError, match="is not a directory"):
-        rs.essay_words_from_dir(tmp_path / "a.txt")
+        rt.essay_words_from_dir(tmp_path / "a.txt")
 
 
 # ------------------------------------------------------------------------------------------------ VT, CWE, FWE
@@ -302,24 +303,24 @@ def test_fwe_answer_is_the_three_most_frequent_coded_words():
 # ------------------------------------------------------------------------------------------------ length budget
 
 
-def check_budget(sampler: rs.RulerSampler, task: str, length: int, others: int = 3, larger: bool = True) -> None:
+def check_budget(sampler: rt.RulerSampler, task: str, length: int, others: int = 3, larger: bool = True) -> None:
     """Samples 0 and 1 fit (prompt with answer prefix + tokens to generate <= length), and (``larger``) the sample's
     own draws one increment larger overflow, as do ``others`` other draws (where the increment outweighs the spread
     of key / word lengths: not CWE's)."""
-    spec, inc, tok = rs.RULER_TASKS[task], sampler.incremental(task, length), sampler.tokenizer
+    spec, inc, tok = rt.RULER_TASKS[task], sampler.incremental(task, length), sampler.tokenizer
     for index in range(2):
         s = sampler.sample(task, length, index)
         assert len(tok.encode(s.input + s.answer_prefix)) + s.tokens_to_generate <= length
         own = [sampler.rng(task, length, index)] if larger else []
         for rng in own + [random.Random(i) for i in range(others)]:
             if task == "fwe":
-                vocab = rs.fwe_vocab(rng, 42, (length - 50) // 50)
-                text = rs.fwe_text(42, vocab, s.haystack + inc, spec.template + spec.answer_prefix)[0]
+                vocab = rt.fwe_vocab(rng, 42, (length - 50) // 50)
+                text = rt.fwe_text(42, vocab, s.haystack + inc, spec.template + spec.answer_prefix)[0]
                 assert len(tok.encode(text)) + 50 >= length  # RULER's search stops at >= the budget
                 continue
             text = sampler.generate(task, rng, s.haystack + inc, length)[0]
             if task == "vt":
-                text = rs.randomize_icl(rng, sampler.vt_example(), 4) + "\n" + text
+                text = rt.randomize_icl(rng, sampler.vt_example(), 4) + "\n" + text
             assert len(tok.encode(text)) + spec.tokens_to_generate > length, index
 
 
@@ -328,7 +329,7 @@ def check_budget(sampler: rs.RulerSampler, task: str, length: int, others: int =
                                           ("vt", 8192), ("cwe", 2048), ("cwe", 8192), ("fwe", 1024), ("fwe", 2048),
                                           ("niah_single_2", 8192), ("niah_multiquery", 12288)])
 def test_prompt_fits_and_one_more_increment_would_not(task, length):
-    check_budget(rs.RulerSampler(TOK, 42, NUMBERED_ESSAY), task, length, others=0 if task == "cwe" else 3)
+    check_budget(rt.RulerSampler(TOK, 42, NUMBERED_ESSAY), task, length, others=0 if task == "cwe" else 3)
 
 
 def test_budget_is_counted_in_a_subword_tokenizer(tmp_path):
@@ -345,23 +346,23 @@ def test_budget_is_counted_in_a_subword_tokenizer(tmp_path):
     bpe.train([str(p) for p in stdlib_files()[:60]], trainers.BpeTrainer(
         vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(tmp_path / "tokenizer.json"))
-    sampler = rs.RulerSampler(build_tokenizer(str(tmp_path / "tokenizer.json")), 42)
-    for task in rs.RULER_TASKS:
+    sampler = rt.RulerSampler(build_tokenizer(str(tmp_path / "tokenizer.json")), 42)
+    for task in rt.RULER_TASKS:
         check_budget(sampler, task, 8192, others=0, larger=task != "fwe")
 
 
 def test_lengths_that_cannot_hold_a_task_are_refused():
-    with pytest.raises(rs.RulerLengthError, match="length 2048 is too short for RULER task 'niah_single_2': with its "
+    with pytest.raises(rt.RulerLengthError, match="length 2048 is too short for RULER task 'niah_single_2': with its "
                        r"smallest haystack \(500 essay words\)"):
         sample("niah_single_2", 2048)
-    with pytest.raises(rs.RulerLengthError, match="needs more than the 8169 distinct wonderwords words"):
+    with pytest.raises(rt.RulerLengthError, match="needs more than the 8169 distinct wonderwords words"):
         sample("cwe", 512 * 1024)
 
 
 def test_samples_are_deterministic_and_independent():
     a = sample("niah_single_1", 2048, 3)
     assert sample("niah_single_1", 2048, 3) == a
-    sampler = rs.RulerSampler(TOK, 42)
+    sampler = rt.RulerSampler(TOK, 42)
     for task in ("vt", "fwe", "niah_single_1"):  # whatever was built before, sample 3 is the same
         sampler.sample(task, 2048, 0)
     assert sampler.sample("niah_single_1", 2048, 3) == a
@@ -385,7 +386,7 @@ def test_postprocess_and_string_match_all_are_rulers():
 def test_evaluate_scores_the_continuation_after_the_answer_prefix(monkeypatch):
     """An oracle model that writes the first half of the answers, then EOS, then the rest: 50 for 4-answer tasks
     (what follows EOS is not read), 100 for one-answer ones; predictions are kept to 200 characters."""
-    built, real_sample = [], rs.RulerSampler.sample
+    built, real_sample = [], rt.RulerSampler.sample
 
     def spy_sample(self, *args):
         built.append(real_sample(self, *args))
@@ -399,7 +400,7 @@ def test_evaluate_scores_the_continuation_after_the_answer_prefix(monkeypatch):
         text += TOK.encode(" ".join(s.outputs[half:])).tolist()
         return torch.cat([prompt, torch.as_tensor(text)[None]], dim=1)
 
-    monkeypatch.setattr(rs.RulerSampler, "sample", spy_sample)
+    monkeypatch.setattr(rt.RulerSampler, "sample", spy_sample)
     monkeypatch.setattr(ruler, "generate", oracle)
     rows = rs.evaluate_ruler(torch.nn.Identity(), TOK, ["niah_single_1", "niah_multivalue", "vt"], [8192], 2,
                              essay_words=NUMBERED_ESSAY)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from .cursors import Cursor, MixedCursor, Ref, SourceCursor, unit_hash
+from .ruler_tasks import RulerTrainingTasks
 from .sources import (
     DataError,
     TextFile,
@@ -22,7 +23,7 @@ from .sources import (
     is_validation,
     records_from,
 )
-from .synthetic import TRAINING_TASKS, make_random_task
+from .synthetic import TRAINING_TASKS, TaskSample, make_random_task
 
 IGNORE_INDEX = -100
 POSITION_KEY = "stream_position"  # batch entry: (worker, where its shard continues); the DataModule pops it
@@ -261,7 +262,8 @@ class PackedStream(IterableDataset):
                  with_doc_ids: bool = False, align: int | None = None, shuffle_buffer: int = 64,
                  synthetic_fraction: float = 0.0, synthetic_tasks: tuple[str, ...] = TRAINING_TASKS,
                  answer_only_loss: bool = False, answer_loss_weight: float = 1.0, max_batches: int | None = None,
-                 start_positions: dict[int, dict] | None = None, track_position: bool = False):
+                 start_positions: dict[int, dict] | None = None, track_position: bool = False,
+                 synthetic_format: str = "ours"):
         super().__init__()
         self.sources, self.weights, self.tokenizer = sources, weights, tokenizer
         self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
@@ -271,6 +273,8 @@ class PackedStream(IterableDataset):
         self.answer_only_loss, self.answer_loss_weight = answer_only_loss, answer_loss_weight
         self.max_batches, self.start_positions = max_batches, start_positions or {}
         self.track_position = track_position
+        self.synthetic_format = synthetic_format  # ours (data_modules/synthetic.py) | ruler (ruler_tasks.py)
+        self._ruler: RulerTrainingTasks | None = None  # built in the worker, on the first RULER window
 
     def _with_synthetic_tasks(self, windows, shard: int, n_shards: int, start_token: int):
         """Turn a seeded share of windows into a retrieval task built over the window's own text (spec §5).
@@ -283,12 +287,19 @@ class PackedStream(IterableDataset):
             weight = np.ones(len(window), dtype=np.float32) if weighted else None
             if self.synthetic_fraction and unit_hash(key) < self.synthetic_fraction:
                 rng = np.random.default_rng(key)  # built only for the chosen few: ~30 µs, a hash ~1 µs
-                task = make_random_task(window, len(window), self.tokenizer, rng, self.synthetic_tasks)
+                task = self._make_task(window, rng)
                 target = task.answer_mask if self.answer_only_loss else np.ones(len(window), dtype=bool)
                 window, doc_index = task.tokens, np.zeros(len(window), dtype=np.int64)
                 if weighted and task.task != "self_copy":  # a copy's "answer" is half the window: dense already
                     weight[task.answer_mask] = self.answer_loss_weight
             yield window, doc_index, target, weight
+
+    def _make_task(self, window: np.ndarray, rng: np.random.Generator) -> TaskSample:
+        if self.synthetic_format == "ruler":
+            if self._ruler is None:
+                self._ruler = RulerTrainingTasks(self.tokenizer, self.seed)
+            return self._ruler(window, rng, self.synthetic_tasks)
+        return make_random_task(window, len(window), self.tokenizer, rng, self.synthetic_tasks)
 
     def _mixed_documents(self, shard: int, n_shards: int, state: dict | None = None) -> MixedCursor:
         states = state["sources"] if state else [None] * len(self.sources)

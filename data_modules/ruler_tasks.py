@@ -57,6 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .sources import DataError
+from .synthetic import TaskSample
+
 WORDS_DIR = Path(__file__).parent / "ruler_words"
 ESSAY_CHARS = 3_100_000  # RULER's PaulGrahamEssays.json holds about 3.1M characters of (prose) text
 
@@ -598,3 +601,53 @@ def build_ruler_sample(task: str, length: int, index: int, seed: int, tokenizer,
     """Sample ``index`` of RULER task ``task`` within ``length`` tokens of ``tokenizer``. ``essay_words``: the
     essay haystack's words (``essay_words_from_text``; None: the embedded corpus)."""
     return RulerSampler(tokenizer, seed, essay_words).sample(task, length, index)
+
+
+# ------------------------------------------------------------------------------------------------ training windows
+
+
+class RulerTrainingTasks:
+    """Training windows in RULER's format (``data.synthetic_format: ruler``), for the packed stream's synthetic share:
+    a window becomes sample ``index`` of a RULER task at the window's length (``RulerSampler``: its haystack, its
+    template and answer prefix), then the answer as RULER scores it (the references joined by ", " after a space)
+    and EOS, then the window's own text to the end (the next document of a packed stream). The answer tokens and the
+    EOS are the ``answer_mask``."""
+
+    def __init__(self, tokenizer, seed: int):
+        self.tokenizer = tokenizer
+        self.sampler = RulerSampler(tokenizer, seed)
+
+    def __call__(self, window: np.ndarray, rng: np.random.Generator, tasks: tuple[str, ...]) -> TaskSample:
+        """A task drawn uniformly from ``tasks``, a sample index from ``rng``: deterministic given its state."""
+        task = tasks[int(rng.integers(len(tasks)))]
+        return self.sample(task, window, int(rng.integers(2**31)))
+
+    def sample(self, task: str, window: np.ndarray, index: int) -> TaskSample:
+        """Sample ``index`` of ``task`` as a training window of ``len(window)`` tokens (ValueError: it cannot fit)."""
+        length = len(window)
+        sample = self.sampler.sample(task, length, index)
+        prompt = self._encode(sample.input + sample.answer_prefix)
+        answer = np.concatenate([self._encode(" " + ", ".join(sample.outputs)),
+                                 np.array([self.tokenizer.eos_id], dtype=np.int32)])
+        rest = length - len(prompt) - len(answer)
+        if rest < 0:
+            raise ValueError(f"RULER task '{task}' at {length} tokens: its answer ({len(answer)} tokens with EOS) "
+                             f"does not fit after its prompt ({len(prompt)} tokens)")
+        tokens = np.concatenate([prompt, answer, window[:rest].astype(np.int32)])
+        mask = np.zeros(length, dtype=bool)
+        mask[len(prompt):len(prompt) + len(answer)] = True
+        return TaskSample(tokens, mask, len(prompt), list(sample.outputs), task, None, length)
+
+    def _encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text), dtype=np.int32)
+
+
+def check_ruler_tasks_fit(tasks, length: int, tokenizer, seed: int) -> None:
+    """Raise ``DataError`` naming the first RULER task that cannot make a training window of ``length`` tokens (once
+    up front, not in a dataloader worker mid-run)."""
+    maker, filler = RulerTrainingTasks(tokenizer, seed), np.zeros(length, dtype=np.int32)
+    for task in tasks:
+        try:
+            maker.sample(task, filler, 0)
+        except ValueError as e:
+            raise DataError(f"data.synthetic_tasks: {e}; raise data.seq_len or drop the task") from None

@@ -19,6 +19,7 @@ from .packing import (
     collate_with_position,
     validation_windows,
 )
+from .ruler_tasks import check_ruler_tasks_fit
 from .sources import (
     JSONL_SUFFIXES,
     BinaryFileError,
@@ -134,7 +135,11 @@ class TextDataModule(L.LightningDataModule):
         self.sources, self.weights = build_document_streams(cfg)
         self.stages = seq_len_stages(list(seq_len_schedule), cfg.seq_len, cfg.batch_size)
         if cfg.synthetic_fraction > 0:
-            check_tasks_fit(cfg.synthetic_tasks, min(length for _, length, _ in self.stages) + 1, self.tokenizer)
+            shortest = min(length for _, length, _ in self.stages) + 1
+            if cfg.synthetic_format == "ruler":
+                check_ruler_tasks_fit(cfg.synthetic_tasks, shortest, self.tokenizer, cfg.seed)
+            else:
+                check_tasks_fit(cfg.synthetic_tasks, shortest, self.tokenizer)
         self._val_samples: list | None = None  # held_out_split()
         self._consumed = 0  # training batches this rank has consumed
         self._positions: dict[int, dict] = {}  # worker → where its shard continues after its last consumed batch
@@ -177,7 +182,8 @@ class TextDataModule(L.LightningDataModule):
                             cfg.synthetic_fraction, cfg.synthetic_tasks, cfg.answer_only_loss,
                             cfg.answer_loss_weight,
                             max_batches=None if next_stage is None else (next_stage - step) * accumulate,
-                            start_positions=dict(self._positions), track_position=True)
+                            start_positions=dict(self._positions), track_position=True,
+                            synthetic_format=cfg.synthetic_format)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

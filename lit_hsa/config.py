@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data_modules.curriculum import seq_len_stages
+from data_modules.ruler_tasks import RULER_TASKS
 from data_modules.sources import DataError
 from data_modules.synthetic import TASKS
 from lit_hsa.model.config import (  # noqa: F401
@@ -35,6 +36,7 @@ from lit_hsa.model.config import (  # noqa: F401
 
 LR_SCHEDULES = ("constant", "cosine")
 FINETUNE_METHODS = ("none", "full", "lora")
+SYNTHETIC_FORMATS = ("ours", "ruler")
 
 
 @dataclass
@@ -83,6 +85,10 @@ class DataConfig:
     skip_bad_records: bool = False  # skip and count malformed records instead of stopping with file:line
     synthetic_fraction: float = 0.0  # share of windows turned into a retrieval task over their own text (paper: 1%)
     synthetic_tasks: list[str] = field(default_factory=lambda: ["niah_single", "niah_multiquery", "vt"])
+    # ours: the tasks of data_modules/synthetic.py over the window's own text; ruler: NVIDIA RULER's tasks as
+    # `main.py eval --suite ruler` builds them (data_modules/ruler_tasks.py; synthetic_tasks then names RULER tasks,
+    # e.g. [niah_single_1, niah_multikey_2, niah_multiquery, vt]), to train on the format a model is scored on
+    synthetic_format: str = "ours"
     answer_only_loss: bool = False  # synthetic windows: loss on the answer tokens only (authors: every token)
     # Loss weight of retrieval-task answer tokens (a few among thousands of text tokens); self_copy keeps weight 1.
     answer_loss_weight: float = 1.0
@@ -107,8 +113,9 @@ class DataConfig:
             raise ConfigError(f"data.synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
         if self.answer_loss_weight <= 0:
             raise ConfigError(f"data.answer_loss_weight must be > 0, got {self.answer_loss_weight}")
+        check_choice("data.synthetic_format", self.synthetic_format, SYNTHETIC_FORMATS)
         for task in self.synthetic_tasks:
-            check_choice("data.synthetic_tasks", task, TASKS)
+            check_choice("data.synthetic_tasks", task, TASKS if self.synthetic_format == "ours" else tuple(RULER_TASKS))
 
 
 def parse_length(text: str | int) -> int:

@@ -1,6 +1,7 @@
-"""RULER's synthetic tasks (data_modules/ruler_tasks.py, scored by lit_hsa/eval/ruler_suite.py) checked against RULER's own definitions: the strings below
-are copied from NVIDIA/RULER (scripts/data/synthetic/constants.py, synthetic.yaml, niah.py at c3f5e3b), and each
-sample is taken apart by hand here (counts, positions, formats), not through the module's other paths."""
+"""RULER's synthetic tasks (data_modules/ruler_tasks.py, scored by lit_hsa/eval/ruler_suite.py) checked against
+RULER's own definitions: the strings below are copied from NVIDIA/RULER (scripts/data/synthetic/constants.py,
+synthetic.yaml, niah.py at c3f5e3b), and each sample is taken apart by hand here (counts, positions, formats), not
+through the module's other paths."""
 from __future__ import annotations
 
 import hashlib

@@ -36,7 +36,8 @@ def convert(hf_dir: str, out: str, to: str = "full", overrides: list[str] | None
     if to not in TARGETS:
         raise ConfigError(f"--to must be one of {', '.join(TARGETS)}, got '{to}'")
     with as_hf_folder(hf_dir) as (folder, gguf):  # a folder of one .gguf: dequantised into a temporary HF folder
-        config = read_json(Path(folder, "config.json"), what="config.json (not a Hugging Face model folder?)")
+        config = read_json(Path(folder, "config.json"),
+                           what="config.json or .gguf file (not a Hugging Face model folder?)")
         if config.get("model_type") == "lit_hsa":  # a directory `main.py export` wrote: read back exactly
             cfg, state, tokenizer, eos_token = read_lit_hsa_dir(folder)
             source = {"hf_dir": str(Path(hf_dir).resolve()), "model_type": "lit_hsa"}

@@ -127,7 +127,7 @@ def test_export_and_convert_back_is_bit_exact(tmp_path, capsys):
     "args, message",
     [
         (["convert", "--hf", "{tmp}/nowhere", "--out", "{tmp}/o.ckpt"], "nowhere"),
-        (["convert", "--hf", "{tmp}/empty", "--out", "{tmp}/o.ckpt"], "config.json"),
+        (["convert", "--hf", "{tmp}/empty", "--out", "{tmp}/o.ckpt"], "has no config.json or .gguf file"),
         (["convert", "--hf", "{tmp}/gpt2", "--out", "{tmp}/o.ckpt"], "gpt2"),
         (["convert", "--hf", "{tmp}/broken", "--out", "{tmp}/o.ckpt"], "is not readable JSON"),
         (["convert", "--hf", "{qwen3}", "--out", "{tmp}/o.ckpt", "model.swa_window=8"], "apply with --to hsa"),
@@ -170,9 +170,12 @@ def test_bad_input_is_one_line_with_exit_code_2(args, message, qwen3_dir, tmp_pa
 
 def test_a_gguf_folder_needs_the_gguf_package_and_a_readable_file(tmp_path, monkeypatch, capsys):
     """A folder of one .gguf: without the gguf package, one line saying what to install; a file that is not GGUF,
-    one line naming it; nothing written either way."""
+    one line naming it; nothing written either way (the temporary HF folder removed too)."""
     import sys
+    import tempfile
 
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.gguf").write_bytes(b"not a gguf file")
     argv = ["convert", "--hf", str(tmp_path / "m"), "--out", str(tmp_path / "o.ckpt")]
@@ -183,7 +186,7 @@ def test_a_gguf_folder_needs_the_gguf_package_and_a_readable_file(tmp_path, monk
     if importlib.util.find_spec("gguf") is not None:
         assert main(argv) == 2
         assert "model.gguf' could not be read as a GGUF model" in error_line(capsys)
-    assert not (tmp_path / "o.ckpt").exists()
+    assert not (tmp_path / "o.ckpt").exists() and not list((tmp_path / "tmp").iterdir())
 
 
 def test_a_converted_folder_can_be_moved(qwen3_dir, tmp_path, capsys):

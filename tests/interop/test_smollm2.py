@@ -29,6 +29,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"
 # Our fp32 forward against transformers' on the same weights: identical op order gives 0.0 on this CPU; 1e-4 leaves
 # room for another BLAS, and is ~1e-5 of the logits' scale (~30).
 ATOL = 1e-4
+pytestmark = pytest.mark.slow  # ~45 s on a 2-core CPU, most of it dequantising the GGUF file twice
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +64,32 @@ def test_greedy_tokens_equal_transformers(smollm2):
     assert tokenizer.decode(got).strip().startswith("France")
 
 
-def test_export_loads_back_in_transformers_and_converts_to_hsa_keeping_the_window(smollm2):
-    """The converted model exported (as Llama: it is exactly one) loads in transformers with the same logits; that
-    folder converted `--to hsa` with a window longer than the sentence computes the same function."""
-    hf, _, ids, work = smollm2
+@pytest.fixture(scope="module")
+def exported(smollm2):
+    """The converted checkpoint written out again by `main.py export` (as Llama: it is exactly one)."""
+    work = smollm2[3]
     assert main(["export", "--ckpt", str(work / "full.ckpt"), "--out", str(work / "hf")]) == 0
-    exported = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).eval()
-    assert type(exported).__name__ == "LlamaForCausalLM"
+    return work / "hf"
+
+
+def test_export_loads_back_in_transformers(smollm2, exported):
+    hf, _, ids, _ = smollm2
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
-        reference = hf(ids).logits
-        torch.testing.assert_close(exported(ids).logits, reference, rtol=0, atol=ATOL)
-    assert main(["convert", "--hf", str(work / "hf"), "--out", str(work / "hsa.ckpt"), "--to", "hsa",
-                 "model.swa_window=64", "model.chunk_size=16"]) == 0
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=0, atol=ATOL)
+
+
+def test_to_hsa_keeps_the_function_inside_the_window(smollm2, exported):
+    """The exported folder (cheaper to read than the GGUF file again) converted `--to hsa` with a window longer than
+    the sentence: its HSA blocks' output projections start at zero, so the logits are the dense model's. Chunks of 4
+    tokens give the 15-token sentence 3 whole chunks to retrieve: with none (chunks of 16), the HSA blocks add
+    nothing whatever their start, and a nonzero one (--hsa-out-std 0.01) went unseen."""
+    hf, _, ids, work = smollm2
+    assert main(["convert", "--hf", str(exported), "--out", str(work / "hsa.ckpt"), "--to", "hsa",
+                 "model.swa_window=64", "model.chunk_size=4"]) == 0
     converted, _ = load_model(str(work / "hsa.ckpt"), "cpu")
-    assert converted.cfg.attention == "hsa" and len(converted.hsa_blocks()) == 2 and ids.shape[1] < 64
+    assert converted.cfg.attention == "hsa" and len(converted.hsa_blocks()) == 2
+    assert 2 * 4 < ids.shape[1] < 64
     with torch.no_grad():
-        torch.testing.assert_close(converted(ids), reference, rtol=0, atol=ATOL)
+        torch.testing.assert_close(converted(ids), hf(ids).logits, rtol=0, atol=ATOL)
